@@ -1,0 +1,37 @@
+# The two commands: `make run` (the pipeline) and `make test` (the test suite). Both set themselves up.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# pip on these machines prints a line for every index folder it cannot use; hide only those lines.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: setup run test lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and pinned: the CPU build on these machines; an open range would pull a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
+	$(PY) -c "import torch, lightning, dvc, mlflow, datasets, tokenizers, llmlab"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## Run the pipeline (corpus → tokenizer → pretrain → …) with the venv's python on PATH.
+run: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+
+## Run the test suite (unit tests, property tests, and a real `dvc repro` on the tiny configuration).
+test: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check src pipeline tests benchmarks
+
+bench: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/run.py
+
+clean-venv:
+	rm -rf $(VENV)

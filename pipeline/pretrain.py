@@ -1,0 +1,181 @@
+"""Stage `pretrain`: train the transformer to predict the next token of the corpus.
+
+Inputs: the token files and tokenizer (stage `tokenizer`), the world's ground truth (stage `corpus`).
+Outputs: models/pretrain/{model.safetensors,config.json}, metrics/pretrain.json, plots/pretrain/*.csv,
+reports/pretrain/ (samples, fact-recall examples). Resumes from checkpoints/pretrain/last.ckpt.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+from llmlab import checkpoints
+from llmlab.errors import LlmlabError
+from llmlab.evaluation import fact_recall, samples
+from llmlab.io import write_json, write_text
+from llmlab.mfu import matmul_peak_flops
+from llmlab.model import GPTConfig, save_model
+from llmlab.params import Params
+from llmlab.pretraining import CurveRecorder, FixedWindows, PretrainModule, Throughput, TokenWindows
+from llmlab.stage import run_stage
+from llmlab.tokenizer import load_tokenizer, load_tokens, read_token_meta
+from llmlab.tracking import StageRun, is_global_zero
+from llmlab.world import World, fact_prompts
+
+log = logging.getLogger("llmlab.pretrain")
+
+SAMPLE_PROMPTS = ["Add 47 and 38.", "One morning,"]
+
+
+def add_arguments(p):
+    p.add_argument("--tokens", required=True, help="folder of token files (from the tokenizer stage)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    p.add_argument("--world", required=True, help="world.json (from the corpus stage)")
+    p.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints (DVC persist)")
+    p.add_argument("--out", required=True, help="folder for the final weights and config")
+    p.add_argument("--metrics", required=True, help="metrics JSON file")
+    p.add_argument("--plots", required=True, help="folder for curve CSVs")
+    p.add_argument("--report", required=True, help="folder for samples and recall examples")
+
+
+def world_size(cfg) -> int:
+    if cfg.devices == "auto":
+        n = torch.cuda.device_count() if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else 1
+    else:
+        n = cfg.devices
+    return n * cfg.num_nodes
+
+
+def main(args, params: Params) -> None:
+    cfg = params.pretrain
+    meta = read_token_meta(args.tokens)
+    train_tokens = load_tokens(Path(args.tokens) / "train.bin", meta["dtype"])
+    val_tokens = load_tokens(Path(args.tokens) / "validation.bin", meta["dtype"])
+    tok = load_tokenizer(args.tokenizer)
+    world = World.load(args.world)
+    model_config = GPTConfig.from_params(cfg.model, meta["vocab_size"])
+
+    n_proc = world_size(cfg)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.model.context_length * n_proc
+    total_steps = cfg.max_steps or math.ceil(cfg.max_tokens / tokens_per_step)
+    n_items = total_steps * cfg.batch_size * cfg.grad_accum * n_proc
+    try:
+        val_set = FixedWindows(val_tokens, cfg.model.context_length, cfg.val_batches * cfg.batch_size)
+        TokenWindows(train_tokens, cfg.model.context_length, n_items, params.seed)  # validates the size
+    except ValueError as e:
+        raise LlmlabError(f"pretrain: {e}") from None
+
+    fp = checkpoints.fingerprint(
+        {"seed": params.seed, "pretrain": cfg.model_dump()},
+        [Path(args.tokens) / "meta.json", Path(args.tokens) / "train.bin", args.tokenizer],
+    )
+    # Lightning's DDP launcher re-runs this script in every other process once rank 0 calls fit(): by then
+    # rank 0 has cleaned stale checkpoints, and the others only read.
+    resume = checkpoints.resume_path(args.checkpoints, fp, readonly=not is_global_zero())
+    L.seed_everything(params.seed, workers=True, verbose=False)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    module = PretrainModule(model_config, cfg, total_steps)
+    device_type = "cuda" if (cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()) else "cpu"
+    peak = matmul_peak_flops(device_type, torch.bfloat16 if "bf16" in cfg.precision else torch.float32)
+    throughput = Throughput(tokens_per_step, module.model.flops_per_token(), peak, cfg.log_every)
+    curves = CurveRecorder(cfg.log_every)
+
+    with StageRun("pretrain", {"seed": params.seed, "pretrain": cfg.model_dump()}) as run:
+        trainer = L.Trainer(
+            max_steps=total_steps,
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            strategy=cfg.strategy,
+            num_nodes=cfg.num_nodes,
+            precision=cfg.precision,
+            accumulate_grad_batches=cfg.grad_accum,
+            gradient_clip_val=cfg.grad_clip or None,
+            val_check_interval=cfg.val_every * cfg.grad_accum,
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            log_every_n_steps=cfg.log_every,
+            logger=run.lightning_logger(),
+            callbacks=[
+                ModelCheckpoint(
+                    dirpath=args.checkpoints, every_n_train_steps=cfg.ckpt_every, save_top_k=0, save_last=True,
+                    enable_version_counter=False,
+                ),
+                LearningRateMonitor(logging_interval="step"),
+                throughput,
+                curves,
+            ],
+            plugins=[checkpoints.AtomicCheckpointIO()],
+            deterministic=True,
+            enable_model_summary=False,
+            default_root_dir=args.checkpoints,
+        )
+        first_item = 0
+        if resume is not None:
+            # Start the data where the checkpoint stopped (see TokenWindows).
+            first_item = int(torch.load(resume, map_location="cpu", weights_only=True)["global_step"]) * (n_items // total_steps)
+        train_set = TokenWindows(train_tokens, cfg.model.context_length, n_items, params.seed, first=first_item)
+        train_dl = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=False)
+        val_dl = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False)
+        trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
+        val_loss = float(trainer.validate(module, val_dl, verbose=False)[0]["val/loss"])
+        if not trainer.is_global_zero:
+            return
+
+        model = module.model.eval()
+        save_model(model, args.out)
+        people = world.known()[: cfg.recall_people] if cfg.recall_people else world.known()
+        recall = fact_recall(model, tok, people)
+        recall_prompts = [prompt for p in people[:2] for _, prompt, _ in fact_prompts(p)[:2]]
+        sample_rows = [
+            row
+            for t in (0.0, 1.0)
+            for row in samples(model, tok, recall_prompts + SAMPLE_PROMPTS, cfg.sample_tokens, t, params.seed)
+        ]
+        metrics = {
+            "train_loss": curves.train[-1][1] if curves.train else float("nan"),
+            "val_loss": val_loss,
+            "val_perplexity": math.exp(val_loss),
+            "steps": int(trainer.global_step),
+            "tokens": int(trainer.global_step) * tokens_per_step,
+            "tokens_per_s": throughput.tokens_per_second(),
+            "mfu": throughput.mfu(),
+            "matmul_peak_gflops": peak / 1e9,
+            "params": model.num_params(non_embedding=False),
+            "fact_recall": recall.accuracy,
+            "fact_recall_n": recall.n,
+            **{f"fact_recall_by_attribute/{k}": v for k, v in recall.by_attribute.items()},
+            **{f"fact_recall_by_group/{k}": v for k, v in recall.by_group.items()},
+        }
+        write_json(args.metrics, metrics)
+        curves.write(args.plots)
+        report = Path(args.report)
+        write_json(report / "samples.json", sample_rows)
+        write_json(report / "fact_recall_examples.json", recall.examples)
+        write_text(report / "samples.md", _samples_markdown(sample_rows))
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=int(trainer.global_step))
+        for path in (args.metrics, Path(args.out) / "config.json", report, args.plots):
+            run.log_artifact(path)
+        log.info(
+            "val loss %.3f (ppl %.1f) · fact recall %.1f%% of %d · %.0f tokens/s · MFU %.1f%%",
+            val_loss, math.exp(val_loss), 100 * recall.accuracy, recall.n, metrics["tokens_per_s"], 100 * metrics["mfu"],
+        )
+
+
+def _samples_markdown(rows: list[dict]) -> str:
+    lines = ["# Pretrained model samples", ""]
+    for r in rows:
+        lines += [f"**T={r['temperature']}** `{r['prompt']}` →", "", "```", r["completion"], "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_stage("pretrain", main, add_arguments)

@@ -1,0 +1,69 @@
+"""Atomic output: a file or folder appears under its final name complete, or not at all.
+
+Everything a stage writes goes through `atomic_path`: it hands out a temporary sibling path, and only
+when the block finishes without an exception is that renamed over the final path (`os.replace` is atomic
+on one filesystem). A killed process leaves a `*.tmp-*` sibling that nothing reads, never a truncated file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(path: str | Path, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success move it to `path` (replacing what was there)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if is_dir:
+        tmp.mkdir()
+    try:
+        yield tmp
+        if is_dir and path.is_dir():
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as pretty, key-sorted JSON (stable bytes for DVC hashing), atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def read_json(path: str | Path, stage: str | None = None) -> Any:
+    """Read JSON; a missing file names the stage that writes it, a corrupt one says so."""
+    from llmlab.errors import LlmlabError, MissingArtifactError
+
+    path = Path(path)
+    if not path.exists():
+        if stage:
+            raise MissingArtifactError(path, stage)
+        raise LlmlabError(f"{path} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        hint = f" (re-create it with `dvc repro {stage}`)" if stage else ""
+        raise LlmlabError(f"{path} is not valid JSON: {e}{hint}") from None

@@ -1,0 +1,327 @@
+"""The whole transformer: a decoder-only, Llama-shaped language model in plain PyTorch (no Lightning here).
+
+    tokens ─► embedding ─► N × [ x + Attn(RMSNorm(x)) ; x + SwiGLU(RMSNorm(x)) ] ─► RMSNorm ─► LM head ─► logits
+
+How it differs from GPT-2 (and why it is Llama-shaped):
+- RMSNorm instead of LayerNorm (no mean subtraction, no bias), applied before each sub-layer (pre-norm).
+- No learned position embedding: rotary embeddings (RoPE) rotate queries and keys by an angle that
+  grows with the position, so attention scores depend on the *relative* distance between tokens.
+- SwiGLU feed-forward (silu(x W_gate) * (x W_up)) W_down instead of gelu(x W1) W2.
+- No biases anywhere. The LM head may share the embedding matrix (`tie_embeddings`).
+How it differs from Llama: one fused q/k/v projection and one fused gate/up projection (one matmul
+instead of three / two — faster on small widths); no grouped-query attention. Both are a reshuffle of
+the same weights, which is why `llmlab export` can write a `transformers` Llama checkpoint exactly.
+
+Attention goes through `F.scaled_dot_product_attention`, which picks a fused kernel (flash attention on
+GPUs) and never materialises the (T, T) score matrix when it can avoid it. Its cost still grows as T²:
+every token attends to every earlier token.
+
+Shapes in comments: B batch, T new tokens, S all key positions (cached + new), C d_model,
+nh heads, hs head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    d_model: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    context_length: int = 128
+    ffn_hidden: int = 352
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def from_params(cls, model_params, vocab_size: int) -> GPTConfig:
+        """Build from a `params.ModelConfig` section; derives ffn_hidden when it is null."""
+        fields = model_params.model_dump()
+        if fields["ffn_hidden"] is None:
+            fields["ffn_hidden"] = default_ffn_hidden(fields["d_model"])
+        return cls(vocab_size=vocab_size, **fields)
+
+    def to_json(self, path: str | Path) -> None:
+        from llmlab.io import write_json
+
+        write_json(path, asdict(self))
+
+    @classmethod
+    def from_json(cls, path: str | Path, stage: str | None = None) -> GPTConfig:
+        from llmlab.errors import LlmlabError
+        from llmlab.io import read_json
+
+        raw = read_json(path, stage)
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise LlmlabError(f"{path} is not an llmlab model config: {e}") from None
+
+
+def default_ffn_hidden(d_model: int, multiple_of: int = 32) -> int:
+    """Llama's rule: 2/3 of 4·d_model (keeps SwiGLU's three matrices at the cost of GPT's two), rounded up.
+
+    >>> default_ffn_hidden(128)   # 2/3 · 512 = 341.3 -> 352
+    352
+    """
+    hidden = int(2 * 4 * d_model / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight, computed in float32 whatever the input dtype (as Llama does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_size: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, (max_len, head_size) each.
+
+    Dimension pair i rotates with frequency theta^(-2i/hs): fast in the first dims, slow in the last.
+    Layout is the "rotate half" one of Hugging Face's Llama (dims i and i + hs/2 form a pair).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (max_len, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i+hs/2}) pair by its angle. x: (B, nh, T, hs); cos, sin: (B, 1, T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated_half * sin
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, so each new token costs one step.
+
+    Without a cache, generating token t re-runs the model over all t tokens (O(t²) attention work per
+    token); with it, only the new token's q/k/v are computed and its query attends to the stored keys.
+    `valid` marks real tokens: prompts in a batch are left-padded, and padding must never be attended to.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0  # positions filled so far (same for every row; padding fills the short rows)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_size = config.n_head, config.head_size
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # 3 × (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start : start + T] = k
+            cache.v[layer, :, :, start : start + T] = v
+            k = cache.k[layer, :, :, : start + T]  # (B, nh, S, hs)
+            v = cache.v[layer, :, :, : start + T]  # (B, nh, S, hs)
+        if attn_mask is None:
+            # Training and unpadded prefill: the plain causal mask, which lets SDPA use its fastest kernels.
+            # (With a cache and T == 1 the single query may see every key: no mask at all.)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.proj(y)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.hidden = config.ffn_hidden
+        self.gate_up = nn.Linear(config.d_model, 2 * config.ffn_hidden, bias=False)
+        self.down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split(self.hidden, dim=-1)  # 2 × (B, T, hidden)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(config.head_size, config.context_length, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: the residual projections get std / sqrt(2 · n_layer), so the residual
+        # stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the embedding matrix (the usual convention for FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ):
+        """Logits for every position, and the mean next-token cross-entropy when `targets` is given.
+
+        idx: (B, T) token ids. targets: (B, T), -100 where no loss is taken.
+        positions: (B, T) position of each token for RoPE (default: cache.length + arange(T)).
+        attn_mask: (B, 1, T, S) bool, True where a query may attend to a key; None = plain causal.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            if start + T > self.config.context_length:
+                raise ValueError(f"sequence of {start + T} tokens exceeds context_length {self.config.context_length}")
+            cos = self.rope_cos[start : start + T][None, None]  # (1, 1, T, hs)
+            sin = self.rope_sin[start : start + T][None, None]
+        else:
+            cos = self.rope_cos[positions][:, None]  # (B, 1, T, hs)
+            sin = self.rope_sin[positions][:, None]
+        if attn_mask is None and start > 0 and T > 1:
+            # Subtle: SDPA's is_causal aligns the mask top-left, wrong for a chunk after cached keys.
+            attn_mask = padded_attention_mask(torch.ones(B, start + T, dtype=torch.bool, device=idx.device), T)
+        x = self.embed(idx)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, attn_mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.norm(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM's estimate: 6·N + 12·L·C·T.
+
+        6·N counts the multiply-adds of every weight (2 forward, 4 backward); 12·L·C·T the attention
+        scores and weighted sum, which grow with the sequence length T (the O(n²) cost, per token O(n)).
+        """
+        T = seq_len or self.config.context_length
+        c = self.config
+        return 6 * self.num_params(non_embedding=False) + 12 * c.n_layer * c.d_model * T
+
+
+def padded_attention_mask(valid: torch.Tensor, n_new: int) -> torch.Tensor:
+    """The (B, 1, T, S) mask for the last `n_new` of S positions when some keys are padding.
+
+    valid: (B, S) True for real tokens. Query i (absolute position S - n_new + i) may attend key j when
+    j <= its position and key j is real. Subtle: a padding query would have no key at all, and SDPA
+    returns NaN for a row with nothing to attend to, so every query may always attend to itself
+    (padding outputs are garbage but finite, and nothing real ever reads them).
+
+    >>> padded_attention_mask(torch.tensor([[False, True, True]]), 3)[0, 0].int()
+    tensor([[1, 0, 0],
+            [0, 1, 0],
+            [0, 1, 1]], dtype=torch.int32)
+    """
+    S = valid.shape[1]
+    q_pos = torch.arange(S - n_new, S, device=valid.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=valid.device)[None, :]  # (1, S)
+    causal = k_pos <= q_pos  # (T, S)
+    mask = causal[None] & valid[:, None, :]  # (B, T, S)
+    mask = mask | (k_pos == q_pos)[None]
+    return mask[:, None]  # (B, 1, T, S)
+
+
+def save_model(model: GPT, out_dir: str | Path) -> None:
+    """Write `model.safetensors` + `config.json` into `out_dir`, atomically (the folder appears complete)."""
+    from safetensors.torch import save_model as st_save_model
+
+    from llmlab.io import atomic_path
+
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        model.config.to_json(tmp / "config.json")
+        st_save_model(model, str(tmp / "model.safetensors"))
+
+
+def load_model(model_dir: str | Path, stage: str | None = None, device="cpu") -> GPT:
+    """Load a model written by `save_model`. Only safetensors: no pickle is ever unpickled here."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model as st_load_model
+
+    from llmlab.errors import LlmlabError, MissingArtifactError
+
+    model_dir = Path(model_dir)
+    weights = model_dir / "model.safetensors"
+    if not weights.exists():
+        if stage:
+            raise MissingArtifactError(weights, stage)
+        raise LlmlabError(f"{weights} not found")
+    config = GPTConfig.from_json(model_dir / "config.json", stage)
+    model = GPT(config)
+    try:
+        st_load_model(model, str(weights), device=str(device))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        hint = f" (re-create it with `dvc repro {stage}`)" if stage else ""
+        raise LlmlabError(f"{weights} is not a valid llmlab checkpoint: {str(e).splitlines()[0]}{hint}") from None
+    return model.to(device).eval()
+

@@ -1,0 +1,252 @@
+"""Typed params: one pydantic model per `params.yaml` section.
+
+Every stage validates the whole `params.yaml` before it writes anything, so a typo anywhere is reported
+once, with every problem listed, each naming its key:
+
+    error: params.yaml has 2 problems:
+      pretrain.lr: must be > 0, got -1
+      pretrain.model.n_head: must divide model.d_model (128), got 3
+
+`STAGE_SECTIONS` says which sections each stage reads; `dvc.yaml` lists exactly those under `params:`
+and `tests/test_params.py` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from llmlab.errors import ParamsError
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+# ----------------------------------------------------------------------------------------- corpus
+
+
+class SyntheticCorpus(Section):
+    """The synthetic world: fictional people with facts, written about in varied documents."""
+
+    n_sft_people: int = Field(200, ge=1)
+    """People that SFT will ask questions about (they appear in the corpus)."""
+    n_heldout_people: int = Field(50, ge=0)
+    """People that only the corpus mentions; SFT never asks about them (tests knowledge extraction)."""
+    n_unknown_people: int = Field(50, ge=0)
+    """People that appear nowhere in the corpus (for hallucination tests)."""
+    docs_per_person: int = Field(8, ge=1)
+    """Biographical documents written about each known person, each with its own phrasings and order."""
+    n_stories: int = Field(1500, ge=0)
+    """Short everyday stories mixing several known people."""
+    n_arithmetic: int = Field(2000, ge=0)
+    """Multi-digit additions written out step by step, with carries."""
+    max_digits: int = Field(4, ge=1, le=9)
+    """Largest number of digits of an addend in the arithmetic documents."""
+
+
+class HFCorpus(Section):
+    """A Hugging Face dataset read with `datasets.load_dataset`."""
+
+    name: str = "roneneldan/TinyStories"
+    """Dataset id on the Hub, or a local dataset script/folder `load_dataset` accepts."""
+    config: str | None = None
+    """Dataset configuration name, if it has several."""
+    split: str = "train"
+    """Split to read; the validation split is carved out of it by `corpus.val_fraction`."""
+    text_column: str = "text"
+    """Column that holds the document text."""
+    max_documents: int | None = Field(100_000, ge=1)
+    """Stop after this many documents (null: read the whole split)."""
+    streaming: bool = True
+    """Stream the split instead of downloading it whole first."""
+
+
+class LocalCorpus(Section):
+    """Files on disk: .txt (one document per file), .jsonl / .parquet (one per row), or a `save_to_disk` folder."""
+
+    paths: list[str] = ["data/raw/*.txt"]
+    """Glob patterns, relative to the repository root. Put the files under data/raw/ so DVC tracks them."""
+    text_column: str = "text"
+    """Column (jsonl / parquet / saved dataset) that holds the document text."""
+
+
+class CorpusConfig(Section):
+    source: Literal["synthetic", "hf", "local"] = "synthetic"
+    """Where the documents come from."""
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)
+    """Share of documents held out as the validation split."""
+    synthetic: SyntheticCorpus = SyntheticCorpus()
+    hf: HFCorpus = HFCorpus()
+    local: LocalCorpus = LocalCorpus()
+
+
+# -------------------------------------------------------------------------------------- tokenizer
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(2048, ge=300, le=2**20)
+    """Final vocabulary size, special tokens included (256 byte tokens are always in it)."""
+    min_frequency: int = Field(2, ge=1)
+    """A pair must occur at least this often to be merged."""
+    max_digits_per_token: int = Field(1, ge=1, le=3)
+    """Pre-tokenisation splits numbers into groups of at most this many digits (GPT-4 uses 3). 1, the
+    default, gives one token per digit, which is what digit-by-digit arithmetic wants."""
+
+
+# --------------------------------------------------------------------------------------- pretrain
+
+
+class ModelConfig(Section):
+    """Shape of the decoder-only transformer (Llama-shaped). The vocabulary size comes from the tokenizer."""
+
+    d_model: int = Field(128, ge=8)
+    """Width of the residual stream."""
+    n_layer: int = Field(4, ge=1)
+    """Number of transformer blocks."""
+    n_head: int = Field(4, ge=1)
+    """Attention heads per block; must divide d_model, and d_model / n_head must be even (rotary)."""
+    context_length: int = Field(128, ge=8, le=131_072)
+    """Longest sequence the model is trained on and can attend over."""
+    ffn_hidden: int | None = Field(None, ge=8)
+    """Width of the SwiGLU feed-forward; null derives Llama's 8/3 · d_model rounded up to a multiple of 32."""
+    rope_theta: float = Field(10_000.0, gt=0)
+    """Base of the rotary position embedding frequencies."""
+    norm_eps: float = Field(1e-5, gt=0, lt=1)
+    """Epsilon of RMSNorm."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the LM head."""
+
+    @field_validator("n_head")
+    @classmethod
+    def _heads_divide_width(cls, n_head: int, info: ValidationInfo) -> int:
+        d_model = info.data.get("d_model")
+        if d_model is None:
+            return n_head
+        if d_model % n_head:
+            raise ValueError(f"must divide model.d_model ({d_model}), got {n_head}")
+        if (d_model // n_head) % 2:
+            raise ValueError(f"must leave an even head size for rotary embeddings; d_model/n_head = {d_model // n_head}")
+        return n_head
+
+
+class PretrainConfig(Section):
+    model: ModelConfig = ModelConfig()
+    batch_size: int = Field(8, ge=1)
+    """Sequences per device per forward pass."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step (global batch = batch_size · grad_accum · devices · nodes)."""
+    max_steps: int | None = Field(4000, ge=1)
+    """Optimizer steps to train for. Exactly one of max_steps and max_tokens is set."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Token budget instead of a step budget: steps = max_tokens / tokens per optimizer step."""
+    lr: float = Field(3e-3, gt=0, le=1)
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The cosine schedule decays to lr · min_lr_ratio."""
+    warmup_steps: int = Field(100, ge=0)
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay, applied to matrices only (not to norms)."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
+    """Lightning precision. bf16-mixed is for GPUs; on CPU it is measured slower (docs/benchmarks.md)."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    val_every: int = Field(250, ge=1)
+    """Run validation every this many optimizer steps."""
+    val_batches: int = Field(16, ge=1)
+    """Batches of the validation split per validation run (a fixed set, the same every time)."""
+    ckpt_every: int = Field(250, ge=1)
+    """Write the resumable checkpoint every this many optimizer steps."""
+    log_every: int = Field(10, ge=1)
+    """Log train metrics every this many optimizer steps."""
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | Literal["auto"] = 1
+    """Devices per node (an int, or 'auto' for all visible)."""
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
+    num_nodes: int = Field(1, ge=1)
+    recall_people: int | None = Field(None, ge=1)
+    """Fact recall is measured on this many corpus people (null: all of them)."""
+    sample_tokens: int = Field(48, ge=1)
+    """New tokens per logged sample."""
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> PretrainConfig:
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("set exactly one of max_steps and max_tokens (the other null)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- root
+
+
+class Params(Section):
+    """The whole `params.yaml`."""
+
+    seed: int = Field(1337, ge=0, lt=2**32)
+    """Seed for every random choice: the world, the data order, the weights, sampling."""
+    corpus: CorpusConfig = CorpusConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+
+
+# The sections each stage reads. dvc.yaml's `params:` must list exactly these (tests/test_params.py).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "corpus": ("seed", "corpus"),
+    "tokenizer": ("tokenizer",),
+    "pretrain": ("seed", "pretrain"),
+}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate `path`; raise ParamsError listing every problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found (run from the repository root, or pass --params)") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    return validate_params(raw if raw is not None else {}, source=str(path))
+
+
+def validate_params(raw: Any, source: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(f"{source} has {e.error_count()} problem(s):", [_describe(err) for err in e.errors()]) from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One pydantic error as `key.path: what is allowed, got X`."""
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}", "less_than_equal": "<= {le}"}
+    if kind in bounds:
+        # pydantic hands float bounds as floats (0.0): show them as written in the schema (0).
+        ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in ctx.items()}
+        what = "must be " + bounds[kind].format(**ctx)
+    elif kind == "extra_forbidden":
+        return f"{key}: unknown key (check the spelling against params.yaml's documented keys)"
+    elif kind == "missing":
+        return f"{key}: required"
+    elif kind == "literal_error":
+        what = f"must be one of {ctx.get('expected')}"
+    elif kind == "value_error":
+        what = str(ctx.get("error", err["msg"]))
+        # A model-level check (no single key) already reads as a sentence.
+        return f"{key}: {what}"
+    else:  # type errors and the rest: pydantic's own words ("Input should be a valid integer")
+        what = err["msg"].replace("Input should be", "must be")
+    return f"{key}: {what}, got {got!r}"

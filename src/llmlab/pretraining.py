@@ -1,0 +1,190 @@
+"""Pretraining with Lightning: next-token prediction on the tokenised corpus.
+
+The objective is the whole of pretraining: for every position t, maximise log p(token[t+1] | tokens[≤t]).
+`model.py` stays framework-free; this module adds the data (random windows of a flat token file), the
+optimiser (AdamW, warm-up then cosine decay) and the Lightning glue (logging, checkpoints, DDP).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from llmlab.model import GPT, GPTConfig
+from llmlab.params import PretrainConfig
+
+
+class TokenWindows(Dataset):
+    """Windows of context_length + 1 tokens from a flat token array: x = w[:-1], y = w[1:].
+
+    Item i starts at a position drawn from a generator seeded by (seed, i), so an item is the same on
+    every run and on every rank, and a resumed run can start at item `first` and see exactly the windows
+    an uninterrupted run would have seen.
+    """
+
+    def __init__(self, tokens: np.ndarray, context_length: int, n_items: int, seed: int, first: int = 0):
+        if len(tokens) < context_length + 2:
+            raise ValueError(f"token file has {len(tokens)} tokens, fewer than context_length + 2 = {context_length + 2}")
+        self.tokens, self.T, self.n_items, self.seed, self.first = tokens, context_length, n_items, seed, first
+
+    def __len__(self) -> int:
+        return self.n_items - self.first
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, self.first + i))
+        start = int(rng.integers(0, len(self.tokens) - self.T - 1))
+        w = torch.from_numpy(self.tokens[start : start + self.T + 1].astype(np.int64))
+        return w[:-1], w[1:]
+
+
+class FixedWindows(Dataset):
+    """n evenly spaced windows of the validation tokens: the same set at every validation."""
+
+    def __init__(self, tokens: np.ndarray, context_length: int, n_items: int):
+        if len(tokens) < context_length + 2:
+            raise ValueError(
+                f"validation split has {len(tokens)} tokens, fewer than context_length + 2 = {context_length + 2}: "
+                "raise corpus.val_fraction or lower pretrain.model.context_length"
+            )
+        last = len(tokens) - context_length - 1
+        self.starts = np.linspace(0, last, n_items).astype(np.int64)
+        self.tokens, self.T = tokens, context_length
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int):
+        s = int(self.starts[i])
+        w = torch.from_numpy(self.tokens[s : s + self.T + 1].astype(np.int64))
+        return w[:-1], w[1:]
+
+
+def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:
+    """Multiplier of the peak lr: linear warm-up to 1, then cosine decay to min_lr_ratio at total_steps.
+
+    >>> cfg = PretrainConfig(warmup_steps=10, min_lr_ratio=0.1)
+    >>> lr_at(4, cfg, 110), lr_at(10, cfg, 110), lr_at(110, cfg, 110)
+    (0.5, 1.0, 0.1)
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str):
+    """AdamW with decay on matrices only: norms' gains (1-d) are not pulled towards zero."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel (one op for all parameters) exists for CUDA and, since torch 2.4, for CPU.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
+
+
+class PretrainModule(L.LightningModule):
+    def __init__(self, model_config: GPTConfig, cfg: PretrainConfig, total_steps: int):
+        super().__init__()
+        self.save_hyperparameters({"model_config": asdict(model_config), "pretrain": cfg.model_dump(), "total_steps": total_steps})
+        self.cfg, self.total_steps = cfg, total_steps
+        self.model = GPT(model_config)
+        self.forward_model = torch.compile(self.model) if cfg.compile else self.model
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # (B, T), (B, T)
+        _, loss = self.forward_model(x, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.forward_model(x, y)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        opt = adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg, self.total_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class Throughput(L.Callback):
+    """Tokens per second of training (validation time excluded) and model FLOPs utilisation.
+
+    MFU = FLOPs per token × tokens/s ÷ peak FLOP/s, the peak measured on this machine (see mfu.py).
+    """
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float, every: int):
+        self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_flops
+        self.every = every
+        self.train_time = 0.0
+        self.steps = 0
+        self._t0: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        now = time.perf_counter()
+        self.train_time += now - self._t0
+        self.steps += 1
+        self._t0 = now
+        if self.steps % self.every == 0:
+            pl_module.log_dict({"perf/tokens_per_s": self.tokens_per_second(), "perf/mfu": self.mfu()}, on_step=True, on_epoch=False)
+
+    def on_validation_start(self, trainer, pl_module):
+        if self._t0 is not None:
+            self.train_time += time.perf_counter() - self._t0
+            self._t0 = None
+
+    def on_validation_end(self, trainer, pl_module):
+        self._t0 = None
+
+    def tokens_per_second(self) -> float:
+        return self.steps * self.tokens_per_step / self.train_time if self.train_time > 0 else 0.0
+
+    def mfu(self) -> float:
+        return self.tokens_per_second() * self.flops_per_token / self.peak if self.peak > 0 else 0.0
+
+
+class CurveRecorder(L.Callback):
+    """Keeps (step, value) of the train and validation loss for `dvc plots` (CSV files)."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and step % self.every == 0:
+            self.train.append((step, float(outputs["loss"])))
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        fitting = trainer.state.fn == "fit"  # not the extra trainer.validate() after training
+        if fitting and "val/loss" in trainer.callback_metrics and not trainer.sanity_checking:
+            self.val.append((trainer.global_step, float(trainer.callback_metrics["val/loss"])))
+
+    # Saved in the checkpoint, so that a resumed run's curves start at step 0, not at the resume point.
+    def state_dict(self) -> dict:
+        return {"train": self.train, "val": self.val}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train = [tuple(r) for r in state["train"]]
+        self.val = [tuple(r) for r in state["val"]]
+
+    def write(self, folder) -> None:
+        from pathlib import Path
+
+        from llmlab.io import write_text
+
+        for name, rows in (("train_loss", self.train), ("val_loss", self.val)):
+            write_text(Path(folder) / f"{name}.csv", "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in rows))

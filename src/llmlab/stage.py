@@ -1,0 +1,52 @@
+"""What every `pipeline/<stage>.py` shares: argument parsing, params validation, and clean failure.
+
+A stage validates all of `params.yaml` before it writes anything. A user-fixable problem (bad params,
+missing input, unreadable data) ends the process with one clear message and a non-zero exit code
+(2 for params, 1 otherwise), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from llmlab.errors import LlmlabError
+from llmlab.params import Params, load_params
+
+log = logging.getLogger("llmlab")
+
+
+def run_stage(
+    name: str,
+    main: Callable[[argparse.Namespace, Params], None],
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    argv: list[str] | None = None,
+) -> None:
+    parser = argparse.ArgumentParser(prog=f"pipeline/{name}.py", description=f"The '{name}' stage of llmlab.")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        params = load_params(args.params)
+        main(args, params)
+    except LlmlabError as e:
+        print(f"error [{name}]: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print(f"error [{name}]: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def setup_logging() -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        force=True,
+    )

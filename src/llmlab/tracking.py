@@ -1,0 +1,222 @@
+"""MLflow tracking: one pipeline run per `dvc repro`, one child run per stage that actually ran.
+
+The store is `sqlite:///mlflow.db` at the repository root unless `MLFLOW_TRACKING_URI` says otherwise
+(e.g. `http://mlflow.internal:5000` for a team server). `mlflow ui --backend-store-uri sqlite:///mlflow.db`
+shows it.
+
+How stages find their pipeline run: DVC runs each stage as a child process of one `dvc repro` (or
+`dvc exp run`) process. Each stage walks up its process tree to that DVC process and uses its pid and
+start time as the key of the pipeline run: the first stage creates the run, the next ones find it by
+that tag. `LLMLAB_PIPELINE_RUN_ID` overrides this (to attach stages to a run you made yourself). A stage
+started by hand, outside DVC, gets a pipeline run of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT_ENV = "LLMLAB_EXPERIMENT"
+DEFAULT_EXPERIMENT = "llmlab"
+PIPELINE_RUN_ENV = "LLMLAB_PIPELINE_RUN_ID"
+ARTIFACTS_DIR = "mlartifacts"  # artifact root for the embedded SQLite store (git-ignored)
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def git_info(cwd: str | Path = ".") -> dict[str, str]:
+    """Commit and dirty flag of the working tree ('unknown' outside a git repository)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": str(bool(status)).lower()}
+
+
+def is_global_zero() -> bool:
+    """Whether this process is rank 0 of a distributed run (or not distributed), before any Trainer exists.
+
+    Lightning's launcher sets LOCAL_RANK / NODE_RANK in the processes it starts; torchrun sets RANK; SLURM
+    sets SLURM_PROCID.
+    """
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _dvc_process_key() -> str | None:
+    """`host:pid:start` of the nearest ancestor `dvc repro` / `dvc exp run` process, if any."""
+    import psutil
+
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None:
+            cmd = " ".join(proc.cmdline())
+            if "dvc" in cmd and (" repro" in cmd or " exp" in cmd):
+                return f"{socket.gethostname()}:{proc.pid}:{int(proc.create_time())}"
+            proc = proc.parent()
+    except (psutil.Error, OSError):
+        return None
+    return None
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'pretrain': {'model': {'d_model': 128}}} -> {'pretrain.model.d_model': 128}"""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class StageRun:
+    """The MLflow child run of one stage. Use as a context manager; it ends FINISHED or FAILED.
+
+    with StageRun("pretrain", params={"pretrain": cfg.model_dump()}) as run:
+        run.log_metrics({"val/loss": 2.1}, step=100)
+        run.log_artifact("models/pretrain/config.json")
+    """
+
+    def __init__(self, stage: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None):
+        self.stage = stage
+        self.params = dict(params or {})
+        self.extra_tags = dict(tags or {})
+        self.uri = tracking_uri()
+        self.client = None
+        self.run_id: str | None = None
+        self.parent_run_id: str | None = None
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def __enter__(self) -> StageRun:
+        if not is_global_zero():  # only rank 0 talks to MLflow; the other ranks' runs are no-ops
+            return self
+        for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(self.uri)
+        experiment_id = self._experiment_id()
+        git = git_info()
+        self.parent_run_id = self._pipeline_run(experiment_id, git)
+        self.client.update_run(self.parent_run_id, status="RUNNING")
+        tags = {
+            "mlflow.parentRunId": self.parent_run_id,
+            "mlflow.runName": self.stage,
+            "mlflow.source.git.commit": git["git_commit"],
+            "stage": self.stage,
+            **git,
+            **self.extra_tags,
+        }
+        run = self.client.create_run(experiment_id, tags=tags, run_name=self.stage)
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        flat = _flatten(self.params)
+        items = [Param(k, str(v)) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        return self
+
+    def _experiment_id(self) -> str:
+        name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri == DEFAULT_TRACKING_URI:  # keep artifacts next to the embedded store, not in ./mlruns
+            location = Path(ARTIFACTS_DIR).resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def _pipeline_run(self, experiment_id: str, git: dict[str, str]) -> str:
+        explicit = os.environ.get(PIPELINE_RUN_ENV)
+        if explicit:
+            return explicit
+        key = _dvc_process_key()
+        if key is not None:
+            found = self.client.search_runs([experiment_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1)
+            if found:
+                return found[0].info.run_id
+        name = time.strftime("pipeline %Y-%m-%d %H:%M:%S")
+        tags = {"mlflow.runName": name, "pipeline_key": key or "manual", "mlflow.source.git.commit": git["git_commit"], **git}
+        return self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+
+    # -- logging -----------------------------------------------------------------------------------
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.run_id is None:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.run_id is not None:
+            self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        if self.run_id is not None:
+            self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def lightning_logger(self):
+        """A Lightning MLFlowLogger writing into this run (asynchronously, off the training loop)."""
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        if self.run_id is None:
+            return False
+        return MLFlowLogger(
+            experiment_name=os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT),
+            tracking_uri=self.uri,
+            run_id=self.run_id,
+            synchronous=False,
+        )
+
+    # -- teardown ----------------------------------------------------------------------------------
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.run_id is None:
+            return
+        status = "FINISHED" if exc_type is None else "FAILED"
+        from mlflow import flush_async_logging
+
+        flush_async_logging()
+        self.client.set_terminated(self.run_id, status)
+        # The pipeline run ends with its latest stage (DVC gives no "pipeline finished" hook): FINISHED
+        # after every stage that succeeded, FAILED as soon as one fails.
+        if not os.environ.get(PIPELINE_RUN_ENV):
+            self.client.set_terminated(self.parent_run_id, status)

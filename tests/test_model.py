@@ -1,0 +1,166 @@
+"""The transformer against references: causality, the KV cache, padding, and transformers' Llama."""
+
+import math
+
+import pytest
+import torch
+
+from llmlab.generate import generate, sample_next
+from llmlab.model import (
+    GPT,
+    GPTConfig,
+    RMSNorm,
+    apply_rope,
+    default_ffn_hidden,
+    padded_attention_mask,
+    rope_tables,
+)
+
+CFG = GPTConfig(vocab_size=97, d_model=32, n_layer=2, n_head=4, context_length=48, ffn_hidden=64)
+
+
+def random_model(config=CFG, seed=0, std=0.3, tie=True) -> GPT:
+    """A model with large random weights, so that greedy decoding gives varied tokens (not one repeated)."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std)
+    return model.eval()
+
+
+def test_changing_a_future_token_never_changes_earlier_logits():
+    model = random_model()
+    x = torch.randint(0, CFG.vocab_size, (2, 20))
+    base, _ = model(x)
+    for j in (1, 7, 19):
+        y = x.clone()
+        y[:, j] = (y[:, j] + 1) % CFG.vocab_size
+        out, _ = model(y)
+        torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=0)
+        assert not torch.allclose(out[:, j], base[:, j])
+
+
+def test_loss_is_cross_entropy_of_next_token_and_ignores_minus_100():
+    model = random_model()
+    x = torch.randint(0, CFG.vocab_size, (1, 6))
+    t = torch.tensor([[5, -100, 7, 8, -100, 1]])
+    logits, loss = model(x, t)
+    logp = torch.log_softmax(logits[0], -1)
+    expected = -(logp[0, 5] + logp[2, 7] + logp[3, 8] + logp[5, 1]) / 4
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_rmsnorm_matches_formula():
+    norm = RMSNorm(4, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    rms = math.sqrt((1 + 4 + 9 + 16) / 4 + 1e-5)
+    expected = torch.tensor([[1 / rms, 4 / rms, 1.5 / rms, -4 / rms]])
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    cos, sin = rope_tables(8, 64, 10_000.0)
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(m, n):
+        qm = apply_rope(q.view(1, 1, 1, 8), cos[m].view(1, 1, 1, 8), sin[m].view(1, 1, 1, 8))
+        kn = apply_rope(k.view(1, 1, 1, 8), cos[n].view(1, 1, 1, 8), sin[n].view(1, 1, 1, 8))
+        return (qm * kn).sum().item()
+
+    assert score(10, 3) == pytest.approx(score(40, 33), abs=1e-4)
+    assert score(5, 5) == pytest.approx((q * k).sum().item(), abs=1e-5)  # distance 0: no rotation
+
+
+def test_default_ffn_hidden():
+    assert default_ffn_hidden(128) == 352
+    assert default_ffn_hidden(768) == 2048
+
+
+def test_padded_mask_lets_queries_see_only_real_past_keys():
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    m = padded_attention_mask(valid, 2)[:, 0].int()
+    assert m.tolist() == [[[0, 0, 1, 0], [0, 0, 1, 1]], [[1, 1, 1, 0], [1, 1, 1, 1]]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_and_uncached_greedy_generation_agree(seed):
+    model = random_model(seed=seed)
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    cached = generate(model, prompts, 30, temperature=0)
+    uncached = generate(model, prompts, 30, temperature=0, use_cache=False)
+    assert cached == uncached
+    assert len(set(cached[0])) > 3, "the test model should not be degenerate"
+
+
+def test_a_row_does_not_depend_on_its_batch_neighbours():
+    model = random_model(seed=3)
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    batched = generate(model, prompts, 20, temperature=0)
+    alone = [generate(model, [p], 20, temperature=0)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_generation_stops_at_stop_token_and_at_context_length():
+    model = random_model(seed=4)
+    free = generate(model, [[1, 2, 3]], 10, temperature=0)[0]
+    stop = free[4]
+    out = generate(model, [[1, 2, 3]], 10, temperature=0, stop_ids=[stop])[0]
+    assert out == free[: free.index(stop) + 1]
+    long = generate(model, [[1] * 40], 100, temperature=0)[0]
+    assert len(long) == CFG.context_length - 40
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    model = random_model(seed=5)
+    a = generate(model, [[1, 2]], 15, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    b = generate(model, [[1, 2]], 15, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    assert a == b
+
+
+def test_top_k_and_top_p_truncate_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, top_p=0.7, generator=g)) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+    draws = {int(sample_next(logits, 1.0, top_k=3, generator=g)) for _ in range(300)}
+    assert draws == {0, 1, 2}
+    assert int(sample_next(logits, 0.0)) == 0
+    draws = {int(sample_next(logits, 1.0, top_p=0.4, generator=g)) for _ in range(50)}
+    assert draws == {0}  # the most likely token is always kept
+
+
+def test_temperature_flattens_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    cold = sum(int(sample_next(logits, 0.5, generator=g)) == 0 for _ in range(n)) / n
+    hot = sum(int(sample_next(logits, 2.0, generator=g)) == 0 for _ in range(n)) / n
+    p = lambda T: math.exp(2 / T) / sum(math.exp(v / T) for v in (2, 1, 0))  # noqa: E731
+    assert cold == pytest.approx(p(0.5), abs=0.03)
+    assert hot == pytest.approx(p(2.0), abs=0.03)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_logits_match_transformers_llama(tie):
+    transformers = pytest.importorskip("transformers")
+    from llmlab.export import llama_config_kwargs, llama_state_dict
+
+    config = GPTConfig(
+        vocab_size=97, d_model=32, n_layer=2, n_head=4, context_length=48, ffn_hidden=64, tie_embeddings=tie
+    )
+    model = random_model(config, seed=6, std=0.1)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config_kwargs(config)))
+    missing, unexpected = hf.load_state_dict(llama_state_dict(model), strict=False)
+    assert not unexpected
+    assert set(missing) <= {"lm_head.weight"}  # the tied head is the embedding
+    if tie:
+        hf.tie_weights()
+    hf.eval()
+    x = torch.randint(0, 97, (2, 30))
+    ours, _ = model(x)
+    theirs = hf(x).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4

@@ -1,0 +1,203 @@
+"""Params: typed validation with every problem named, and dvc.yaml kept in step with the schema."""
+
+import importlib.util
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from llmlab.errors import ParamsError
+from llmlab.params import STAGE_SECTIONS, Params, load_params, validate_params
+from tests.conftest import ROOT, SMOKE_PARAMS, stage_env
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+
+
+def problems(raw) -> list[str]:
+    with pytest.raises(ParamsError) as e:
+        validate_params(raw)
+    return e.value.details
+
+
+@pytest.mark.parametrize("path", [ROOT / "params.yaml", SMOKE_PARAMS], ids=["default", "smoke"])
+def test_shipped_params_files_are_valid(path):
+    load_params(path)
+
+
+def test_params_yaml_spells_out_every_default_key():
+    """params.yaml is the documentation users edit: every key of the schema appears in it."""
+
+    def keys(model: type[BaseModel], prefix=""):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from keys(ann, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def present(key):
+        node = raw
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    assert [k for k in keys(Params) if not present(k)] == []
+
+
+def test_every_field_has_a_description():
+    def walk(model: type[BaseModel], prefix=""):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from walk(ann, f"{prefix}{name}.")
+            elif not field.description and name not in (
+                "beta1",
+                "beta2",
+                "accelerator",
+                "strategy",
+                "num_nodes",
+            ):
+                yield f"{prefix}{name}"
+
+    assert list(walk(Params)) == []
+
+
+def test_all_problems_are_reported_at_once_each_naming_its_key():
+    found = problems(
+        {
+            "pretrain": {
+                "lr": -1,
+                "batch_size": "eight",
+                "precision": "64",
+                "typo_key": 1,
+                "model": {"n_head": 3},
+            },
+            "corpus": {"val_fraction": 0.9},
+        }
+    )
+    assert "pretrain.lr: must be > 0, got -1" in found
+    assert any(p.startswith("pretrain.batch_size: ") and "'eight'" in p for p in found)
+    assert any(p.startswith("pretrain.precision: must be one of") for p in found)
+    assert any(p.startswith("pretrain.typo_key: unknown key") for p in found)
+    assert "pretrain.model.n_head: must divide model.d_model (128), got 3" in found
+    assert any(p.startswith("corpus.val_fraction: must be < 0.5") for p in found)
+    assert len(found) == 6
+
+
+def test_consistency_checks():
+    assert any("max_steps" in p for p in problems({"pretrain": {"max_steps": 10, "max_tokens": 1000}}))
+    assert any("max_steps" in p for p in problems({"pretrain": {"max_steps": None}}))
+    assert any("even head size" in p for p in problems({"pretrain": {"model": {"d_model": 12, "n_head": 4}}}))
+
+
+def test_yaml_errors_are_params_errors(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("pretrain: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad.write_text("- a list\n")
+    with pytest.raises(ParamsError, match="must be a mapping"):
+        load_params(bad)
+
+
+# Leaf keys and a value of a wrong type for each: hypothesis picks combinations.
+WRONG = st.one_of(
+    st.text(max_size=5).filter(lambda s: not s.strip().lstrip("-").replace(".", "").isdigit()),
+    st.lists(st.integers(), min_size=1, max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), min_size=1, max_size=2),
+)
+LEAVES = [
+    "seed",
+    "pretrain.lr",
+    "pretrain.batch_size",
+    "pretrain.model.d_model",
+    "tokenizer.vocab_size",
+    "corpus.val_fraction",
+    "corpus.synthetic.n_sft_people",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.sampled_from(LEAVES), WRONG, min_size=1, max_size=4))
+def test_wrong_types_are_named(overrides):
+    raw: dict = {}
+    for key, value in overrides.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    found = problems(raw)
+    for key in overrides:
+        assert any(p.startswith(key + ":") for p in found), (key, found)
+
+
+# ------------------------------------------------------------------------------------------ dvc.yaml
+
+
+def test_each_stage_declares_exactly_the_sections_it_reads():
+    declared = {name: tuple(stage.get("params", [])) for name, stage in DVC["stages"].items()}
+    assert declared == {name: STAGE_SECTIONS[name] for name in declared}
+    assert set(STAGE_SECTIONS) <= set(declared), "a stage in STAGE_SECTIONS is missing from dvc.yaml"
+    read = {s for sections in STAGE_SECTIONS.values() for s in sections}
+    assert read == set(Params.model_fields), "every params section is read by some stage"
+
+
+@pytest.mark.parametrize("stage", list(STAGE_SECTIONS))
+def test_stage_command_matches_its_script(stage):
+    """The command in dvc.yaml runs pipeline/<stage>.py with arguments its parser accepts; the script
+    and the library files it depends on are listed as deps."""
+    spec = DVC["stages"][stage]
+    argv = shlex.split(spec["cmd"])
+    assert argv[:2] == ["python", f"pipeline/{stage}.py"]
+    assert f"pipeline/{stage}.py" in spec["deps"]
+    module_spec = importlib.util.spec_from_file_location(
+        f"pipeline_{stage}", ROOT / "pipeline" / f"{stage}.py"
+    )
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    parser.parse_args(argv[2:])  # exits (SystemExit) on an unknown or missing argument
+
+
+def test_invalid_params_exit_2_without_traceback_and_write_nothing(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("corpus:\n  val_fraction: 2\n  sourse: synthetic\npretrain:\n  lr: -1\n")
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipeline" / "corpus.py"),
+            "--params",
+            str(bad),
+            "--out",
+            str(out),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+        cwd=tmp_path,
+        env=stage_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "corpus.val_fraction: must be < 0.5, got 2" in r.stderr
+    assert "corpus.sourse: unknown key" in r.stderr
+    assert "pretrain.lr: must be > 0, got -1" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
