@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from llmlab import checkpoints
 from llmlab.errors import LlmlabError
@@ -23,7 +23,7 @@ from llmlab.io import write_json, write_text
 from llmlab.mfu import matmul_peak_flops
 from llmlab.model import GPTConfig, save_model
 from llmlab.params import Params
-from llmlab.pretraining import CurveRecorder, FixedWindows, PretrainModule, Throughput, TokenWindows
+from llmlab.pretraining import CurveRecorder, FixedWindows, PretrainModule, Throughput, TokenWindows, RecallProbe, build_trainer
 from llmlab.stage import run_stage
 from llmlab.tokenizer import load_tokenizer, load_tokens, read_token_meta
 from llmlab.tracking import StageRun, is_global_zero
@@ -87,36 +87,12 @@ def main(args, params: Params) -> None:
     peak = matmul_peak_flops(device_type, torch.bfloat16 if "bf16" in cfg.precision else torch.float32)
     throughput = Throughput(tokens_per_step, module.model.flops_per_token(), peak, cfg.log_every)
     curves = CurveRecorder(cfg.log_every)
+    known = world.known()
+    probe_people = known[:: max(1, len(known) // cfg.recall_probe_people)][: cfg.recall_probe_people] if cfg.recall_probe_people else []
+    probe = RecallProbe(lambda model: fact_recall(model, tok, probe_people).accuracy if probe_people else 0.0)
 
     with StageRun("pretrain", {"seed": params.seed, "pretrain": cfg.model_dump()}) as run:
-        trainer = L.Trainer(
-            max_steps=total_steps,
-            accelerator=cfg.accelerator,
-            devices=cfg.devices,
-            strategy=cfg.strategy,
-            num_nodes=cfg.num_nodes,
-            precision=cfg.precision,
-            accumulate_grad_batches=cfg.grad_accum,
-            gradient_clip_val=cfg.grad_clip or None,
-            val_check_interval=cfg.val_every * cfg.grad_accum,
-            check_val_every_n_epoch=None,
-            num_sanity_val_steps=0,
-            log_every_n_steps=cfg.log_every,
-            logger=run.lightning_logger(),
-            callbacks=[
-                ModelCheckpoint(
-                    dirpath=args.checkpoints, every_n_train_steps=cfg.ckpt_every, save_top_k=0, save_last=True,
-                    enable_version_counter=False,
-                ),
-                LearningRateMonitor(logging_interval="step"),
-                throughput,
-                curves,
-            ],
-            plugins=[checkpoints.AtomicCheckpointIO()],
-            deterministic=True,
-            enable_model_summary=False,
-            default_root_dir=args.checkpoints,
-        )
+        trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), [throughput, curves, probe], total_steps)
         first_item = 0
         if resume is not None:
             # Start the data where the checkpoint stopped (see TokenWindows).
@@ -155,7 +131,7 @@ def main(args, params: Params) -> None:
             **{f"fact_recall_by_group/{k}": v for k, v in recall.by_group.items()},
         }
         write_json(args.metrics, metrics)
-        curves.write(args.plots)
+        curves.write(args.plots, recall=probe.points)
         report = Path(args.report)
         write_json(report / "samples.json", sample_rows)
         write_json(report / "fact_recall_examples.json", recall.examples)
@@ -178,4 +154,7 @@ def _samples_markdown(rows: list[dict]) -> str:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # TokenWindows resumes mid-epoch by itself (see its docstring); Lightning cannot know and warns.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     run_stage("pretrain", main, add_arguments)

@@ -164,3 +164,9 @@ def test_logits_match_transformers_llama(tie):
     ours, _ = model(x)
     theirs = hf(x).logits
     assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_flops_per_token_by_hand():
+    # per block: qkv 32·96 + proj 32·32 + gate_up 32·128 + down 64·32 + 2 norms · 32 = 10304; two blocks,
+    # the final norm (32) and the tied head (97·32) -> N = 23744. Attention: 12 · 2 · 32 · 48 = 36864.
+    assert random_model().flops_per_token() == 6 * 23744 + 36864

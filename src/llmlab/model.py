@@ -262,12 +262,15 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM's estimate: 6·N + 12·L·C·T.
 
-        6·N counts the multiply-adds of every weight (2 forward, 4 backward); 12·L·C·T the attention
-        scores and weighted sum, which grow with the sequence length T (the O(n²) cost, per token O(n)).
+        N counts the weights used in matmuls: every block and the LM head, but not the embedding lookup
+        (with tied embeddings the head's matrix *is* the embedding, counted once). 6·N is a multiply-add
+        per weight forward (2) and twice that backward (4); 12·L·C·T the attention scores and weighted sum,
+        which grow with the sequence length T (the O(n²) cost: O(n) per token).
         """
         T = seq_len or self.config.context_length
         c = self.config
-        return 6 * self.num_params(non_embedding=False) + 12 * c.n_layer * c.d_model * T
+        n_matmul = self.num_params(non_embedding=True) + c.vocab_size * c.d_model * c.tie_embeddings
+        return 6 * n_matmul + 12 * c.n_layer * c.d_model * T
 
 
 def padded_attention_mask(valid: torch.Tensor, n_new: int) -> torch.Tensor:

@@ -176,6 +176,8 @@ class PretrainConfig(Section):
     num_nodes: int = Field(1, ge=1)
     recall_people: int | None = Field(None, ge=1)
     """Fact recall is measured on this many corpus people (null: all of them)."""
+    recall_probe_people: int = Field(40, ge=0)
+    """Fact recall is also measured at every validation on this many people (0: never), for the curve."""
     sample_tokens: int = Field(48, ge=1)
     """New tokens per logged sample."""
 

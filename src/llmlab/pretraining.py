@@ -24,8 +24,11 @@ class TokenWindows(Dataset):
     """Windows of context_length + 1 tokens from a flat token array: x = w[:-1], y = w[1:].
 
     Item i starts at a position drawn from a generator seeded by (seed, i), so an item is the same on
-    every run and on every rank, and a resumed run can start at item `first` and see exactly the windows
-    an uninterrupted run would have seen.
+    every run and on every rank. Resuming: a run restored at optimizer step k continues with global item
+    `first` = k · (items per step). Subtle: Lightning keeps counting batches from where the checkpoint
+    left off and ends the epoch at len(dataset) batches, so the dataset keeps its full length and index i
+    maps to global item first + i; the tail past the budget is never read, because max_steps ends
+    training first.
     """
 
     def __init__(self, tokens: np.ndarray, context_length: int, n_items: int, seed: int, first: int = 0):
@@ -34,7 +37,7 @@ class TokenWindows(Dataset):
         self.tokens, self.T, self.n_items, self.seed, self.first = tokens, context_length, n_items, seed, first
 
     def __len__(self) -> int:
-        return self.n_items - self.first
+        return self.n_items
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, self.first + i))
@@ -113,6 +116,38 @@ class PretrainModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def build_trainer(cfg: PretrainConfig, ckpt_dir, logger, callbacks: list[L.Callback], total_steps: int) -> L.Trainer:
+    """The Trainer of the pretrain stage (also used by benchmarks/, so that they measure the same thing)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+
+    from llmlab.checkpoints import AtomicCheckpointIO
+
+    checkpointing = ModelCheckpoint(
+        dirpath=ckpt_dir, every_n_train_steps=cfg.ckpt_every, save_top_k=0, save_last=True, enable_version_counter=False
+    )
+    return L.Trainer(
+        max_steps=total_steps,
+        max_epochs=1,  # one pass over TokenWindows is exactly the step budget
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
+        precision=cfg.precision,
+        accumulate_grad_batches=cfg.grad_accum,
+        gradient_clip_val=cfg.grad_clip or None,
+        val_check_interval=cfg.val_every * cfg.grad_accum,  # counted in batches, not optimizer steps
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=cfg.log_every,
+        logger=logger,
+        callbacks=[checkpointing, LearningRateMonitor(logging_interval="step"), RichProgressBar(refresh_rate=cfg.log_every), *callbacks],
+        plugins=[AtomicCheckpointIO()],
+        deterministic=True,
+        enable_model_summary=False,
+        default_root_dir=ckpt_dir,
+    )
+
+
 class Throughput(L.Callback):
     """Tokens per second of training (validation time excluded) and model FLOPs utilisation.
 
@@ -181,10 +216,36 @@ class CurveRecorder(L.Callback):
         self.train = [tuple(r) for r in state["train"]]
         self.val = [tuple(r) for r in state["val"]]
 
-    def write(self, folder) -> None:
+    def write(self, folder, recall: list[tuple[int, float]]) -> None:
         from pathlib import Path
 
         from llmlab.io import write_text
 
-        for name, rows in (("train_loss", self.train), ("val_loss", self.val)):
-            write_text(Path(folder) / f"{name}.csv", "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in rows))
+        for name, rows, column in (("train_loss", self.train, "loss"), ("val_loss", self.val, "loss"), ("fact_recall", recall, "fact_recall")):
+            write_text(Path(folder) / f"{name}.csv", f"step,{column}\n" + "".join(f"{s},{v:.6f}\n" for s, v in rows))
+
+
+class RecallProbe(L.Callback):
+    """Fact recall on a fixed sample of people at every validation: the curve of the model learning facts.
+
+    `measure(model) -> float` is called on rank 0 with the model in eval mode; the value is logged as
+    `val/fact_recall` and kept for `dvc plots` (and in the checkpoint, like CurveRecorder).
+    """
+
+    def __init__(self, measure):
+        self.measure = measure
+        self.points: list[tuple[int, float]] = []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        value = self.measure(pl_module.model) if trainer.is_global_zero else 0.0
+        pl_module.log("val/fact_recall", value, rank_zero_only=True)
+        if trainer.is_global_zero:
+            self.points.append((trainer.global_step, value))
+
+    def state_dict(self) -> dict:
+        return {"points": self.points}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.points = [tuple(p) for p in state["points"]]

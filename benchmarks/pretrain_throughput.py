@@ -1,0 +1,112 @@
+"""Pretraining throughput: the Lightning stage against a minimal plain-PyTorch loop, same model and batch.
+
+Both train the default model (`params.yaml` → pretrain.model) on the same token windows with the same
+optimiser, schedule and gradient clipping. The Lightning side is the stage's own Trainer
+(`build_trainer`: checkpointing, LR monitor, progress bar, MLflow logging to a temporary store) without
+validation; the plain side is forward, backward, clip, step. Tokens/s are timed after `warmup` steps.
+The two are interleaved (plain, Lightning, plain, Lightning) and the best of each is kept, so that a
+noisy neighbour hurts both alike. MFU is against the fp32 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from llmlab.mfu import matmul_peak_flops
+from llmlab.model import GPT, GPTConfig
+from llmlab.params import load_params
+from llmlab.pretraining import PretrainModule, TokenWindows, adamw, build_trainer, lr_at
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Clock(L.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.t0, self.t1 = warmup, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.t0 = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.t1 = time.perf_counter()
+
+
+def _tokens(vocab_size: int) -> np.ndarray:
+    real = ROOT / "data" / "tokens" / "train.bin"
+    if real.exists():
+        return np.memmap(real, dtype=np.uint16, mode="r")
+    return np.random.default_rng(0).integers(0, vocab_size, 400_000).astype(np.uint16)
+
+
+def plain_loop(config: GPTConfig, cfg, tokens, steps: int, warmup: int) -> float:
+    torch.manual_seed(0)
+    model = GPT(config)
+    opt = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), "cpu")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, steps))
+    data = torch.utils.data.DataLoader(TokenWindows(tokens, config.context_length, steps * cfg.batch_size, 0), batch_size=cfg.batch_size)
+    t0 = 0.0
+    for i, (x, y) in enumerate(data):
+        if i == warmup:
+            t0 = time.perf_counter()
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return (steps - warmup) * cfg.batch_size * config.context_length / (time.perf_counter() - t0)
+
+
+def lightning_stage(config: GPTConfig, cfg, tokens, steps: int, warmup: int) -> float:
+    from llmlab.tracking import buffered_mlflow_logger
+
+    torch.manual_seed(0)
+    cfg = cfg.model_copy(update={"val_every": steps + 1, "accelerator": "cpu"})
+    module = PretrainModule(config, cfg, steps)
+    clock = _Clock(warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        logger = buffered_mlflow_logger(f"sqlite:///{tmp}/mlflow.db", experiment="bench")
+        trainer = build_trainer(cfg, tmp, logger, [clock], steps)
+        data = torch.utils.data.DataLoader(TokenWindows(tokens, config.context_length, steps * cfg.batch_size, 0), batch_size=cfg.batch_size)
+        trainer.fit(module, data)
+    return (steps - warmup) * cfg.batch_size * config.context_length / (clock.t1 - clock.t0)
+
+
+def run(steps: int = 300, warmup: int = 20, rounds: int = 2) -> dict:
+    cfg = load_params(ROOT / "params.yaml").pretrain
+    tokens = _tokens(2048)
+    config = GPTConfig.from_params(cfg.model, int(tokens.max()) + 1)
+    peak = matmul_peak_flops("cpu", torch.float32)
+    plain, lit = [], []
+    for _ in range(rounds):
+        plain.append(plain_loop(config, cfg, tokens, steps, warmup))
+        lit.append(lightning_stage(config, cfg, tokens, steps, warmup))
+    flops = GPT(config).flops_per_token()
+    best_plain, best_lit = max(plain), max(lit)
+    return {
+        "model": f"{config.n_layer} layers × {config.d_model} wide, context {config.context_length}, vocab {config.vocab_size}",
+        "batch": f"{cfg.batch_size} × {config.context_length} tokens",
+        "plain_tokens_per_s": best_plain,
+        "lightning_tokens_per_s": best_lit,
+        "lightning_over_plain": best_lit / best_plain,
+        "matmul_peak_gflops": peak / 1e9,
+        "plain_mfu": best_plain * flops / peak,
+        "lightning_mfu": best_lit * flops / peak,
+        "all_plain": plain,
+        "all_lightning": lit,
+    }
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import json
+
+    print(json.dumps(run(), indent=2))

@@ -1,0 +1,135 @@
+"""Pretraining: data windows, the schedule, resuming after a kill, and DDP against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from llmlab.checkpoints import resume_path
+from llmlab.params import PretrainConfig
+from llmlab.pretraining import FixedWindows, TokenWindows, lr_at
+from tests.conftest import ROOT, SMOKE_PARAMS, run_stage, stage_env
+
+
+def test_windows_are_shifted_by_one_and_reproducible():
+    tokens = np.arange(1000, dtype=np.uint16)
+    ds = TokenWindows(tokens, context_length=16, n_items=10, seed=3)
+    x, y = ds[4]
+    assert x.shape == (16,) and torch.equal(y[:-1], x[1:])
+    assert torch.equal(TokenWindows(tokens, 16, 10, seed=3)[4][0], x)
+    resumed = TokenWindows(tokens, 16, 10, seed=3, first=4)  # a resumed run continues at item 4
+    assert len(resumed) == 10 and torch.equal(resumed[0][0], x)
+
+
+def test_fixed_windows_cover_the_split_and_reject_a_short_one():
+    v = FixedWindows(np.arange(200, dtype=np.uint16), context_length=16, n_items=5)
+    assert [int(v[i][0][0]) for i in range(5)] == [0, 45, 91, 137, 183]
+    with pytest.raises(ValueError, match="val_fraction"):
+        FixedWindows(np.arange(10, dtype=np.uint16), context_length=16, n_items=5)
+
+
+def test_lr_schedule():
+    cfg = PretrainConfig(warmup_steps=10, min_lr_ratio=0.1, lr=1.0)
+    assert lr_at(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_at(60, cfg, 110) == pytest.approx(0.55)  # half-way down the cosine
+    assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+
+
+def test_stale_checkpoints_are_discarded(tmp_path):
+    d = tmp_path / "ckpt"
+    assert resume_path(d, "A") is None
+    (d / "last.ckpt").write_bytes(b"x")
+    assert resume_path(d, "A") == d / "last.ckpt"
+    assert resume_path(d, "B", readonly=True) is None and (d / "last.ckpt").exists()
+    assert resume_path(d, "B") is None and not (d / "last.ckpt").exists()
+
+
+# ---------------------------------------------------------------------------- real stage processes
+
+
+def params_file(tmp_path, name, **pretrain):
+    raw = yaml.safe_load(SMOKE_PARAMS.read_text())
+    raw["pretrain"].update(pretrain)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def stage_args(data, out):
+    return [
+        "--tokens", str(data / "tokens"), "--tokenizer", str(data / "tokenizer" / "tokenizer.json"),
+        "--world", str(data / "corpus" / "world.json"), "--checkpoints", str(out / "ckpt"), "--out", str(out / "model"),
+        "--metrics", str(out / "metrics.json"), "--plots", str(out / "plots"), "--report", str(out / "report"),
+    ]  # fmt: skip
+
+
+def weights(out):
+    return load_file(out / "model" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(smoke_data, tmp_path):
+    env = stage_env(tmp_path)
+    params = params_file(tmp_path, "p", max_steps=600, ckpt_every=100, val_every=200, log_every=50)
+    straight = tmp_path / "straight"
+    r = run_stage("pretrain", stage_args(smoke_data, straight), tmp_path, env, params)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "pipeline" / "pretrain.py"), "--params", str(params), *stage_args(smoke_data, killed)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "ckpt" / "last.ckpt").exists():
+        assert proc.poll() is None, "finished before the first checkpoint: raise max_steps"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists()
+    step_at_kill = torch.load(killed / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < step_at_kill < 600
+
+    r = run_stage("pretrain", stage_args(smoke_data, killed), tmp_path, env, params)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stderr + r.stdout
+    a, b = weights(straight), weights(killed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
+    ma = json.loads((straight / "metrics.json").read_text())
+    mb = json.loads((killed / "metrics.json").read_text())
+    assert mb["steps"] == ma["steps"] == 600
+    assert mb["val_loss"] == pytest.approx(ma["val_loss"], abs=1e-4)
+    # The loss curve of the resumed run starts at the beginning, not at the resume point.
+    assert (killed / "plots" / "train_loss.csv").read_text().splitlines()[1].startswith("50,")
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process(smoke_data, tmp_path):
+    env = stage_env(tmp_path)
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    common = {"max_steps": 8, "val_every": 4, "ckpt_every": 4, "accelerator": "cpu"}
+    r1 = run_stage("pretrain", stage_args(smoke_data, one), tmp_path, env, params_file(tmp_path, "one", batch_size=8, **common))
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    p2 = params_file(tmp_path, "two", batch_size=4, devices=2, strategy="ddp", **common)
+    r2 = run_stage("pretrain", stage_args(smoke_data, two), tmp_path, env, p2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "Traceback" not in r2.stderr
+    m1 = json.loads((one / "metrics.json").read_text())
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert m1["tokens"] == m2["tokens"]  # same global batch: 8 sequences per step
+    assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-4)
+    a, b = weights(one), weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
