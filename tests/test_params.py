@@ -201,3 +201,19 @@ def test_invalid_params_exit_2_without_traceback_and_write_nothing(tmp_path):
     assert "corpus.sourse: unknown key" in r.stderr
     assert "pretrain.lr: must be > 0, got -1" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_unreachable_tracking_server_fails_fast_before_writing(tmp_path):
+    import time
+
+    env = stage_env(tmp_path)
+    env["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"  # discard port: nothing listens
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "pipeline" / "corpus.py"), "--params", str(SMOKE_PARAMS), "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 1
+    assert "http://127.0.0.1:9" in r.stderr and "unreachable" in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import numpy as np
@@ -66,6 +66,44 @@ class FixedWindows(Dataset):
         s = int(self.starts[i])
         w = torch.from_numpy(self.tokens[s : s + self.T + 1].astype(np.int64))
         return w[:-1], w[1:]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much training a params section asks for, in the units each consumer needs.
+
+    >>> Budget.from_params(PretrainConfig(batch_size=8, grad_accum=2, max_steps=100), world_size=2)
+    Budget(world_size=2, context_length=128, items_per_step=32, total_steps=100)
+    """
+
+    world_size: int  # processes: devices × nodes
+    context_length: int
+    items_per_step: int  # windows per optimizer step, all processes together
+    total_steps: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.items_per_step * self.context_length
+
+    @property
+    def n_items(self) -> int:
+        """Windows in the whole run (TokenWindows' length)."""
+        return self.total_steps * self.items_per_step
+
+    @classmethod
+    def from_params(cls, cfg: PretrainConfig, world_size: int) -> Budget:
+        T = cfg.model.context_length
+        items = cfg.batch_size * cfg.grad_accum * world_size
+        total = cfg.max_steps or math.ceil(cfg.max_tokens / (items * T))
+        return cls(world_size=world_size, context_length=T, items_per_step=items, total_steps=total)
+
+
+def world_size(cfg: PretrainConfig) -> int:
+    """Processes the Trainer will start: devices per node × nodes ('auto' devices: all visible GPUs, or 1)."""
+    if cfg.devices == "auto":
+        gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return (torch.cuda.device_count() if gpu else 1) * cfg.num_nodes
+    return cfg.devices * cfg.num_nodes
 
 
 def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:

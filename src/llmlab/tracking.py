@@ -35,6 +35,27 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any training, when an HTTP tracking server does not answer.
+
+    MLflow's own client retries with back-off for minutes; one probe of the server's /health endpoint
+    turns that into one clear error.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    from llmlab.errors import LlmlabError
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as e:
+        raise LlmlabError(
+            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) is unreachable: {type(e).__name__}. "
+            f"Start it, or unset MLFLOW_TRACKING_URI to use the local store {DEFAULT_TRACKING_URI}"
+        ) from None
+
+
 def git_info(cwd: str | Path = ".") -> dict[str, str]:
     """Commit and dirty flag of the working tree ('unknown' outside a git repository)."""
 
@@ -118,6 +139,7 @@ class StageRun:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
 
+        check_reachable(self.uri)
         self.client = MlflowClient(self.uri)
         experiment_id = self._experiment_id()
         git = git_info()

@@ -96,6 +96,23 @@ EMPLOYERS = (
     "Marigold Gardens", "Thimble Tailoring", "Saffron Kitchen",
 )  # fmt: skip
 
+# More surnames, English place-name style: prefix + suffix ("Ash" + "combe" -> "Ashcombe"). No suffix is
+# a prefix of another and no prefix of another prefix, so no surname is a prefix of another.
+_SURNAME_PREFIXES = (
+    "Ald", "Bel", "Bram", "Cald", "Corn", "Dun", "Elm", "Fern", "Glen", "Grey", "Hazel", "Kings",
+    "Lang", "Mill", "Nor", "Pen", "Red", "Rose", "Ship", "Stan", "Thorn", "Wake", "West", "Wynd",
+)  # fmt: skip
+_SURNAME_SUFFIXES = (
+    "bury", "combe", "dale", "field", "ford", "gate", "ham", "hurst", "ley", "more", "ridge",
+    "stead", "ton", "wick", "worth",
+)  # fmt: skip
+SURNAMES = SURNAMES + tuple(
+    name
+    for name in (p + s for p in _SURNAME_PREFIXES for s in _SURNAME_SUFFIXES)
+    if not any(other != name and (other.startswith(name) or name.startswith(other)) for other in SURNAMES)
+    and name not in {word for place in CITIES + EMPLOYERS for word in place.split()}  # "Dunmore" is a city
+)
+
 PETS = (
     "cat", "dog", "parrot", "rabbit", "hamster", "goldfish", "tortoise", "ferret", "canary",
     "lizard", "guinea pig", "hedgehog", "budgie", "iguana", "chinchilla",
@@ -260,6 +277,14 @@ class World:
         return cls(people=people, source=source)
 
 
+def _cycle_shuffled(values: tuple[str, ...], rng: random.Random):
+    """Endless stream of `values`: a fresh shuffle of the whole list each time round."""
+    while True:
+        order = list(values)
+        rng.shuffle(order)
+        yield from order
+
+
 def build_world(cfg: SyntheticCorpus, seed: int) -> World:
     """Draw `n_sft + n_heldout + n_unknown` people with distinct full names and random facts.
 
@@ -271,22 +296,32 @@ def build_world(cfg: SyntheticCorpus, seed: int) -> World:
         "heldout": cfg.n_heldout_people,
         "unknown": cfg.n_unknown_people,
     }
+    n_people = sum(sizes.values())
     n_names = len(FIRST_NAMES) * len(SURNAMES)
-    if sum(sizes.values()) > n_names:
+    if n_people > n_names:
         raise LlmlabError(
-            f"corpus.synthetic: asked for {sum(sizes.values())} people but only {n_names} distinct full names "
+            f"corpus.synthetic: asked for {n_people} people but only {n_names} distinct full names "
             "exist; lower n_sft_people / n_heldout_people / n_unknown_people"
         )
     rng = random.Random(seed)
-    # Sample (first, surname) index pairs without replacement: distinct full names by construction.
-    picks = rng.sample(range(n_names), sum(sizes.values()))
+    # Spread the names out: every surname is used once before any is used twice, and first names cycle
+    # the same way. Subtle: with names drawn at random, people who share a first name or a surname share
+    # the tokens a small model keys facts on, and it confuses them (measured: one attribute's recall fell
+    # to ~40 % with 68 first names × 64 surnames for 250 people, while the others were above 90 %).
+    names: list[str] = []
+    taken: set[str] = set()
+    firsts, lasts = _cycle_shuffled(FIRST_NAMES, rng), _cycle_shuffled(SURNAMES, rng)
+    while len(names) < n_people:
+        name = f"{next(firsts)} {next(lasts)}"
+        if name not in taken:  # a repeat is only possible after both lists wrapped around
+            taken.add(name)
+            names.append(name)
     groups = [g for g in GROUPS for _ in range(sizes[g])]
     people = []
-    for pick, group in zip(picks, groups, strict=True):
-        first, last = divmod(pick, len(SURNAMES))
+    for name, group in zip(names, groups, strict=True):
         people.append(
             Person(
-                name=f"{FIRST_NAMES[first]} {SURNAMES[last]}",
+                name=name,
                 group=group,
                 birth_year=rng.choice(BIRTH_YEARS),
                 city=rng.choice(CITIES),
