@@ -48,11 +48,11 @@ class SyntheticCorpus(Section):
     """People that only the corpus mentions; SFT never asks about them (tests knowledge extraction)."""
     n_unknown_people: int = Field(50, ge=0)
     """People that appear nowhere in the corpus (for hallucination tests)."""
-    docs_per_person: int = Field(8, ge=1)
+    docs_per_person: int = Field(10, ge=1)
     """Biographical documents written about each known person, each with its own phrasings and order."""
-    n_stories: int = Field(1500, ge=0)
+    n_stories: int = Field(1000, ge=0)
     """Short everyday stories mixing several known people."""
-    n_arithmetic: int = Field(2000, ge=0)
+    n_arithmetic: int = Field(800, ge=0)
     """Multi-digit additions written out step by step, with carries."""
     max_digits: int = Field(4, ge=1, le=9)
     """Largest number of digits of an addend in the arithmetic documents."""
@@ -153,14 +153,15 @@ class PretrainConfig(Section):
     """Optimizer steps to train for. Exactly one of max_steps and max_tokens is set."""
     max_tokens: int | None = Field(None, ge=1)
     """Token budget instead of a step budget: steps = max_tokens / tokens per optimizer step."""
-    lr: float = Field(3e-3, gt=0, le=1)
+    lr: float = Field(6e-3, gt=0, le=1)
     """Peak learning rate of AdamW."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """The cosine schedule decays to lr · min_lr_ratio."""
     warmup_steps: int = Field(100, ge=0)
     """Linear warm-up steps before the cosine decay."""
-    weight_decay: float = Field(0.1, ge=0)
-    """AdamW weight decay, applied to matrices only (not to norms)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay, applied to matrices only (not to norms). 0 by default: the synthetic world is
+    memorised facts, and decay pulls them back out of the weights."""
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)

@@ -50,3 +50,5 @@ def setup_logging() -> None:
         handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
         force=True,
     )
+    # Lightning advertises a cloud logger on every run; the one line of noise goes.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())

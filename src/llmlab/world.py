@@ -58,6 +58,36 @@ FIRST_NAMES = (
     "Talia", "Umberto", "Viggo", "Yvette", "Zeno", "Astrid", "Bastian", "Calla",
 )  # fmt: skip
 
+# More first names, so that few people share one (see build_world for why that matters). Any name that
+# is a prefix of another (or already listed) is dropped.
+_MORE_FIRST_NAMES = (
+    "Abel", "Ada", "Adrian", "Agnes", "Aiden", "Alba", "Albert", "Alma", "Alvin", "Amara", "Ambrose",
+    "Amelie", "Anika", "Ansel", "Ariadne", "Arlo", "Arvid", "Asha", "Aurelio", "Ayla", "Basil",
+    "Beatrix", "Benedikt", "Bianca", "Birgit", "Blaise", "Bodhi", "Bronwen", "Bruno", "Cadence",
+    "Camille", "Carmen", "Cato", "Cedric", "Celeste", "Cillian", "Clemens", "Colette", "Conrad",
+    "Cosima", "Dagny", "Damaris", "Dario", "Darius", "Della", "Desmond", "Dinah", "Dmitri", "Dora",
+    "Duncan", "Eamon", "Edgar", "Edith", "Elio", "Eliska", "Elodie", "Emeric", "Enid", "Esme", "Ezra",
+    "Fabian", "Farah", "Felix", "Fiona", "Flavia", "Fleur", "Francesca", "Frida", "Gaspard", "Gemma",
+    "Gilda", "Giulia", "Godfrey", "Gwen", "Halvard", "Hannelore", "Harriet", "Hedda", "Helmut",
+    "Hester", "Ilse", "Imogen", "Inga", "Irene", "Isak", "Jadwiga", "Jarek", "Jethro", "Joaquin",
+    "Jolene", "Jorunn", "Josefin", "Judith", "Kaia", "Kasimir", "Keir", "Kiran", "Klara", "Konrad",
+    "Kwame", "Lajos", "Lavinia", "Leif", "Lena", "Leopold", "Liesel", "Linnea", "Lionel", "Livia",
+    "Lucian", "Ludmila", "Luisa", "Lyra", "Magnus", "Malin", "Marcel", "Margit", "Matilda", "Maxim",
+    "Melisande", "Milo", "Minerva", "Miriam", "Moira", "Morgan", "Nadia", "Nasrin", "Nathaniel",
+    "Nerys", "Niamh", "Nikolai", "Nils", "Ninian", "Noemi", "Octavia", "Odile", "Olga", "Oskar",
+    "Osric", "Ottilie", "Pascal", "Paloma", "Pavel", "Perpetua", "Philippa", "Pilar", "Radek", "Rafael",
+    "Ragnhild", "Ramona", "Reuben", "Rigmor", "Roderick", "Rolf", "Rosa", "Rufus", "Sabine", "Saoirse",
+    "Selma", "Serafina", "Sigrid", "Simone", "Solveig", "Stellan", "Sunniva", "Sven", "Tadeo", "Tavish",
+    "Teodor", "Tilde", "Tobias", "Tova", "Ugo", "Una", "Urban", "Valentin", "Valeska", "Venla",
+    "Viktor", "Vilja", "Wanda", "Wilhelm", "Winifred", "Wolfgang", "Xenia", "Yannick", "Yelena",
+    "Yorick", "Zachary", "Zelda", "Zinnia", "Zofia", "Anselm", "Brigid", "Dagmar", "Eero", "Ferdinand",
+    "Halima", "Ignatius", "Jovan", "Lucius", "Mabel",
+)  # fmt: skip
+FIRST_NAMES = FIRST_NAMES + tuple(
+    n for n in dict.fromkeys(_MORE_FIRST_NAMES)
+    if not any(o != n and (o.startswith(n) or n.startswith(o)) for o in FIRST_NAMES + _MORE_FIRST_NAMES)
+)
+
 SURNAMES = (
     "Quill", "Ashdown", "Brennick", "Calloway", "Darrow", "Everly", "Fairweather", "Galloway",
     "Hartwell", "Ingram", "Jessop", "Kettering", "Lindqvist", "Marchetti", "Northcott", "Okafor",
@@ -306,8 +336,8 @@ def build_world(cfg: SyntheticCorpus, seed: int) -> World:
     rng = random.Random(seed)
     # Spread the names out: every surname is used once before any is used twice, and first names cycle
     # the same way. Subtle: with names drawn at random, people who share a first name or a surname share
-    # the tokens a small model keys facts on, and it confuses them (measured: one attribute's recall fell
-    # to ~40 % with 68 first names × 64 surnames for 250 people, while the others were above 90 %).
+    # the tokens a small model keys facts on, and it confuses them (measured on the default world: with
+    # 68 first names × 64 surnames drawn at random, one attribute's recall fell to ~40 %, the others >90 %).
     names: list[str] = []
     taken: set[str] = set()
     firsts, lasts = _cycle_shuffled(FIRST_NAMES, rng), _cycle_shuffled(SURNAMES, rng)
