@@ -5,13 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # pip on these machines prints a line for every index folder it cannot use; hide only those lines.
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+# (grep exits 1 when it filters every line: only that is forgiven; a pip failure still fails the recipe.)
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: setup run test lint bench clean-venv
 
+# torch first and pinned: the CPU build on these machines (an open range would pull a CUDA build).
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	# torch first and pinned: the CPU build on these machines; an open range would pull a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
 	$(PY) -m pip install -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
 	$(PY) -c "import torch, lightning, dvc, mlflow, datasets, tokenizers, llmlab"

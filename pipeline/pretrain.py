@@ -32,6 +32,7 @@ from llmlab.pretraining import (
     Throughput,
     TokenWindows,
     build_trainer,
+    loader,
     world_size,
 )
 from llmlab.stage import run_stage
@@ -66,7 +67,8 @@ def main(args, params: Params) -> None:
 
     budget = Budget.from_params(cfg, world_size(cfg))
     try:
-        val_set = FixedWindows(val_tokens, cfg.model.context_length, cfg.val_batches * cfg.batch_size)
+        # val_batches per process: the validation set is the same for the same global batch.
+        val_set = FixedWindows(val_tokens, cfg.model.context_length, cfg.val_batches * cfg.batch_size * budget.world_size)
         TokenWindows(train_tokens, cfg.model.context_length, budget.n_items, params.seed)  # validates the size
     except ValueError as e:
         raise LlmlabError(f"pretrain: {e}") from None
@@ -99,8 +101,7 @@ def main(args, params: Params) -> None:
             # Start the data where the checkpoint stopped (see TokenWindows).
             first_item = int(torch.load(resume, map_location="cpu", weights_only=True)["global_step"]) * budget.items_per_step
         train_set = TokenWindows(train_tokens, cfg.model.context_length, budget.n_items, params.seed, first=first_item)
-        train_dl = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=False)
-        val_dl = torch.utils.data.DataLoader(val_set, batch_size=cfg.batch_size, shuffle=False)
+        train_dl, val_dl = loader(train_set, cfg.batch_size, trainer), loader(val_set, cfg.batch_size, trainer)
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
         val_loss = float(trainer.validate(module, val_dl, verbose=False)[0]["val/loss"])
         if not trainer.is_global_zero:

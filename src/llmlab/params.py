@@ -173,7 +173,7 @@ class PretrainConfig(Section):
     val_every: int = Field(250, ge=1)
     """Run validation every this many optimizer steps."""
     val_batches: int = Field(16, ge=1)
-    """Batches of the validation split per validation run (a fixed set, the same every time)."""
+    """Batches of the validation split per process per validation run (a fixed set, the same every time)."""
     ckpt_every: int = Field(250, ge=1)
     """Write the resumable checkpoint every this many optimizer steps."""
     log_every: int = Field(10, ge=1)

@@ -106,6 +106,17 @@ def world_size(cfg: PretrainConfig) -> int:
     return cfg.devices * cfg.num_nodes
 
 
+def loader(dataset: Dataset, batch_size: int, trainer: L.Trainer) -> torch.utils.data.DataLoader:
+    """In order, each process taking every world_size-th item: with batch b per process, optimizer step k
+    of a W-process run sees items [k·b·W, (k+1)·b·W), exactly those of a 1-process run with batch b·W."""
+    sampler = None
+    if trainer.world_size > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler)
+
+
 def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:
     """Multiplier of the peak lr: linear warm-up to 1, then cosine decay to min_lr_ratio at total_steps.
 
@@ -181,6 +192,9 @@ def build_trainer(cfg: PretrainConfig, ckpt_dir, logger, callbacks: list[L.Callb
         callbacks=[checkpointing, LearningRateMonitor(logging_interval="step"), RichProgressBar(refresh_rate=cfg.log_every), *callbacks],
         plugins=[AtomicCheckpointIO()],
         deterministic=True,
+        # Lightning's own DistributedSampler shuffles training data; TokenWindows items are random already,
+        # and unshuffled shards keep a DDP step's global batch identical to a single process's.
+        use_distributed_sampler=False,
         enable_model_summary=False,
         default_root_dir=ckpt_dir,
     )

@@ -169,8 +169,9 @@ class StageRun:
         if exp is not None:
             return exp.experiment_id
         location = None
-        if self.uri == DEFAULT_TRACKING_URI:  # keep artifacts next to the embedded store, not in ./mlruns
-            location = Path(ARTIFACTS_DIR).resolve().as_uri()
+        if self.uri.startswith("sqlite:///"):  # artifacts next to the SQLite file, not in ./mlruns of the cwd
+            db = Path(self.uri.removeprefix("sqlite:///"))
+            location = (db.resolve().parent / ARTIFACTS_DIR).as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
     def _pipeline_run(self, experiment_id: str, git: dict[str, str]) -> str:
@@ -216,9 +217,8 @@ class StageRun:
             self.client.log_dict(self.run_id, obj, artifact_file)
 
     def lightning_logger(self):
-        """A Lightning logger writing into this run (False on ranks other than 0: they log nothing)."""
-        if self.run_id is None:
-            return False
+        """A Lightning logger writing into this run. Every rank gets one (callbacks such as
+        LearningRateMonitor insist), but only rank 0's writes anything: its methods are rank-zero-only."""
         return buffered_mlflow_logger(self.uri, self.run_id)
 
     # -- teardown ----------------------------------------------------------------------------------
