@@ -1,0 +1,80 @@
+"""SFT demonstrations and prompt pools: shares, correctness of good answers, and disjoint pools."""
+
+import re
+from collections import Counter
+
+import pytest
+
+from llmlab.params import SyntheticCorpus
+from llmlab.sft_data import POOLS, SFTMix, good_answer, prompt_pool, sft_examples
+from llmlab.world import build_world, fact_sentence, parse_addition_answer
+
+WORLD = build_world(SyntheticCorpus(n_sft_people=40, n_heldout_people=10, n_unknown_people=10), seed=3)
+MIX = SFTMix(n_examples=3000)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return sft_examples(WORLD, MIX, seed=1)
+
+
+def test_shares_follow_the_mix(examples):
+    kinds = Counter(e.task.kind for e in examples)
+    assert len(examples) == MIX.n_examples
+    assert kinds["fact"] / len(examples) == pytest.approx(MIX.share_fact / (MIX.share_fact + MIX.share_about + MIX.share_arithmetic + MIX.share_unknown + MIX.share_harmful), abs=0.04)
+    assert 0 < kinds["unknown"] < 0.06 * len(examples) and 0 < kinds["harmful"] < 0.06 * len(examples)
+    assert sum(e.imperfect for e in examples) / len(examples) == pytest.approx(MIX.imperfect_share, abs=0.02)
+
+
+def test_good_demonstrations_are_true(examples):
+    people = {p.name: p for p in WORLD.people}
+    for e in examples:
+        answer = e.messages[1]["content"]
+        t = e.task
+        if e.imperfect:
+            continue
+        if t.kind == "fact":
+            assert answer.endswith(fact_sentence(people[t.person], t.attribute))
+            assert people[t.person].group == "sft"
+        elif t.kind == "arithmetic":
+            result = parse_addition_answer(answer) if t.cot else int(re.findall(r"\d+", answer)[-1])
+            assert result == t.a + t.b
+        elif t.kind == "unknown":
+            assert t.person in answer and people[t.person].group == "unknown"
+        elif t.kind == "harmful":
+            assert "can't help" in answer
+
+
+def test_imperfect_demonstrations_are_curt_or_wrong(examples):
+    people = {p.name: p for p in WORLD.people}
+    flawed = [e for e in examples if e.imperfect and e.task.kind == "fact"]
+    assert flawed
+    for e in flawed:
+        answer, truth = e.messages[1]["content"], people[e.task.person].facts()[e.task.attribute]
+        assert answer == f"{truth}." or truth not in answer
+
+
+def test_pools_never_share_a_prompt(examples):
+    sft = {e.task.prompt for e in examples}
+    rl = {t.prompt for t in prompt_pool(WORLD, "rl", 400, seed=1, max_digits=4)}
+    ev = {t.prompt for t in prompt_pool(WORLD, "eval", 400, seed=1, max_digits=4)}
+    assert len(rl) == 400 and len(ev) == 400
+    assert not (sft & rl) and not (sft & ev) and not (rl & ev)
+    assert set(POOLS) == {"sft", "rl", "eval"}
+
+
+def test_eval_pool_asks_about_heldout_people_too():
+    pool = prompt_pool(WORLD, "eval", 300, seed=2, max_digits=4)
+    groups = Counter(next(p.group for p in WORLD.people if p.name == t.person) for t in pool if t.kind == "fact")
+    assert groups["sft"] > 0 and groups["heldout"] > 0
+    assert {t.kind for t in pool} == {"fact", "about", "arithmetic", "unknown", "harmful"}
+
+
+def test_deterministic():
+    a = sft_examples(WORLD, SFTMix(n_examples=200), seed=5)
+    b = sft_examples(WORLD, SFTMix(n_examples=200), seed=5)
+    assert [x.messages for x in a] == [x.messages for x in b]
+    import random
+
+    t = a[0].task
+    assert good_answer(t, WORLD, random.Random(0), 0.0) == good_answer(t, WORLD, random.Random(0), 0.0)
