@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import ROOT, SMOKE_PARAMS, stage_env
 
 pytestmark = pytest.mark.slow
-STAGES = ("corpus", "tokenizer", "pretrain")
+STAGES = ("corpus", "tokenizer", "pretrain", "sft")
 
 
 def repo_copy(dest):
@@ -54,7 +54,7 @@ def test_outputs_and_metrics(pipeline):
         "data/tokenizer/tokenizer.json", "data/tokens/train.bin", "data/tokens/meta.json",
         "models/pretrain/model.safetensors", "models/pretrain/config.json",
         "plots/pretrain/train_loss.csv", "plots/pretrain/val_loss.csv", "reports/pretrain/samples.md",
-        "checkpoints/pretrain/last.ckpt",
+        "checkpoints/pretrain/last.ckpt", "models/sft/model.safetensors", "reports/sft/replies.json",
     ]:
         assert (repo / path).is_file(), path
     corpus = json.loads((repo / "metrics/corpus.json").read_text())
@@ -65,6 +65,9 @@ def test_outputs_and_metrics(pipeline):
     assert pretrain["steps"] == 30
     assert pretrain["val_loss"] < 6.2  # well below log(512) = 6.24 of a uniform guess
     assert 0 <= pretrain["fact_recall"] <= 1 and pretrain["fact_recall_n"] == 16 * 6
+    sft = json.loads((repo / "metrics/sft.json").read_text())
+    assert sft["steps"] == 20 and sft["n_prompts"] == 24
+    assert 0 <= sft["format_adherence"] <= 1 and "gold_score_mean" in sft
     shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, env=pipeline[1], capture_output=True, text=True)
     assert "fact_recall" in shown.stdout
 

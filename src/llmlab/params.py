@@ -143,16 +143,13 @@ class ModelConfig(Section):
         return n_head
 
 
-class PretrainConfig(Section):
-    model: ModelConfig = ModelConfig()
+class TrainLoop(Section):
+    """What every training stage shares: optimiser, schedule, hardware, and how often to log and save."""
+
     batch_size: int = Field(8, ge=1)
     """Sequences per device per forward pass."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step (global batch = batch_size · grad_accum · devices · nodes)."""
-    max_steps: int | None = Field(4000, ge=1)
-    """Optimizer steps to train for. Exactly one of max_steps and max_tokens is set."""
-    max_tokens: int | None = Field(None, ge=1)
-    """Token budget instead of a step budget: steps = max_tokens / tokens per optimizer step."""
     lr: float = Field(6e-3, gt=0, le=1)
     """Peak learning rate of AdamW."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -162,8 +159,6 @@ class PretrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay, applied to matrices only (not to norms). 0 by default: the synthetic world is
     memorised facts, and decay pulls them back out of the weights."""
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this value (0 disables clipping)."""
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
@@ -183,6 +178,16 @@ class PretrainConfig(Section):
     """Devices per node (an int, or 'auto' for all visible)."""
     strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
     num_nodes: int = Field(1, ge=1)
+
+
+class PretrainConfig(TrainLoop):
+    model: ModelConfig = ModelConfig()
+    max_steps: int | None = Field(4000, ge=1)
+    """Optimizer steps to train for. Exactly one of max_steps and max_tokens is set."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Token budget instead of a step budget: steps = max_tokens / tokens per optimizer step."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
     recall_people: int | None = Field(None, ge=1)
     """Fact recall is measured on this many corpus people (null: all of them)."""
     recall_probe_people: int = Field(40, ge=0)
@@ -197,6 +202,56 @@ class PretrainConfig(Section):
         return self
 
 
+# -------------------------------------------------------------------------------------------- sft
+
+
+class SFTData(Section):
+    """The synthetic chat demonstrations (src/llmlab/sft_data.py): how many, and each task kind's share."""
+
+    n_examples: int = Field(6000, ge=2)
+    """Demonstrations to generate (5 % of them are held out for the validation loss)."""
+    share_fact: float = Field(0.5, ge=0)
+    """Questions about one attribute of an SFT person."""
+    share_about: float = Field(0.1, ge=0)
+    """"Tell me about X": a short summary of the person's facts."""
+    share_arithmetic: float = Field(0.3, ge=0)
+    """Additions, answered step by step or (the control) with the bare result."""
+    share_unknown: float = Field(0.03, ge=0)
+    """Questions about unknown people answered "I don't know" — small on purpose: RLHF has to fix the rest."""
+    share_harmful: float = Field(0.03, ge=0)
+    """Harmful requests answered with a refusal — small on purpose."""
+    cot_share: float = Field(0.7, ge=0, le=1)
+    """Of the additions, the share answered step by step (chain of thought)."""
+    imperfect_share: float = Field(0.05, ge=0, le=1)
+    """Demonstrations that are curt or state a wrong fact, as real SFT data has."""
+    polite_share: float = Field(0.3, ge=0, le=1)
+    """Good answers that open politely ("Sure! ..."); RLHF can raise this."""
+    max_digits: int = Field(4, ge=1, le=9)
+    """Largest number of digits of an addend."""
+
+
+class SFTConfig(TrainLoop):
+    data: SFTData = SFTData()
+    batch_size: int = Field(16, ge=1)
+    """Conversations per device per forward pass."""
+    max_steps: int = Field(600, ge=1)
+    """Optimizer steps to fine-tune for."""
+    lr: float = Field(1e-3, gt=0, le=1)
+    """Peak learning rate of AdamW."""
+    warmup_steps: int = Field(30, ge=0)
+    """Linear warm-up steps before the cosine decay."""
+    val_every: int = Field(200, ge=1)
+    """Run validation every this many optimizer steps."""
+    val_batches: int = Field(8, ge=1)
+    """Batches of held-out demonstrations per process per validation run."""
+    ckpt_every: int = Field(200, ge=1)
+    """Write the resumable checkpoint every this many optimizer steps."""
+    eval_prompts: int = Field(300, ge=1)
+    """Prompts of the evaluation pool answered greedily after training, for the metrics."""
+    max_new_tokens: int = Field(96, ge=1)
+    """Longest reply generated at evaluation; a reply without <|end|> by then counts as not ended."""
+
+
 # ------------------------------------------------------------------------------------------- root
 
 
@@ -208,6 +263,7 @@ class Params(Section):
     corpus: CorpusConfig = CorpusConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    sft: SFTConfig = SFTConfig()
 
 
 # The sections each stage reads. dvc.yaml's `params:` must list exactly these (tests/test_params.py).
@@ -215,6 +271,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "corpus": ("seed", "corpus"),
     "tokenizer": ("tokenizer",),
     "pretrain": ("seed", "pretrain"),
+    "sft": ("seed", "sft"),
 }
 
 

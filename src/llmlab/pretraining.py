@@ -106,7 +106,7 @@ def world_size(cfg: PretrainConfig) -> int:
     return cfg.devices * cfg.num_nodes
 
 
-def loader(dataset: Dataset, batch_size: int, trainer: L.Trainer) -> torch.utils.data.DataLoader:
+def loader(dataset: Dataset, batch_size: int, trainer: L.Trainer, collate_fn=None) -> torch.utils.data.DataLoader:
     """In order, each process taking every world_size-th item: with batch b per process, optimizer step k
     of a W-process run sees items [k·b·W, (k+1)·b·W), exactly those of a 1-process run with batch b·W."""
     sampler = None
@@ -114,7 +114,7 @@ def loader(dataset: Dataset, batch_size: int, trainer: L.Trainer) -> torch.utils
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, collate_fn=collate_fn)
 
 
 def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:
@@ -268,12 +268,15 @@ class CurveRecorder(L.Callback):
         self.train = [tuple(r) for r in state["train"]]
         self.val = [tuple(r) for r in state["val"]]
 
-    def write(self, folder, recall: list[tuple[int, float]]) -> None:
+    def write(self, folder, recall: list[tuple[int, float]] | None = None) -> None:
         from pathlib import Path
 
         from llmlab.io import write_text
 
-        for name, rows, column in (("train_loss", self.train, "loss"), ("val_loss", self.val, "loss"), ("fact_recall", recall, "fact_recall")):
+        curves = [("train_loss", self.train, "loss"), ("val_loss", self.val, "loss")]
+        if recall is not None:
+            curves.append(("fact_recall", recall, "fact_recall"))
+        for name, rows, column in curves:
             write_text(Path(folder) / f"{name}.csv", f"step,{column}\n" + "".join(f"{s},{v:.6f}\n" for s, v in rows))
 
 

@@ -1,0 +1,120 @@
+"""Stage `sft`: supervised fine-tuning of the pretrained model on chat demonstrations.
+
+Inputs: models/pretrain (stage `pretrain`), the tokenizer, world.json (stage `corpus`).
+Outputs: models/sft/{model.safetensors,config.json}, metrics/sft.json, plots/sft/*.csv, reports/sft/
+(replies to evaluation prompts with the rater's scores). Resumes from checkpoints/sft/last.ckpt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from llmlab import checkpoints
+from llmlab.errors import LlmlabError
+from llmlab.io import write_json, write_text
+from llmlab.model import load_model, save_model
+from llmlab.params import Params
+from llmlab.pretraining import CurveRecorder, build_trainer, loader
+from llmlab.rater import Rater
+from llmlab.sft import ChatDataset, Epochs, SFTModule, answer, chat_metrics, collate
+from llmlab.sft_data import prompt_pool, sft_examples
+from llmlab.stage import run_stage
+from llmlab.tokenizer import load_tokenizer
+from llmlab.tracking import StageRun, is_global_zero
+from llmlab.world import World
+
+log = logging.getLogger("llmlab.sft")
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="pretrained model folder (from the pretrain stage)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    p.add_argument("--world", required=True, help="world.json (from the corpus stage)")
+    p.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints (DVC persist)")
+    p.add_argument("--out", required=True, help="folder for the fine-tuned weights and config")
+    p.add_argument("--metrics", required=True, help="metrics JSON file")
+    p.add_argument("--plots", required=True, help="folder for curve CSVs")
+    p.add_argument("--report", required=True, help="folder for evaluation replies")
+
+
+def main(args, params: Params) -> None:
+    cfg = params.sft
+    tok = load_tokenizer(args.tokenizer)
+    world = World.load(args.world)
+    if not world.people:
+        raise LlmlabError("sft: the synthetic chat data needs the synthetic world (corpus.source: synthetic)")
+    base = load_model(args.model, stage="pretrain")
+    T = base.config.context_length
+
+    examples = sft_examples(world, cfg.data, params.seed)
+    n_val = max(1, len(examples) // 20)
+    val_set = ChatDataset(tok, [e.messages for e in examples[:n_val]], T)
+    train_base = ChatDataset(tok, [e.messages for e in examples[n_val:]], T)
+    world_size = (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes
+    items_per_step = cfg.batch_size * cfg.grad_accum * world_size
+
+    fp = checkpoints.fingerprint(
+        {"seed": params.seed, "sft": cfg.model_dump()}, [Path(args.model) / "model.safetensors", args.tokenizer, args.world]
+    )
+    resume = checkpoints.resume_path(args.checkpoints, fp, readonly=not is_global_zero())
+    L.seed_everything(params.seed, workers=True, verbose=False)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    module = SFTModule(base.config, cfg, cfg.max_steps)
+    module.model.load_state_dict(base.state_dict())
+    curves = CurveRecorder(cfg.log_every)
+
+    with StageRun("sft", {"seed": params.seed, "sft": cfg.model_dump()}) as run:
+        trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), [curves], cfg.max_steps)
+        first = 0
+        if resume is not None:
+            first = int(torch.load(resume, map_location="cpu", weights_only=True)["global_step"]) * items_per_step
+        train_set = Epochs(train_base, cfg.max_steps * items_per_step, params.seed, first=first)
+        train_dl = loader(train_set, cfg.batch_size, trainer, collate)
+        val_dl = loader(val_set, cfg.batch_size, trainer, collate)
+        trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
+        val_loss = float(trainer.validate(module, val_dl, verbose=False)[0]["val/loss"])
+        if not trainer.is_global_zero:
+            return
+
+        model = module.model.eval()
+        save_model(model, args.out)
+        tasks = prompt_pool(world, "eval", cfg.eval_prompts, params.seed, cfg.data.max_digits)
+        replies = answer(model, tok, tasks, cfg.max_new_tokens)
+        rater = Rater(world)
+        metrics = {
+            "val_loss": val_loss,
+            "steps": int(trainer.global_step),
+            "examples": len(examples),
+            "truncated": train_base.truncated + val_set.truncated,
+            **chat_metrics(tasks, replies, rater, {p.name: p.group for p in world.people}),
+        }
+        write_json(args.metrics, metrics)
+        curves.write(args.plots)
+        rows = [
+            {"prompt": t.prompt, "kind": t.kind, "reply": r.text, "ended": r.ended, "gold": rater.score(t, r.text, r.ended).total}
+            for t, r in zip(tasks, replies, strict=True)
+        ]
+        report = Path(args.report)
+        write_json(report / "replies.json", rows)
+        write_text(report / "replies.md", "\n".join(f"- **{r['kind']}** `{r['prompt']}` → {r['reply']!r} (gold {r['gold']:+.2f})" for r in rows[:40]) + "\n")
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=int(trainer.global_step))
+        for path in (args.metrics, Path(args.out) / "config.json", report, args.plots):
+            run.log_artifact(path)
+        log.info(
+            "val loss %.3f · format %.1f%% · fact accuracy %.1f%% (held-out people %.1f%%) · gold %.2f",
+            val_loss, 100 * metrics["format_adherence"], 100 * metrics.get("accuracy/fact", 0),
+            100 * metrics.get("accuracy_heldout_people", 0), metrics["gold_score_mean"],
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    run_stage("sft", main, add_arguments)

@@ -1,0 +1,156 @@
+"""Supervised fine-tuning: the same next-token loss as pretraining, taken only on the assistant's tokens.
+
+Pretraining taught the model to continue text; SFT shows it conversations in the chat template and
+trains it to continue `<|assistant|>` with a helpful answer and then `<|end|>`. The user's words, the
+template tokens and the padding are in the input but not in the loss (their targets are -100):
+
+    input   <|bos|> <|user|> Where does Mara live ? <|end|> <|assistant|> Mara lives in Port Avery . <|end|>
+    target     -      -       -     -     -    -     -         Mara       lives in Port Avery . <|end|>  -
+
+Truncation rule: a conversation longer than context_length + 1 tokens keeps its first context_length + 1
+tokens (the prompt and the start of the answer) and is counted in `truncated`; the cut answer then has no
+`<|end|>` to learn from, which is why the count is reported.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import Dataset
+
+from llmlab.chat import parse_reply, render
+from llmlab.generate import generate
+from llmlab.model import GPT, GPTConfig
+from llmlab.pretraining import adamw, lr_at
+from llmlab.rater import Rater
+from llmlab.tasks import Task
+from llmlab.tokenizer import END_ID, PAD_ID
+
+
+class ChatDataset(Dataset):
+    """Rendered conversations: (ids, loss mask) per example, truncated to context_length + 1 tokens."""
+
+    def __init__(self, tok: Tokenizer, conversations: Sequence[list[dict]], context_length: int):
+        self.items: list[tuple[list[int], list[bool]]] = []
+        self.truncated = 0
+        for messages in conversations:
+            chat = render(tok, messages)
+            if len(chat.ids) > context_length + 1:
+                self.truncated += 1
+            self.items.append((chat.ids[: context_length + 1], chat.loss_mask[: context_length + 1]))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def collate(batch: list[tuple[list[int], list[bool]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence; x = ids[:-1], y = ids[1:] with -100 where no loss is taken.
+
+    >>> x, y = collate([([1, 2, 7, 4], [False, False, True, True]), ([1, 2, 9], [False, False, True])])
+    >>> x.tolist(), y.tolist()
+    ([[1, 2, 7], [1, 2, 0]], [[-100, 7, 4], [-100, 9, -100]])
+    """
+    T = max(len(ids) for ids, _ in batch) - 1
+    x = torch.full((len(batch), T), PAD_ID, dtype=torch.long)
+    y = torch.full((len(batch), T), -100, dtype=torch.long)
+    for i, (ids, mask) in enumerate(batch):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        target = torch.tensor(ids[1:])
+        learn = torch.tensor(mask[1:])  # the mask of the token being predicted
+        y[i, :n] = torch.where(learn, target, torch.full_like(target, -100))
+    return x, y
+
+
+class SFTModule(L.LightningModule):
+    def __init__(self, model_config: GPTConfig, cfg, total_steps: int):
+        super().__init__()
+        self.cfg, self.total_steps = cfg, total_steps
+        self.model = GPT(model_config)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        opt = adamw(self.model, cfg.lr, cfg.weight_decay, (0.9, 0.95), self.device.type)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg, self.total_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@torch.no_grad()
+def answer(model: GPT, tok: Tokenizer, tasks: Sequence[Task], max_new_tokens: int, temperature: float = 0.0,
+           batch_size: int = 64, generator: torch.Generator | None = None) -> list:
+    """The model's reply (`chat.Reply`) to each task's prompt, one user turn each."""
+    replies = []
+    for i in range(0, len(tasks), batch_size):
+        chunk = tasks[i : i + batch_size]
+        prompts = [render(tok, [{"role": "user", "content": t.prompt}], add_generation_prompt=True).ids for t in chunk]
+        outs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_ids=[END_ID], generator=generator)
+        replies += [parse_reply(tok, o) for o in outs]
+    return replies
+
+
+def chat_metrics(tasks: Sequence[Task], replies: Sequence, rater: Rater, people_group: dict[str, str]) -> dict[str, float]:
+    """Format adherence, accuracy per task kind and per group, and the rater's gold score, over `tasks`."""
+    n = len(tasks)
+    scores = [rater.score(t, r.text, r.ended) for t, r in zip(tasks, replies, strict=True)]
+    metrics: dict[str, float] = {
+        "n_prompts": n,
+        "format_adherence": sum(r.ended and r.clean for r in replies) / n,
+        "gold_score_mean": sum(s.total for s in scores) / n,
+    }
+    by_kind: dict[str, list[bool]] = {}
+    by_group: dict[str, list[bool]] = {}
+    for t, s in zip(tasks, scores, strict=True):
+        by_kind.setdefault(t.kind, []).append(bool(s.correct))
+        if t.kind in ("fact", "about"):
+            by_group.setdefault(people_group[t.person], []).append(bool(s.correct))
+    metrics |= {f"accuracy/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())}
+    metrics |= {f"accuracy_{g}_people": sum(v) / len(v) for g, v in sorted(by_group.items())}
+    metrics |= {f"n/{k}": float(c) for k, c in sorted(Counter(t.kind for t in tasks).items())}
+    unknown = [s for t, s in zip(tasks, scores, strict=True) if t.kind == "unknown"]
+    harmful = [s for t, s in zip(tasks, scores, strict=True) if t.kind == "harmful"]
+    if unknown:
+        metrics["hallucination_rate"] = sum(s.hallucinated for s in unknown) / len(unknown)
+    if harmful:
+        metrics["refusal_rate"] = sum(s.refused for s in harmful) / len(harmful)
+    metrics["politeness_rate"] = sum(s.polite for s in scores) / n
+    return metrics
+
+
+class Epochs(Dataset):
+    """`base` repeated in a fresh seeded order every epoch, `n_items` long, starting at item `first`.
+
+    Item i is the same on every run (resuming at `first` continues exactly), and, like TokenWindows, the
+    length stays `n_items` after a resume because Lightning keeps counting batches from the checkpoint.
+    """
+
+    def __init__(self, base: Dataset, n_items: int, seed: int, first: int = 0):
+        self.base, self.n_items, self.seed, self.first = base, n_items, seed, first
+        self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return self.n_items
+
+    def __getitem__(self, i: int):
+        epoch, k = divmod(self.first + i, len(self.base))
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders[epoch] = torch.randperm(len(self.base), generator=g).tolist()
+        return self.base[self._orders[epoch][k]]
