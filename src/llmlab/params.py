@@ -234,17 +234,17 @@ class SFTConfig(TrainLoop):
     data: SFTData = SFTData()
     batch_size: int = Field(16, ge=1)
     """Conversations per device per forward pass."""
-    max_steps: int = Field(600, ge=1)
+    max_steps: int = Field(1500, ge=1)
     """Optimizer steps to fine-tune for."""
-    lr: float = Field(1e-3, gt=0, le=1)
+    lr: float = Field(3e-3, gt=0, le=1)
     """Peak learning rate of AdamW."""
     warmup_steps: int = Field(30, ge=0)
     """Linear warm-up steps before the cosine decay."""
-    val_every: int = Field(200, ge=1)
+    val_every: int = Field(500, ge=1)
     """Run validation every this many optimizer steps."""
     val_batches: int = Field(8, ge=1)
     """Batches of held-out demonstrations per process per validation run."""
-    ckpt_every: int = Field(200, ge=1)
+    ckpt_every: int = Field(500, ge=1)
     """Write the resumable checkpoint every this many optimizer steps."""
     eval_prompts: int = Field(300, ge=1)
     """Prompts of the evaluation pool answered greedily after training, for the metrics."""
