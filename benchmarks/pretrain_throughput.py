@@ -22,7 +22,7 @@ import torch
 from llmlab.mfu import matmul_peak_flops
 from llmlab.model import GPT, GPTConfig
 from llmlab.params import load_params
-from llmlab.pretraining import PretrainModule, TokenWindows, adamw, build_trainer, lr_at
+from llmlab.pretraining import CausalLMModule, TokenWindows, adamw, build_trainer, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def lightning_stage(config: GPTConfig, cfg, tokens, steps: int, warmup: int) -> 
 
     torch.manual_seed(0)
     cfg = cfg.model_copy(update={"val_every": steps + 1, "accelerator": "cpu"})
-    module = PretrainModule(config, cfg, steps)
+    module = CausalLMModule(config, cfg, steps)
     clock = _Clock(warmup)
     with tempfile.TemporaryDirectory() as tmp:
         logger = buffered_mlflow_logger(f"sqlite:///{tmp}/mlflow.db", experiment="bench")

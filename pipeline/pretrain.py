@@ -25,9 +25,9 @@ from llmlab.model import GPTConfig, save_model
 from llmlab.params import Params
 from llmlab.pretraining import (
     Budget,
+    CausalLMModule,
     CurveRecorder,
     FixedWindows,
-    PretrainModule,
     RecallProbe,
     Throughput,
     TokenWindows,
@@ -83,7 +83,7 @@ def main(args, params: Params) -> None:
     L.seed_everything(params.seed, workers=True, verbose=False)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    module = PretrainModule(model_config, cfg, budget.total_steps)
+    module = CausalLMModule(model_config, cfg, budget.total_steps)
     device_type = "cuda" if (cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()) else "cpu"
     peak_dtype = torch.bfloat16 if "bf16" in cfg.precision else torch.float32
     peak = matmul_peak_flops(device_type, peak_dtype)

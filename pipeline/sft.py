@@ -20,9 +20,9 @@ from llmlab.errors import LlmlabError
 from llmlab.io import write_json, write_text
 from llmlab.model import load_model, save_model
 from llmlab.params import Params
-from llmlab.pretraining import CurveRecorder, build_trainer, loader
+from llmlab.pretraining import CausalLMModule, CurveRecorder, build_trainer, loader
 from llmlab.rater import Rater
-from llmlab.sft import ChatDataset, Epochs, SFTModule, answer, chat_metrics, collate
+from llmlab.sft import ChatDataset, Epochs, answer, chat_metrics, collate
 from llmlab.sft_data import prompt_pool, sft_examples
 from llmlab.stage import run_stage
 from llmlab.tokenizer import load_tokenizer
@@ -65,7 +65,7 @@ def main(args, params: Params) -> None:
     resume = checkpoints.resume_path(args.checkpoints, fp, readonly=not is_global_zero())
     L.seed_everything(params.seed, workers=True, verbose=False)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    module = SFTModule(base.config, cfg, cfg.max_steps)
+    module = CausalLMModule(base.config, cfg, cfg.max_steps)
     module.model.load_state_dict(base.state_dict())
     curves = CurveRecorder(cfg.log_every)
 

@@ -159,6 +159,8 @@ class TrainLoop(Section):
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay, applied to matrices only (not to norms). 0 by default: the synthetic world is
     memorised facts, and decay pulls them back out of the weights."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this value (0 disables clipping)."""
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
@@ -186,8 +188,6 @@ class PretrainConfig(TrainLoop):
     """Optimizer steps to train for. Exactly one of max_steps and max_tokens is set."""
     max_tokens: int | None = Field(None, ge=1)
     """Token budget instead of a step budget: steps = max_tokens / tokens per optimizer step."""
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
     recall_people: int | None = Field(None, ge=1)
     """Fact recall is measured on this many corpus people (null: all of them)."""
     recall_probe_people: int = Field(40, ge=0)

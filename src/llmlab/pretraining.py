@@ -139,10 +139,15 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[f
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
-class PretrainModule(L.LightningModule):
+class CausalLMModule(L.LightningModule):
+    """The transformer under Lightning: mean next-token cross-entropy over the targets that are not -100.
+
+    Pretraining gives every target; SFT masks all but the assistant's tokens (sft.collate). Same module.
+    """
+
     def __init__(self, model_config: GPTConfig, cfg: PretrainConfig, total_steps: int):
         super().__init__()
-        self.save_hyperparameters({"model_config": asdict(model_config), "pretrain": cfg.model_dump(), "total_steps": total_steps})
+        self.save_hyperparameters({"model_config": asdict(model_config), "train": cfg.model_dump(), "total_steps": total_steps})
         self.cfg, self.total_steps = cfg, total_steps
         self.model = GPT(model_config)
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model

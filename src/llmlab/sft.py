@@ -17,15 +17,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-import lightning as L
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 from llmlab.chat import parse_reply, render
 from llmlab.generate import generate
-from llmlab.model import GPT, GPTConfig
-from llmlab.pretraining import adamw, lr_at
+from llmlab.model import GPT
 from llmlab.rater import Rater
 from llmlab.tasks import Task
 from llmlab.tokenizer import END_ID, PAD_ID
@@ -67,30 +65,6 @@ def collate(batch: list[tuple[list[int], list[bool]]]) -> tuple[torch.Tensor, to
         learn = torch.tensor(mask[1:])  # the mask of the token being predicted
         y[i, :n] = torch.where(learn, target, torch.full_like(target, -100))
     return x, y
-
-
-class SFTModule(L.LightningModule):
-    def __init__(self, model_config: GPTConfig, cfg, total_steps: int):
-        super().__init__()
-        self.cfg, self.total_steps = cfg, total_steps
-        self.model = GPT(model_config)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        _, loss = self.model(x, y)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        _, loss = self.model(x, y)
-        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
-
-    def configure_optimizers(self):
-        cfg = self.cfg
-        opt = adamw(self.model, cfg.lr, cfg.weight_decay, (0.9, 0.95), self.device.type)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg, self.total_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 @torch.no_grad()
