@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import ROOT, SMOKE_PARAMS, stage_env
 
 pytestmark = pytest.mark.slow
-STAGES = ("corpus", "tokenizer", "pretrain", "sft")
+STAGES = ("corpus", "tokenizer", "pretrain", "sft", "preferences")
 
 
 def repo_copy(dest):
@@ -68,6 +68,9 @@ def test_outputs_and_metrics(pipeline):
     sft = json.loads((repo / "metrics/sft.json").read_text())
     assert sft["steps"] == 20 and sft["n_prompts"] == 24
     assert 0 <= sft["format_adherence"] <= 1 and "gold_score_mean" in sft
+    prefs = json.loads((repo / "metrics/preferences.json").read_text())
+    assert prefs["prompts"] == 24 and prefs["pairs"] + prefs["ties_dropped"] == 24 * 3
+    assert (repo / "data/preferences/train.parquet").is_file()
     shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, env=pipeline[1], capture_output=True, text=True)
     assert "fact_recall" in shown.stdout
 

@@ -252,6 +252,28 @@ class SFTConfig(TrainLoop):
     """Longest reply generated at evaluation; a reply without <|end|> by then counts as not ended."""
 
 
+# ---------------------------------------------------------------------------------------- preferences
+
+
+class PreferencesConfig(Section):
+    n_prompts: int = Field(600, ge=2)
+    """Prompts of the rl pool (never seen in SFT) for which the SFT model samples replies."""
+    samples_per_prompt: int = Field(4, ge=2)
+    """Replies sampled per prompt; every two with different gold scores make a pair."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the SFT model: diversity between the replies to compare."""
+    max_new_tokens: int = Field(96, ge=1)
+    """Longest reply; one that has not ended by then is scored as cut off."""
+    label_temperature: float = Field(0.5, ge=0)
+    """Bradley–Terry noise of the simulated rater: P(a ≻ b) = σ((score_a − score_b) / τ); 0 = noise-free."""
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    """Share of prompts whose pairs are held out to validate the reward model."""
+    batch_size: int = Field(64, ge=1)
+    """Prompts generated together (KV-cached, batched)."""
+    max_digits: int = Field(4, ge=1, le=9)
+    """Largest number of digits of an addend in the arithmetic prompts."""
+
+
 # ------------------------------------------------------------------------------------------- root
 
 
@@ -264,6 +286,7 @@ class Params(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     pretrain: PretrainConfig = PretrainConfig()
     sft: SFTConfig = SFTConfig()
+    preferences: PreferencesConfig = PreferencesConfig()
 
 
 # The sections each stage reads. dvc.yaml's `params:` must list exactly these (tests/test_params.py).
@@ -272,6 +295,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "tokenizer": ("tokenizer",),
     "pretrain": ("seed", "pretrain"),
     "sft": ("seed", "sft"),
+    "preferences": ("seed", "preferences"),
 }
 
 

@@ -1,0 +1,31 @@
+"""Preference pairs: Bradley–Terry label noise against its formula, ties, and pair bookkeeping."""
+
+import math
+import random
+
+import pytest
+
+from llmlab.preferences import bradley_terry_p, make_pairs
+
+
+def test_noise_free_labels_follow_the_scores():
+    pairs, ties = make_pairs("p", [("a", True, 1.0), ("b", True, 3.0), ("c", False, 1.0)], 0.0, random.Random(0))
+    assert ties == 1  # a and c score the same
+    assert {(p.chosen, p.rejected) for p in pairs} == {("b", "a"), ("b", "c")}
+    assert not any(p.flipped for p in pairs)
+    b_over_c = next(p for p in pairs if p.rejected == "c")
+    assert (b_over_c.chosen_ended, b_over_c.rejected_ended, b_over_c.gold_chosen, b_over_c.gold_rejected) == (True, False, 3.0, 1.0)
+
+
+@pytest.mark.parametrize(("gap", "tau"), [(0.5, 0.5), (1.0, 0.5), (2.0, 1.0)])
+def test_flip_rate_matches_bradley_terry(gap, tau):
+    rng = random.Random(1)
+    n = 4000
+    flips = sum(make_pairs("p", [("good", True, gap), ("bad", True, 0.0)], tau, rng)[0][0].flipped for _ in range(n))
+    expected = 1 - 1 / (1 + math.exp(-gap / tau))
+    assert flips / n == pytest.approx(expected, abs=0.025)
+
+
+def test_bradley_terry_is_symmetric():
+    for a, b, t in [(1.0, 0.0, 0.3), (-2.0, 1.5, 1.0)]:
+        assert bradley_terry_p(a, b, t) + bradley_terry_p(b, a, t) == pytest.approx(1.0)
