@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import ROOT, SMOKE_PARAMS, stage_env
 
 pytestmark = pytest.mark.slow
-STAGES = ("corpus", "tokenizer", "pretrain", "sft", "preferences")
+STAGES = ("corpus", "tokenizer", "pretrain", "sft", "preferences", "reward")
 
 
 def repo_copy(dest):
@@ -71,6 +71,9 @@ def test_outputs_and_metrics(pipeline):
     prefs = json.loads((repo / "metrics/preferences.json").read_text())
     assert prefs["prompts"] == 24 and prefs["pairs"] + prefs["ties_dropped"] == 24 * 3
     assert (repo / "data/preferences/train.parquet").is_file()
+    reward = json.loads((repo / "metrics/reward.json").read_text())
+    assert reward["steps"] == 10 and 0 <= reward["accuracy_gold"] <= 1
+    assert (repo / "models/reward/model.safetensors").is_file() and (repo / "plots/reward/calibration.csv").is_file()
     shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, env=pipeline[1], capture_output=True, text=True)
     assert "fact_recall" in shown.stdout
 

@@ -220,20 +220,15 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
 
-    def forward(
+    def hidden(
         self,
         idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
-    ):
-        """Logits for every position, and the mean next-token cross-entropy when `targets` is given.
-
-        idx: (B, T) token ids. targets: (B, T), -100 where no loss is taken.
-        positions: (B, T) position of each token for RoPE (default: cache.length + arange(T)).
-        attn_mask: (B, 1, T, S) bool, True where a query may attend to a key; None = plain causal.
-        """
+    ) -> torch.Tensor:
+        """The final, normalised hidden state of every position, (B, T, C): what the LM head (or a
+        reward head) reads. Arguments as in `forward`."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if positions is None:
@@ -252,8 +247,23 @@ class GPT(nn.Module):
             x = block(x, cos, sin, attn_mask, cache, i)
         if cache is not None:
             cache.length += T
-        x = self.norm(x)
-        logits = self.lm_head(x)  # (B, T, V)
+        return self.norm(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ):
+        """Logits for every position, and the mean next-token cross-entropy when `targets` is given.
+
+        idx: (B, T) token ids. targets: (B, T), -100 where no loss is taken.
+        positions: (B, T) position of each token for RoPE (default: cache.length + arange(T)).
+        attn_mask: (B, 1, T, S) bool, True where a query may attend to a key; None = plain causal.
+        """
+        logits = self.lm_head(self.hidden(idx, positions, attn_mask, cache))  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)

@@ -1,0 +1,167 @@
+"""The reward model: the transformer, initialised from SFT, with a scalar head instead of the LM head.
+
+It reads the final hidden state at the last token of the reply (its `<|end|>` when it ended) and
+outputs one number, r(prompt, reply). Trained on preference pairs with the Bradley–Terry loss
+
+    loss = −log σ(r(chosen) − r(rejected) − margin)  +  centring · (r(chosen) + r(rejected))²
+
+it learns to score higher what the raters preferred: P(chosen ≻ rejected) = σ(r_c − r_r). Only
+differences are learned, so the level is arbitrary; after training the reward is shifted so that the SFT
+model's own replies score 0 on average (`offset`), and its spread is reported (`scale`). The optional
+centring term (Eisenstein et al. 2023) keeps the level near 0 during training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch.utils.data import Dataset
+
+from llmlab.chat import encode_content, render
+from llmlab.errors import LlmlabError, MissingArtifactError
+from llmlab.io import atomic_path, write_json
+from llmlab.model import GPT, GPTConfig
+from llmlab.pretraining import adamw, lr_at
+from llmlab.tokenizer import END_ID, PAD_ID
+
+
+class RewardModel(nn.Module):
+    def __init__(self, config: GPTConfig, offset: float = 0.0):
+        super().__init__()
+        self.backbone = GPT(config)
+        self.head = nn.Linear(config.d_model, 1)
+        nn.init.normal_(self.head.weight, std=1 / (config.d_model + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+        self.offset = offset  # subtracted from every reward (set after training)
+
+    def forward(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) right-padded sequences; last: (B,) index of each sequence's last token -> (B,)."""
+        h = self.backbone.hidden(idx)  # (B, T, C)
+        h_last = h[torch.arange(idx.shape[0], device=idx.device), last]  # (B, C)
+        return self.head(h_last).squeeze(-1) - self.offset
+
+
+def reply_ids(tok: Tokenizer, prompt: str, reply: str, ended: bool, context_length: int) -> list[int]:
+    """Prompt + reply in the chat template, ending with <|end|> only if the reply did; a sequence longer
+    than the context keeps its *last* tokens (the reward is read at the end)."""
+    ids = render(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True).ids
+    ids = ids + encode_content(tok, reply) + ([END_ID] if ended else [])
+    return ids[-context_length:]
+
+
+def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad; return (ids (B, T), index of each last real token (B,))."""
+    T = max(map(len, seqs))
+    idx = torch.full((len(seqs), T), PAD_ID, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, : len(s)] = torch.tensor(s)
+    return idx, torch.tensor([len(s) - 1 for s in seqs])
+
+
+class PairDataset(Dataset):
+    def __init__(self, tok: Tokenizer, rows: list[dict], context_length: int):
+        self.items = [
+            (
+                reply_ids(tok, r["prompt"], r["chosen"], r["chosen_ended"], context_length),
+                reply_ids(tok, r["prompt"], r["rejected"], r["rejected_ended"], context_length),
+            )
+            for r in rows
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def collate_pairs(batch):
+    """Chosen and rejected of every pair in one padded batch: rows [0, B) chosen, [B, 2B) rejected."""
+    idx, last = pad_batch([c for c, _ in batch] + [r for _, r in batch])
+    return idx, last
+
+
+def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0, centring: float = 0.0) -> torch.Tensor:
+    """Bradley–Terry negative log-likelihood, with optional margin and reward centring.
+
+    >>> round(bt_loss(torch.tensor([1.0]), torch.tensor([0.0])).item(), 4)  # -log σ(1)
+    0.3133
+    """
+    loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+    if centring:
+        loss = loss + centring * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
+
+
+class RewardModule(L.LightningModule):
+    def __init__(self, config: GPTConfig, cfg, total_steps: int):
+        super().__init__()
+        self.cfg, self.total_steps = cfg, total_steps
+        self.model = RewardModel(config)
+
+    def _pair_rewards(self, batch):
+        idx, last = batch
+        r = self.model(idx, last)
+        B = idx.shape[0] // 2
+        return r[:B], r[B:]
+
+    def training_step(self, batch, batch_idx):
+        rc, rr = self._pair_rewards(batch)
+        loss = bt_loss(rc, rr, self.cfg.margin, self.cfg.centring)
+        self.log_dict({"train/loss": loss, "train/accuracy": (rc > rr).float().mean()}, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        rc, rr = self._pair_rewards(batch)
+        self.log_dict(
+            {"val/loss": bt_loss(rc, rr, self.cfg.margin, self.cfg.centring), "val/accuracy": (rc > rr).float().mean()},
+            on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+        )
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        opt = adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg, self.total_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@torch.no_grad()
+def score_sequences(model: RewardModel, seqs: list[list[int]], batch_size: int = 64) -> torch.Tensor:
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        idx, last = pad_batch(seqs[i : i + batch_size])
+        out.append(model(idx, last))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def save_reward_model(model: RewardModel, out_dir, scale: float) -> None:
+    """model.safetensors + config.json (the backbone's config, the offset and the scale)."""
+    from safetensors.torch import save_model
+
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
+        write_json(tmp / "config.json", {"backbone": asdict(model.backbone.config), "offset": model.offset, "scale": scale})
+
+
+def load_reward_model(model_dir, stage: str = "reward") -> RewardModel:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    model_dir = Path(model_dir)
+    weights = model_dir / "model.safetensors"
+    if not weights.exists():
+        raise MissingArtifactError(weights, stage)
+    try:
+        meta = json.loads((model_dir / "config.json").read_text())
+        model = RewardModel(GPTConfig(**meta["backbone"]), offset=float(meta["offset"]))
+        load_model(model, str(weights))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
+        raise LlmlabError(f"{model_dir} is not a valid reward model: {str(e).splitlines()[0]} (re-create it with `dvc repro {stage}`)") from None
+    return model.eval()

@@ -1,0 +1,67 @@
+"""The reward model: Bradley–Terry loss by hand, reading the reward at the last token, and training signal."""
+
+import math
+
+import pytest
+import torch
+
+from llmlab.model import GPTConfig
+from llmlab.reward import RewardModel, bt_loss, load_reward_model, pad_batch, save_reward_model
+
+CFG = GPTConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, context_length=32, ffn_hidden=32)
+
+
+def test_bt_loss_by_hand():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
+    expected = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(1.0))) / 2  # -log σ(x) = log(1 + e^-x)
+    assert bt_loss(rc, rr).item() == pytest.approx(expected, rel=1e-6)
+    assert bt_loss(rc, rr, margin=1.0).item() == pytest.approx((math.log1p(math.exp(-1.0)) + math.log1p(math.exp(2.0))) / 2, rel=1e-6)
+    centred = bt_loss(rc, rr, centring=0.1).item() - expected
+    assert centred == pytest.approx(0.1 * (4.0 + 1.0) / 2, rel=1e-6)
+
+
+def test_reward_is_read_at_the_last_real_token_and_ignores_padding():
+    torch.manual_seed(0)
+    model = RewardModel(CFG).eval()
+    short, longer = [1, 5, 6], [1, 5, 6, 7, 8]
+    idx, last = pad_batch([short, longer])
+    assert last.tolist() == [2, 4]
+    both = model(idx, last)
+    alone = model(*pad_batch([short]))
+    assert both[0].item() == pytest.approx(alone[0].item(), abs=1e-5)  # padding after it changes nothing
+
+
+def test_training_on_pairs_separates_chosen_from_rejected():
+    torch.manual_seed(0)
+    model = RewardModel(CFG)
+    chosen = [[1, 3, 4, 10 + i] for i in range(8)]  # chosen replies end in tokens 10..17
+    rejected = [[1, 3, 4, 30 + i] for i in range(8)]  # rejected ones in 30..37
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        idx, last = pad_batch(chosen + rejected)
+        r = model(idx, last)
+        loss = bt_loss(r[:8], r[8:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        r = model(*pad_batch(chosen + rejected))
+    assert (r[:8] > r[8:]).all()
+
+
+def test_save_load_round_trip_with_offset(tmp_path):
+    torch.manual_seed(1)
+    model = RewardModel(CFG).eval()
+    model.offset = 0.75
+    save_reward_model(model, tmp_path / "rm", scale=1.5)
+    again = load_reward_model(tmp_path / "rm")
+    idx, last = pad_batch([[1, 2, 3]])
+    assert again(idx, last).item() == pytest.approx(model(idx, last).item(), abs=1e-6)
+    assert again.offset == 0.75
+
+
+def test_missing_reward_model_names_the_stage(tmp_path):
+    from llmlab.errors import MissingArtifactError
+
+    with pytest.raises(MissingArtifactError, match="reward"):
+        load_reward_model(tmp_path / "nope")
