@@ -33,6 +33,7 @@ from llmlab.pretraining import (
     TokenWindows,
     build_trainer,
     loader,
+    resume_offset,
     world_size,
 )
 from llmlab.stage import run_stage
@@ -96,10 +97,7 @@ def main(args, params: Params) -> None:
 
     with StageRun("pretrain", {"seed": params.seed, "pretrain": cfg.model_dump()}) as run:
         trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), callbacks, budget.total_steps)
-        first_item = 0
-        if resume is not None:
-            # Start the data where the checkpoint stopped (see TokenWindows).
-            first_item = int(torch.load(resume, map_location="cpu", weights_only=True)["global_step"]) * budget.items_per_step
+        first_item = resume_offset(resume, budget.items_per_step)  # where the checkpoint stopped (see TokenWindows)
         train_set = TokenWindows(train_tokens, cfg.model.context_length, budget.n_items, params.seed, first=first_item)
         train_dl, val_dl = loader(train_set, cfg.batch_size, trainer), loader(val_set, cfg.batch_size, trainer)
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)

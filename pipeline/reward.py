@@ -22,7 +22,7 @@ from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.io import write_json, write_text
 from llmlab.model import load_model
 from llmlab.params import Params
-from llmlab.pretraining import CurveRecorder, build_trainer, loader
+from llmlab.pretraining import CurveRecorder, build_trainer, loader, resume_offset
 from llmlab.reward import (
     PairDataset,
     RewardModule,
@@ -85,9 +85,7 @@ def main(args, params: Params) -> None:
 
     with StageRun("reward", {"seed": params.seed, "reward": cfg.model_dump()}) as run:
         trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), [curves], cfg.max_steps)
-        first = 0
-        if resume is not None:
-            first = int(torch.load(resume, map_location="cpu", weights_only=True)["global_step"]) * items_per_step
+        first = resume_offset(resume, items_per_step)  # continue the data where the checkpoint stopped
         train_dl = loader(Epochs(train_base, cfg.max_steps * items_per_step, params.seed, first), cfg.batch_size, trainer, collate_pairs)
         val_dl = loader(val_set, cfg.batch_size, trainer, collate_pairs)
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)

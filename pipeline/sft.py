@@ -20,7 +20,7 @@ from llmlab.errors import LlmlabError
 from llmlab.io import write_json, write_text
 from llmlab.model import load_model, save_model
 from llmlab.params import Params
-from llmlab.pretraining import CausalLMModule, CurveRecorder, build_trainer, loader
+from llmlab.pretraining import CausalLMModule, CurveRecorder, build_trainer, loader, resume_offset
 from llmlab.rater import Rater
 from llmlab.sft import ChatDataset, Epochs, answer, chat_metrics, collate
 from llmlab.sft_data import prompt_pool, sft_examples
@@ -71,9 +71,7 @@ def main(args, params: Params) -> None:
 
     with StageRun("sft", {"seed": params.seed, "sft": cfg.model_dump()}) as run:
         trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), [curves], cfg.max_steps)
-        first = 0
-        if resume is not None:
-            first = int(torch.load(resume, map_location="cpu", weights_only=True)["global_step"]) * items_per_step
+        first = resume_offset(resume, items_per_step)  # continue the data where the checkpoint stopped
         train_set = Epochs(train_base, cfg.max_steps * items_per_step, params.seed, first=first)
         train_dl = loader(train_set, cfg.batch_size, trainer, collate)
         val_dl = loader(val_set, cfg.batch_size, trainer, collate)

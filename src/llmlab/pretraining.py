@@ -139,6 +139,20 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[f
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
 
+def adamw_with_schedule(model: torch.nn.Module, cfg, total_steps: int, device_type: str) -> dict:
+    """What every training stage's `configure_optimizers` returns: AdamW, warm-up + cosine per step."""
+    opt = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg, total_steps))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def resume_offset(resume, items_per_step: int) -> int:
+    """The first training item of a run resumed from checkpoint `resume` (0 for a fresh run)."""
+    if resume is None:
+        return 0
+    return int(torch.load(resume, map_location="cpu", weights_only=True)["global_step"]) * items_per_step
+
+
 class CausalLMModule(L.LightningModule):
     """The transformer under Lightning: mean next-token cross-entropy over the targets that are not -100.
 
@@ -164,10 +178,7 @@ class CausalLMModule(L.LightningModule):
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        cfg = self.cfg
-        opt = adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg, self.total_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self.model, self.cfg, self.total_steps, self.device.type)
 
 
 def build_trainer(cfg: PretrainConfig, ckpt_dir, logger, callbacks: list[L.Callback], total_steps: int) -> L.Trainer:

@@ -28,7 +28,7 @@ from llmlab.chat import encode_content, render
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.io import atomic_path, write_json
 from llmlab.model import GPT, GPTConfig
-from llmlab.pretraining import adamw, lr_at
+from llmlab.pretraining import adamw_with_schedule
 from llmlab.tokenizer import END_ID, PAD_ID
 
 
@@ -126,10 +126,7 @@ class RewardModule(L.LightningModule):
         )
 
     def configure_optimizers(self):
-        cfg = self.cfg
-        opt = adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg, self.total_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self.model, self.cfg, self.total_steps, self.device.type)
 
 
 @torch.no_grad()
