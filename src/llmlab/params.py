@@ -164,7 +164,7 @@ class TrainLoop(Section):
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this value (0 disables clipping)."""
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
-    """Lightning precision. bf16-mixed is for GPUs; on CPU it is measured slower (docs/benchmarks.md)."""
+    """Lightning precision. bf16-mixed is meant for GPUs; on CPU it is not measured yet (docs/benchmarks.md)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     val_every: int = Field(250, ge=1)
