@@ -22,7 +22,7 @@ from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.io import write_json, write_text
 from llmlab.model import load_model
 from llmlab.params import Params
-from llmlab.pretraining import CurveRecorder, build_trainer, loader, resume_offset
+from llmlab.pretraining import CurveRecorder, build_trainer, loader, resume_offset, world_size
 from llmlab.reward import (
     PairDataset,
     RewardModule,
@@ -69,8 +69,7 @@ def main(args, params: Params) -> None:
         log.warning("no held-out pairs: validating on a tenth of the training pairs (raise preferences.n_prompts)")
         val_rows = train_rows[: max(1, len(train_rows) // 10)]
     train_base, val_set = PairDataset(tok, train_rows, T), PairDataset(tok, val_rows, T)
-    world_size = (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes
-    items_per_step = cfg.batch_size * cfg.grad_accum * world_size
+    items_per_step = cfg.batch_size * cfg.grad_accum * world_size(cfg)
 
     fp = checkpoints.fingerprint(
         {"seed": params.seed, "reward": cfg.model_dump()},

@@ -20,7 +20,7 @@ from llmlab.errors import LlmlabError
 from llmlab.io import write_json, write_text
 from llmlab.model import load_model, save_model
 from llmlab.params import Params
-from llmlab.pretraining import CausalLMModule, CurveRecorder, build_trainer, loader, resume_offset
+from llmlab.pretraining import CausalLMModule, CurveRecorder, build_trainer, loader, resume_offset, world_size
 from llmlab.rater import Rater
 from llmlab.sft import ChatDataset, Epochs, answer, chat_metrics, collate
 from llmlab.sft_data import prompt_pool, sft_examples
@@ -56,8 +56,7 @@ def main(args, params: Params) -> None:
     n_val = max(1, len(examples) // 20)
     val_set = ChatDataset(tok, [e.messages for e in examples[:n_val]], T)
     train_base = ChatDataset(tok, [e.messages for e in examples[n_val:]], T)
-    world_size = (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes
-    items_per_step = cfg.batch_size * cfg.grad_accum * world_size
+    items_per_step = cfg.batch_size * cfg.grad_accum * world_size(cfg)
 
     fp = checkpoints.fingerprint(
         {"seed": params.seed, "sft": cfg.model_dump()}, [Path(args.model) / "model.safetensors", args.tokenizer, args.world]

@@ -98,8 +98,9 @@ class Budget:
         return cls(world_size=world_size, context_length=T, items_per_step=items, total_steps=total)
 
 
-def world_size(cfg: PretrainConfig) -> int:
-    """Processes the Trainer will start: devices per node × nodes ('auto' devices: all visible GPUs, or 1)."""
+def world_size(cfg) -> int:
+    """Processes the Trainer will start: devices per node × nodes ('auto' devices: all visible GPUs, or 1).
+    `cfg` is any training section (params.TrainLoop)."""
     if cfg.devices == "auto":
         gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         return (torch.cuda.device_count() if gpu else 1) * cfg.num_nodes
