@@ -2,12 +2,15 @@
 
 Inputs: data/preferences (stage `preferences`), models/sft (stage `sft`), the tokenizer.
 Outputs: models/reward/{model.safetensors,config.json} (with the reward offset and scale),
-metrics/reward.json, plots/reward/calibration.csv. Resumes from checkpoints/reward/last.ckpt.
+metrics/reward.json (accuracy against the gold ordering only for rated synthetic pairs: real data has no
+gold), plots/reward/calibration.csv. Resumes from checkpoints/reward/last.ckpt.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import random
 import warnings
@@ -18,7 +21,9 @@ import pyarrow.parquet as pq
 import torch
 
 from llmlab import checkpoints
+from llmlab.chat import render
 from llmlab.errors import LlmlabError, MissingArtifactError
+from llmlab.generate import generate
 from llmlab.io import write_json, write_text
 from llmlab.model import load_model
 from llmlab.params import Params
@@ -32,7 +37,7 @@ from llmlab.reward import (
 )
 from llmlab.sft import Epochs
 from llmlab.stage import run_stage
-from llmlab.tokenizer import load_tokenizer
+from llmlab.tokenizer import END_ID, load_tokenizer
 from llmlab.tracking import StageRun, is_global_zero
 
 log = logging.getLogger("llmlab.reward")
@@ -92,26 +97,32 @@ def main(args, params: Params) -> None:
             return
 
         model = module.model.eval()
-        # Shift: the SFT model's own replies (every reply in the training pairs) score 0 on average.
-        replies = [s for pair in train_base.items for s in pair]
-        r_train = score_sequences(model, replies)
-        model.offset = float(r_train.mean())
-        scale = float(r_train.std()) if len(r_train) > 1 else 0.0
+        # Shift: the SFT model's own replies score 0 on average. Rated pairs are SFT replies already;
+        # for real data the SFT model first answers the training prompts.
+        rated = all(math.isfinite(row["gold_chosen"]) for row in train_rows + val_rows)
+        replies = [s for pair in train_base.items for s in pair] if rated else sft_replies(sft, tok, train_rows, T, params.seed)
+        r_sft = score_sequences(model, replies)
+        model.offset = float(r_sft.mean())
+        scale = float(r_sft.std()) if len(r_sft) > 1 else 0.0
         save_reward_model(model, args.out, scale)
 
         r_c = score_sequences(model, [c for c, _ in val_set.items])
         r_r = score_sequences(model, [r for _, r in val_set.items])
-        gold = [(row["gold_chosen"], row["gold_rejected"]) for row in val_rows]
         metrics = {
             "pairs_train": len(train_rows),
             "pairs_validation": len(val_rows),
             "accuracy_noisy_labels": float((r_c > r_r).float().mean()),
-            "accuracy_gold": sum((float(a - b) > 0) == (gc > gr) for a, b, (gc, gr) in zip(r_c, r_r, gold, strict=True)) / len(gold),
             "margin_mean": float((r_c - r_r).mean()),
             "reward_offset": model.offset,
             "reward_scale": scale,
             "steps": int(trainer.global_step),
+            "gold_rater": int(rated),
         }
+        if rated:
+            gold = [(row["gold_chosen"], row["gold_rejected"]) for row in val_rows]
+            metrics["accuracy_gold"] = sum((float(a - b) > 0) == (gc > gr) for a, b, (gc, gr) in zip(r_c, r_r, gold, strict=True)) / len(gold)
+        else:
+            log.info("real preference data: no gold rater, so accuracy is against the dataset's labels only")
         table = calibration(r_c, r_r, params.seed)
         write_json(args.metrics, metrics)
         curves.write(args.plots)
@@ -119,7 +130,19 @@ def main(args, params: Params) -> None:
         run.log_metrics(metrics)
         for path in (args.metrics, args.plots, Path(args.out) / "config.json"):
             run.log_artifact(path)
-        log.info("gold accuracy %.1f%% · noisy-label accuracy %.1f%% on %d held-out pairs", 100 * metrics["accuracy_gold"], 100 * metrics["accuracy_noisy_labels"], len(val_rows))
+        log.info("gold accuracy %s · label accuracy %.1f%% on %d held-out pairs",
+                 f"{100 * metrics['accuracy_gold']:.1f}%" if rated else "n/a", 100 * metrics["accuracy_noisy_labels"], len(val_rows))
+
+
+def sft_replies(sft, tok, rows: list[dict], context_length: int, seed: int, n: int = 256) -> list[list[int]]:
+    """The SFT model's own replies (sampled, T = 1) to up to n training prompts, as reward-model inputs."""
+    contexts = [json.loads(r["context"]) for r in rows[:n]]
+    prompts = [render(tok, c, add_generation_prompt=True).ids for c in contexts]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(prompts), 64):
+        out += generate(sft, prompts[i : i + 64], 96, temperature=1.0, stop_ids=[END_ID], generator=gen)
+    return [(p + o)[-context_length:] for p, o in zip(prompts, out, strict=True)]
 
 
 def calibration(r_c: torch.Tensor, r_r: torch.Tensor, seed: int, bins: int = 5) -> list[tuple[float, float, int]]:

@@ -7,8 +7,11 @@ Outputs: models/sft/{model.safetensors,config.json}, metrics/sft.json, plots/sft
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import random
 import warnings
 from pathlib import Path
 
@@ -16,16 +19,18 @@ import lightning as L
 import torch
 
 from llmlab import checkpoints
+from llmlab.chat import parse_reply, render
 from llmlab.errors import LlmlabError
+from llmlab.generate import generate
 from llmlab.io import write_json, write_text
 from llmlab.model import load_model, save_model
 from llmlab.params import Params
 from llmlab.pretraining import CausalLMModule, CurveRecorder, build_trainer, loader, resume_offset, world_size
 from llmlab.rater import Rater
 from llmlab.sft import ChatDataset, Epochs, answer, chat_metrics, collate
-from llmlab.sft_data import prompt_pool, sft_examples
+from llmlab.sft_data import external_conversations, prompt_pool, sft_examples
 from llmlab.stage import run_stage
-from llmlab.tokenizer import load_tokenizer
+from llmlab.tokenizer import END_ID, load_tokenizer
 from llmlab.tracking import StageRun, is_global_zero
 from llmlab.world import World
 
@@ -47,19 +52,34 @@ def main(args, params: Params) -> None:
     cfg = params.sft
     tok = load_tokenizer(args.tokenizer)
     world = World.load(args.world)
-    if not world.people:
-        raise LlmlabError("sft: the synthetic chat data needs the synthetic world (corpus.source: synthetic)")
     base = load_model(args.model, stage="pretrain")
     T = base.config.context_length
 
-    examples = sft_examples(world, cfg.data, params.seed)
-    n_val = max(1, len(examples) // 20)
-    val_set = ChatDataset(tok, [e.messages for e in examples[:n_val]], T)
-    train_base = ChatDataset(tok, [e.messages for e in examples[n_val:]], T)
+    if cfg.data.source == "synthetic":
+        if not world.people:
+            raise LlmlabError(
+                "sft.data.source synthetic needs the synthetic world (corpus.source: synthetic); "
+                "with another corpus, use sft.data.source hf or local"
+            )
+        conversations = [e.messages for e in sft_examples(world, cfg.data, params.seed)]
+        data_stats = {}
+    else:
+        conversations, data_stats = external_conversations(cfg.data, Path.cwd())
+        random.Random(f"{params.seed}/sft-split").shuffle(conversations)
+    n_val = max(1, len(conversations) // 20)
+    val_set = ChatDataset(tok, conversations[:n_val], T)
+    train_base = ChatDataset(tok, conversations[n_val:], T)
     items_per_step = cfg.batch_size * cfg.grad_accum * world_size(cfg)
 
+    if not len(train_base) or not len(val_set):
+        raise LlmlabError(
+            f"sft: no conversation fits the context of {T} tokens with an answer in it "
+            f"({train_base.no_answer + val_set.no_answer} left out); use shorter conversations or a longer context"
+        )
+    digest = hashlib.sha256(json.dumps(conversations, sort_keys=True).encode()).hexdigest()  # hf/local data can change
     fp = checkpoints.fingerprint(
-        {"seed": params.seed, "sft": cfg.model_dump()}, [Path(args.model) / "model.safetensors", args.tokenizer, args.world]
+        {"seed": params.seed, "sft": cfg.model_dump(), "data": digest},
+        [Path(args.model) / "model.safetensors", args.tokenizer, args.world],
     )
     resume = checkpoints.resume_path(args.checkpoints, fp, readonly=not is_global_zero())
     L.seed_everything(params.seed, workers=True, verbose=False)
@@ -81,33 +101,47 @@ def main(args, params: Params) -> None:
 
         model = module.model.eval()
         save_model(model, args.out)
-        tasks = prompt_pool(world, "eval", cfg.eval_prompts, params.seed, cfg.data.max_digits)
-        replies = answer(model, tok, tasks, cfg.max_new_tokens)
-        rater = Rater(world)
         metrics = {
             "val_loss": val_loss,
             "steps": int(trainer.global_step),
-            "examples": len(examples),
+            "examples": len(conversations),
             "truncated": train_base.truncated + val_set.truncated,
-            **chat_metrics(tasks, replies, rater, {p.name: p.group for p in world.people}),
+            "no_answer": train_base.no_answer + val_set.no_answer,
+            **data_stats,
         }
+        report = Path(args.report)
+        if world.people:  # the rater can grade replies to the world's evaluation prompts
+            tasks = prompt_pool(world, "eval", cfg.eval_prompts, params.seed, cfg.data.max_digits)
+            replies = answer(model, tok, tasks, cfg.max_new_tokens)
+            rater = Rater(world)
+            metrics |= chat_metrics(tasks, replies, rater, {p.name: p.group for p in world.people})
+            rows = [
+                {"prompt": t.prompt, "kind": t.kind, "reply": r.text, "ended": r.ended, "gold": rater.score(t, r.text, r.ended).total}
+                for t, r in zip(tasks, replies, strict=True)
+            ]
+            lines = [f"- **{r['kind']}** `{r['prompt']}` → {r['reply']!r} (gold {r['gold']:+.2f})" for r in rows[:40]]
+        else:  # no ground truth: the replies to held-out conversations' first turns, ungraded
+            log.info("no synthetic world: replies are not graded (no rater); see %s", report / "replies.md")
+            firsts = [c[:1] for c in conversations[:n_val][:20]]
+            outs = generate(model, [render(tok, m, add_generation_prompt=True).ids for m in firsts], cfg.max_new_tokens,
+                            temperature=0.0, stop_ids=[END_ID])
+            rows = [{"prompt": m[0]["content"], "reply": parse_reply(tok, o).text} for m, o in zip(firsts, outs, strict=True)]
+            lines = [f"- `{r['prompt'][:200]}` → {r['reply']!r}" for r in rows]
         write_json(args.metrics, metrics)
         curves.write(args.plots)
-        rows = [
-            {"prompt": t.prompt, "kind": t.kind, "reply": r.text, "ended": r.ended, "gold": rater.score(t, r.text, r.ended).total}
-            for t, r in zip(tasks, replies, strict=True)
-        ]
-        report = Path(args.report)
         write_json(report / "replies.json", rows)
-        write_text(report / "replies.md", "\n".join(f"- **{r['kind']}** `{r['prompt']}` → {r['reply']!r} (gold {r['gold']:+.2f})" for r in rows[:40]) + "\n")
+        write_text(report / "replies.md", "\n".join(lines) + "\n")
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=int(trainer.global_step))
         for path in (args.metrics, Path(args.out) / "config.json", report, args.plots):
             run.log_artifact(path)
-        log.info(
-            "val loss %.3f · format %.1f%% · fact accuracy %.1f%% (held-out people %.1f%%) · gold %.2f",
-            val_loss, 100 * metrics["format_adherence"], 100 * metrics.get("accuracy/fact", 0),
-            100 * metrics.get("accuracy_heldout_people", 0), metrics["gold_score_mean"],
-        )
+        if world.people:
+            log.info(
+                "val loss %.3f · format %.1f%% · fact accuracy %.1f%% (held-out people %.1f%%) · gold %.2f",
+                val_loss, 100 * metrics["format_adherence"], 100 * metrics.get("accuracy/fact", 0),
+                100 * metrics.get("accuracy_heldout_people", 0), metrics["gold_score_mean"],
+            )
+        else:
+            log.info("val loss %.3f on %d held-out conversations", val_loss, n_val)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import ROOT, SMOKE_PARAMS, stage_env
 
 pytestmark = pytest.mark.slow
-STAGES = ("corpus", "tokenizer", "pretrain", "sft", "preferences", "reward")
+STAGES = ("corpus", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo")
 
 
 def repo_copy(dest):
@@ -74,6 +74,13 @@ def test_outputs_and_metrics(pipeline):
     reward = json.loads((repo / "metrics/reward.json").read_text())
     assert reward["steps"] == 10 and 0 <= reward["accuracy_gold"] <= 1
     assert (repo / "models/reward/model.safetensors").is_file() and (repo / "plots/reward/calibration.csv").is_file()
+    ppo = json.loads((repo / "metrics/ppo.json").read_text())
+    assert ppo["iterations"] == 4 and ppo["episodes"] == 4 * 8 and ppo["n_prompts"] == 16
+    for key in ("sft/gold_score_mean", "ppo/gold_score_mean", "gold_gain", "gold_gain_ci95", "kl_to_sft", "train/kl_final"):
+        assert key in ppo, key
+    assert (repo / "models/ppo/model.safetensors").is_file() and (repo / "reports/ppo/replies.md").is_file()
+    curve = (repo / "plots/ppo/iterations.csv").read_text().splitlines()
+    assert len(curve) == 1 + 4 and {"objective/kl", "policy/clipfrac_avg", "gold/score"} <= set(curve[0].split(","))
     shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, env=pipeline[1], capture_output=True, text=True)
     assert "fact_recall" in shown.stdout
 
@@ -103,6 +110,11 @@ def test_mlflow_has_one_pipeline_run_with_a_child_per_stage(pipeline):
     assert "fact_recall" in pre.data.metrics
     artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)}
     assert {"pretrain.json", "config.json"} <= artifacts
+    ppo = next(r for r in children if r.data.tags["stage"] == "ppo")
+    for name in ("objective/kl", "objective/entropy", "objective/scores", "objective/non_score_reward", "objective/rlhf_reward",
+                 "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio",
+                 "val/num_eos_tokens", "gold/score"):
+        assert [m.step for m in client.get_metric_history(ppo.info.run_id, name)] == [1, 2, 3, 4], name
     tok = next(r for r in children if r.data.tags["stage"] == "tokenizer")
     assert "tokenizer.json" in {a.path for a in client.list_artifacts(tok.info.run_id)}
 

@@ -23,8 +23,6 @@ world file is always written, so DVC has a stable output; for hf/local it holds 
 
 from __future__ import annotations
 
-import glob
-import json
 import logging
 import random
 from collections import Counter
@@ -38,6 +36,7 @@ import pyarrow.parquet as pq
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.io import atomic_path
 from llmlab.params import CorpusConfig, HFCorpus, LocalCorpus
+from llmlab.sources import hf_rows, local_rows
 from llmlab.world import Document, World, build_world, synthetic_documents
 
 log = logging.getLogger(__name__)
@@ -144,225 +143,20 @@ def read_corpus(out_dir: Path, split: str) -> list[str]:
         ) from None
 
 
-# ------------------------------------------------------------------------------------------ source: hf
+# ------------------------------------------------------------------------------------------ sources
 
 
 def _hf_texts(cfg: HFCorpus, root: Path) -> _Texts:
-    """Up to `max_documents` texts of a Hugging Face dataset split.
-
-    Offline, `load_dataset` would retry the Hub for ~25 s (5 retries with backoff) before failing. So for
-    a Hub id we first ask the Hub about the dataset once, without retries: if that fails, the stage fails
-    at once with one line naming the dataset and the way out (corpus.source: local).
-    """
-    import datasets
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        RepositoryNotFoundError,
-    )
-    from huggingface_hub.utils import httpx  # the HTTP client of huggingface_hub (httpx or its fork)
-
-    # Connection failures surface as any of these, depending on where in datasets/huggingface_hub they happen.
-    load_errors = (datasets.exceptions.DatasetsError, ConnectionError, FileNotFoundError, HfHubHTTPError,
-                   httpx.TransportError, ValueError)  # fmt: skip
-    where = f"corpus.hf: could not load dataset '{cfg.name}'"
-    local = Path(cfg.name) if Path(cfg.name).is_absolute() else root / cfg.name
-    on_hub = not local.exists()
-    # The way out, for a Hub dataset; a local folder's problem is in the folder, so no hint about going offline.
-    fix = (
-        ". Offline? Download it elsewhere and use corpus.source: local with corpus.local.paths (e.g. data/raw/*.parquet)"
-        if on_hub
-        else ""
-    )
-    offline = constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE
-    if on_hub and not offline:
-        try:
-            HfApi().dataset_info(cfg.name, timeout=HUB_PROBE_TIMEOUT_S)
-        except GatedRepoError:
-            raise LlmlabError(
-                f"{where}: it is gated; accept its terms on the Hub, then `hf auth login`"
-            ) from None
-        except RepositoryNotFoundError:
-            raise LlmlabError(f"{where}: no such dataset on the Hub, and no folder {local}{fix}") from None
-        except HFValidationError:
-            raise LlmlabError(
-                f"{where}: neither a Hub dataset id (owner/name) nor an existing folder ({local})"
-            ) from None
-        except HfHubHTTPError as e:
-            raise LlmlabError(f"{where}: the Hub answered {_short(e)}{fix}") from None
-        except (httpx.TransportError, OSError) as e:
-            raise LlmlabError(
-                f"{where}: the Hub is unreachable ({_short(e)}){fix}, "
-                "or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache"
-            ) from None
-
-    try:
-        ds = datasets.load_dataset(
-            str(local) if not on_hub else cfg.name, cfg.config, split=cfg.split, streaming=cfg.streaming
-        )
-    except load_errors as e:
-        raise LlmlabError(f"{where}: {_short(e)}{fix}") from None
-
-    columns = ds.column_names  # None for some streaming datasets whose features are unknown until read
-    if columns is not None and cfg.text_column not in columns:
-        raise LlmlabError(
-            f"corpus.hf.text_column: '{cfg.text_column}' is not a column of '{cfg.name}'; it has {columns}"
-        )
-    out = _Texts()
-    try:
-        for i, row in enumerate(ds):
-            if cfg.max_documents is not None and i >= cfg.max_documents:
-                break
-            if cfg.text_column not in row:
-                raise LlmlabError(
-                    f"corpus.hf.text_column: '{cfg.text_column}' is not a column of '{cfg.name}'; it has {sorted(row)}"
-                )
-            out.texts.append(_as_text(row[cfg.text_column], f"dataset '{cfg.name}'", cfg.text_column))
-    except load_errors as e:  # a streamed dataset can also lose the connection half-way
-        raise LlmlabError(
-            f"{where}: reading failed after {len(out.texts)} documents: {_short(e)}{fix}"
-        ) from None
-    return out
-
-
-def _short(e: BaseException) -> str:
-    """An exception as one short line: its type and the first line of its message."""
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
-
-
-# --------------------------------------------------------------------------------------- source: local
+    """Up to `max_documents` texts of a Hugging Face dataset split."""
+    got = hf_rows(cfg.name, cfg.config, cfg.split, cfg.streaming, {cfg.text_column: "corpus.hf.text_column"}, "corpus.hf",
+                  root, cfg.max_documents, offline_fix="corpus.source: local with corpus.local.paths (e.g. data/raw/*.parquet)")
+    return _Texts([_as_text(r[cfg.text_column], f"dataset '{cfg.name}'", cfg.text_column) for r in got.rows])
 
 
 def _local_texts(cfg: LocalCorpus, root: Path) -> _Texts:
-    """Texts of every file the glob patterns match, in pattern order, files sorted within a pattern."""
-    paths: list[Path] = []
-    for pattern in cfg.paths:
-        for match in sorted(glob.glob(str(root / pattern), recursive=True)):
-            if Path(match) not in paths:
-                paths.append(Path(match))
-    if not paths:
-        raise LlmlabError(
-            f"corpus.local.paths: no file matches {cfg.paths} (relative to {root}); "
-            "put .txt/.jsonl/.json/.parquet files there or fix the patterns"
-        )
-    out = _Texts()
-    replaced_in: list[str] = []
-    for path in paths:
-        texts, replaced = _read_local(path, cfg.text_column)
-        out.texts += texts
-        out.replaced += replaced
-        if replaced:
-            replaced_in.append(f"{path} ({replaced})")
-    if replaced_in:
-        log.warning(
-            "corpus.local: %d undecodable byte sequence(s) replaced by U+FFFD in %s",
-            out.replaced,
-            ", ".join(replaced_in),
-        )
-    return out
-
-
-def _read_local(path: Path, column: str) -> tuple[list[str], int]:
-    """(texts, replacement characters introduced) of one matched path, by its type."""
-    if path.is_dir():
-        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            return _read_saved_dataset(path, column), 0
-        raise LlmlabError(
-            f"corpus.local.paths: {path} is a folder but not one written by Dataset.save_to_disk; "
-            "match the files inside it instead (e.g. 'data/raw/**/*.txt')"
-        )
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        text, replaced = _decode(path)
-        return [text], replaced
-    if suffix in (".jsonl", ".json"):
-        text, replaced = _decode(path)
-        return _json_rows(path, text, column), replaced
-    if suffix == ".parquet":
-        return _read_parquet(path, column), 0
-    raise LlmlabError(
-        f"corpus.local.paths: {path}: unsupported file type '{suffix}' "
-        "(use .txt, .jsonl, .json, .parquet or a Dataset.save_to_disk folder)"
-    )
-
-
-def _decode(path: Path) -> tuple[str, int]:
-    """UTF-8 text of `path` with undecodable bytes replaced, and how many U+FFFD that introduced.
-
-    Subtle: a file may already contain U+FFFD legitimately (bytes EF BF BD); those are not counted.
-    """
-    raw = path.read_bytes()
-    text = raw.decode("utf-8", errors="replace")
-    return text, text.count(REPLACEMENT) - raw.count(REPLACEMENT.encode("utf-8"))
-
-
-def _json_rows(path: Path, text: str, column: str) -> list[str]:
-    """Rows of a .jsonl (one object per line) or .json file (a list of objects, one object, or JSON lines).
-
-    The number next to each row is what an error message shows: its line (JSON lines) or its position
-    in the list (a .json list).
-    """
-    whole: Any = None
-    if path.suffix.lower() == ".json":
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # not a single JSON value: read it as JSON lines below
-    if isinstance(whole, list):
-        rows = list(enumerate(whole, start=1))
-    elif isinstance(whole, dict):
-        rows = [(1, whole)]
-    else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise LlmlabError(f"corpus.local: {path}:{lineno}: not valid JSON ({e.msg})") from None
-    texts = []
-    for lineno, row in rows:
-        if not isinstance(row, dict):
-            raise LlmlabError(
-                f"corpus.local: {path}:{lineno}: expected a JSON object with a '{column}' field"
-            )
-        if column not in row:
-            raise LlmlabError(
-                f"corpus.local.text_column: '{column}' is not a field of {path} (row {lineno} has {sorted(row)})"
-            )
-        texts.append(_as_text(row[column], f"{path}:{lineno}", column))
-    return texts
-
-
-def _read_parquet(path: Path, column: str) -> list[str]:
-    try:
-        names = pq.read_schema(path).names
-    except (pa.ArrowInvalid, OSError) as e:
-        raise LlmlabError(f"corpus.local: {path}: not a readable parquet file ({e})") from None
-    if column not in names:
-        raise LlmlabError(f"corpus.local.text_column: '{column}' is not a column of {path}; it has {names}")
-    values = pq.read_table(path, columns=[column]).column(column)
-    return [_as_text(v, str(path), column) for v in values.to_pylist()]
-
-
-def _read_saved_dataset(path: Path, column: str) -> list[str]:
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        raise LlmlabError(
-            f"corpus.local.paths: {path} holds several splits {list(ds)}; point the pattern at one of them, "
-            f"e.g. '{path.name}/{next(iter(ds))}'"
-        )
-    if column not in ds.column_names:
-        raise LlmlabError(
-            f"corpus.local.text_column: '{column}' is not a column of {path}; it has {ds.column_names}"
-        )
-    return [_as_text(v, str(path), column) for v in ds[column]]
+    """Texts of every file the glob patterns match (a .txt file is one document)."""
+    got = local_rows(cfg.paths, {cfg.text_column: "corpus.local.text_column"}, "corpus.local", root, txt_column=cfg.text_column)
+    return _Texts([_as_text(r[cfg.text_column], r.get("_where", "?"), cfg.text_column) for r in got.rows], got.replaced)
 
 
 def _as_text(value: Any, where: str, column: str) -> str:

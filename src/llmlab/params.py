@@ -143,7 +143,19 @@ class ModelConfig(Section):
         return n_head
 
 
-class TrainLoop(Section):
+class Hardware(Section):
+    """Where a training stage runs: what Lightning's Trainer (or Fabric, for PPO) is given."""
+
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
+    """Lightning precision. bf16-mixed is meant for GPUs; on CPU it is not measured yet (docs/benchmarks.md)."""
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | Literal["auto"] = 1
+    """Devices per node (an int, or 'auto' for all visible)."""
+    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
+    num_nodes: int = Field(1, ge=1)
+
+
+class TrainLoop(Hardware):
     """What every training stage shares: optimiser, schedule, hardware, and how often to log and save."""
 
     batch_size: int = Field(8, ge=1)
@@ -163,8 +175,6 @@ class TrainLoop(Section):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this value (0 disables clipping)."""
-    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
-    """Lightning precision. bf16-mixed is meant for GPUs; on CPU it is not measured yet (docs/benchmarks.md)."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     val_every: int = Field(250, ge=1)
@@ -175,11 +185,6 @@ class TrainLoop(Section):
     """Write the resumable checkpoint every this many optimizer steps."""
     log_every: int = Field(10, ge=1)
     """Log train metrics every this many optimizer steps."""
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
-    devices: int | Literal["auto"] = 1
-    """Devices per node (an int, or 'auto' for all visible)."""
-    strategy: Literal["auto", "ddp", "ddp_spawn", "fsdp"] = "auto"
-    num_nodes: int = Field(1, ge=1)
 
 
 class PretrainConfig(TrainLoop):
@@ -205,9 +210,40 @@ class PretrainConfig(TrainLoop):
 # -------------------------------------------------------------------------------------------- sft
 
 
-class SFTData(Section):
-    """The synthetic chat demonstrations (src/llmlab/sft_data.py): how many, and each task kind's share."""
+class HFChat(Section):
+    """A Hugging Face chat dataset: one conversation per row, a list of {role, content} messages."""
 
+    name: str = "HuggingFaceTB/smoltalk"
+    """Dataset id on the Hub, or a local dataset folder `load_dataset` accepts."""
+    config: str | None = "everyday-conversations"
+    """Dataset configuration name, if it has several."""
+    split: str = "train"
+    """Split to read; 5 % of its conversations are held out for the validation loss."""
+    messages_column: str = "messages"
+    """Column that holds the list of messages."""
+    max_examples: int | None = Field(20_000, ge=2)
+    """Stop after this many conversations (null: read the whole split)."""
+    streaming: bool = True
+    """Stream the split instead of downloading it whole first."""
+
+
+class LocalChat(Section):
+    """Chat files on disk: .jsonl / .json / .parquet with a messages column, or a `save_to_disk` folder."""
+
+    paths: list[str] = ["data/raw/chat/*.jsonl"]
+    """Glob patterns, relative to the repository root."""
+    messages_column: str = "messages"
+    """Column (field) that holds the list of {role, content} messages."""
+
+
+class SFTData(Section):
+    """The chat demonstrations: synthetic (src/llmlab/sft_data.py: how many, each task kind's share) or
+    conversations from a Hugging Face dataset or local files."""
+
+    source: Literal["synthetic", "hf", "local"] = "synthetic"
+    """Where the conversations come from. hf and local need no synthetic world, but then no rater grades the replies."""
+    hf: HFChat = HFChat()
+    local: LocalChat = LocalChat()
     n_examples: int = Field(6000, ge=2)
     """Demonstrations to generate (5 % of them are held out for the validation loss)."""
     share_fact: float = Field(0.5, ge=0)
@@ -255,7 +291,50 @@ class SFTConfig(TrainLoop):
 # ---------------------------------------------------------------------------------------- preferences
 
 
+class PairColumns(Section):
+    """Where a preference row keeps its parts. Two layouts public sets use are read:
+
+    - prompt + chosen/rejected, as strings or as message lists ending in the assistant's reply
+      (HuggingFaceH4/ultrafeedback_binarized: prompt str, chosen/rejected lists of messages);
+    - prompt_column null: chosen/rejected are whole transcripts "\\n\\nHuman: ...\\n\\nAssistant: ..." that
+      share everything but the last reply (Anthropic/hh-rlhf).
+    """
+
+    prompt_column: str | None = "prompt"
+    """Column of the prompt (null: the prompt is read from the chosen/rejected transcripts)."""
+    chosen_column: str = "chosen"
+    """Column of the preferred reply (a string or a list of messages)."""
+    rejected_column: str = "rejected"
+    """Column of the other reply."""
+
+
+class HFPreferences(PairColumns):
+    """A Hugging Face preference dataset."""
+
+    name: str = "HuggingFaceH4/ultrafeedback_binarized"
+    """Dataset id on the Hub, or a local dataset folder `load_dataset` accepts."""
+    config: str | None = None
+    """Dataset configuration name, if it has several."""
+    split: str = "train_prefs"
+    """Split to read; preferences.val_fraction of its pairs are held out to validate the reward model."""
+    max_pairs: int | None = Field(20_000, ge=2)
+    """Stop after this many rows (null: read the whole split)."""
+    streaming: bool = True
+    """Stream the split instead of downloading it whole first."""
+
+
+class LocalPreferences(PairColumns):
+    """Preference files on disk: .jsonl / .json / .parquet, or a `save_to_disk` folder."""
+
+    paths: list[str] = ["data/raw/preferences/*.jsonl"]
+    """Glob patterns, relative to the repository root."""
+
+
 class PreferencesConfig(Section):
+    source: Literal["synthetic", "hf", "local"] = "synthetic"
+    """synthetic: the SFT model's replies compared by the rater. hf / local: pairs people labelled (no gold rater)."""
+    hf: HFPreferences = HFPreferences()
+    local: LocalPreferences = LocalPreferences()
     n_prompts: int = Field(600, ge=2)
     """Prompts of the rl pool (never seen in SFT) for which the SFT model samples replies."""
     samples_per_prompt: int = Field(4, ge=2)
@@ -298,6 +377,77 @@ class RewardConfig(TrainLoop):
     """Weight of the reward-centring term (r_c + r_r)², which keeps rewards near 0 (0 disables it)."""
 
 
+# ---------------------------------------------------------------------------------------- ppo
+
+
+class PPOConfig(Hardware):
+    """RLHF with PPO (src/llmlab/ppo.py): the SFT policy optimised against the reward model, with a KL
+    penalty to the SFT model. Names follow TRL's PPOConfig where one exists."""
+
+    iterations: int = Field(60, ge=1)
+    """Rounds of (sample a batch of replies, score them, several epochs of PPO updates on them)."""
+    rollout_batch_size: int = Field(64, ge=1)
+    """Prompts sampled per iteration, over all processes (one reply each)."""
+    minibatch_size: int = Field(16, ge=1)
+    """Replies per PPO update, per process; the rollout batch is split into minibatches of this size."""
+    ppo_epochs: int = Field(4, ge=1)
+    """Passes over each rollout batch (InstructGPT and TRL use 4)."""
+    lr: float = Field(3e-5, gt=0, le=1)
+    """Learning rate of AdamW for policy and value model, constant."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay on matrices."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip each model's gradient norm to this value (0 disables clipping)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollouts; log-probabilities are taken at the same temperature."""
+    max_new_tokens: int = Field(96, ge=1)
+    """Longest reply in a rollout; one without <|end|> by then gets missing_eos_penalty."""
+    kl_coef: float = Field(0.05, ge=0)
+    """β: per-token reward −β·(log π − log π_ref). The initial value when kl_target is set."""
+    kl_target: float | None = Field(None, gt=0)
+    """Adaptive KL controller (Ziegler et al. 2019): steer β so the KL per reply approaches this; null = fixed β."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Replies over which the adaptive controller moves β by at most ±20 %."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount of GAE."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """λ of GAE."""
+    cliprange: float = Field(0.2, gt=0)
+    """ε of the clipped policy objective: ratios outside [1 − ε, 1 + ε] get no gradient."""
+    cliprange_value: float = Field(0.2, gt=0)
+    """How far a value prediction may move from its rollout value before its loss is clipped."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss in the summed loss."""
+    missing_eos_penalty: float = Field(1.0, ge=0)
+    """Subtracted from the reward model's score of a reply that ran to max_new_tokens without <|end|>."""
+    n_prompts: int = Field(4000, ge=1)
+    """Distinct prompts of the rl pool to draw rollouts from (in a fresh seeded order every pass)."""
+    prompt_mix: dict[Literal["fact", "about", "arithmetic", "unknown", "harmful"], float] = {
+        "fact": 0.5, "about": 0.1, "arithmetic": 0.2, "unknown": 0.1, "harmful": 0.1,
+    }  # fmt: skip
+    """Share of each task kind among the rl prompts (the evaluation pool always uses this default mix)."""
+    max_digits: int = Field(4, ge=1, le=9)
+    """Largest number of digits of an addend in the arithmetic prompts."""
+    eval_prompts: int = Field(600, ge=1)
+    """Prompts of the evaluation pool answered greedily by the SFT and the PPO model after training."""
+    eval_max_new_tokens: int = Field(96, ge=1)
+    """Longest reply at evaluation."""
+    ckpt_every: int = Field(10, ge=1)
+    """Write the resumable checkpoint every this many iterations."""
+
+    @model_validator(mode="after")
+    def _minibatches_fit(self) -> PPOConfig:
+        if any(v < 0 for v in self.prompt_mix.values()) or sum(self.prompt_mix.values()) <= 0:
+            raise ValueError(f"prompt_mix shares must be >= 0 with a positive sum, got {self.prompt_mix}")
+        if self.rollout_batch_size % self.minibatch_size:
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of minibatch_size ({self.minibatch_size})"
+            )
+        return self
+
+
 # ------------------------------------------------------------------------------------------- root
 
 
@@ -312,6 +462,7 @@ class Params(Section):
     sft: SFTConfig = SFTConfig()
     preferences: PreferencesConfig = PreferencesConfig()
     reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
 
 
 # The sections each stage reads. dvc.yaml's `params:` must list exactly these (tests/test_params.py).
@@ -322,6 +473,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "sft": ("seed", "sft"),
     "preferences": ("seed", "preferences"),
     "reward": ("seed", "reward"),
+    "ppo": ("seed", "ppo"),
 }
 
 

@@ -9,14 +9,29 @@ themselves, so the label is drawn from the Bradley–Terry model on the gold sco
 A pair of nearly equal replies is a coin flip; a clearly better reply almost always wins. Pairs with
 exactly equal scores carry no preference and are dropped (and counted). The reward model only ever sees
 these pairs, never the scores.
+
+Or the pairs come from real data (`external_pairs`: a Hugging Face dataset or local files, in the
+layouts of HuggingFaceH4/ultrafeedback_binarized or Anthropic/hh-rlhf). Then there is no gold score:
+the reward stage reports accuracy against the labels only.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import random
+import re
 from dataclasses import dataclass
 from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from llmlab.chat import check_messages
+from llmlab.errors import LlmlabError
+from llmlab.sources import hf_rows, local_rows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,3 +72,87 @@ def make_pairs(prompt: str, replies: list[tuple[str, bool, float]], temperature:
         (tc, ec, sc), (tr, er, sr) = ((ta, ea, sa), (tb, eb, sb)) if a_wins else ((tb, eb, sb), (ta, ea, sa))
         pairs.append(Pair(prompt, tc, tr, ec, er, sc, sr))
     return pairs, ties
+
+
+# ------------------------------------------------------------------------------ hf / local pairs
+
+_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_transcript(text: str) -> list[dict]:
+    """An Anthropic/hh-rlhf transcript as messages.
+
+    >>> parse_transcript("\\n\\nHuman: Hi there\\n\\nAssistant: Hello!")
+    [{'role': 'user', 'content': 'Hi there'}, {'role': 'assistant', 'content': 'Hello!'}]
+    """
+    parts = _TURN.split(text)
+    if parts[0].strip():
+        raise LlmlabError("text before the first 'Human:' turn (not an hh-rlhf transcript)")
+    return [
+        {"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+        for role, content in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+
+
+def split_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[list[dict], str, str]:
+    """(context messages, chosen reply, rejected reply) of one preference row, in any of the layouts
+    `params.PairColumns` describes. Raises LlmlabError saying what is wrong with the row."""
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise LlmlabError(f"the prompt must be a string, got {type(prompt).__name__}")
+            return check_messages([{"role": "user", "content": prompt}]), chosen, rejected
+        chosen, rejected = parse_transcript(chosen), parse_transcript(rejected)
+    elif not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise LlmlabError("chosen and rejected must both be strings or both lists of messages")
+    elif isinstance(prompt, str) and chosen and isinstance(chosen[0], dict) and chosen[0].get("role") == "assistant":
+        # only the replies are messages: the prompt column holds the question
+        chosen, rejected = [{"role": "user", "content": prompt}, *chosen], [{"role": "user", "content": prompt}, *rejected]
+    c, r = check_messages(chosen), check_messages(rejected)
+    if not c or not r or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+        raise LlmlabError("chosen and rejected must end with the assistant's reply")
+    if c[:-1] != r[:-1]:
+        raise LlmlabError("chosen and rejected differ before their last reply (not a pair)")
+    return c[:-1], c[-1]["content"], r[-1]["content"]
+
+
+def external_pairs(cfg, root: Path) -> tuple[list[dict], dict[str, int]]:
+    """Pairs of `cfg.source` hf or local (`cfg` is the preferences params section), as rows of the
+    preferences table without gold scores (NaN: no rater knows the truth of real data).
+
+    Rows that do not parse, or whose two replies are identical, are dropped, counted and the first few
+    named in a warning; fewer than 2 usable pairs is an error.
+    """
+    src = cfg.hf if cfg.source == "hf" else cfg.local
+    key = f"preferences.{cfg.source}"
+    columns = {src.chosen_column: f"{key}.chosen_column", src.rejected_column: f"{key}.rejected_column"}
+    if src.prompt_column is not None:
+        columns[src.prompt_column] = f"{key}.prompt_column"
+    if cfg.source == "hf":
+        got = hf_rows(src.name, src.config, src.split, src.streaming, columns, key, root, src.max_pairs,
+                      offline_fix="preferences.source: local with preferences.local.paths")
+    else:
+        got = local_rows(src.paths, columns, key, root)
+    rows, problems, identical = [], [], 0
+    for row in got.rows:
+        try:
+            context, chosen, rejected = split_pair(row.get(src.prompt_column), row[src.chosen_column], row[src.rejected_column])
+        except LlmlabError as e:
+            problems.append(f"{row['_where']}: {e}")
+            continue
+        if chosen == rejected:
+            identical += 1
+            continue
+        rows.append({
+            "prompt": context[-1]["content"], "context": json.dumps(context), "chosen": chosen, "rejected": rejected,
+            "chosen_ended": True, "rejected_ended": True, "gold_chosen": math.nan, "gold_rejected": math.nan,
+            "flipped": False, "task": "",
+        })  # fmt: skip
+    if problems:
+        log.warning("%s: dropped %d of %d rows, e.g. %s", key, len(problems), len(got.rows), "; ".join(problems[:3]))
+    if len(rows) < 2:
+        raise LlmlabError(
+            f"{key}: {len(rows)} usable pair(s) of {len(got.rows)} rows; need at least 2 "
+            f"(first problems: {'; '.join(problems[:3]) or 'none'}; identical replies: {identical})"
+        )
+    return rows, {"rows_read": len(got.rows), "dropped_invalid": len(problems), "dropped_identical": identical}

@@ -41,17 +41,25 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.offset = offset  # subtracted from every reward (set after training)
 
-    def forward(self, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """idx: (B, T) right-padded sequences; last: (B,) index of each sequence's last token -> (B,)."""
-        h = self.backbone.hidden(idx)  # (B, T, C)
+    def forward(self, idx: torch.Tensor, last: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (B, T) sequences; last: (B,) index of each sequence's last token -> rewards (B,).
+
+        Without `last`, the head's output at every position, (B, T): PPO's value model is this network
+        read at each token. `positions` and `attn_mask` as in `GPT.forward` (for left-padded batches).
+        """
+        h = self.backbone.hidden(idx, positions, attn_mask)  # (B, T, C)
+        if last is None:
+            return self.head(h).squeeze(-1) - self.offset
         h_last = h[torch.arange(idx.shape[0], device=idx.device), last]  # (B, C)
         return self.head(h_last).squeeze(-1) - self.offset
 
 
-def reply_ids(tok: Tokenizer, prompt: str, reply: str, ended: bool, context_length: int) -> list[int]:
-    """Prompt + reply in the chat template, ending with <|end|> only if the reply did; a sequence longer
-    than the context keeps its *last* tokens (the reward is read at the end)."""
-    ids = render(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True).ids
+def reply_ids(tok: Tokenizer, context: list[dict], reply: str, ended: bool, context_length: int) -> list[int]:
+    """The conversation so far (messages ending with a user turn) + the reply in the chat template, ending
+    with <|end|> only if the reply did; a sequence longer than the context keeps its *last* tokens (the
+    reward is read at the end)."""
+    ids = render(tok, context, add_generation_prompt=True).ids
     ids = ids + encode_content(tok, reply) + ([END_ID] if ended else [])
     return ids[-context_length:]
 
@@ -67,13 +75,13 @@ def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 class PairDataset(Dataset):
     def __init__(self, tok: Tokenizer, rows: list[dict], context_length: int):
-        self.items = [
-            (
-                reply_ids(tok, r["prompt"], r["chosen"], r["chosen_ended"], context_length),
-                reply_ids(tok, r["prompt"], r["rejected"], r["rejected_ended"], context_length),
-            )
-            for r in rows
-        ]
+        self.items = []
+        for r in rows:
+            context = json.loads(r["context"])
+            self.items.append((
+                reply_ids(tok, context, r["chosen"], r["chosen_ended"], context_length),
+                reply_ids(tok, context, r["rejected"], r["rejected_ended"], context_length),
+            ))  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.items)

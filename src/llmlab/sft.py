@@ -9,7 +9,8 @@ template tokens and the padding are in the input but not in the loss (their targ
 
 Truncation rule: a conversation longer than context_length + 1 tokens keeps its first context_length + 1
 tokens (the prompt and the start of the answer) and is counted in `truncated`; the cut answer then has no
-`<|end|>` to learn from, which is why the count is reported.
+`<|end|>` to learn from, which is why the count is reported. A conversation whose first answer starts
+beyond the context has nothing to learn from at all: it is left out and counted in `no_answer`.
 """
 
 from __future__ import annotations
@@ -34,12 +35,17 @@ class ChatDataset(Dataset):
 
     def __init__(self, tok: Tokenizer, conversations: Sequence[list[dict]], context_length: int):
         self.items: list[tuple[list[int], list[bool]]] = []
-        self.truncated = 0
+        self.truncated = 0  # cut to the context
+        self.no_answer = 0  # cut before the first assistant token: nothing to learn, left out
         for messages in conversations:
             chat = render(tok, messages)
             if len(chat.ids) > context_length + 1:
                 self.truncated += 1
-            self.items.append((chat.ids[: context_length + 1], chat.loss_mask[: context_length + 1]))
+            ids, mask = chat.ids[: context_length + 1], chat.loss_mask[: context_length + 1]
+            if not any(mask[1:]):
+                self.no_answer += 1
+                continue
+            self.items.append((ids, mask))
 
     def __len__(self) -> int:
         return len(self.items)

@@ -16,15 +16,22 @@ SFT demonstrations are mostly good answers, with deliberately imperfect ones mix
 only some answers are polite, a share are curt or state a wrong fact, and only a small share of
 questions about unknown people get the honest "I don't know" (so the SFT model still invents answers
 for them often, leaving RLHF something to fix).
+
+`external_conversations` reads real chat data instead (sft.data.source hf or local).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 import zlib
 from dataclasses import dataclass, replace
+from pathlib import Path
 
+from llmlab.chat import check_messages
 from llmlab.errors import LlmlabError
+from llmlab.sources import hf_rows, local_rows
 from llmlab.tasks import Task
 from llmlab.world import (
     ATTRIBUTES,
@@ -35,6 +42,8 @@ from llmlab.world import (
     fact_sentence,
     random_addend,
 )
+
+log = logging.getLogger(__name__)
 
 POOLS = ("sft", "rl", "eval")
 
@@ -289,3 +298,45 @@ def prompt_pool(world: World, pool: str, n: int, seed: int, max_digits: int, mix
             seen.add(task.prompt)
             out.append(task)
     return out
+
+
+# ------------------------------------------------------------------------------ hf / local conversations
+
+
+def external_conversations(cfg, root: Path) -> tuple[list[list[dict]], dict[str, int]]:
+    """Conversations of `cfg.source` hf or local (`cfg` is the sft.data params section), checked.
+
+    A conversation is kept when `chat.check_messages` accepts it (a system message is folded into the
+    first user turn) and it ends with an assistant turn (otherwise nothing in it is learned). The others
+    are dropped and counted, and the first few named in a warning; if none is left, the stage fails.
+    Returns (conversations, {"conversations_read", "dropped_invalid"}).
+    """
+    if cfg.source == "hf":
+        column, key = cfg.hf.messages_column, "sft.data.hf"
+        got = hf_rows(cfg.hf.name, cfg.hf.config, cfg.hf.split, cfg.hf.streaming, {column: f"{key}.messages_column"},
+                      key, root, cfg.hf.max_examples, offline_fix="sft.data.source: local with sft.data.local.paths")
+    else:
+        column, key = cfg.local.messages_column, "sft.data.local"
+        got = local_rows(cfg.local.paths, {column: f"{key}.messages_column"}, key, root)
+    kept, problems = [], []
+    for row in got.rows:
+        messages = row[column]
+        try:
+            if isinstance(messages, str):  # a column of JSON text
+                messages = json.loads(messages)
+            if not isinstance(messages, list):
+                raise LlmlabError(f"expected a list of messages, got {type(messages).__name__}")
+            checked = check_messages(messages)
+            if not checked or checked[-1]["role"] != "assistant":
+                raise LlmlabError("does not end with an assistant turn (nothing to learn)")
+            kept.append(checked)
+        except (LlmlabError, json.JSONDecodeError) as e:
+            problems.append(f"{row['_where']}: {e}")
+    if problems:
+        log.warning("%s: dropped %d of %d conversations, e.g. %s", key, len(problems), len(got.rows), "; ".join(problems[:3]))
+    if len(kept) < 2:
+        raise LlmlabError(
+            f"{key}: {len(kept)} usable conversation(s) of {len(got.rows)} read; need at least 2 "
+            f"(first problems: {'; '.join(problems[:3]) or 'none'})"
+        )
+    return kept, {"conversations_read": len(got.rows), "dropped_invalid": len(problems)}

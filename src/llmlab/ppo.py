@@ -1,0 +1,378 @@
+"""RLHF with PPO: the SFT model, now a policy, learns to write replies the reward model scores higher,
+while a KL penalty keeps it close to the SFT model it started from.
+
+Four models take part (InstructGPT, Ouyang et al. 2022):
+
+    policy      π       initialised from SFT, trained
+    reference   π_ref   the SFT model, frozen: the KL penalty measures how far π has moved from it
+    reward      r       the reward model (stage `reward`), frozen: scores a whole reply
+    value       V       initialised from the reward model, trained: predicts the return from each token
+
+Each iteration (numbered as in the code below):
+
+    1. sample one reply per prompt from π, batched, with the KV cache;
+    2. log-probabilities of the sampled tokens under π and π_ref, at the sampling temperature;
+    3. score each reply with r, minus `missing_eos_penalty` when it never produced <|end|>;
+    4. per-token reward  r_t = −β·(log π(y_t) − log π_ref(y_t)),  plus the score at the reply's last token;
+    5. advantages by GAE(γ, λ) against V, then whitened; returns = advantages + values;
+    6. `ppo_epochs` passes over shuffled minibatches: the clipped policy loss
+           max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)),  ρ = π_new(y_t) / π_old(y_t)
+       plus vf_coef × the clipped value loss
+           ½·max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²);
+    7. optionally, the adaptive KL controller moves β towards a target KL.
+
+Choices:
+
+- **Lightning Fabric, not a LightningModule.** One PPO iteration is "generate, score, then several epochs
+  over the batch just generated, with two models and two optimisers"; the Trainer's loop (a dataloader,
+  one optimiser step per batch) fits it only when bent with manual optimisation and a fake dataloader.
+  Fabric keeps the loop plain Python and still gives the same accelerator, precision, DDP and
+  checkpointing switches as the other stages.
+- **Value model initialised from the reward model**, a separate network (InstructGPT; the N+
+  implementation details). The reward model already knows which replies score well, so the first value
+  estimates are informed, and a separate network keeps value-loss gradients out of the policy. It costs
+  one more forward and backward pass per update; at this model size that is affordable.
+
+Deviations from InstructGPT and from "The N+ Implementation Details of RLHF with PPO" (Huang et al. 2024):
+
+- No pretraining-gradient mix (InstructGPT's PPO-ptx): the loss is PPO's alone.
+- A reply without <|end|> keeps its score minus `missing_eos_penalty` (TRL), rather than a fixed −1.
+- Constant learning rate (N+ anneals it linearly to 0); AdamW's ε is PyTorch's 1e-8, not 1e-5.
+- Advantages are whitened per process, not over all processes of a distributed run (as TRL does).
+- Scale: 64 prompts per iteration in minibatches of 16, against 512 in N+.
+- The reward is not normalised during PPO; the reward stage already shifted it so the SFT model's own
+  replies score 0 on average (InstructGPT normalises the same way, once, before RL).
+- `objective/entropy` is TRL's estimate: the mean over replies of the summed −log π of the sampled
+  tokens. No entropy bonus is added to the loss (neither paper uses one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llmlab.generate import generate
+from llmlab.model import GPT, padded_attention_mask
+from llmlab.reward import RewardModel
+from llmlab.tokenizer import END_ID, PAD_ID
+
+# ------------------------------------------------------------------------------------ the pieces
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the entries where mask is true.
+
+    >>> masked_mean(torch.tensor([[1.0, 2.0, 9.0]]), torch.tensor([[1, 1, 0]]))
+    tensor(1.5000)
+    """
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / std over the masked entries; entries outside the mask become 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return ((x - mean) * torch.rsqrt(var + eps)) * mask.to(x.dtype)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016) over each reply, vectorised.
+
+        δ_t = r_t + γ·V_{t+1} − V_t          (V after the last token is 0: the episode ends there)
+        A_t = Σ_k (γλ)^k · δ_{t+k}
+
+    rewards, values, mask: (B, R) with the reply's tokens first and padding after. Returns
+    (advantages, returns = advantages + values), 0 on padding. tests/test_ppo.py checks it against the
+    textbook backwards loop.
+    """
+    m = mask.to(values.dtype)
+    values, rewards = values * m, rewards * m
+    next_values = F.pad(values[:, 1:], (0, 1))  # V_{t+1}, 0 past the end
+    deltas = rewards + gamma * next_values - values  # 0 on padding
+    R = rewards.shape[1]
+    t = torch.arange(R, device=rewards.device)
+    lag = t[None, :] - t[:, None]  # lag[t, s] = s − t
+    decay = torch.where(lag >= 0, torch.tensor(gamma * lam, dtype=values.dtype, device=values.device).pow(lag.clamp(min=0)), 0.0)
+    advantages = deltas @ decay.T  # A[b, t] = Σ_s δ[b, s] · (γλ)^(s − t) for s ≥ t
+    return advantages * m, (advantages + values) * m
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float) -> dict[str, torch.Tensor]:
+    """PPO's clipped surrogate (as a loss to minimise), and what TRL reports about it."""
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    return {
+        "loss": masked_mean(torch.maximum(unclipped, clipped), mask),
+        "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+        "approxkl": 0.5 * masked_mean(logratio**2, mask),
+        "ratio": masked_mean(ratio, mask),
+    }
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> dict[str, torch.Tensor]:
+    """The clipped value loss ½·max((V − R)², (V_clipped − R)²), V_clipped within ε_v of the rollout's V."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped = (values - returns) ** 2
+    clipped = (clipped_values - returns) ** 2
+    return {
+        "loss": 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask),
+        "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+    }
+
+
+def kl_penalised_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                         kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards −β·(log π − log π_ref), with each reply's score added at its last token.
+
+    Returns (rewards, kl), both (B, R) and 0 on padding. kl is the k1 estimate log π − log π_ref of the
+    sampled token; summed over a reply, its expectation is KL(π ‖ π_ref) of that reply.
+    """
+    m = mask.to(logprobs.dtype)
+    kl = (logprobs - ref_logprobs) * m
+    rewards = -kl_coef * kl
+    last = m.sum(dim=1).long() - 1  # (B,) index of each reply's last token
+    rewards[torch.arange(len(last), device=rewards.device), last] += scores
+    return rewards, kl
+
+
+class KLController:
+    """β, fixed or adaptive (Ziegler et al. 2019): with a target, after each batch
+
+        β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n / horizon)
+
+    where KL is the batch's mean KL per reply and n the replies in the batch.
+
+    >>> c = KLController(0.1, target=6.0, horizon=100)
+    >>> c.update(12.0, n=10); round(c.value, 4)  # KL twice the target: β grows, by at most 20 % · 10/100
+    0.102
+    """
+
+    def __init__(self, init: float, target: float | None = None, horizon: int = 10000):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n / self.horizon
+
+
+# ------------------------------------------------------------------------------------ rollouts
+
+
+@dataclass
+class Sequences:
+    """A batch of prompt + reply sequences laid out for one forward pass of every model.
+
+    Prompts are left-padded to width P and replies right-padded to width R, so the reply tokens of every
+    row start at column P:
+
+        PAD PAD <bos> <user> ... <assistant> | y_0 y_1 <end> PAD
+        <bos> <user> ...         <assistant> | y_0 y_1 y_2   y_3
+
+    `positions` counts each row's real tokens from 0 (padding never shifts RoPE), `attn_mask` hides the
+    padding, and the logits that predict reply token t are at column P − 1 + t.
+    """
+
+    ids: torch.Tensor  # (B, P + R)
+    valid: torch.Tensor  # (B, P + R) bool, False on padding
+    positions: torch.Tensor  # (B, P + R)
+    attn_mask: torch.Tensor  # (B, 1, P + R, P + R)
+    prompt_width: int  # P
+
+    @property
+    def response(self) -> torch.Tensor:
+        """(B, R) reply tokens, PAD after each reply's end."""
+        return self.ids[:, self.prompt_width :]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, R) True on reply tokens (the closing <|end|> included)."""
+        return self.valid[:, self.prompt_width :]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)
+
+    @property
+    def ended(self) -> torch.Tensor:
+        """(B,) True where the reply closed with <|end|>."""
+        last = self.lengths - 1
+        return self.response[torch.arange(len(last)), last] == END_ID
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def select(self, rows: torch.Tensor) -> Sequences:
+        return Sequences(self.ids[rows], self.valid[rows], self.positions[rows], self.attn_mask[rows], self.prompt_width)
+
+    def trimmed(self) -> Sequences:
+        """The same rows without the columns that are padding in every row: a minibatch of short replies
+        then costs what short replies cost."""
+        P = self.prompt_width
+        first = int(self.valid[:, :P].long().argmax(dim=1).min())  # the longest prompt's first token
+        end = P + int(self.lengths.max())
+        return Sequences(
+            self.ids[:, first:end],
+            self.valid[:, first:end],
+            self.positions[:, first:end],
+            self.attn_mask[:, :, first:end, first:end],
+            P - first,
+        )
+
+    def to(self, device) -> Sequences:
+        return Sequences(self.ids.to(device), self.valid.to(device), self.positions.to(device), self.attn_mask.to(device),
+                         self.prompt_width)
+
+
+def make_sequences(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]]) -> Sequences:
+    """Lay out prompts and their replies (each reply at least one token) as `Sequences`."""
+    if any(len(r) == 0 for r in replies):
+        raise ValueError("every reply needs at least one token")
+    P, R = max(map(len, prompts)), max(map(len, replies))
+    B = len(prompts)
+    ids = torch.full((B, P + R), PAD_ID, dtype=torch.long)
+    valid = torch.zeros(B, P + R, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, replies, strict=True)):
+        ids[i, P - len(p) : P] = torch.tensor(list(p))
+        ids[i, P : P + len(r)] = torch.tensor(list(r))
+        valid[i, P - len(p) : P + len(r)] = True
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+    return Sequences(ids, valid, positions, padded_attention_mask(valid, P + R), P)
+
+
+def reply_logprobs(policy, seqs: Sequences, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y_t | context) of each reply token at `temperature`, and the entropy of π there; (B, R) each.
+
+    `policy` is called like GPT (a Fabric-wrapped GPT too, so that DDP sees the forward pass).
+    """
+    logits, _ = policy(seqs.ids, positions=seqs.positions, attn_mask=seqs.attn_mask)
+    P, R = seqs.prompt_width, seqs.response.shape[1]
+    logits = logits[:, P - 1 : P + R - 1].float() / temperature  # the logits that predict reply tokens
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(-1, seqs.response.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+    return logprobs, entropy
+
+
+def reply_values(value_model, seqs: Sequences) -> torch.Tensor:
+    """V at the state before each reply token (the same columns as the logits), (B, R)."""
+    v = value_model(seqs.ids, None, seqs.positions, seqs.attn_mask)
+    P, R = seqs.prompt_width, seqs.response.shape[1]
+    return v[:, P - 1 : P + R - 1].float()
+
+
+def reply_scores(reward_model: RewardModel, seqs: Sequences, missing_eos_penalty: float) -> torch.Tensor:
+    """The reward model's score of each whole reply, read at its last token; minus the penalty if it never ended."""
+    last = seqs.prompt_width + seqs.lengths - 1
+    scores = reward_model(seqs.ids, last, seqs.positions, seqs.attn_mask).float()
+    return scores - missing_eos_penalty * (~seqs.ended).float()
+
+
+@dataclass
+class Rollout:
+    """One iteration's batch with everything PPO needs (tensors (B, R) unless noted)."""
+
+    seqs: Sequences
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor  # (B,)
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor  # whitened
+    returns: torch.Tensor
+
+
+@torch.no_grad()
+def rollout(policy, ref: GPT, reward_model: RewardModel, value_model, prompts: Sequence[Sequence[int]], cfg,
+            kl_coef: float, generator: torch.Generator | None = None, sampler: GPT | None = None) -> Rollout:
+    """Phases 1–5 for one batch of prompts. `sampler` is the bare policy for generation (default: policy)."""
+    device = next(ref.parameters()).device
+    # 1. sample
+    replies = generate(sampler or policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
+                       stop_ids=[END_ID], generator=generator)
+    replies = [r or [END_ID] for r in replies]  # no room left in the context: an empty, ended reply
+    seqs = make_sequences(prompts, replies).to(device)
+    # 2. log-probabilities under the policy and the reference, at the sampling temperature
+    logprobs, entropy = reply_logprobs(policy, seqs, cfg.temperature)
+    ref_logprobs, _ = reply_logprobs(ref, seqs, cfg.temperature)
+    # 3. score, with the penalty for a reply that never ended
+    scores = reply_scores(reward_model, seqs, cfg.missing_eos_penalty)
+    # 4. per-token rewards: the KL penalty on every token, the score on the last
+    rewards, kl = kl_penalised_rewards(logprobs, ref_logprobs, scores, seqs.mask, kl_coef)
+    # 5. GAE against the value model's estimates, advantages whitened
+    values = reply_values(value_model, seqs) * seqs.mask
+    advantages, returns = gae(rewards, values, seqs.mask, cfg.gamma, cfg.lam)
+    advantages = masked_whiten(advantages, seqs.mask)
+    return Rollout(seqs, logprobs * seqs.mask, ref_logprobs * seqs.mask, entropy, values, scores, rewards, kl,
+                   advantages, returns)
+
+
+def ppo_update(fabric, policy, value_model, policy_opt, value_opt, batch: Rollout, cfg,
+               generator: torch.Generator | None = None) -> dict[str, float]:
+    """Phase 6: `ppo_epochs` passes over shuffled minibatches; returns the averages TRL logs."""
+    n = len(batch.seqs)
+    stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")}
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, cfg.minibatch_size):
+            rows = order[start : start + cfg.minibatch_size].to(batch.seqs.ids.device)
+            mb = batch.seqs.select(rows).trimmed()
+            m, R = mb.mask, mb.mask.shape[1]
+            logprobs, entropy = reply_logprobs(policy, mb, cfg.temperature)
+            values = reply_values(value_model, mb)
+            pg = policy_loss(logprobs, batch.logprobs[rows, :R], batch.advantages[rows, :R], m, cfg.cliprange)
+            vf = value_loss(values, batch.values[rows, :R], batch.returns[rows, :R], m, cfg.cliprange_value)
+            policy_opt.zero_grad(set_to_none=True)
+            value_opt.zero_grad(set_to_none=True)
+            fabric.backward(pg["loss"] + cfg.vf_coef * vf["loss"])
+            if cfg.grad_clip:
+                fabric.clip_gradients(policy, policy_opt, max_norm=cfg.grad_clip)
+                fabric.clip_gradients(value_model, value_opt, max_norm=cfg.grad_clip)
+            policy_opt.step()
+            value_opt.step()
+            with torch.no_grad():
+                for k, v in (("pg_loss", pg["loss"]), ("vf_loss", vf["loss"]), ("pg_clipfrac", pg["clipfrac"]),
+                             ("vf_clipfrac", vf["clipfrac"]), ("approxkl", pg["approxkl"]), ("ratio", pg["ratio"]),
+                             ("entropy", masked_mean(entropy, m))):
+                    stats[k].append(v.detach())
+    return {k: float(torch.stack(v).mean()) for k, v in stats.items()}
+
+
+def rollout_metrics(batch: Rollout, kl_coef: float) -> dict[str, float]:
+    """The rollout half of TRL's per-iteration metrics (means over the batch's replies)."""
+    non_score = -kl_coef * batch.kl.sum(dim=1)
+    return {
+        "objective/kl": float(batch.kl.sum(dim=1).mean()),
+        "objective/entropy": float((-batch.logprobs).sum(dim=1).mean()),
+        "objective/non_score_reward": float(non_score.mean()),
+        "objective/rlhf_reward": float((batch.scores + non_score).mean()),
+        "objective/scores": float(batch.scores.mean()),
+        "val/num_eos_tokens": float(batch.seqs.ended.sum()),
+        "val/reply_length": float(batch.seqs.lengths.float().mean()),
+        "val/value_mean": float(masked_mean(batch.values, batch.seqs.mask)),
+        "kl_coef": kl_coef,
+    }
+
+
+def update_metrics(stats: dict[str, float]) -> dict[str, float]:
+    """The update half of TRL's metrics, under TRL's names."""
+    return {
+        "policy/approxkl_avg": stats["approxkl"],
+        "policy/clipfrac_avg": stats["pg_clipfrac"],
+        "policy/entropy_avg": stats["entropy"],
+        "loss/policy_avg": stats["pg_loss"],
+        "loss/value_avg": stats["vf_loss"],
+        "val/clipfrac_avg": stats["vf_clipfrac"],
+        "val/ratio": stats["ratio"],
+    }

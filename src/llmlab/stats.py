@@ -1,0 +1,44 @@
+"""Confidence intervals for the numbers the stages report: a mean, a paired difference, a rate."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
+
+
+def mean_ci(xs: Sequence[float]) -> tuple[float, float]:
+    """(mean, half-width of its 95 % confidence interval), normal approximation: 1.96 · s / √n.
+
+    >>> [round(x, 4) for x in mean_ci([1.0, 2.0, 3.0, 4.0])]  # s = 1.291
+    [2.5, 1.2652]
+    """
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan
+    mean = statistics.fmean(xs)
+    return mean, (Z95 * statistics.stdev(xs) / math.sqrt(n)) if n > 1 else math.inf
+
+
+def paired_diff_ci(after: Sequence[float], before: Sequence[float]) -> tuple[float, float]:
+    """Mean of after − before over the same items, and its 95 % half-width. Pairing removes the spread
+    between items (easy versus hard prompts), so the interval is much narrower than two separate ones."""
+    if len(after) != len(before):
+        raise ValueError(f"paired samples differ in length: {len(after)} and {len(before)}")
+    return mean_ci([a - b for a, b in zip(after, before, strict=True)])
+
+
+def wilson_ci(k: int, n: int) -> tuple[float, float]:
+    """95 % Wilson score interval (low, high) of a rate k / n; it stays inside [0, 1] even at 0 or n.
+
+    >>> [round(x, 3) for x in wilson_ci(0, 20)]
+    [0.0, 0.161]
+    """
+    if n == 0:
+        return math.nan, math.nan
+    p, z2 = k / n, Z95**2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -1,0 +1,198 @@
+"""PPO: GAE against the textbook loop, the clipped losses by hand, the sequence layout, and PPO itself
+on a toy task (it raises the reward; with a huge KL coefficient it stays at the reference)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from llmlab.model import GPT, GPTConfig
+from llmlab.params import PPOConfig
+from llmlab.ppo import (
+    KLController,
+    gae,
+    kl_penalised_rewards,
+    make_sequences,
+    masked_whiten,
+    policy_loss,
+    ppo_update,
+    reply_logprobs,
+    reply_scores,
+    reply_values,
+    rollout,
+    value_loss,
+)
+from llmlab.pretraining import adamw
+from llmlab.reward import RewardModel, pad_batch
+from llmlab.tokenizer import END_ID
+
+TINY = GPTConfig(vocab_size=24, d_model=16, n_layer=1, n_head=2, context_length=32, ffn_hidden=32)
+
+
+def gae_loop(rewards, values, length, gamma, lam):
+    """The textbook backwards recursion over one reply of `length` tokens."""
+    adv = [0.0] * length
+    last = 0.0
+    for t in reversed(range(length)):
+        next_value = values[t + 1] if t + 1 < length else 0.0
+        delta = rewards[t] + gamma * next_value - values[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0), (0.99, 0.0)])
+def test_gae_matches_the_plain_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 8, 3]
+    R = max(lengths)
+    rewards, values = torch.randn(4, R, generator=g, dtype=torch.float64), torch.randn(4, R, generator=g, dtype=torch.float64)
+    mask = torch.arange(R)[None] < torch.tensor(lengths)[:, None]
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    for i, n in enumerate(lengths):
+        expected = gae_loop(rewards[i].tolist(), values[i].tolist(), n, gamma, lam)
+        assert adv[i, :n].tolist() == pytest.approx(expected, abs=1e-10)
+        assert ret[i, :n].tolist() == pytest.approx([a + v for a, v in zip(expected, values[i, :n].tolist(), strict=True)], abs=1e-10)
+        assert adv[i, n:].abs().sum() == 0 and ret[i, n:].abs().sum() == 0  # whatever sits in the padding
+
+
+def test_policy_loss_by_hand():
+    # ratios 1.5, 0.5, 1.5, 0.5 with advantages +1, +1, -1, -1; a fifth entry is padding.
+    old = torch.zeros(1, 5)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.5, 0.5, 9.0]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)
+    out = policy_loss(new, old, adv, mask, cliprange=0.2)
+    # max(-A·ρ, -A·clip(ρ)): max(-1.5, -1.2) = -1.2; max(-0.5, -0.8) = -0.5; max(1.5, 1.2) = 1.5; max(0.5, 0.8) = 0.8
+    assert out["loss"].item() == pytest.approx((-1.2 - 0.5 + 1.5 + 0.8) / 4)
+    assert out["clipfrac"].item() == pytest.approx(0.5)  # the first and the last were clipped
+    assert out["ratio"].item() == pytest.approx(1.0)
+    assert out["approxkl"].item() == pytest.approx(0.5 * 2 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 4)
+
+
+def test_policy_loss_gradient_stops_outside_the_clip_range():
+    new = torch.log(torch.tensor([[1.5, 1.1]])).requires_grad_()
+    out = policy_loss(new, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool), 0.2)
+    out["loss"].backward()
+    assert new.grad[0, 0] == 0  # ρ = 1.5 > 1.2 with A > 0: nothing more to gain
+    assert new.grad[0, 1] == pytest.approx(-1.1 / 2)  # d(-ρ)/d log ρ = -ρ, averaged over 2
+
+
+def test_value_loss_by_hand():
+    old = torch.zeros(1, 4)
+    returns = torch.ones(1, 4)
+    pred = torch.tensor([[0.5, 0.1, -0.5, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    out = value_loss(pred, old, returns, mask, cliprange_value=0.2)
+    # 0.5: max((0.5-1)², (0.2-1)²) = 0.64;  0.1: 0.81 (inside the range);  -0.5: max(2.25, (-0.2-1)²=1.44) = 2.25
+    assert out["loss"].item() == pytest.approx(0.5 * (0.64 + 0.81 + 2.25) / 3)
+    assert out["clipfrac"].item() == pytest.approx(1 / 3)
+
+
+def test_kl_penalised_rewards_put_the_score_on_the_last_token():
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-2.0, -9.0, -9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    rewards, kl = kl_penalised_rewards(lp, ref, torch.tensor([10.0, 20.0]), mask, kl_coef=0.1)
+    assert kl.tolist() == [[0.5, 0.0, -1.0], [1.0, 0.0, 0.0]]
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 0.1 + 10.0], [-0.1 + 20.0, 0.0, 0.0]]))
+
+
+def test_whitening_uses_only_real_tokens():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    w = masked_whiten(x, mask)
+    assert w[0, :3].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert w[0, :3].pow(2).mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert w[0, 3] == 0
+
+
+def test_adaptive_kl_controller_moves_beta_towards_the_target():
+    c = KLController(0.1, target=5.0, horizon=100)
+    c.update(1.0, n=10)  # far below target: β shrinks by the capped 20 % · 10/100
+    assert c.value == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+    fixed = KLController(0.1)
+    fixed.update(100.0, n=10)
+    assert fixed.value == 0.1
+
+
+def test_sequence_layout_matches_unpadded_forward_passes():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    value = RewardModel(TINY).eval()
+    prompts, replies = [[1, 2, 5, 3], [1, 2, 6, 7, 8, 9, 3]], [[10, 11, END_ID], [12]]
+    seqs = make_sequences(prompts, replies)
+    assert seqs.mask.tolist() == [[True, True, True], [True, False, False]]
+    assert seqs.ended.tolist() == [True, False]
+    with torch.no_grad():
+        lp, _ = reply_logprobs(model, seqs, temperature=0.7)
+        values = reply_values(value, seqs)
+        scores = reply_scores(value, seqs, missing_eos_penalty=0.5)
+        for i, (p, r) in enumerate(zip(prompts, replies, strict=True)):
+            full = torch.tensor([p + r])
+            logits, _ = model(full)
+            logp = torch.log_softmax(logits[0, len(p) - 1 : -1] / 0.7, dim=-1)
+            expected = logp.gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
+            torch.testing.assert_close(lp[i, : len(r)], expected, atol=1e-5, rtol=0)
+            v = value(full)[0, len(p) - 1 : -1]
+            torch.testing.assert_close(values[i, : len(r)], v, atol=1e-5, rtol=0)
+            alone = value(*pad_batch([p + r]))[0] - (0.0 if r[-1] == END_ID else 0.5)
+            assert scores[i].item() == pytest.approx(alone.item(), abs=1e-5)
+        # A minibatch of the short-prompt row alone drops the columns that are padding in all its rows.
+        one = seqs.select(torch.tensor([0])).trimmed()
+        assert one.ids.tolist() == [prompts[0] + replies[0]] and one.prompt_width == len(prompts[0])
+        torch.testing.assert_close(reply_logprobs(model, one, 0.7)[0], lp[:1], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ PPO on a toy task
+
+
+class CountReward(torch.nn.Module):
+    """A stand-in reward model: the number of times token 7 appears in the reply (after the prompt)."""
+
+    def __init__(self, prompt_len: int):
+        super().__init__()
+        self.prompt_len = prompt_len
+        self.dummy = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def forward(self, idx, last, positions=None, attn_mask=None):
+        cols = torch.arange(idx.shape[1])[None]
+        in_reply = (cols >= self.prompt_len) & (cols <= last[:, None])
+        return ((idx == 7) & in_reply).sum(dim=1).float()
+
+
+def toy_ppo(kl_coef: float, iterations: int = 12) -> tuple[float, float, float]:
+    """Train a tiny policy to emit token 7; return (score before, score after, KL to the reference after)."""
+    L.seed_everything(0, verbose=False)
+    cfg = PPOConfig(rollout_batch_size=32, minibatch_size=16, ppo_epochs=4, lr=1e-2, max_new_tokens=6,
+                    kl_coef=kl_coef, missing_eos_penalty=0.0, accelerator="cpu")
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    ref = GPT(TINY).eval().requires_grad_(False)
+    policy = GPT(TINY)
+    policy.load_state_dict(ref.state_dict())
+    value = RewardModel(TINY)
+    policy_opt, value_opt = adamw(policy, cfg.lr, 0.0, (0.9, 0.95), "cpu"), adamw(value, cfg.lr, 0.0, (0.9, 0.95), "cpu")
+    policy, policy_opt = fabric.setup(policy, policy_opt)
+    value, value_opt = fabric.setup(value, value_opt)
+    prompts = [[1, 2, 3]] * cfg.rollout_batch_size
+    reward = CountReward(prompt_len=3)
+    scores, kls = [], []
+    for it in range(iterations):
+        gen = torch.Generator().manual_seed(it)
+        batch = rollout(policy, ref, reward, value, prompts, cfg, kl_coef, gen, sampler=policy.module)
+        scores.append(batch.scores.mean().item())
+        kls.append(batch.kl.sum(dim=1).mean().item())
+        ppo_update(fabric, policy, value, policy_opt, value_opt, batch, cfg, gen)
+    return scores[0], sum(scores[-3:]) / 3, sum(kls[-3:]) / 3
+
+
+def test_ppo_raises_the_reward_and_huge_beta_keeps_the_policy_at_the_reference():
+    before, after, kl_free = toy_ppo(kl_coef=0.0)
+    assert after > before + 1.0, (before, after)  # it learned to say 7 more often
+    assert kl_free > 1.0
+    _, after_tied, kl_tied = toy_ppo(kl_coef=100.0)
+    assert kl_tied < 0.1 * kl_free, (kl_tied, kl_free)
+    assert after_tied < after
