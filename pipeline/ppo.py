@@ -167,9 +167,9 @@ def main(args, params: Params) -> None:
         metrics, rows = evaluate(trained, ref, reward_model, tok, eval_prompts, rater, world, cfg, params.seed, fabric.device)
         metrics |= {"iterations": cfg.iterations, "episodes": cfg.iterations * B, "kl_coef_final": kl.value}
         last = history[-max(1, len(history) // 10) :]  # the last tenth of training
-        for key in ("objective/kl", "objective/scores", "gold/score"):
+        for key, name in (("objective/kl", "kl"), ("objective/scores", "reward_score"), ("gold/score", "gold_score")):
             if key in last[0]:
-                metrics[f"train/{key.split('/')[-1]}_final"] = statistics.fmean(h[key] for h in last)
+                metrics[f"train/{name}_final"] = statistics.fmean(h[key] for h in last)
         write_json(args.metrics, metrics)
         write_text(Path(args.plots) / "iterations.csv", to_csv(history))
         report = Path(args.report)

@@ -37,6 +37,7 @@ from llmlab.reward import (
 )
 from llmlab.sft import Epochs
 from llmlab.stage import run_stage
+from llmlab.stats import wilson_ci
 from llmlab.tokenizer import END_ID, load_tokenizer
 from llmlab.tracking import StageRun, is_global_zero
 
@@ -120,7 +121,9 @@ def main(args, params: Params) -> None:
         }
         if rated:
             gold = [(row["gold_chosen"], row["gold_rejected"]) for row in val_rows]
-            metrics["accuracy_gold"] = sum((float(a - b) > 0) == (gc > gr) for a, b, (gc, gr) in zip(r_c, r_r, gold, strict=True)) / len(gold)
+            hits = sum((float(a - b) > 0) == (gc > gr) for a, b, (gc, gr) in zip(r_c, r_r, gold, strict=True))
+            metrics["accuracy_gold"] = hits / len(gold)
+            metrics["accuracy_gold_ci_low"], metrics["accuracy_gold_ci_high"] = wilson_ci(hits, len(gold))
         else:
             log.info("real preference data: no gold rater, so accuracy is against the dataset's labels only")
         table = calibration(r_c, r_r, params.seed)

@@ -76,7 +76,7 @@ def test_outputs_and_metrics(pipeline):
     assert (repo / "models/reward/model.safetensors").is_file() and (repo / "plots/reward/calibration.csv").is_file()
     ppo = json.loads((repo / "metrics/ppo.json").read_text())
     assert ppo["iterations"] == 4 and ppo["episodes"] == 4 * 8 and ppo["n_prompts"] == 16
-    for key in ("sft/gold_score_mean", "ppo/gold_score_mean", "gold_gain", "gold_gain_ci95", "kl_to_sft", "train/kl_final"):
+    for key in ("sft/gold_score_mean", "ppo/gold_score_mean", "gold_gain", "gold_gain_ci95", "kl_to_sft", "train/kl_final", "train/gold_score_final"):
         assert key in ppo, key
     assert (repo / "models/ppo/model.safetensors").is_file() and (repo / "reports/ppo/replies.md").is_file()
     curve = (repo / "plots/ppo/iterations.csv").read_text().splitlines()

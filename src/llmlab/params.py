@@ -335,16 +335,18 @@ class PreferencesConfig(Section):
     """synthetic: the SFT model's replies compared by the rater. hf / local: pairs people labelled (no gold rater)."""
     hf: HFPreferences = HFPreferences()
     local: LocalPreferences = LocalPreferences()
-    n_prompts: int = Field(600, ge=2)
-    """Prompts of the rl pool (never seen in SFT) for which the SFT model samples replies."""
+    n_prompts: int = Field(2400, ge=2)
+    """Prompts of the rl pool (never seen in SFT) for which the SFT model samples replies (measured: the
+    reward model's gold accuracy rose from 83 % with 1,200 prompts to 85–86 % with 2,400)."""
     samples_per_prompt: int = Field(4, ge=2)
     """Replies sampled per prompt; every two with different gold scores make a pair."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the SFT model: diversity between the replies to compare."""
     max_new_tokens: int = Field(96, ge=1)
     """Longest reply; one that has not ended by then is scored as cut off."""
-    label_temperature: float = Field(0.5, ge=0)
-    """Bradley–Terry noise of the simulated rater: P(a ≻ b) = σ((score_a − score_b) / τ); 0 = noise-free."""
+    label_temperature: float = Field(0.25, ge=0)
+    """Bradley–Terry noise of the simulated rater: P(a ≻ b) = σ((score_a − score_b) / τ); 0 = noise-free.
+    0.25 flips about 16 % of the labels (0.5: about 25 %)."""
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     """Share of prompts whose pairs are held out to validate the reward model."""
     batch_size: int = Field(64, ge=1)
@@ -361,8 +363,9 @@ class RewardConfig(TrainLoop):
     """Preference pairs per device per step (each pair is two sequences)."""
     max_steps: int = Field(300, ge=1)
     """Optimizer steps."""
-    lr: float = Field(1e-3, gt=0, le=1)
-    """Peak learning rate of AdamW (measured: 1e-3 gave 83 % gold accuracy, 3e-4 gave 76 %)."""
+    lr: float = Field(3e-3, gt=0, le=1)
+    """Peak learning rate of AdamW (measured on 2,400 prompts' pairs, 300 steps: 3e-3 gave 86 % gold
+    accuracy, 2e-3 83 %; 600 steps at 1e-3 83 %: longer training overfits)."""
     warmup_steps: int = Field(20, ge=0)
     """Linear warm-up steps before the cosine decay."""
     val_every: int = Field(100, ge=1)
@@ -384,15 +387,15 @@ class PPOConfig(Hardware):
     """RLHF with PPO (src/llmlab/ppo.py): the SFT policy optimised against the reward model, with a KL
     penalty to the SFT model. Names follow TRL's PPOConfig where one exists."""
 
-    iterations: int = Field(60, ge=1)
+    iterations: int = Field(40, ge=1)
     """Rounds of (sample a batch of replies, score them, several epochs of PPO updates on them)."""
     rollout_batch_size: int = Field(64, ge=1)
     """Prompts sampled per iteration, over all processes (one reply each)."""
     minibatch_size: int = Field(16, ge=1)
     """Replies per PPO update, per process; the rollout batch is split into minibatches of this size."""
-    ppo_epochs: int = Field(4, ge=1)
-    """Passes over each rollout batch (InstructGPT and TRL use 4)."""
-    lr: float = Field(3e-5, gt=0, le=1)
+    ppo_epochs: int = Field(2, ge=1)
+    """Passes over each rollout batch (InstructGPT and TRL use 4; 2 here, at half the update time)."""
+    lr: float = Field(1e-4, gt=0, le=1)
     """Learning rate of AdamW for policy and value model, constant."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay on matrices."""
@@ -404,7 +407,7 @@ class PPOConfig(Hardware):
     """Sampling temperature of the rollouts; log-probabilities are taken at the same temperature."""
     max_new_tokens: int = Field(96, ge=1)
     """Longest reply in a rollout; one without <|end|> by then gets missing_eos_penalty."""
-    kl_coef: float = Field(0.05, ge=0)
+    kl_coef: float = Field(0.2, ge=0)
     """β: per-token reward −β·(log π − log π_ref). The initial value when kl_target is set."""
     kl_target: float | None = Field(None, gt=0)
     """Adaptive KL controller (Ziegler et al. 2019): steer β so the KL per reply approaches this; null = fixed β."""
@@ -430,7 +433,7 @@ class PPOConfig(Hardware):
     """Share of each task kind among the rl prompts (the evaluation pool always uses this default mix)."""
     max_digits: int = Field(4, ge=1, le=9)
     """Largest number of digits of an addend in the arithmetic prompts."""
-    eval_prompts: int = Field(600, ge=1)
+    eval_prompts: int = Field(500, ge=1)
     """Prompts of the evaluation pool answered greedily by the SFT and the PPO model after training."""
     eval_max_new_tokens: int = Field(96, ge=1)
     """Longest reply at evaluation."""

@@ -39,7 +39,8 @@ Deviations from InstructGPT and from "The N+ Implementation Details of RLHF with
 - A reply without <|end|> keeps its score minus `missing_eos_penalty` (TRL), rather than a fixed −1.
 - Constant learning rate (N+ anneals it linearly to 0); AdamW's ε is PyTorch's 1e-8, not 1e-5.
 - Advantages are whitened per process, not over all processes of a distributed run (as TRL does).
-- Scale: 64 prompts per iteration in minibatches of 16, against 512 in N+.
+- Scale: 64 prompts per iteration in minibatches of 16, against 512 in N+; 2 PPO epochs by default
+  (both papers use 4) to fit the laptop's time budget.
 - The reward is not normalised during PPO; the reward stage already shifted it so the SFT model's own
   replies score 0 on average (InstructGPT normalises the same way, once, before RL).
 - `objective/entropy` is TRL's estimate: the mean over replies of the summed −log π of the sampled
