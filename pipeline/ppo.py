@@ -43,7 +43,7 @@ from llmlab.ppo import (
 from llmlab.pretraining import adamw
 from llmlab.rater import Rater
 from llmlab.reward import RewardModel, load_reward_model
-from llmlab.sft import Epochs, chat_metrics
+from llmlab.sft import REPLY_LENGTH_RANK, Epochs, chat_metrics
 from llmlab.sft_data import prompt_pool
 from llmlab.stage import run_stage
 from llmlab.stats import mean_ci, paired_diff_ci, wilson_ci
@@ -239,6 +239,8 @@ def evaluate(policy: GPT, ref: GPT, reward_model, tok, prompts: list, rater: Rat
     """SFT against PPO on held-out prompts: greedy replies scored by the reward model and (with a world)
     graded by the rater, each gain with its paired 95 % interval; and the KL of replies sampled as in training."""
     metrics: dict[str, float] = {"n_prompts": len(prompts)}
+    if rater:  # short replies batched together (see sft.answer); the order of the prompts is the report's
+        prompts = sorted(prompts, key=lambda t: REPLY_LENGTH_RANK[t.kind])
     ids = [render(tok, context_of(t), add_generation_prompt=True).ids for t in prompts]
     replies: dict[str, list] = {}
     gold: dict[str, list[float]] = {}

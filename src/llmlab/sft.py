@@ -76,14 +76,23 @@ def collate(batch: list[tuple[list[int], list[bool]]]) -> tuple[torch.Tensor, to
 @torch.no_grad()
 def answer(model: GPT, tok: Tokenizer, tasks: Sequence[Task], max_new_tokens: int, temperature: float = 0.0,
            batch_size: int = 64, generator: torch.Generator | None = None) -> list:
-    """The model's reply (`chat.Reply`) to each task's prompt, one user turn each."""
-    replies = []
-    for i in range(0, len(tasks), batch_size):
-        chunk = tasks[i : i + batch_size]
-        prompts = [render(tok, [{"role": "user", "content": t.prompt}], add_generation_prompt=True).ids for t in chunk]
+    """The model's reply (`chat.Reply`) to each task's prompt, one user turn each.
+
+    A batch generates until its longest reply ends, so tasks are batched by kind, short answers
+    together (a worked addition is ~60 tokens, a fact ~12): a third faster than mixed batches.
+    """
+    order = sorted(range(len(tasks)), key=lambda i: REPLY_LENGTH_RANK[tasks[i].kind])
+    replies: list = [None] * len(tasks)
+    for i in range(0, len(order), batch_size):
+        chunk = order[i : i + batch_size]
+        prompts = [render(tok, [{"role": "user", "content": tasks[j].prompt}], add_generation_prompt=True).ids for j in chunk]
         outs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_ids=[END_ID], generator=generator)
-        replies += [parse_reply(tok, o) for o in outs]
+        for j, o in zip(chunk, outs, strict=True):
+            replies[j] = parse_reply(tok, o)
     return replies
+
+
+REPLY_LENGTH_RANK = {"harmful": 0, "unknown": 1, "fact": 2, "about": 3, "arithmetic": 4}  # shortest first
 
 
 def chat_metrics(tasks: Sequence[Task], replies: Sequence, rater: Rater, people_group: dict[str, str]) -> dict[str, float]:
