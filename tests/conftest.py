@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,20 @@ def stage_env(tmp_path: Path) -> dict[str, str]:
     env["TOKENIZERS_PARALLELISM"] = "false"
     env.pop("LLMLAB_PIPELINE_RUN_ID", None)
     return env
+
+
+def kill_after_first_checkpoint(stage: str, args: list[str], cwd: Path, env: dict[str, str], params: Path, checkpoint: Path,
+                                timeout_s: float = 120) -> None:
+    """Start a stage, SIGKILL it as soon as `checkpoint` exists (as a power cut would), and wait for it."""
+    cmd = [sys.executable, str(ROOT / "pipeline" / f"{stage}.py"), "--params", str(params), *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while not checkpoint.exists():
+        assert proc.poll() is None, "the stage finished before its first checkpoint: give it more steps"
+        assert time.monotonic() < deadline, f"no checkpoint after {timeout_s} s"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def run_stage(

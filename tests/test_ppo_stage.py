@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,7 +16,7 @@ from safetensors.torch import load_file
 from llmlab.model import GPT, GPTConfig, save_model
 from llmlab.reward import RewardModel, save_reward_model
 from llmlab.tokenizer import load_tokenizer
-from tests.conftest import ROOT, SMOKE_PARAMS, run_stage, stage_env
+from tests.conftest import SMOKE_PARAMS, kill_after_first_checkpoint, run_stage, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -69,15 +64,7 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(smoke_data,
     assert metrics["iterations"] == 10 and metrics["n_prompts"] == 16 and math.isfinite(metrics["kl_to_sft"])
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "pipeline" / "ppo.py"), "--params", str(params), *stage_args(smoke_data, inputs, killed)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (killed / "ckpt" / "last.ckpt").exists():
-        assert proc.poll() is None, "finished before the first checkpoint: raise iterations"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint("ppo", stage_args(smoke_data, inputs, killed), tmp_path, env, params, killed / "ckpt" / "last.ckpt")
     assert not (killed / "model").exists()
     at_kill = torch.load(killed / "ckpt" / "last.ckpt", weights_only=True)["iteration"]
     assert 0 < at_kill < 10

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +13,7 @@ from safetensors.torch import load_file
 from llmlab.checkpoints import resume_path
 from llmlab.params import PretrainConfig
 from llmlab.pretraining import FixedWindows, TokenWindows, lr_at
-from tests.conftest import ROOT, SMOKE_PARAMS, run_stage, stage_env
+from tests.conftest import SMOKE_PARAMS, kill_after_first_checkpoint, run_stage, stage_env
 
 
 def test_windows_are_shifted_by_one_and_reproducible():
@@ -87,15 +82,7 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(smoke_data,
     assert r.returncode == 0, r.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "pipeline" / "pretrain.py"), "--params", str(params), *stage_args(smoke_data, killed)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (killed / "ckpt" / "last.ckpt").exists():
-        assert proc.poll() is None, "finished before the first checkpoint: raise max_steps"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint("pretrain", stage_args(smoke_data, killed), tmp_path, env, params, killed / "ckpt" / "last.ckpt")
     assert not (killed / "model").exists()
     step_at_kill = torch.load(killed / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < step_at_kill < 600

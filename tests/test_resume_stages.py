@@ -4,11 +4,6 @@ again, ends with the weights of an uninterrupted run (the data order continues w
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +14,7 @@ from safetensors.torch import load_file
 
 from llmlab.model import GPT, GPTConfig, save_model
 from llmlab.tokenizer import load_tokenizer
-from tests.conftest import ROOT, SMOKE_PARAMS, run_stage, stage_env
+from tests.conftest import SMOKE_PARAMS, kill_after_first_checkpoint, run_stage, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -62,15 +57,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_weights(stage, smoke_data, ba
     r = run_stage(stage, args_for(stage, smoke_data, base, straight), tmp_path, env, params)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    cmd = [sys.executable, str(ROOT / "pipeline" / f"{stage}.py"), "--params", str(params), *args_for(stage, smoke_data, base, killed)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (killed / "ckpt" / "last.ckpt").exists():
-        assert proc.poll() is None, "finished before the first checkpoint: raise max_steps"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(stage, args_for(stage, smoke_data, base, killed), tmp_path, env, params, killed / "ckpt" / "last.ckpt")
     assert 0 < torch.load(killed / "ckpt" / "last.ckpt", weights_only=True)["global_step"] < 120
 
     r = run_stage(stage, args_for(stage, smoke_data, base, killed), tmp_path, env, params)
