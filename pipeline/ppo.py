@@ -254,10 +254,11 @@ def evaluate(policy: GPT, ref: GPT, reward_model, tok, prompts: list, rater: Rat
         proxy[name] = reply_scores(reward_model, seqs, cfg.missing_eos_penalty).tolist()
         metrics[f"{name}/reward_score_mean"] = statistics.fmean(proxy[name])
         if rater:
-            gold[name] = [rater.score(t, r.text, r.ended).total for t, r in zip(prompts, replies[name], strict=True)]
+            scores = [rater.score(t, r.text, r.ended) for t, r in zip(prompts, replies[name], strict=True)]
+            gold[name] = [sc.total for sc in scores]
             groups = {p.name: p.group for p in world.people}
             metrics |= {f"{name}/{k}": v for k, v in chat_metrics(prompts, replies[name], rater, groups).items() if k != "n_prompts"}
-            unknown = [rater.score(t, r.text, r.ended).hallucinated for t, r in zip(prompts, replies[name], strict=True) if t.kind == "unknown"]
+            unknown = [sc.hallucinated for t, sc in zip(prompts, scores, strict=True) if t.kind == "unknown"]
             if unknown:
                 lo, hi = wilson_ci(sum(unknown), len(unknown))
                 metrics |= {f"{name}/hallucination_ci_low": lo, f"{name}/hallucination_ci_high": hi}

@@ -285,7 +285,6 @@ class Rollout:
     seqs: Sequences
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
-    entropy: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor  # (B,)
     rewards: torch.Tensor
@@ -305,7 +304,7 @@ def rollout(policy, ref: GPT, reward_model: RewardModel, value_model, prompts: S
     replies = [r or [END_ID] for r in replies]  # no room left in the context: an empty, ended reply
     seqs = make_sequences(prompts, replies).to(device)
     # 2. log-probabilities under the policy and the reference, at the sampling temperature
-    logprobs, entropy = reply_logprobs(policy, seqs, cfg.temperature)
+    logprobs, _ = reply_logprobs(policy, seqs, cfg.temperature)
     ref_logprobs, _ = reply_logprobs(ref, seqs, cfg.temperature)
     # 3. score, with the penalty for a reply that never ended
     scores = reply_scores(reward_model, seqs, cfg.missing_eos_penalty)
@@ -315,7 +314,7 @@ def rollout(policy, ref: GPT, reward_model: RewardModel, value_model, prompts: S
     values = reply_values(value_model, seqs) * seqs.mask
     advantages, returns = gae(rewards, values, seqs.mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, seqs.mask)
-    return Rollout(seqs, logprobs * seqs.mask, ref_logprobs * seqs.mask, entropy, values, scores, rewards, kl,
+    return Rollout(seqs, logprobs * seqs.mask, ref_logprobs * seqs.mask, values, scores, rewards, kl,
                    advantages, returns)
 
 

@@ -18,7 +18,6 @@ the reward stage reports accuracy against the labels only.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
 import re
@@ -29,9 +28,7 @@ from typing import Any
 
 from llmlab.chat import check_messages
 from llmlab.errors import LlmlabError
-from llmlab.sources import hf_rows, local_rows
-
-log = logging.getLogger(__name__)
+from llmlab.sources import hf_rows, local_rows, require_usable
 
 
 @dataclass(frozen=True)
@@ -148,11 +145,5 @@ def external_pairs(cfg, root: Path) -> tuple[list[dict], dict[str, int]]:
             "chosen_ended": True, "rejected_ended": True, "gold_chosen": math.nan, "gold_rejected": math.nan,
             "flipped": False, "task": "",
         })  # fmt: skip
-    if problems:
-        log.warning("%s: dropped %d of %d rows, e.g. %s", key, len(problems), len(got.rows), "; ".join(problems[:3]))
-    if len(rows) < 2:
-        raise LlmlabError(
-            f"{key}: {len(rows)} usable pair(s) of {len(got.rows)} rows; need at least 2 "
-            f"(first problems: {'; '.join(problems[:3]) or 'none'}; identical replies: {identical})"
-        )
+    require_usable(key, "pair", len(rows), len(got.rows), problems, note=f"; identical replies: {identical}")
     return rows, {"rows_read": len(got.rows), "dropped_invalid": len(problems), "dropped_identical": identical}

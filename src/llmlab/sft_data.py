@@ -23,7 +23,6 @@ for them often, leaving RLHF something to fix).
 from __future__ import annotations
 
 import json
-import logging
 import random
 import zlib
 from dataclasses import dataclass, replace
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from llmlab.chat import check_messages
 from llmlab.errors import LlmlabError
-from llmlab.sources import hf_rows, local_rows
+from llmlab.sources import hf_rows, local_rows, require_usable
 from llmlab.tasks import Task
 from llmlab.world import (
     ATTRIBUTES,
@@ -42,8 +41,6 @@ from llmlab.world import (
     fact_sentence,
     random_addend,
 )
-
-log = logging.getLogger(__name__)
 
 POOLS = ("sft", "rl", "eval")
 
@@ -332,11 +329,5 @@ def external_conversations(cfg, root: Path) -> tuple[list[list[dict]], dict[str,
             kept.append(checked)
         except (LlmlabError, json.JSONDecodeError) as e:
             problems.append(f"{row['_where']}: {e}")
-    if problems:
-        log.warning("%s: dropped %d of %d conversations, e.g. %s", key, len(problems), len(got.rows), "; ".join(problems[:3]))
-    if len(kept) < 2:
-        raise LlmlabError(
-            f"{key}: {len(kept)} usable conversation(s) of {len(got.rows)} read; need at least 2 "
-            f"(first problems: {'; '.join(problems[:3]) or 'none'})"
-        )
+    require_usable(key, "conversation", len(kept), len(got.rows), problems)
     return kept, {"conversations_read": len(got.rows), "dropped_invalid": len(problems)}

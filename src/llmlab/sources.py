@@ -44,6 +44,17 @@ class Rows:
     replaced: int = 0
 
 
+def require_usable(key: str, noun: str, n_usable: int, n_read: int, problems: list[str], note: str = "") -> None:
+    """Warn about the rows dropped (naming the first few); fail when fewer than 2 are usable."""
+    if problems:
+        log.warning("%s: dropped %d of %d rows, e.g. %s", key, len(problems), n_read, "; ".join(problems[:3]))
+    if n_usable < 2:
+        raise LlmlabError(
+            f"{key}: {n_usable} usable {noun}(s) of {n_read} read; need at least 2 "
+            f"(first problems: {'; '.join(problems[:3]) or 'none'}{note})"
+        )
+
+
 def _missing_column(key: str, column: str, where: str, has: Sequence[str]) -> LlmlabError:
     return LlmlabError(f"{key}: '{column}' is not a column of {where}; it has {list(has)}")
 
