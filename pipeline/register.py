@@ -1,0 +1,69 @@
+"""Stage `register`: the three trained models as MLflow models, and the PPO model in the Model Registry.
+
+Inputs: models/pretrain (stage `pretrain`), models/sft (stage `sft`), models/ppo (stage `ppo`), the tokenizer.
+Outputs: three MLflow models logged to this stage's run (named base, sft, ppo: weights, tokenizer, config
+and code packed in, see `llmlab.serving`); a new version of the registered model `--name` (default
+llmlab-chat) made from the PPO model, with the alias `champion` moved to it; metrics/register.json with
+the model URIs, the version and the time taken. Serve the champion with
+
+    mlflow models serve -m models:/llmlab-chat@champion --env-manager local -p 5001
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import mlflow
+
+from llmlab.io import write_json
+from llmlab.model import load_model
+from llmlab.params import Params
+from llmlab.serving import CHAMPION, REGISTERED_NAME, log_chat_model, register
+from llmlab.stage import run_stage
+from llmlab.tokenizer import load_tokenizer
+from llmlab.tracking import StageRun
+
+log = logging.getLogger("llmlab.register")
+
+
+def add_arguments(p):
+    p.add_argument("--base", required=True, help="pretrained model folder (from the pretrain stage)")
+    p.add_argument("--sft", required=True, help="chat model folder (from the sft stage)")
+    p.add_argument("--ppo", required=True, help="RLHF model folder (from the ppo stage): the one registered")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    p.add_argument("--out", required=True, help="metrics JSON file")
+    p.add_argument("--name", default=REGISTERED_NAME, help=f"registered model name (default: {REGISTERED_NAME})")
+
+
+def main(args, params: Params) -> None:  # reads no params section
+    models = {"base": (args.base, "pretrain"), "sft": (args.sft, "sft"), "ppo": (args.ppo, "ppo")}
+    for folder, stage in models.values():  # a missing model names the stage that writes it, before any run starts
+        load_model(folder, stage=stage)
+    load_tokenizer(args.tokenizer)
+
+    with StageRun("register", tags={"registered_model": args.name}) as run:
+        t0 = time.perf_counter()
+        mlflow.set_tracking_uri(run.uri)  # log_model and the registry use MLflow's global URI: the stage's store
+        uris, seconds = {}, {}
+        for name, (folder, _) in models.items():
+            t = time.perf_counter()
+            uris[name] = log_chat_model(folder, args.tokenizer, name, run_id=run.run_id)
+            seconds[f"log_{name}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        version = register(uris["ppo"], args.name, CHAMPION)
+        seconds["register"] = time.perf_counter() - t
+        seconds["total"] = time.perf_counter() - t0
+        write_json(args.out, {"models": uris, "registered_model": args.name, "version": version, "alias": CHAMPION,
+                              "seconds": seconds})
+        run.log_metrics({"version": version, **{f"seconds/{k}": v for k, v in seconds.items()}})
+        run.log_artifact(args.out)
+    log.info("logged base, sft, ppo in %.1f s; %s version %d is @%s: models:/%s@%s",
+             seconds["total"], args.name, version, CHAMPION, args.name, CHAMPION)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per logged file otherwise
+    run_stage("register", main, add_arguments)
