@@ -8,6 +8,8 @@ The model maps a sequence to a distribution over the next token; generation is a
     context = context + [token]
 
 With a KV cache (the default) the prompt is run once and each later step feeds only the new token.
+`stream` is the same loop for one prompt, yielding each token as it is drawn (for a chat that prints the
+reply while it is written).
 Prompts in a batch have different lengths: they are left-padded, the padding is masked out of attention,
 and each row's rotary positions count only its real tokens, so a row's output does not depend on what
 else is in the batch.
@@ -15,7 +17,7 @@ else is in the batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -111,6 +113,41 @@ def generate(
             break
         logits = forward(P + t, P + t + 1, cache) if use_cache else forward(0, P + t + 1, None)
     return [_cut_at_stop(row, stop_ids) for row in tokens[:, P : P + steps].tolist()]
+
+
+@torch.no_grad()
+def stream(
+    model: GPT,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """Continue one prompt, yielding each new token as soon as it is drawn (a stop token is yielded last).
+
+    The same loop as `generate` for a batch of one, so it yields exactly the tokens `generate` returns,
+    greedy or sampled with the same seeded generator: the same forward calls, then one `sample_next` per
+    step. What it adds is time to first token: a chat can print a reply while it is being written.
+    """
+    if len(prompt) == 0:
+        raise ValueError("the prompt needs at least one token (start it with <|bos|>)")
+    ctx = model.config.context_length
+    device = next(model.parameters()).device
+    prompt = list(prompt)[-(ctx - 1) :]
+    n_new = max(0, min(max_new_tokens, ctx - len(prompt)))
+    cache = KVCache(model.config, 1, len(prompt) + n_new, device, dtype=next(model.parameters()).dtype)
+    logits, _ = model(torch.tensor([prompt], dtype=torch.long, device=device), cache=cache)  # (1, P, V)
+    for t in range(n_new):
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (1,)
+        token = int(nxt.item())
+        yield token
+        if token in stop_ids or t + 1 == n_new:
+            return
+        logits, _ = model(nxt[:, None], cache=cache)  # (1, 1, V): only the new token goes through the model
 
 
 def _cut_at_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
