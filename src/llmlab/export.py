@@ -1,18 +1,67 @@
-"""The llmlab transformer as a Hugging Face `transformers` Llama: config and weights, exactly.
+"""The llmlab transformer as a Hugging Face `transformers` Llama: config, weights and tokenizer, exactly.
 
 llmlab fuses q/k/v into one projection and gate/up into another; Llama keeps them apart. Splitting the
 fused matrices by rows gives Llama's weights unchanged, and both use the same "rotate half" RoPE layout,
-so the two models compute the same logits (tests/test_model.py checks it).
+so the two models compute the same logits (tests/test_model.py and tests/test_export.py check it).
+
+`export_hf` writes a folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
+load offline, with a chat template that gives the ids of `llmlab.chat.render`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from llmlab.errors import LlmlabError
+from llmlab.io import atomic_path
 from llmlab.model import GPT, GPTConfig
+from llmlab.tokenizer import BOS_ID, END_ID, PAD_ID, SPECIAL_TOKENS, hf_tokenizer
+
+FORMATS = ("hf",)
+
+CHAT_TEMPLATE = (
+    """{#- llmlab's chat template (llmlab.chat.render): <|bos|> then <|role|>content<|end|> per message.
+A system message is folded into the first user turn; turns alternate user, assistant. -#}
+{%- set ns = namespace(system='', turns=0) -%}
+{{- bos_token -}}
+{%- for message in messages -%}
+    {%- if message['content'] is not string -%}
+        {{- raise_exception('message content must be a string') -}}
+    {%- endif -%}
+    {%- if message['role'] == 'system' -%}
+        {%- set ns.system = ns.system + message['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- if message['role'] != ['user', 'assistant'][ns.turns % 2] -%}
+            {{- raise_exception('turns must alternate user, assistant (user first), roles user/assistant/system') -}}
+        {%- endif -%}
+        {%- set content = ns.system + message['content'] if ns.turns == 0 else message['content'] -%}
+        {%- for special in SPECIALS -%}
+            {%- if special in content -%}
+                {{- raise_exception('message text contains ' + special + ', which this tokenizer would read as the special token: use llmlab.chat.render, which keeps it text') -}}
+            {%- endif -%}
+        {%- endfor -%}
+        {{- '<|' + message['role'] + '|>' + content + '<|end|>' -}}
+        {%- set ns.turns = ns.turns + 1 -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|assistant|>' -}}
+{%- endif -%}
+"""
+).replace("SPECIALS", repr(list(SPECIAL_TOKENS)))
+"""Jinja for `tokenizer.apply_chat_template`, giving the same ids as `llmlab.chat.render`.
+
+subtle: a template makes text and the tokenizer then reads special tokens out of it, so "<|end|>" typed
+in a message would become the special token (a prompt injection). `encode_content` keeps such text as
+plain characters; no text the template could write tokenizes the same way, so it refuses instead.
+"""
 
 
-def llama_config_kwargs(c: GPTConfig, bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None) -> dict:
+def llama_config_kwargs(
+    c: GPTConfig, bos_id: int | None = None, eos_id: int | None = None, pad_id: int | None = None
+) -> dict:
     """Arguments for `transformers.LlamaConfig` describing the same network."""
     return {
         "vocab_size": c.vocab_size,
@@ -56,3 +105,34 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     if not c.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def export_hf(model: GPT, tokenizer_path: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Write `model` and its tokenizer as a `transformers` Llama folder, atomically; return the folder.
+
+    config.json (LlamaConfig, float32), model.safetensors (Llama's names; a tied head is not stored twice,
+    `tie_word_embeddings` makes transformers share it on loading), generation_config.json (eos is
+    <|end|>, where a reply ends), and tokenizer.json + tokenizer_config.json + chat_template.jinja.
+    An existing folder that is not empty is replaced only with `force`.
+    """
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig, LlamaConfig
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LlmlabError(f"{out_dir} is a file: pass a folder to export into")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise LlmlabError(f"{out_dir} is not empty: pass --force to replace it, or export into a new folder")
+    c = model.config
+    config = LlamaConfig(**llama_config_kwargs(c, bos_id=BOS_ID, eos_id=END_ID, pad_id=PAD_ID))
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = torch.float32
+    tok = hf_tokenizer(tokenizer_path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.model_max_length = c.context_length
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        config.save_pretrained(tmp)
+        GenerationConfig(bos_token_id=BOS_ID, eos_token_id=END_ID, pad_token_id=PAD_ID).save_pretrained(tmp)
+        save_file(llama_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+    return out_dir
