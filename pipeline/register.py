@@ -59,8 +59,8 @@ def main(args, params: Params) -> None:  # reads no params section
                               "seconds": seconds})
         run.log_metrics({"version": version, **{f"seconds/{k}": v for k, v in seconds.items()}})
         run.log_artifact(args.out)
-    log.info("logged base, sft, ppo in %.1f s; %s version %d is @%s: models:/%s@%s",
-             seconds["total"], args.name, version, CHAMPION, args.name, CHAMPION)
+    log.info("logged base, sft, ppo and registered ppo in %.1f s: models:/%s@%s is version %d",
+             seconds["total"], args.name, CHAMPION, version)
 
 
 if __name__ == "__main__":
