@@ -167,11 +167,11 @@ def fit_prompt(tok: Tokenizer, history: Sequence[dict], user_text: str, max_toke
         if not history:
             break
         history, dropped = history[2:], dropped + 1
+    # The new message alone is too long (`ids` renders just it): keep its end.
     overhead = len(render(tok, [{"role": "user", "content": ""}], add_generation_prompt=True).ids)
-    kept = keep_end(tok, user_text, max_tokens - overhead)
-    messages = [{"role": "user", "content": kept}]
-    cut = len(encode_content(tok, user_text)) - len(encode_content(tok, kept))
-    return Prompt(render(tok, messages, add_generation_prompt=True).ids, messages, dropped, cut)
+    messages = [{"role": "user", "content": keep_end(tok, user_text, max_tokens - overhead)}]
+    kept = render(tok, messages, add_generation_prompt=True).ids
+    return Prompt(kept, messages, dropped, truncated_tokens=len(ids) - len(kept))
 
 
 def keep_end(tok: Tokenizer, text: str, max_tokens: int) -> str:
@@ -188,7 +188,9 @@ def keep_end(tok: Tokenizer, text: str, max_tokens: int) -> str:
     def n_tokens(i: int) -> int:
         return len(encode_content(tok, text[i:]))
 
-    lo, hi = 0, len(text)  # invariant: text[hi:] fits
+    # A token is at most `longest` bytes, so at most that many characters: no start further back can fit.
+    longest = max(len(piece) for piece in tok.get_vocab())  # byte-level pieces: one character per byte
+    lo, hi = max(0, len(text) - max_tokens * longest), len(text)  # invariant: text[hi:] fits
     while lo < hi:
         mid = (lo + hi) // 2
         if n_tokens(mid) <= max_tokens:
@@ -209,7 +211,7 @@ class TextStream:
     subtle: a byte-level BPE token can hold part of a character ("é" is two bytes, an emoji four, and
     they can land in different tokens). Decoding such a prefix gives U+FFFD, so text is held back while
     it ends in U+FFFD and released once the character is whole. Each piece is the new end of the decoded
-    text so far, so the pieces always add up to `tok.decode(all ids)` (checked by `flush`).
+    text so far, so the pieces always add up to `tok.decode(all ids)`.
     """
 
     def __init__(self, tok: Tokenizer):
