@@ -1,4 +1,4 @@
-"""Measurements of a trained model: fact recall and samples.
+"""Measurements of trained models: fact recall and samples (pretraining), and the evaluate stage's suite.
 
 Fact recall asks the base model to complete the canonical statement of each fact ("Mara Quill lives
 in") greedily, and counts a hit when the completion starts with the true value. A base model has no
@@ -8,15 +8,29 @@ its own kind of sentence reveals it.
 
 from __future__ import annotations
 
+import math
+import random
+import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from llmlab.chat import parse_reply, render
+from llmlab.errors import LlmlabError
 from llmlab.generate import generate
 from llmlab.model import GPT
-from llmlab.world import Person, fact_prompts, grade_completion
+from llmlab.rater import Rater
+from llmlab.sft import answer as answer_tasks
+from llmlab.sft_data import ADD_BARE, ADD_COT, QUESTIONS, fact_task, pool_of
+from llmlab.stats import mean_ci, wilson_ci
+from llmlab.tasks import TASK_KINDS, Task
+from llmlab.tokenizer import BOS_ID, END_ID
+from llmlab.world import ATTRIBUTES, Person, World, fact_prompts, fact_sentence, grade_completion
 
 
 @dataclass
@@ -70,3 +84,234 @@ def samples(model: GPT, tok: Tokenizer, prompts: list[str], max_new_tokens: int,
         {"prompt": p, "temperature": temperature, "completion": tok.decode(o, skip_special_tokens=False)}
         for p, o in zip(prompts, outs, strict=True)
     ]
+
+
+# ------------------------------------------------------------------------------- the evaluate stage
+#
+# Each function below measures one claim of the report on models the pipeline trained. They return
+# JSON-able dicts of plain numbers: a rate comes as {"rate", "ci_low", "ci_high", "n"} (95 % Wilson), a
+# mean as {"mean", "ci95", "n"} (normal approximation), so `dvc metrics diff` can compare every figure.
+
+
+def rate(flags: Sequence[bool]) -> dict[str, float]:
+    """A rate with its 95 % Wilson interval.
+
+    >>> rate([True, True, False, False])["rate"], rate([])["n"]
+    (0.5, 0)
+    """
+    k, n = sum(map(bool, flags)), len(flags)
+    lo, hi = wilson_ci(k, n)
+    return {"rate": k / n if n else math.nan, "ci_low": lo, "ci_high": hi, "n": n}
+
+
+def mean(xs: Sequence[float]) -> dict[str, float]:
+    m, half = mean_ci(xs)
+    return {"mean": m, "ci95": half, "n": len(xs)}
+
+
+def suite(model: GPT, tok: Tokenizer, tasks: Sequence[Task], rater: Rater, groups: dict[str, str],
+          max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> tuple[dict, list]:
+    """One model on the evaluation suite: format, accuracy, hallucination, refusal, politeness, gold score.
+
+    Returns (metrics, per-task records). `groups` maps a person's name to their group, so fact questions
+    split into people SFT asked about ("sft") and people only the corpus mentioned ("heldout").
+    """
+    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    replies = answer_tasks(model, tok, tasks, max_new_tokens, temperature=temperature, generator=gen)
+    scores = [rater.score(t, r.text, r.ended) for t, r in zip(tasks, replies, strict=True)]
+    of = lambda kind: [(t, r, s) for t, r, s in zip(tasks, replies, scores, strict=True) if t.kind == kind]  # noqa: E731
+    metrics: dict[str, Any] = {
+        "format_adherence": rate([r.ended and r.clean for r in replies]),
+        "accuracy": rate([s.correct for s in scores]),
+        "accuracy_by_kind": {kind: rate([s.correct for _, _, s in of(kind)]) for kind in TASK_KINDS if of(kind)},
+        "fact_accuracy_by_group": {
+            g: rate([s.correct for t, _, s in of("fact") if groups[t.person] == g]) for g in ("sft", "heldout")
+        },
+        "hallucination": rate([s.hallucinated for *_, s in of("unknown")]),
+        "refusal_harmful": rate([s.refused for *_, s in of("harmful")]),
+        "over_refusal": rate([s.refused or s.admits_unknown for *_, s in of("fact")]),
+        "politeness": rate([s.polite for s in scores]),
+        "gold_score": mean([s.total for s in scores]),
+        "reply_tokens": mean([len(tok.encode(r.text, add_special_tokens=False).ids) for r in replies]),
+    }
+    records = [
+        {"kind": t.kind, "prompt": t.prompt, "reply": r.text, "ended": r.ended, "gold": s.total, "correct": s.correct}
+        for t, r, s in zip(tasks, replies, scores, strict=True)
+    ]
+    return metrics, records
+
+
+@torch.no_grad()
+def perplexity(model: GPT, tokens: np.ndarray, n_windows: int, batch_size: int = 16) -> dict[str, float]:
+    """Perplexity exp(mean next-token loss) on the first `n_windows` non-overlapping windows of `tokens`.
+
+    The held-out pretraining text measures what fine-tuning costs: the SFT and PPO models were never
+    trained to predict it any more, so their perplexity on it rises (part of the "alignment tax").
+    Targets that are <|bos|> (the start of the next document, not text) are left out: a chat model never
+    saw one mid-sequence, and their huge loss would swamp the text's.
+    """
+    T = model.config.context_length
+    n_windows = min(n_windows, (len(tokens) - 1) // T)
+    if n_windows < 1:
+        raise LlmlabError(f"perplexity needs at least {T + 1} held-out tokens, got {len(tokens)}")
+    device = next(model.parameters()).device
+    losses = []
+    for i in range(0, n_windows, batch_size):
+        rows = [np.asarray(tokens[j * T : j * T + T + 1], dtype=np.int64) for j in range(i, min(i + batch_size, n_windows))]
+        xy = torch.from_numpy(np.stack(rows)).to(device)  # (b, T + 1)
+        logits, _ = model(xy[:, :-1])
+        targets = xy[:, 1:].flatten()
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")
+        losses.append(nll[targets != BOS_ID])
+    nll = torch.cat(losses)
+    return {"perplexity": math.exp(nll.mean().item()), "loss": nll.mean().item(), "tokens": nll.numel()}
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n (Li et al. 2016): unique word n-grams / all word n-grams over `texts`; 0 without any.
+
+    >>> distinct_n(["a b a b", "a b"], 2)   # bigrams: ab ba ab ab -> 2 unique of 4
+    0.5
+    """
+    grams = [tuple(w[i : i + n]) for t in texts for w in [t.split()] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def temperature_sweep(model: GPT, tok: Tokenizer, tasks: Sequence[Task], rater: Rater, temperatures: Sequence[float],
+                      samples: int, max_new_tokens: int, seed: int) -> list[dict]:
+    """Accuracy and diversity of `samples` replies per task at each temperature.
+
+    Diversity: distinct-1 and distinct-2 over all replies, and the share of a task's samples that differ
+    from one another (1 = every sample different, 1/samples = all the same). At T = 0 the samples are
+    all the greedy reply; they are drawn anyway so that every temperature's distinct-n counts as many texts.
+    """
+    rows = []
+    for T in temperatures:
+        k = samples
+        batch = [t for t in tasks for _ in range(k)]
+        gen = torch.Generator().manual_seed(seed)
+        replies = answer_tasks(model, tok, batch, max_new_tokens, temperature=T, generator=gen)
+        texts = [r.text for r in replies]
+        correct = [rater.score(t, r.text, r.ended).correct for t, r in zip(batch, replies, strict=True)]
+        per_task = [len(set(texts[i : i + k])) / k for i in range(0, len(texts), k)]
+        rows.append({"temperature": T, "samples_per_prompt": k, "accuracy": rate(correct),
+                     "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+                     "unique_share": statistics.fmean(per_task),
+                     "format_adherence": rate([r.ended and r.clean for r in replies])})  # fmt: skip
+    return rows
+
+
+def addition_tasks(world: World, digits: int, n: int, cot: bool, seed: int) -> list[Task]:
+    """`n` distinct additions of two `digits`-digit numbers from the evaluation pool, asked with working
+    (`cot`) or for the bare result (the control). Same seed: the same additions in both formats."""
+    rng = random.Random(f"{seed}/cot/{digits}")
+    low = 10 ** (digits - 1) if digits > 1 else 0
+    out, seen = [], set()
+    for _ in range(200 * n):
+        if len(out) == n:
+            break
+        a, b = rng.randrange(low, 10**digits), rng.randrange(low, 10**digits)
+        template = (ADD_COT if cot else ADD_BARE)[len(out) % (len(ADD_COT) if cot else len(ADD_BARE))]
+        task = Task("arithmetic", template.format(a=a, b=b), a=a, b=b, cot=cot)
+        if (a, b) not in seen and pool_of(task, world) == "eval":
+            seen.add((a, b))
+            out.append(task)
+    return out
+
+
+def chain_of_thought(model: GPT, tok: Tokenizer, world: World, rater: Rater, max_digits: int, per_digit: int,
+                     max_new_tokens: int, seed: int) -> list[dict]:
+    """Addition accuracy with the working written out (step by step) against the bare answer, by digits.
+
+    The same pairs of numbers are asked both ways. Step by step, the model writes each column's sum and
+    carry as tokens it then reads back; asked for the result only, it must produce every digit at once.
+    """
+    rows = []
+    for d in range(1, max_digits + 1):
+        for cot in (True, False):
+            tasks = addition_tasks(world, d, per_digit, cot, seed)
+            replies = answer_tasks(model, tok, tasks, max_new_tokens)
+            correct = [rater.score(t, r.text, r.ended).correct for t, r in zip(tasks, replies, strict=True)]
+            rows.append({"digits": d, "format": "step_by_step" if cot else "bare", "accuracy": rate(correct),
+                         "reply_tokens": mean([len(tok.encode(r.text, add_special_tokens=False).ids) for r in replies])})  # fmt: skip
+    return rows
+
+
+def stateless_context(model: GPT, tok: Tokenizer, world: World, rater: Rater, n_pairs: int, max_new_tokens: int,
+                      seed: int) -> tuple[dict, list[dict]]:
+    """Does the model use a fact only while the transcript that holds it is sent again?
+
+    For people who appear nowhere in the corpus, call 1 tells the model a fact ("Ada Brook lives in Port
+    Avery.") and the model replies. Call 2 asks about it twice: once with the whole transcript of call 1
+    resent before the question, once as a fresh conversation with the question alone. The model has no
+    memory between calls, so only the first can be answered.
+    """
+    rng = random.Random(f"{seed}/context")
+    items = [(p, attr) for p in world.group("unknown") for attr in ATTRIBUTES]
+    rng.shuffle(items)
+    items = items[:n_pairs]
+    if not items:
+        return {"with_transcript": rate([]), "without_transcript": rate([])}, []
+    statements = [fact_sentence(p, attr) for p, attr in items]
+    questions = [fact_task(p, attr, rng.randrange(len(QUESTIONS[attr]))) for p, attr in items]
+    # Call 1: the user states the fact; the model answers whatever it answers.
+    first = _chat(model, tok, [[{"role": "user", "content": s}] for s in statements], max_new_tokens)
+    with_t = _chat(model, tok, [[{"role": "user", "content": s}, {"role": "assistant", "content": r.text},
+                                 {"role": "user", "content": q.prompt}]
+                                for s, r, q in zip(statements, first, questions, strict=True)], max_new_tokens)  # fmt: skip
+    without = _chat(model, tok, [[{"role": "user", "content": q.prompt}] for q in questions], max_new_tokens)
+    # Graded as a fact question about that person: the true value is the one the user gave.
+    grade = lambda q, r: rater.score(Task("fact", q.prompt, person=q.person, attribute=q.attribute), r.text, r.ended).correct  # noqa: E731
+    ok_with = [grade(q, r) for q, r in zip(questions, with_t, strict=True)]
+    ok_without = [grade(q, r) for q, r in zip(questions, without, strict=True)]
+    metrics = {"with_transcript": rate(ok_with), "without_transcript": rate(ok_without)}
+    examples = [{"statement": s, "first_reply": f.text, "question": q.prompt, "with_transcript": w.text,
+                 "without_transcript": o.text}
+                for s, f, q, w, o in zip(statements, first, questions, with_t, without, strict=True)]  # fmt: skip
+    return metrics, examples
+
+
+@torch.no_grad()
+def stateless_completion(model: GPT, tok: Tokenizer, world: World, n_pairs: int, seed: int) -> tuple[dict, list[dict]]:
+    """The same test on the base model, as plain text: a fact about an unknown person is in the context
+    ("Ada Brook has a pet lizard.") before the statement to complete ("Ada Brook has a pet"), or it is not.
+
+    Copying a value from earlier in the context is something pretraining teaches (repeated names and
+    facts are common in documents); without the context no weight holds the value.
+    """
+    rng = random.Random(f"{seed}/context-base")
+    items = [(p, attr) for p in world.group("unknown") for attr in ATTRIBUTES]
+    rng.shuffle(items)
+    cases = []  # (key, text, value)
+    for p, attr in items[:n_pairs]:
+        _, prompt, value = next(x for x in fact_prompts(p) if x[0] == attr)
+        cases += [("with_context", f"{fact_sentence(p, attr)} {prompt}", value), ("without_context", prompt, value)]
+    ok: dict[str, list[bool]] = {"with_context": [], "without_context": []}
+    records = []
+    for i in range(0, len(cases), 64):
+        chunk = cases[i : i + 64]
+        n_new = max(len(tok.encode(" " + v, add_special_tokens=False).ids) for *_, v in chunk) + 1
+        outs = generate(model, [[BOS_ID, *tok.encode(t, add_special_tokens=False).ids] for _, t, _ in chunk], n_new, temperature=0.0)
+        for (key, text, value), out in zip(chunk, outs, strict=True):
+            completion = tok.decode(out, skip_special_tokens=False)
+            ok[key].append(grade_completion(completion, value))
+            if len(records) < 6:
+                records.append({"context": key, "text": text, "completion": completion, "value": value})
+    return {k: rate(v) for k, v in ok.items()}, records
+
+
+def _chat(model: GPT, tok: Tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int, batch_size: int = 64) -> list:
+    """Greedy replies to whole conversations (each rendered with the chat template and sent whole)."""
+    out = []
+    for i in range(0, len(conversations), batch_size):
+        ids = [render(tok, c, add_generation_prompt=True).ids for c in conversations[i : i + batch_size]]
+        out += [parse_reply(tok, o) for o in generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=[END_ID])]
+    return out
+
+
+@torch.no_grad()
+def base_completions(model: GPT, tok: Tokenizer, questions: Sequence[str], max_new_tokens: int) -> list[str]:
+    """The base model continuing a question written as plain text (no chat template): a document, to it."""
+    bos = tok.token_to_id("<|bos|>")
+    outs = generate(model, [[bos, *tok.encode(q).ids] for q in questions], max_new_tokens, temperature=0.0)
+    return [tok.decode(o, skip_special_tokens=False) for o in outs]

@@ -452,6 +452,55 @@ class PPOConfig(Hardware):
         return self
 
 
+class EvaluateConfig(Section):
+    """The evaluate stage (pipeline/evaluate.py): one held-out suite on the base, SFT and PPO models, and
+    the measurements behind each section of reports/report.md."""
+
+    n_prompts: int = Field(500, ge=10)
+    """Prompts of the evaluation pool (never used to train SFT, the reward model or PPO) that all three
+    models answer with the same sampling settings."""
+    temperature: float = Field(0.0, ge=0, le=5)
+    """Sampling temperature of the shared suite; 0 = greedy, the same reply every run."""
+    max_new_tokens: int = Field(96, ge=1)
+    """Longest reply in the suite (the base model, which never learned to stop, always runs this long)."""
+    recall_people: int | None = Field(None, ge=1)
+    """Known people whose facts are probed by statement completion (null: all of them)."""
+    perplexity_windows: int = Field(64, ge=1)
+    """Windows of held-out pretraining text (context_length tokens each) for the perplexity of each model."""
+    temperatures: list[float] = [0.0, 0.5, 1.0, 1.5, 2.0]
+    """Temperatures of the sampling section (PPO model)."""
+    temperature_prompts: int = Field(100, ge=1)
+    """Evaluation prompts answered at each temperature..."""
+    temperature_samples: int = Field(4, ge=2)
+    """...this many times each (once at temperature 0), for the diversity of the replies."""
+    cot_per_digit: int = Field(40, ge=1)
+    """Additions per digit count, asked both step by step and for the bare result."""
+    cot_max_digits: int = Field(4, ge=1, le=9)
+    """Additions of 1 to this many digits per addend."""
+    cot_max_new_tokens: int = Field(160, ge=1)
+    """Room for the written-out working (generation also stops at the model's context length)."""
+    context_pairs: int = Field(150, ge=1)
+    """Facts about unknown people told in one call and asked in the next, with and without the transcript."""
+    attention_lengths: list[int] = [64, 128, 256, 512, 1024, 2048]
+    """Sequence lengths at which the cost of attention is timed (a random model of the same shape)."""
+    kv_cache_new_tokens: list[int] = [64, 256]
+    """Generated tokens at which cached and uncached generation are timed."""
+    attention_sentence: str | None = None
+    """The sentence whose attention maps are drawn (null: a fact sentence of the world's first person)."""
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    """Where the models run; auto = a GPU when there is one."""
+
+    @model_validator(mode="after")
+    def _lists(self) -> EvaluateConfig:
+        if not self.temperatures or any(t < 0 or t > 5 for t in self.temperatures):
+            raise ValueError(f"temperatures must be a non-empty list of values in [0, 5], got {self.temperatures}")
+        if len(self.attention_lengths) < 3 or any(n < 8 for n in self.attention_lengths):
+            raise ValueError(f"attention_lengths needs at least 3 lengths >= 8 (to fit an exponent), got {self.attention_lengths}")
+        if not self.kv_cache_new_tokens or any(n < 1 for n in self.kv_cache_new_tokens):
+            raise ValueError(f"kv_cache_new_tokens must be positive numbers, got {self.kv_cache_new_tokens}")
+        return self
+
+
 # ------------------------------------------------------------------------------------------- root
 
 
@@ -467,6 +516,7 @@ class Params(Section):
     preferences: PreferencesConfig = PreferencesConfig()
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 # The sections each stage reads. dvc.yaml's `params:` must list exactly these (tests/test_params.py).
@@ -478,6 +528,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "preferences": ("seed", "preferences"),
     "reward": ("seed", "reward"),
     "ppo": ("seed", "ppo"),
+    "evaluate": ("seed", "evaluate"),
+    "register": (),
 }
 
 

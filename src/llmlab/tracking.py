@@ -199,14 +199,17 @@ class StageRun:
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, pipeline: bool = False) -> None:
+        """Log a file or a folder to this stage's run; with `pipeline`, to the pipeline run as well (where
+        the report belongs: the first thing a user opening the pipeline run in the UI should see)."""
         if self.run_id is None:
             return
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        for run_id in (self.run_id, self.parent_run_id) if pipeline else (self.run_id,):
+            if path.is_dir():
+                self.client.log_artifacts(run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.run_id is not None:

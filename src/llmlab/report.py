@@ -1,0 +1,544 @@
+"""reports/report.md: the measurements of the evaluate stage as one document, with its figures.
+
+Every number printed here comes from the metrics and details the stage measured in this run; nothing is
+written in advance. Each section names the claim it tests, the sample size, and for a rate its 95 %
+interval. Where the interval does not separate the two things a claim compares, the section says that
+this model does not show it, with the numbers, instead of asserting it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+MODEL_NAMES = {"base": "base (pretrained)", "sft": "SFT", "ppo": "PPO (RLHF)"}
+
+
+# ------------------------------------------------------------------------------------------ numbers
+
+
+def pct(r: Mapping[str, float]) -> str:
+    """A rate as text: `pct({"rate": 0.5, "ci_low": 0.3, "ci_high": 0.7, "n": 20})` -> '50.0 % [30.0–70.0]'."""
+    if not r.get("n"):
+        return "n/a (no sample)"
+    return f"{100 * r['rate']:.1f} % [{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f}]"
+
+
+def avg(r: Mapping[str, float], digits: int = 2) -> str:
+    """A mean as text: '0.87 ± 0.13'."""
+    return f"{r['mean']:+.{digits}f} ± {r['ci95']:.{digits}f}" if r.get("n") else "n/a"
+
+
+def separated(higher: Mapping[str, float], lower: Mapping[str, float]) -> bool:
+    """True when `higher`'s 95 % interval lies wholly above `lower`'s: the difference is not noise.
+
+    (Two intervals that merely overlap can still differ significantly; this is the conservative test.)
+    """
+    return bool(higher.get("n") and lower.get("n") and higher["ci_low"] > lower["ci_high"])
+
+
+def pooled(rates: list[Mapping[str, float]]) -> dict[str, float]:
+    """Several rates' samples taken together, with the Wilson interval of the pooled rate."""
+    from llmlab.evaluation import rate
+
+    k = sum(round(r["rate"] * r["n"]) for r in rates if r["n"])
+    n = sum(r["n"] for r in rates)
+    return rate([True] * k + [False] * (n - k))
+
+
+def verdict(shown: bool, what: str, numbers: str) -> str:
+    if shown:
+        return f"**Shown:** {what} ({numbers})."
+    return f"**Not shown convincingly by this model:** {what} is not separated from the control ({numbers})."
+
+
+def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested metrics -> flat MLflow names: {"suite": {"sft": {"accuracy": {"rate": 0.9}}}} -> {"suite/sft/accuracy/rate": 0.9}."""
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}".replace("=", "_")
+        if isinstance(v, Mapping):
+            out |= flat(v, key + "/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+    return out
+
+
+def token_figures(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The tokenizer stage's measurements the report cites (see tokenizer.tokenizer_report)."""
+    keys = ("chars_per_token", "words_per_token", "chars_per_1000_tokens", "words_per_1000_tokens",
+            "tokens_per_number", "tokens_per_number_spaced", "tokens_per_word", "vocab_size", "validation")  # fmt: skip
+    return {k: report[k] for k in keys if k in report}
+
+
+def scaling_rows(result: Mapping[str, Any]) -> list[dict[str, float]]:
+    """attention_scaling's result as one row per sequence length (for `dvc plots` and the report's table)."""
+    rows = []
+    for i, T in enumerate(result["lengths"]):
+        rows.append({
+            "seq_len": T,
+            "attention_ms": 1e3 * result["attention_explicit"]["time_s"][i],
+            "sdpa_ms": 1e3 * result["attention_sdpa"]["time_s"][i],
+            "model_ms": 1e3 * result["model"]["time_s"][i],
+            "attention_mem_mb": result["attention_explicit"]["memory_bytes"][i] / 2**20,
+            "sdpa_mem_mb": result["attention_sdpa"]["memory_bytes"][i] / 2**20,
+            "model_mem_mb": result["model"]["memory_bytes"][i] / 2**20,
+        })  # fmt: skip
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def figures(folder: Path, m: Mapping, details: Mapping, loss: Mapping, calibration: list, iterations: list,
+            weights, tokens: list[str]) -> dict[str, str]:
+    """Draw every figure into `folder`; return {name: file name}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmlab.attention_cost import plot_scaling
+    from llmlab.attention_maps import plot_heads
+
+    out: dict[str, str] = {}
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png", dpi=110)
+        plt.close(fig)
+        out[name] = f"{name}.png"
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in loss["train"]], [r["loss"] for r in loss["train"]], label="train", lw=0.8)
+    ax.plot([r["step"] for r in loss["val"]], [r["loss"] for r in loss["val"]], "o-", label="validation (held-out text)")
+    ax.set(xlabel="optimiser step", ylabel="next-token cross-entropy (nats)", yscale="log", title="Pretraining loss")
+    ax.legend()
+    save(fig, "pretraining_loss")
+
+    if "suite" in m:
+        names = [n for n in MODEL_NAMES if n in m["suite"]]
+        rows = [("format adherence", lambda s: s["format_adherence"]), ("accuracy", lambda s: s["accuracy"]),
+                ("hallucination\n(unknown people)", lambda s: s["hallucination"]),
+                ("refusal\n(harmful requests)", lambda s: s["refusal_harmful"]), ("politeness", lambda s: s["politeness"])]  # fmt: skip
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            rs = [get(m["suite"][name]) for _, get in rows]
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
+            ax.bar(xs, [r["rate"] if r["n"] else 0.0 for r in rs], width, yerr=error_bars(rs), capsize=2, label=MODEL_NAMES[name])
+        ax.set_xticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+        ax.set(ylim=(0, 1.05), ylabel="rate (95 % CI)", title=f"The same {m['suite']['n_prompts']} held-out prompts")
+        ax.legend(fontsize=8)
+        save(fig, "models")
+
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    ax.plot([r["predicted"] for r in calibration], [r["observed"] for r in calibration], "o-", label="reward model")
+    ax.set(xlabel="predicted P(chosen preferred)", ylabel="observed share preferred", title="Reward model calibration")
+    ax.legend(fontsize=8)
+    save(fig, "reward_calibration")
+
+    its = [r["iteration"] for r in iterations]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].plot(its, [r["objective/scores"] for r in iterations], label="reward model score (optimised)")
+    if iterations[0].get("gold/score") is not None:
+        axes[0].plot(its, [r["gold/score"] for r in iterations], label="gold score (rater, never seen)")
+    axes[0].plot(its, [r["objective/kl"] for r in iterations], label="KL to SFT (nats / reply)")
+    axes[0].set(xlabel="PPO iteration", title="PPO, per iteration")
+    axes[0].legend(fontsize=8)
+    root_kl = [math.sqrt(max(r["objective/kl"], 0.0)) for r in iterations]
+    axes[1].plot(root_kl, [r["objective/scores"] for r in iterations], "o", ms=3, label="reward model score")
+    if iterations[0].get("gold/score") is not None:
+        axes[1].plot(root_kl, [r["gold/score"] for r in iterations], "s", ms=3, label="gold score")
+    axes[1].set(xlabel="√KL(policy ‖ SFT)", ylabel="score", title="Over-optimisation: proxy against gold")
+    axes[1].legend(fontsize=8)
+    save(fig, "ppo")
+
+    if "temperature" in m:
+        rows_t = list(m["temperature"].values())
+        T = [r["temperature"] for r in rows_t]
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        acc = [r["accuracy"] for r in rows_t]
+        ax.errorbar(T, [a["rate"] for a in acc], yerr=error_bars(acc), fmt="o-", capsize=3, label="accuracy (95 % CI)")
+        ax.plot(T, [r["distinct_2"] for r in rows_t], "s--", label="distinct-2 (diversity)")
+        ax.plot(T, [r["unique_share"] for r in rows_t], "^:", label="different samples per prompt")
+        ax.set(xlabel="temperature", ylim=(0, 1.05), title="PPO model: temperature trades accuracy for diversity")
+        ax.legend(fontsize=8)
+        save(fig, "temperature")
+
+    if "chain_of_thought" in m:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for model, rows_c in m["chain_of_thought"].items():
+            for fmt, style in (("step_by_step", "o-"), ("bare", "s--")):
+                sel = [r for r in rows_c.values() if r["format"] == fmt]
+                ax.plot([r["digits"] for r in sel], [r["accuracy"]["rate"] for r in sel], style,
+                        label=f"{MODEL_NAMES[model]}, {fmt.replace('_', ' ')}")
+        ax.set(xlabel="digits per addend", ylabel="accuracy", ylim=(0, 1.05), title="Addition: working written out vs bare answer")
+        ax.legend(fontsize=8)
+        save(fig, "chain_of_thought")
+
+    plot_scaling(details["attention_cost"], folder / "attention_cost.png")
+    out["attention_cost"] = "attention_cost.png"
+    heads = details["attention_maps"]["heads"]
+    plot_heads(weights, tokens, [(h["layer"], h["head"]) for h in heads], folder / "attention_heads.png",
+               title="Attention of the base model (row: query token; column: the token it reads)",
+               captions=[f"{h['role']} head" for h in heads])
+    out["attention_heads"] = "attention_heads.png"
+    return out
+
+
+def error_bars(rates: list[Mapping[str, float]]) -> list[list[float]]:
+    """matplotlib's yerr (below, above) for rates with Wilson intervals; nothing for a rate with no sample."""
+    below = [max(0.0, r["rate"] - r["ci_low"]) if r["n"] else 0.0 for r in rates]
+    above = [max(0.0, r["ci_high"] - r["rate"]) if r["n"] else 0.0 for r in rates]
+    return [below, above]
+
+
+# ------------------------------------------------------------------------------------------ markdown
+
+
+def markdown(m: Mapping, details: Mapping, fig: Mapping[str, str], cfg) -> str:
+    """The whole report."""
+    parts = [HEADER]
+    parts.append(_tokens(m["tokens"]))
+    parts.append(_pretraining(m, details, fig))
+    if "suite" in m:
+        parts.append(_knowledge(m))
+        parts.append(_post_training(m, fig))
+    else:
+        parts.append(NO_RATER)
+    parts.append(_reward(m, fig))
+    parts.append(_ppo(m, fig))
+    if "temperature" in m:
+        parts.append(_temperature(m, fig))
+    if "chain_of_thought" in m:
+        parts.append(_cot(m, fig))
+    parts.append(_attention_cost(details, fig))
+    if "context" in m:
+        parts.append(_context(m, details))
+    parts.append(_attention_maps(details, fig))
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in details["timings_s"].items())
+    parts.append(f"---\nMeasured by the `evaluate` stage ({times}). Every reply behind these numbers: "
+                 "`reports/evaluate/details.json`.\n")  # fmt: skip
+    return "\n".join(parts)
+
+
+HEADER = """# What this run's models show about how LLMs work
+
+Each section tests one claim on the models this pipeline run trained: the **base** model (pretraining
+only), the **SFT** model (fine-tuned on demonstrations) and the **PPO** model (RLHF against the reward
+model). Rates are given as `rate [95 % Wilson interval]`, means as `mean ± 95 % half-width`; `n` is the
+sample size. The held-out suite uses prompts from the evaluation pool, which no training stage saw.
+"""
+
+NO_RATER = """## 3–4. Knowledge, SFT and RLHF
+
+Not measured: this run used a real corpus and real chat/preference data, so there is no synthetic world
+and no rater to grade answers against the truth. Sections 2 (loss), 5, 6 and 9–11 still apply.
+"""
+
+
+def _tokens(t: Mapping) -> str:
+    nums = t["tokens_per_number"]
+    spaced = t.get("tokens_per_number_spaced", {})
+    table = "\n".join(f"| {k.split('_')[0]} | {v:.2f} | {spaced.get(k, float('nan')):.2f} |" for k, v in nums.items())
+    w = t["tokens_per_word"]
+    v = t["validation"]
+    return f"""## 1. Models read tokens, not characters or words
+
+The tokenizer ({t['vocab_size']} tokens, trained with BPE on this corpus) cuts held-out text
+({v['documents']} documents, {v['characters']:,} characters) into **{t['chars_per_token']:.2f} characters per
+token** ({t['words_per_token']:.2f} words per token). A 1,000-token context therefore holds about
+**{t['chars_per_1000_tokens']:,.0f} characters, or {t['words_per_1000_tokens']:,.0f} words**, of this kind of text.
+
+Numbers are cut into digits (200 random numbers per length):
+
+| digits | tokens, alone | tokens, mid-sentence (" 123") |
+|---|---|---|
+{table}
+
+Frequent words are single tokens, rare ones are spelled out in pieces: the {w['n_common']} most common
+words of the held-out text take **{w['common']:.2f}** tokens each, the {w['n_rare']} words seen once take
+**{w['rare']:.2f}**. The article's example words, token by token, are in `reports/tokenizer/examples.md`.
+"""
+
+
+def _pretraining(m: Mapping, details: Mapping, fig: Mapping) -> str:
+    p = m["pretraining"]
+    text = f"""## 2. Pretraining is next-token prediction
+
+![pretraining loss]({fig['pretraining_loss']})
+
+The only objective is the cross-entropy of the next token: it fell to {p['final_train_loss']:.3f} (train)
+and {p['final_val_loss']:.3f} (held-out text) after {p['steps']:,} steps.
+"""
+    if "suite" in m:
+        s = m["suite"]
+        text += f"""
+Asked a question in the chat format, a model that was only pretrained does not answer and stop: it
+continues the text. **Format adherence** (a reply that closes its turn with `<|end|>` and writes no other
+role's turn), on the same {s['n_prompts']} held-out prompts:
+
+| model | format adherence |
+|---|---|
+""" + "\n".join(f"| {MODEL_NAMES[n]} | {pct(s[n]['format_adherence'])} |" for n in MODEL_NAMES) + "\n"
+        ex = details.get("base_plain_text", [])[:3]
+        if ex:
+            text += "\nThe base model given a question as plain text continues it as a document:\n\n"
+            text += "\n".join(f"- `{e['question']}` → `{e['completion'].strip()[:120]}`" for e in ex) + "\n"
+    return text
+
+
+def _knowledge(m: Mapping) -> str:
+    k, s = m["knowledge"], m["suite"]
+    g = {n: s[n]["fact_accuracy_by_group"] for n in ("sft", "ppo")}
+    shown = separated(g["sft"]["sft"], g["sft"]["heldout"])
+    return f"""## 3. Knowledge lives in the weights
+
+**Fact recall of the base model**: completing the canonical statement of a fact ("… lives in") greedily,
+it gives the true value for {pct(k['fact_recall_base'])} of {k['fact_recall_base']['n']} facts. Nothing but
+pretraining put them there.
+
+After SFT, asked as questions, the facts of people SFT asked about (different questions) are answered far
+better than the facts of people only the corpus mentioned, although the base model knew both:
+
+| model | fact questions, people SFT asked about | people only in the corpus |
+|---|---|---|
+| SFT | {pct(g['sft']['sft'])}, n={g['sft']['sft']['n']} | {pct(g['sft']['heldout'])}, n={g['sft']['heldout']['n']} |
+| PPO | {pct(g['ppo']['sft'])}, n={g['ppo']['sft']['n']} | {pct(g['ppo']['heldout'])}, n={g['ppo']['heldout']['n']} |
+
+{verdict(shown, "SFT answers about the people it practised on better than about people only the corpus mentioned",
+         f"{pct(g['sft']['sft'])} vs {pct(g['sft']['heldout'])}")}
+A small model learns to retrieve the facts it was drilled on; knowledge it never practised retrieving stays
+in the weights (statement completion finds it) but does not come out as an answer.
+"""
+
+
+def _post_training(m: Mapping, fig: Mapping) -> str:
+    s, k, ppl = m["suite"], m["knowledge"], m["perplexity"]
+    rows = [("accuracy (all kinds)", lambda x: pct(x["accuracy"])),
+            ("hallucination: invents facts about unknown people", lambda x: pct(x["hallucination"])),
+            ("refuses harmful requests", lambda x: pct(x["refusal_harmful"])),
+            ("declines answerable fact questions", lambda x: pct(x["over_refusal"])),
+            ("polite", lambda x: pct(x["politeness"])),
+            ("mean gold score (rater)", lambda x: avg(x["gold_score"]))]  # fmt: skip
+    table = "| | " + " | ".join(MODEL_NAMES[n] for n in MODEL_NAMES) + " |\n|---|---|---|---|\n"
+    table += "\n".join(f"| {label} | " + " | ".join(get(s[n]) for n in MODEL_NAMES) + " |" for label, get in rows)
+    n_unknown, n_harmful = s["ppo"]["hallucination"]["n"], s["ppo"]["refusal_harmful"]["n"]
+    hall = verdict(separated(s["sft"]["hallucination"], s["ppo"]["hallucination"]),
+                   "RLHF lowers the rate of invented answers", f"SFT {pct(s['sft']['hallucination'])}, PPO {pct(s['ppo']['hallucination'])}")  # fmt: skip
+    harm = verdict(separated(s["ppo"]["refusal_harmful"], s["sft"]["refusal_harmful"]),
+                   "RLHF raises the refusal of harmful requests", f"SFT {pct(s['sft']['refusal_harmful'])}, PPO {pct(s['ppo']['refusal_harmful'])}")  # fmt: skip
+    tone = verdict(separated(s["ppo"]["politeness"], s["sft"]["politeness"]),
+                   "RLHF makes the replies more polite", f"SFT {pct(s['sft']['politeness'])}, PPO {pct(s['ppo']['politeness'])}")  # fmt: skip
+    gain = s["gold_gain_ppo_vs_sft"]
+    return f"""## 4. SFT teaches the format; RLHF shapes behaviour, at a price
+
+![the three models]({fig['models']})
+
+The same {s['n_prompts']} held-out prompts ({n_unknown} about people who exist nowhere, {n_harmful} harmful
+requests), same sampling, graded by the rater against the world's truth:
+
+{table}
+
+- SFT against base: gold score {avg(s['gold_gain_sft_vs_base'])} (paired, n={s['gold_gain_sft_vs_base']['n']}).
+- PPO against SFT: gold score {avg(gain)} (paired, n={gain['n']}).
+- {hall}
+- {harm}
+- {tone}
+
+**The alignment tax.** Fine-tuning moves the model away from the text it was pretrained on:
+
+| | base | SFT | PPO |
+|---|---|---|---|
+| perplexity on held-out pretraining text ({ppl['base']['tokens']:,} tokens) | {ppl['base']['perplexity']:.2f} | {ppl['sft']['perplexity']:.2f} | {ppl['ppo']['perplexity']:.2f} |
+| fact recall by statement completion | {pct(k['fact_recall_base'])} | {pct(k['fact_recall_sft'])} | {pct(k['fact_recall_ppo'])} |
+| fact questions answered correctly | {pct(s['base']['accuracy_by_kind'].get('fact', {}))} | {pct(s['sft']['accuracy_by_kind'].get('fact', {}))} | {pct(s['ppo']['accuracy_by_kind'].get('fact', {}))} |
+"""
+
+
+def _reward(m: Mapping, fig: Mapping) -> str:
+    r = m["reward_model"]
+    if not r.get("gold_rater"):
+        gold = "There is no gold rater in this run (real preference data): accuracy is against the labels only."
+    else:
+        gold = (f"On {r['pairs_validation']:.0f} held-out pairs it orders the two replies as the rater's rubric does "
+                f"**{100 * r['accuracy_gold']:.1f} %** of the time [{100 * r['accuracy_gold_ci_low']:.1f}–"
+                f"{100 * r['accuracy_gold_ci_high']:.1f}], and agrees with the noisy labels it was trained on "
+                f"{100 * r['accuracy_noisy_labels']:.1f} % of the time (the labels themselves disagree with the rubric "
+                "by design: simulated raters make mistakes).")
+    return f"""## 5. The reward model learned the raters' preferences
+
+The reward model was trained on {r.get('pairs_train', 0):.0f} pairwise preferences (Bradley–Terry loss). {gold}
+
+![calibration]({fig['reward_calibration']})
+
+When it says "A beats B with probability p", A is preferred about p of the time if the points lie on the
+diagonal.
+"""
+
+
+def _ppo(m: Mapping, fig: Mapping) -> str:
+    p = m["ppo"]
+    lines = [f"- reward-model score gain on held-out prompts: {p.get('reward_gain', math.nan):+.2f} ± {p.get('reward_gain_ci95', math.nan):.2f}"]
+    if "gold_gain" in p:
+        lines.append(f"- gold score gain (the truth): {p['gold_gain']:+.2f} ± {p['gold_gain_ci95']:.2f}")
+    lines.append(f"- KL(PPO ‖ SFT): {p.get('kl_to_sft', math.nan):.2f} ± {p.get('kl_to_sft_ci95', math.nan):.2f} nats per reply")
+    return f"""## 6. PPO maximises the reward model, not the truth
+
+![ppo]({fig['ppo']})
+
+PPO only ever sees the reward model's score; the gold score is the rater's, computed on the same samples
+and never optimised. The right panel is the over-optimisation picture (Gao et al. 2022): the proxy keeps
+rising with the distance from the SFT model (√KL), while the gold score rises less, and with a weaker KL
+penalty (`dvc exp run -S ppo.kl_coef=0.05`) turns down. On this run's held-out prompts:
+
+""" + "\n".join(lines) + "\n"
+
+
+def _temperature(m: Mapping, fig: Mapping) -> str:
+    rows = list(m["temperature"].values())
+    table = "\n".join(f"| {r['temperature']:g} | {pct(r['accuracy'])}, n={r['accuracy']['n']} | {r['distinct_2']:.2f} | "
+                      f"{r['unique_share']:.2f} | {pct(r['format_adherence'])} |" for r in rows)  # fmt: skip
+    lo, hi = rows[0], rows[-1]
+    shown = separated(lo["accuracy"], hi["accuracy"]) and hi["distinct_2"] > lo["distinct_2"]
+    return f"""## 7. Temperature: sharper or flatter next-token distributions
+
+The PPO model answers the same held-out prompts at each temperature ({rows[1]['samples_per_prompt']} samples per
+prompt, one at T = 0 where sampling is deterministic). Logits are divided by T before the softmax.
+
+![temperature]({fig['temperature']})
+
+| T | accuracy | distinct-2 | different samples per prompt | format adherence |
+|---|---|---|---|---|
+{table}
+
+{verdict(shown, "higher temperature costs accuracy and buys diversity", f"T={lo['temperature']:g}: {pct(lo['accuracy'])}, distinct-2 {lo['distinct_2']:.2f}; T={hi['temperature']:g}: {pct(hi['accuracy'])}, distinct-2 {hi['distinct_2']:.2f}")}
+"""
+
+
+def _cot(m: Mapping, fig: Mapping) -> str:
+    lines, verdicts = [], []
+    for model, rows in m["chain_of_thought"].items():
+        digits = sorted({r["digits"] for r in rows.values()})
+        for d in digits:
+            cot, bare = rows[f"{d}_digits/step_by_step"], rows[f"{d}_digits/bare"]
+            lines.append(f"| {MODEL_NAMES[model]} | {d} | {pct(cot['accuracy'])} | {pct(bare['accuracy'])} | "
+                         f"{cot['reply_tokens']['mean']:.0f} | {bare['reply_tokens']['mean']:.0f} |")  # fmt: skip
+        cot, bare = (pooled([r["accuracy"] for r in rows.values() if r["format"] == f]) for f in ("step_by_step", "bare"))
+        verdicts.append(verdict(separated(cot, bare),
+                                f"{MODEL_NAMES[model]}: writing the working out beats the bare answer (all digit counts pooled)",
+                                f"{pct(cot)}, n={cot['n']} vs {pct(bare)}, n={bare['n']}"))  # fmt: skip
+    n = next(iter(next(iter(m["chain_of_thought"].values())).values()))["accuracy"]["n"]
+    return f"""## 8. Chain-of-thought works because it writes intermediate tokens
+
+The same additions (n = {n} per row, evaluation pool) asked two ways: "step by step" (the model writes each
+column's digit and carry, then the result) and "answer with the number only".
+
+![chain of thought]({fig['chain_of_thought']})
+
+| model | digits | step by step | bare answer | tokens written, step by step | bare |
+|---|---|---|---|---|---|
+""" + "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + """
+
+Each written column result is a token the model reads back when it writes the next one: the computation is
+spread over many forward passes instead of one.
+"""
+
+
+def _attention_cost(details: Mapping, fig: Mapping) -> str:
+    a, kv = details["attention_cost"], details["kv_cache"]
+    rows = "\n".join(f"| {r['seq_len']} | {r['attention_ms']:.2f} | {r['sdpa_ms']:.2f} | {r['model_ms']:.2f} | "
+                     f"{r['attention_mem_mb']:.2f} | {r['sdpa_mem_mb']:.2f} |" for r in scaling_rows(a))  # fmt: skip
+    kv_lines = "\n".join(f"| {r['new_tokens']} | {r['cached_tokens_per_s']:.0f} | {r['uncached_tokens_per_s']:.0f} | "
+                         f"{r['speedup']:.1f}× | {'yes' if r['same_tokens'] else 'NO'} |" for r in kv["runs"])  # fmt: skip
+    ex, sd, md = a["attention_explicit"], a["attention_sdpa"], a["model"]
+    shown = ex["memory_exponent"] > 1.8 and ex["time_exponent"] > 1.6
+    fitted = f"{min(a['fit_lengths'])}–{max(a['fit_lengths'])}"
+    kv_model = ("a random model of this shape with a longer context than the trained model's, so that "
+                "the longest run fits") if kv["model"] == "random" else "the PPO model"  # fmt: skip
+    return f"""## 9. Attention costs O(n²) in the sequence length
+
+Forward time (median of {a['repeats']}, {a['threads']} CPU thread(s), batch {a['batch_size']}) and peak memory of one
+attention layer's core — written the textbook way, the (n × n) score matrix materialised — of the same
+through PyTorch's fused `scaled_dot_product_attention` (SDPA), and of the whole model (random weights of
+this model's shape, {a['config']['n_layer']} layers; the cost does not depend on the values):
+
+![attention cost]({fig['attention_cost']})
+
+| tokens n | attention (ms) | SDPA (ms) | whole model (ms) | attention memory (MiB) | SDPA memory (MiB) |
+|---|---|---|---|---|---|
+{rows}
+
+Fitted exponents k of cost ∝ nᵏ over n = {fitted}: attention time **k = {ex['time_exponent']:.2f}**, memory
+**k = {ex['memory_exponent']:.2f}**; SDPA time k = {sd['time_exponent']:.2f}, memory k = {sd['memory_exponent']:.2f} (it never
+stores the score matrix, but still computes every score); whole model time k = {md['time_exponent']:.2f}. The whole
+model is closer to linear at these lengths because its matrix multiplications cost ∝ n·d², more than
+attention's ∝ n²·d until n reaches about {a['flops_crossover_length']:.0f} tokens for this shape (FLOP count).
+
+{verdict(shown, "attention's cost grows with the square of the sequence length", f"time exponent {ex['time_exponent']:.2f}, memory exponent {ex['memory_exponent']:.2f}")}
+
+A KV cache keeps the keys and values of earlier tokens, so each new token costs one row of attention
+instead of a forward pass over the whole sequence ({kv_model}, prompt of {kv['prompt_len']} tokens, greedy):
+
+| new tokens | cached (tokens/s) | uncached (tokens/s) | speed-up | same tokens |
+|---|---|---|---|---|
+{kv_lines}
+
+Timings vary between runs on a shared machine; the exponents and ratios are the stable part.
+"""
+
+
+def _context(m: Mapping, details: Mapping) -> str:
+    c, b = m["context"], m["context_base"]
+    shown = separated(c["with_transcript"], c["without_transcript"])
+    ex = details["context"][0] if details.get("context") else None
+    example = ""
+    if ex:
+        example = (f"\nExample: call 1 `{ex['statement']}` → `{ex['first_reply']}`; then `{ex['question']}` "
+                   f"with the transcript → `{ex['with_transcript']}`; alone → `{ex['without_transcript']}`.\n")
+    return f"""## 10. The model is stateless: a conversation is the transcript sent again
+
+A fact about someone the model has never seen is told in one call; the next call asks for it
+(n = {c['with_transcript']['n']} facts):
+
+| the question is sent | answered with the told fact |
+|---|---|
+| after the whole transcript of the first call | {pct(c['with_transcript'])} |
+| alone, as a new conversation | {pct(c['without_transcript'])} |
+
+{verdict(shown, "the chat model uses the fact only when the transcript is resent", f"{pct(c['with_transcript'])} vs {pct(c['without_transcript'])}")}
+{example}
+The same with the base model, as plain text: the told fact is in the context before the statement to
+complete ("… has a pet lizard. … has a pet"), or the statement comes alone:
+
+| context | completed with the told value |
+|---|---|
+| the fact, then the statement | {pct(b['with_context'])} |
+| the statement alone | {pct(b['without_context'])} |
+
+{verdict(separated(b['with_context'], b['without_context']), "the base model uses what is in its context, and nothing else", f"{pct(b['with_context'])} vs {pct(b['without_context'])}")}
+"""
+
+
+def _attention_maps(details: Mapping, fig: Mapping) -> str:
+    a = details["attention_maps"]
+    lines = "\n".join(f"- layer {h['layer']}, head {h['head']}, **{h['role']}** head: {_head_text(h)}" for h in a["heads"])
+    return f"""## 11. What attention looks at
+
+Attention weights of a few heads of the base model on `{a['sentence']}` (row: the token being predicted from;
+column: the earlier token it reads; each row sums to 1):
+
+![attention heads]({fig['attention_heads']})
+
+{lines}
+"""
+
+
+def _head_text(h: Mapping) -> str:
+    """What a head's scores say, in words (the scores average over query positions 2 and later)."""
+    return (f"{100 * h['previous_token']:.0f} % of its attention on the previous token, {100 * h['first_token']:.0f} % on "
+            f"the first, {100 * h['self']:.0f} % on itself; normalised entropy {h['entropy']:.2f} (0 = one token, 1 = uniform)")

@@ -1,0 +1,203 @@
+"""The evaluate stage's measurements against hand-made cases: each aggregation is fed scripted replies whose
+right answer is known, and the model-facing parts are checked against plain references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llmlab import evaluation as ev
+from llmlab.chat import Reply
+from llmlab.model import GPT, GPTConfig
+from llmlab.params import SyntheticCorpus
+from llmlab.rater import Rater
+from llmlab.sft_data import pool_of, prompt_pool
+from llmlab.tasks import Task
+from llmlab.world import build_world, fact_sentence, parse_addition_answer
+
+WORLD = build_world(SyntheticCorpus(n_sft_people=40, n_heldout_people=10, n_unknown_people=10), seed=3)
+RATER = Rater(WORLD)
+PEOPLE = {p.name: p for p in WORLD.people}
+GROUPS = {p.name: p.group for p in WORLD.people}
+
+
+def scripted(replies_for):
+    """A stand-in for `sft.answer` that replies with `replies_for(task, temperature, i)`."""
+
+    def fake(model, tok, tasks, max_new_tokens, temperature=0.0, generator=None, **_):
+        return [Reply(replies_for(t, temperature, i), ended=True, clean=True) for i, t in enumerate(tasks)]
+
+    return fake
+
+
+def true_answer(task: Task) -> str:
+    if task.kind == "fact":
+        return fact_sentence(PEOPLE[task.person], task.attribute)
+    if task.kind == "unknown":
+        return f"I don't know who {task.person} is."
+    if task.kind == "harmful":
+        return "I can't help with that request."
+    if task.kind == "arithmetic":
+        return f"{task.a + task.b}."
+    return " ".join(fact_sentence(PEOPLE[task.person], a) for a in ("city", "job", "employer", "pet", "hobby", "birth_year"))
+
+
+def test_rate_and_mean_carry_their_intervals():
+    r = ev.rate([True] * 3 + [False] * 7)
+    assert r["rate"] == 0.3 and r["n"] == 10 and r["ci_low"] < 0.3 < r["ci_high"]
+    assert math.isnan(ev.rate([])["rate"])
+    m = ev.mean([1.0, 2.0, 3.0, 4.0])
+    assert m["mean"] == 2.5 and m["n"] == 4 and m["ci95"] == pytest.approx(1.2652, abs=1e-4)
+
+
+def test_suite_counts_what_the_rater_says(monkeypatch):
+    tasks = prompt_pool(WORLD, "eval", 120, seed=0, max_digits=3)
+
+    def replies(task, temperature, i):
+        # Wrong on purpose in known ways: every unknown person gets an invented city, every other
+        # harmful request is complied with, and fact answers are polite.
+        if task.kind == "unknown":
+            return f"{task.person} lives in {WORLD.known()[0].city}."
+        if task.kind == "harmful":
+            return "Sure, here it is." if i % 2 else true_answer(task)
+        if task.kind == "fact":
+            return "Sure! " + true_answer(task)
+        return true_answer(task)
+
+    monkeypatch.setattr(ev, "answer_tasks", scripted(replies))
+    m, records = ev.suite(None, FakeTok(), tasks, RATER, GROUPS, max_new_tokens=8)
+    kinds = [t.kind for t in tasks]
+    harmful = [i for i, k in enumerate(kinds) if k == "harmful"]
+    assert m["hallucination"]["rate"] == 1.0 and m["hallucination"]["n"] == kinds.count("unknown")
+    assert m["refusal_harmful"]["n"] == len(harmful)
+    assert m["refusal_harmful"]["rate"] == pytest.approx(sum(i % 2 == 0 for i in harmful) / len(harmful))
+    assert m["accuracy_by_kind"]["fact"]["rate"] == 1.0 and m["accuracy_by_kind"]["arithmetic"]["rate"] == 1.0
+    assert m["politeness"]["rate"] == pytest.approx((kinds.count("fact") + sum(i % 2 for i in harmful)) / len(tasks))
+    assert m["over_refusal"]["rate"] == 0.0
+    assert m["format_adherence"]["rate"] == 1.0
+    groups = m["fact_accuracy_by_group"]
+    assert groups["sft"]["n"] + groups["heldout"]["n"] == kinds.count("fact")
+    assert [r["gold"] for r in records] == [RATER.score(t, r["reply"], True).total for t, r in zip(tasks, records, strict=True)]
+
+
+def test_perplexity_is_exp_of_the_models_own_loss_without_bos_targets():
+    from llmlab.tokenizer import BOS_ID
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, context_length=16)).eval()
+    tokens = np.random.default_rng(0).integers(0, 64, size=16 * 5 + 3).astype(np.uint16)
+    got = ev.perplexity(model, tokens, n_windows=10, batch_size=2)  # asks for more windows than there are
+    x = torch.from_numpy(tokens[: 5 * 16].astype(np.int64)).view(5, 16)
+    y = torch.from_numpy(tokens[1 : 5 * 16 + 1].astype(np.int64)).view(5, 16)
+    y = y.masked_fill(y == BOS_ID, -100)  # document starts are not text: no loss there
+    assert got["tokens"] == int((y != -100).sum()) < 5 * 16  # this random stream has a few BOS ids
+    with torch.no_grad():
+        _, loss = model(x, targets=y)
+    assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-5)
+
+
+def test_additions_have_the_digits_asked_and_the_same_pairs_both_ways():
+    for d in (1, 2, 3, 4):
+        cot = ev.addition_tasks(WORLD, d, 25, cot=True, seed=1)
+        bare = ev.addition_tasks(WORLD, d, 25, cot=False, seed=1)
+        assert len(cot) == 25 or d == 1  # 1-digit: only 100 pairs in all, a third of them in the pool
+        assert [(t.a, t.b) for t in cot] == [(t.a, t.b) for t in bare]
+        assert all(pool_of(t, WORLD) == "eval" for t in cot)
+        assert all(len(str(t.a)) == d and len(str(t.b)) == d for t in cot)
+        assert all(t.cot for t in cot) and not any(t.cot for t in bare)
+        assert len({(t.a, t.b) for t in cot}) == len(cot)
+
+
+def test_chain_of_thought_scores_each_format(monkeypatch):
+    from llmlab.world import addition_steps
+
+    # Right when working is written out, off by one when bare: the table must say exactly that.
+    def replies(task, temperature, i):
+        return addition_steps(task.a, task.b) if task.cot else f"{task.a + task.b + 1}."
+
+    monkeypatch.setattr(ev, "answer_tasks", scripted(replies))
+    rows = ev.chain_of_thought(None, FakeTok(), WORLD, RATER, max_digits=2, per_digit=10, max_new_tokens=8, seed=0)
+    assert [(r["digits"], r["format"]) for r in rows] == [(1, "step_by_step"), (1, "bare"), (2, "step_by_step"), (2, "bare")]
+    assert all(r["accuracy"]["rate"] == (1.0 if r["format"] == "step_by_step" else 0.0) for r in rows)
+    assert parse_addition_answer(addition_steps(12, 34)) == 46
+
+
+def test_temperature_sweep_measures_diversity(monkeypatch):
+    tasks = [t for t in prompt_pool(WORLD, "eval", 60, seed=0, max_digits=2) if t.kind == "fact"][:5]
+
+    def replies(task, temperature, i):
+        return true_answer(task) if temperature == 0 or i % 2 == 0 else f"Something else {i}."
+
+    monkeypatch.setattr(ev, "answer_tasks", scripted(replies))
+    rows = ev.temperature_sweep(None, None, tasks, RATER, [0.0, 1.0], samples=4, max_new_tokens=8, seed=0)
+    greedy, hot = rows
+    assert greedy["samples_per_prompt"] == 4 and greedy["accuracy"]["rate"] == 1.0 and greedy["unique_share"] == 0.25
+    assert hot["samples_per_prompt"] == 4 and hot["accuracy"]["n"] == 20
+    assert hot["accuracy"]["rate"] == 0.5  # samples 0 and 2 of each prompt are the true answer
+    assert hot["unique_share"] == 0.75  # per prompt: the true answer twice, two different others
+    assert hot["distinct_2"] > greedy["distinct_2"]
+
+
+def test_context_is_used_only_when_the_transcript_is_sent(monkeypatch):
+    seen = []
+
+    def fake_chat(model, tok, conversations, max_new_tokens, batch_size=64):
+        out = []
+        for c in conversations:
+            seen.append(c)
+            told = [m["content"] for m in c if m["role"] == "user"][:-1]  # statements sent before the question
+            out.append(Reply(told[0] if told else "OK, noted." if len(c) == 1 else "I don't know.", True, True))
+        return out
+
+    monkeypatch.setattr(ev, "_chat", fake_chat)
+    m, examples = ev.stateless_context(None, None, WORLD, RATER, n_pairs=30, max_new_tokens=8, seed=0)
+    assert m["with_transcript"] == ev.rate([True] * 30) and m["without_transcript"]["rate"] == 0.0
+    with_t = [c for c in seen if len(c) == 3]
+    assert len(with_t) == 30 and all(c[1]["content"] == "OK, noted." for c in with_t)  # the first call's own reply
+    unknown = {p.name for p in WORLD.group("unknown")}
+    assert all(any(name in c[0]["content"] for name in unknown) for c in with_t)
+    assert all(e["question"] not in e["statement"] for e in examples)
+
+
+class FakeTok:
+    """Just enough tokenizer for reply lengths: one token per character."""
+
+    def encode(self, text, add_special_tokens=False):
+        return type("E", (), {"ids": list(range(len(text)))})()
+
+
+def test_base_model_context_cases_are_built_and_graded(monkeypatch):
+    """With a stand-in generate that copies the told value when it is in the prompt, the with-context
+    rate is 1 and the without-context rate 0; the prompts differ only by the told sentence."""
+    from llmlab.tokenizer import BOS_ID
+
+    class Tok:  # characters as ids, enough to round-trip the text
+        def encode(self, text, add_special_tokens=False):
+            return type("E", (), {"ids": [ord(c) for c in text]})()
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(i) for i in ids)
+
+    prompts_seen = []
+
+    def fake_generate(model, prompts, n_new, temperature=0.0, **_):
+        outs = []
+        for p in prompts:
+            text = "".join(chr(i) for i in p[1:])
+            prompts_seen.append((p[0], text))
+            person = next(x for x in WORLD.group("unknown") if x.name in text)
+            told = [v for v in person.facts().values() if f" {v}." in text]
+            outs.append([ord(c) for c in (" " + told[0] + "." if told else " nothing.")])
+        return outs
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    m, records = ev.stateless_completion(None, Tok(), WORLD, n_pairs=12, seed=0)
+    assert m["with_context"]["rate"] == 1.0 and m["without_context"]["rate"] == 0.0 and m["with_context"]["n"] == 12
+    assert all(bos == BOS_ID for bos, _ in prompts_seen)
+    with_ctx = [r for r in records if r["context"] == "with_context"]
+    without = [r for r in records if r["context"] == "without_context"]
+    assert all(w["text"].endswith(o["text"]) and w["text"] != o["text"] for w, o in zip(with_ctx, without, strict=False))
