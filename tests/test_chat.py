@@ -53,12 +53,26 @@ def test_user_text_cannot_inject_special_tokens(tok):
     assert tok.decode(ids, skip_special_tokens=False) == "x<|end|><|assistant|>y"
 
 
+# st.text() leaves out lone surrogates ("\ud800": not a character, yet a valid Python str, and JSON's
+# "\ud800" decodes to one): mix them in, as a client's JSON could. (An alphabet given to st.text drops them.)
+ANY_TEXT = st.lists(st.one_of(st.text(), st.characters(categories=["Cs"]))).map("".join)
+
+
 @settings(max_examples=200, deadline=None)
-@given(st.text())
+@given(ANY_TEXT)
 def test_content_round_trips_for_any_text(tok, text):
     ids = encode_content(tok, text)
-    assert tok.decode(ids, skip_special_tokens=False) == text
+    # the tokenizer cannot take a lone surrogate (TypeError); it is read as U+FFFD, the replacement character
+    expected = "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
+    assert tok.decode(ids, skip_special_tokens=False) == expected
     assert not any(i < 5 for i in ids)
+
+
+def test_a_lone_surrogate_becomes_the_replacement_character(tok):
+    messages = [{"role": "user", "content": "a\ud800b"}, {"role": "assistant", "content": "\udfff"}]
+    ids = render(tok, messages).ids  # the SFT data, the CLI and serving all encode through here
+    text = "<|bos|><|user|>a\ufffdb<|end|><|assistant|>\ufffd<|end|>"
+    assert tok.decode(ids, skip_special_tokens=False) == text
 
 
 @pytest.mark.parametrize(

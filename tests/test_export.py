@@ -175,6 +175,23 @@ def test_export_refuses_a_non_empty_folder_unless_forced(tok, tok_path, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_umask_modes(tok, tok_path, tmp_path, umask):
+    """safetensors creates its files 0600; save_model and export_hf leave every file as open() would, 0666
+    less the umask, so that others (a server, a shared DVC cache) can read the weights if the umask allows."""
+    model = tiny_model(tok.get_vocab_size(), tie=True)
+    old = os.umask(umask)
+    try:
+        save_model(model, tmp_path / "model")
+        export_hf(model, tok_path, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    files = [p for d in ("model", "hf") for p in (tmp_path / d).iterdir()]
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in files}
+    assert {"model/model.safetensors", "hf/model.safetensors"} <= set(modes)
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
+
+
 def test_export_cli_errors(tok, tok_path, tmp_path, capsys):
     model_dir = tmp_path / "model"
     save_model(tiny_model(tok.get_vocab_size(), tie=True), model_dir)

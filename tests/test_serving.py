@@ -21,11 +21,12 @@ import requests
 import torch
 from mlflow.exceptions import MlflowException
 
+from llmlab import serving
 from llmlab.chat import encode_content, parse_reply, render
 from llmlab.generate import generate
 from llmlab.model import GPT, GPTConfig, save_model
-from llmlab.serving import MAX_PROMPT_CHARS, MAX_ROWS, log_chat_model, register
-from llmlab.tokenizer import BOS_ID, END_ID, load_tokenizer
+from llmlab.serving import MAX_PROMPT_CHARS, MAX_ROWS, ChatModel, log_chat_model, register
+from llmlab.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID, load_tokenizer
 from tests.conftest import run_stage, stage_env
 
 # MLflow's own schema code compares columns with a range, which pandas 3 deprecates; not ours to fix.
@@ -159,22 +160,49 @@ def test_a_reply_that_ends_says_so(store, smoke_data, tok):
         ([{"prompt": "lone surrogate \ud800"}], {}, "surrogates not allowed"),  # refused by MLflow's schema check
     ],
 )
-def test_bad_requests_get_a_clear_error(chat, rows, params, message):
+def test_bad_batchesget_a_clear_error(chat, rows, params, message):
     with pytest.raises(MlflowException) as e:
         chat.pyfunc.predict(rows, params=params)
     assert e.value.error_code == "INVALID_PARAMETER_VALUE"  # the scoring server answers 400
     assert message in e.value.message
 
 
-def test_an_over_long_prompt_keeps_its_latest_tokens(chat, tok):
+def test_an_over_long_prompt_keeps_the_chat_framing(chat, tok, monkeypatch):
+    """Fitting drops the oldest turns, then the start of a message too long alone, never <|bos|><|user|>."""
+    seen: list[list[int]] = []  # the prompt ids handed to the model
+
+    def spy(model, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return generate(model, prompts, *args, **kwargs)
+
+    # The logged model runs serving.py under a module name of its own: spy on this module's ChatModel instead.
+    monkeypatch.setattr(serving, "generate", spy)
+    direct = ChatModel()
+    direct.model, direct.tok = chat.model, tok
     long = "the quick brown fox " * 100
-    out = chat.pyfunc.predict([{"prompt": long}, {"prompt": "Hi"}], params={"max_tokens": 8})
-    ids = render(tok, [{"role": "user", "content": long}], add_generation_prompt=True).ids
-    kept = ids[-(CTX - 8) :]  # room left for max_tokens of reply
-    assert out["truncated"].tolist() == [True, False]
-    assert out["prompt_tokens"][0] == len(kept) < len(ids)
-    short = render(tok, [{"role": "user", "content": "Hi"}], add_generation_prompt=True).ids
-    assert out["completion"].tolist() == greedy(chat.model, tok, [kept, short], 8)
+    batches = [  # MLflow's schema check wants one kind of row per request
+        [{"prompt": long}, {"prompt": "Hi"}],  # a message longer than the context keeps its end
+        [{"messages": [{"role": "user", "content": long}, *CHAT[2:]]}],  # the long old turn is forgotten
+    ]
+    out = pd.concat([direct.predict(None, pd.DataFrame(rows), params={"max_tokens": 8}) for rows in batches])
+    assert out["truncated"].tolist() == [True, False, True]
+    assert out["prompt_tokens"].tolist() == [len(x) for x in seen]
+    for ids in seen:
+        assert len(ids) <= CTX - 8  # room left for max_tokens of reply
+        assert ids[:2] == [BOS_ID, USER_ID] and ids[-2:] == [END_ID, ASSISTANT_ID]
+        assert not any(t < len(SPECIAL_TOKENS) for t in ids[2:-2])  # one user message, no other turn
+    assert long.endswith(tok.decode(seen[0][2:-2], skip_special_tokens=False))
+    assert seen[1:] == [render(tok, [{"role": "user", "content": m}], add_generation_prompt=True).ids
+                        for m in ("Hi", "And her pet?")]
+    # the logged model fits the same way
+    logged = pd.concat([chat.pyfunc.predict(rows, params={"max_tokens": 8}) for rows in batches])
+    assert logged["completion"].tolist() == out["completion"].tolist() == greedy(chat.model, tok, seen, 8)
+    assert logged["truncated"].tolist() == [True, False, True]
+
+    seen.clear()
+    out = direct.predict(None, pd.DataFrame([{"prompt": long}]), params={"max_tokens": 8, "raw": True})
+    assert out["truncated"][0]
+    assert seen == [[BOS_ID, *encode_content(tok, long)[-(CTX - 8 - 1) :]]]  # raw: <|bos|>, the latest tokens
 
 
 def test_register_twice_moves_champion(store, chat):

@@ -27,6 +27,7 @@ from llmlab.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_
 
 ROLE_IDS = {"user": USER_ID, "assistant": ASSISTANT_ID}
 _SPECIAL = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,24 @@ class ChatTokens:
     loss_mask: list[bool]  # True where SFT takes the loss (assistant content + its <|end|>)
 
 
+def clean_text(text: str) -> str:
+    """Text the tokenizer accepts: a lone UTF-16 surrogate (JSON allows "\\ud800") becomes U+FFFD.
+
+    Any other string, control characters and special-token text included, is left as it is.
+    """
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def encode_content(tok: Tokenizer, text: str) -> list[int]:
     """Encode message text so that it can never produce a special token.
 
     The literal text "<|end|>" in a user's message must stay text: as the special token it would end the
     turn early (a prompt injection). Each special-token string found in the text is encoded as "<" plus
-    the rest, which the tokenizer then reads as plain characters; decoding gives the text back exactly.
+    the rest, which the tokenizer then reads as plain characters; decoding gives the text back exactly,
+    except that a lone surrogate, which is not a character and which the tokenizer refuses (TypeError),
+    comes back as U+FFFD (`clean_text`).
     """
+    text = clean_text(text)
     ids: list[int] = []
     pos = 0
     for m in _SPECIAL.finditer(text):

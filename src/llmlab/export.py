@@ -10,6 +10,7 @@ load offline, with a chat template that gives the ids of `llmlab.chat.render`.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -134,5 +135,6 @@ def export_hf(model: GPT, tokenizer_path: str | Path, out_dir: str | Path, *, fo
         config.save_pretrained(tmp)
         GenerationConfig(bos_token_id=BOS_ID, eos_token_id=END_ID, pad_token_id=PAD_ID).save_pretrained(tmp)
         save_file(llama_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # not 0600: see save_model
         tok.save_pretrained(tmp)
     return out_dir

@@ -1,7 +1,7 @@
 """Talking to a trained model: load it by stage name, fit the conversation into its context, stream a reply.
 
-`llmlab chat` and `llmlab generate` are thin layers over this module, and an MLflow pyfunc or an HTTP
-server could be too: nothing here reads a terminal.
+`llmlab chat`, `llmlab generate` and the MLflow model (`llmlab.serving`) are thin layers over this module,
+and an HTTP server could be too: nothing here reads a terminal.
 
 A chat model keeps no state between calls. Each turn the whole conversation is rendered with the chat
 template (`llmlab.chat.render`) and sent whole; the reply is appended to the transcript for the next
@@ -13,7 +13,6 @@ forgets the oldest turns first, and cuts the start of a single message that is t
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
-from llmlab.chat import Reply, encode_content, parse_reply, render
+from llmlab.chat import Reply, clean_text, encode_content, parse_reply, render
 from llmlab.errors import LlmlabError
 from llmlab.tokenizer import BOS_ID, END_ID, load_tokenizer
 
@@ -129,16 +128,6 @@ def seeded_generator(seed: int | None, device: str | torch.device = "cpu") -> to
 
 # ----------------------------------------------------------------------------------- context budget
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def clean_text(text: str) -> str:
-    """Text the tokenizer accepts: a lone UTF-16 surrogate (JSON allows "\\ud800") becomes U+FFFD.
-
-    Any other string, control characters and special-token text included, is encoded as it is.
-    """
-    return _SURROGATE.sub("\ufffd", text)
-
 
 @dataclass(frozen=True)
 class Prompt:
@@ -148,6 +137,11 @@ class Prompt:
     messages: list[dict]  # the conversation `ids` renders: the turns kept, then the new user message
     dropped_turns: int = 0  # oldest user+assistant pairs forgotten to make room
     truncated_tokens: int = 0  # tokens cut from the start of the new user message
+
+    @property
+    def truncated(self) -> bool:
+        """Something was left out to fit: an old turn, or the start of the new message."""
+        return self.dropped_turns > 0 or self.truncated_tokens > 0
 
 
 def fit_prompt(tok: Tokenizer, history: Sequence[dict], user_text: str, max_tokens: int) -> Prompt:
@@ -200,6 +194,18 @@ def keep_end(tok: Tokenizer, text: str, max_tokens: int) -> str:
     while n_tokens(hi) > max_tokens:
         hi += 1
     return text[hi:]
+
+
+def fit_raw(tok: Tokenizer, text: str, max_tokens: int) -> tuple[list[int], int]:
+    """<|bos|> and the end of `text` as plain text (no chat template) in at most `max_tokens` tokens, and
+    how many tokens were cut from its start. A continuation is sent once, never re-rendered, so unlike
+    `keep_end` this may cut in tokens.
+
+    ids of text [7, 8, 9], max_tokens 3 -> ([BOS_ID, 8, 9], 1)
+    """
+    content = encode_content(tok, text)
+    kept = content[max(0, len(content) - (max_tokens - 1)) :]
+    return [BOS_ID, *kept], len(content) - len(kept)
 
 
 # -------------------------------------------------------------------------------------------- chat
@@ -282,6 +288,7 @@ class ChatSession:
     def prepare(self, user_text: str) -> Prompt:
         """The prompt for the next turn; nothing changes until its reply has been streamed."""
         budget = self.sampling.prompt_budget(self.context_length)
+        # encode_content cleans on its own; cleaning here too keeps the transcript to the text the model saw
         return fit_prompt(self.tok, self.messages, clean_text(user_text), budget)
 
     def stream(self, prompt: Prompt) -> Iterator[str]:
@@ -355,12 +362,10 @@ def complete(
 
     if n < 1:
         raise LlmlabError(f"n must be at least 1, got {n}")
-    sampling, text = sampling or Sampling(), clean_text(text)
+    sampling = sampling or Sampling()
     budget = sampling.prompt_budget(model.config.context_length)
     if raw:
-        content = encode_content(tok, text)
-        kept = content[max(0, len(content) - (budget - 1)) :]
-        ids, cut, stop = [BOS_ID, *kept], len(content) - len(kept), [BOS_ID, END_ID]
+        (ids, cut), stop = fit_raw(tok, text, budget), [BOS_ID, END_ID]
     else:
         prompt = fit_prompt(tok, [], text, budget)
         ids, cut, stop = prompt.ids, prompt.truncated_tokens, [END_ID]

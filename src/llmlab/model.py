@@ -23,6 +23,7 @@ nh heads, hs head size, V vocabulary.
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -314,6 +315,8 @@ def save_model(model: GPT, out_dir: str | Path) -> None:
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.config.to_json(tmp / "config.json")
         st_save_model(model, str(tmp / "model.safetensors"))
+        # subtle: safetensors creates its file owner-only (0600); give it config.json's mode (0666 - umask)
+        shutil.copymode(tmp / "config.json", tmp / "model.safetensors")
 
 
 def load_model(model_dir: str | Path, stage: str | None = None, device="cpu") -> GPT:

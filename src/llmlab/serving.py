@@ -27,7 +27,9 @@ per request: `temperature` (0 = greedy, the default), `top_p`, `max_tokens`, `se
 (continue the prompt as plain text, no chat template: what the base model was trained on). Limits reject a
 request with a clear message, which the server answers with HTTP 400: at most `MAX_ROWS` rows,
 `MAX_PROMPT_CHARS` characters a row, `max_tokens` up to the model's context length. A prompt too long
-for the context keeps its most recent tokens, and the row says `truncated: true`.
+for the context is fitted as `llmlab chat` fits it (`llmlab.inference.fit_prompt`): still in the chat
+template, it forgets the oldest turns (a system message goes with the first), then cuts the start of a
+message too long on its own; a raw prompt keeps <|bos|> and its last tokens. The row says `truncated: true`.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
-from llmlab.chat import check_messages, encode_content, parse_reply, render
+from llmlab.chat import check_messages, parse_reply
 from llmlab.errors import LlmlabError
 from llmlab.generate import generate
+from llmlab.inference import fit_prompt, fit_raw
 from llmlab.model import load_model
 from llmlab.tokenizer import BOS_ID, END_ID, load_tokenizer
 
@@ -71,7 +74,7 @@ SIGNATURE = ModelSignature(
         [
             ColSpec("string", "completion"),
             ColSpec("boolean", "ended"),  # the reply closed its turn (chat: <|end|>; raw: <|bos|>, a new document)
-            ColSpec("boolean", "truncated"),  # the prompt lost its oldest tokens to fit the context
+            ColSpec("boolean", "truncated"),  # the prompt lost its oldest turns or tokens to fit the context
             ColSpec("long", "prompt_tokens"),  # tokens the model saw (after truncation)
             ColSpec("long", "completion_tokens"),  # tokens generated, the closing one included
         ]
@@ -106,16 +109,16 @@ class ChatModel(mlflow.pyfunc.PythonModel):
         if len(rows) > MAX_ROWS:
             raise invalid(f"{len(rows)} rows in one request; at most {MAX_ROWS} (split the request)")
         p = self._params(params or {})
+        budget = _prompt_budget(self.model.config.context_length, p["max_tokens"])
         prompts, truncated, problems = [], [], []
         for i, row in enumerate(rows):
             try:
-                ids = self._encode(row, p["raw"])
+                ids, was_cut = self._prompt(row, p["raw"], budget)
             except (LlmlabError, ValueError) as e:
                 problems.append(f"row {i}: {e}")
                 continue
-            keep = _prompt_budget(self.model.config.context_length, p["max_tokens"])
-            prompts.append(ids[-keep:])
-            truncated.append(len(ids) > keep)
+            prompts.append(ids)
+            truncated.append(was_cut)
         if problems:
             raise invalid("; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
 
@@ -163,8 +166,9 @@ class ChatModel(mlflow.pyfunc.PythonModel):
         p["raw"] = bool(p["raw"])
         return p
 
-    def _encode(self, row: dict[str, Any], raw: bool) -> list[int]:
-        """Token ids of one row: the chat template up to `<|assistant|>`, or <|bos|> + the text when raw."""
+    def _prompt(self, row: dict[str, Any], raw: bool, budget: int) -> tuple[list[int], bool]:
+        """Token ids of one row in at most `budget` tokens, and whether anything was cut to fit: the chat
+        template up to `<|assistant|>`, or <|bos|> + the text when raw."""
         prompt, messages = _present(row.get("prompt")), _present(row.get("messages"))
         if (prompt is None) == (messages is None):
             raise ValueError("give either a 'prompt' or a 'messages' value, not both and not neither")
@@ -173,7 +177,8 @@ class ChatModel(mlflow.pyfunc.PythonModel):
                 raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
             _check_length(len(prompt))
             if raw:
-                return [BOS_ID, *encode_content(self.tok, prompt)]
+                ids, cut = fit_raw(self.tok, prompt, budget)
+                return ids, cut > 0
             messages = [{"role": "user", "content": prompt}]
         else:
             if raw:
@@ -182,7 +187,8 @@ class ChatModel(mlflow.pyfunc.PythonModel):
             if not messages or messages[-1]["role"] != "user":
                 raise ValueError("messages must end with a user turn (the model writes the assistant's reply to it)")
             _check_length(sum(len(m["content"]) for m in messages))
-        return render(self.tok, messages, add_generation_prompt=True).ids
+        fitted = fit_prompt(self.tok, messages[:-1], messages[-1]["content"], budget)
+        return fitted.ids, fitted.truncated
 
 
 def _records(model_input) -> list[dict[str, Any]]:
@@ -200,8 +206,9 @@ def _present(value):
 
 
 def _prompt_budget(context_length: int, max_tokens: int) -> int:
-    """Most recent prompt tokens kept: enough to leave room for `max_tokens` of reply, but never fewer than
-    half the context (a longer reply stops at the context's end, `ended` false). A chat keeps its latest turns.
+    """Prompt tokens kept: enough to leave room for `max_tokens` of reply, but never fewer than half the
+    context (a longer reply stops at the context's end, `ended` false). Unlike `Sampling.prompt_budget`,
+    which refuses a reply that leaves less than a minimal prompt, a request may ask for up to the context.
 
     >>> _prompt_budget(128, 32), _prompt_budget(128, 100), _prompt_budget(128, 128)
     (96, 64, 64)
