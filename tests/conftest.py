@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,43 @@ def run_stage(
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], ready_url: str, env: dict[str, str], log: Path, timeout_s: float = 90) -> Iterator[None]:
+    """Start a server (`mlflow server`, `mlflow models serve`) in its own process group, wait until
+    `ready_url` answers 200, and always stop the whole group afterwards (the CLI and its workers)."""
+    import requests
+
+    with open(log, "wb") as out:  # a file, not a pipe: a full pipe would block the server
+        server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if requests.get(ready_url, timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            try:
+                server.wait(timeout=0.25)  # the pause between polls, and a check that the server still runs
+                pytest.fail(f"{cmd[0]} exited ({server.returncode}):\n{log.read_text()[-3000:]}")
+            except subprocess.TimeoutExpired:
+                assert time.monotonic() < deadline, f"no answer on {ready_url} after {timeout_s} s:\n{log.read_text()[-3000:]}"
+        yield
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> Path:
     """corpus + tokenizer stages of the tiny configuration, run once per test session."""
@@ -72,3 +112,16 @@ def smoke_data(tmp_path_factory) -> Path:
     )
     assert r.returncode == 0, r.stderr
     return d
+
+
+@pytest.fixture(scope="module")
+def tok_path(smoke_data) -> Path:
+    """The tiny configuration's trained tokenizer.json."""
+    return smoke_data / "tokenizer" / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def tok(tok_path):
+    from llmlab.tokenizer import load_tokenizer
+
+    return load_tokenizer(tok_path)

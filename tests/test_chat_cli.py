@@ -20,20 +20,10 @@ from llmlab.cli import chat_loop, main
 from llmlab.generate import generate, stream
 from llmlab.inference import ChatSession, Sampling, TextStream, complete, fit_prompt
 from llmlab.model import GPT, GPTConfig, save_model
-from llmlab.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID, load_tokenizer
+from llmlab.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID
 
 CTX = 128
 MAX_NEW = 16
-
-
-@pytest.fixture(scope="module")
-def tok_path(smoke_data) -> Path:
-    return smoke_data / "tokenizer" / "tokenizer.json"
-
-
-@pytest.fixture(scope="module")
-def tok(tok_path):
-    return load_tokenizer(tok_path)
 
 
 def tiny_model(vocab_size: int, seed: int = 0, end_boost: float = 1.0) -> GPT:

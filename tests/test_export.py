@@ -18,7 +18,7 @@ from llmlab.errors import LlmlabError
 from llmlab.export import export_hf
 from llmlab.generate import generate
 from llmlab.model import GPT, GPTConfig, save_model
-from llmlab.tokenizer import BOS_ID, END_ID, PAD_ID, load_tokenizer
+from llmlab.tokenizer import BOS_ID, END_ID, PAD_ID
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,16 +40,6 @@ CONVERSATIONS = [
         {"role": "user", "content": "Hi"},
     ],
 ]
-
-
-@pytest.fixture(scope="module")
-def tok_path(smoke_data) -> Path:
-    return smoke_data / "tokenizer" / "tokenizer.json"
-
-
-@pytest.fixture(scope="module")
-def tok(tok_path):
-    return load_tokenizer(tok_path)
 
 
 def tiny_model(vocab_size: int, tie: bool) -> GPT:

@@ -1,22 +1,29 @@
-"""The real `dvc repro` of the tiny configuration in a temporary copy of the repository.
+"""The real `dvc repro` of the tiny configuration in a temporary copy of the repository, tracked by a
+real `mlflow server` on 127.0.0.1 (its own store) through MLFLOW_TRACKING_URI.
 
-Checks what a user sees: the stages ran in order, their outputs and metrics exist, MLflow holds one
-pipeline run with a child run per stage (params, metric histories, artifacts, tags), and a second
+Checks what a user sees: the stages ran in order, their outputs and metrics exist, the report links only
+figures that exist; the MLflow UI's REST API shows one pipeline run with a child run per stage (params,
+metric histories, artifacts, tags), the report and figures on the pipeline run, and the registered
+model with its alias; `dvc plots show` renders; `dvc metrics diff` compares two experiments; a second
 `dvc repro` has nothing to do.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import requests
 
-from tests.conftest import ROOT, SMOKE_PARAMS, stage_env
+from tests.conftest import ROOT, SMOKE_PARAMS, free_port, running_server, stage_env
 
 pytestmark = pytest.mark.slow
-STAGES = ("corpus", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo")
+STAGES = ("corpus", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo", "evaluate", "register")
 
 
 def repo_copy(dest):
@@ -38,10 +45,23 @@ def repo_copy(dest):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def server(tmp_path_factory):
+    """A real MLflow tracking server with its own SQLite store and artifact folder, as a team would run it."""
+    d = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}", "--artifacts-destination", str(d / "artifacts"),
+           "--workers", "1"]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with running_server(cmd, f"{url}/health", stage_env(d), d / "server.log"):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, server):
     repo = tmp_path_factory.mktemp("repo")
     commit = repo_copy(repo)
-    env = stage_env(repo)
+    env = stage_env(repo) | {"MLFLOW_TRACKING_URI": server}
     first = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     return repo, env, commit, first
@@ -85,38 +105,105 @@ def test_outputs_and_metrics(pipeline):
     assert "fact_recall" in shown.stdout
 
 
-def test_mlflow_has_one_pipeline_run_with_a_child_per_stage(pipeline):
-    from mlflow.tracking import MlflowClient
+def api(url: str, endpoint: str, method: str = "get", **payload) -> dict:
+    """One call of MLflow's REST API (what the UI itself calls)."""
+    if method == "get":
+        r = requests.get(f"{url}/api/2.0/mlflow/{endpoint}", params=payload, timeout=30)
+    else:
+        r = requests.post(f"{url}/api/2.0/mlflow/{endpoint}", json=payload, timeout=30)
+    assert r.status_code == 200, (endpoint, r.text)
+    return r.json()
 
+
+def test_the_mlflow_ui_shows_the_pipeline_run_its_stages_and_the_model(pipeline, server):
     repo, env, commit, _ = pipeline
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("llmlab")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1
-    assert parents[0].info.status == "FINISHED"
-    assert sorted(r.data.tags["stage"] for r in children) == sorted(STAGES)
+    exp = api(server, "experiments/get-by-name", experiment_name="llmlab")["experiment"]
+    runs = api(server, "runs/search", "post", experiment_ids=[exp["experiment_id"]], max_results=100)["runs"]
+    tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+    parents = [r for r in runs if "mlflow.parentRunId" not in tags[r["info"]["run_id"]]]
+    children = [r for r in runs if "mlflow.parentRunId" in tags[r["info"]["run_id"]]]
+    assert len(parents) == 1 and parents[0]["info"]["status"] == "FINISHED"
+    parent_id = parents[0]["info"]["run_id"]
+    by_stage = {tags[r["info"]["run_id"]]["stage"]: r for r in children}
+    assert sorted(by_stage) == sorted(STAGES) and len(children) == len(STAGES)
     for run in children:
-        tags = run.data.tags
-        assert tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert tags["git_commit"] == commit and tags["git_dirty"] in ("true", "false")
-        assert run.info.status == "FINISHED"
-    pre = next(r for r in children if r.data.tags["stage"] == "pretrain")
-    assert pre.data.params["pretrain.lr"] == "0.003"
-    assert pre.data.params["seed"] == "7"
-    history = client.get_metric_history(pre.info.run_id, "train/loss")
-    assert len(history) >= 5 and history[0].step < history[-1].step
-    assert "fact_recall" in pre.data.metrics
-    artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)}
-    assert {"pretrain.json", "config.json"} <= artifacts
-    ppo = next(r for r in children if r.data.tags["stage"] == "ppo")
+        t = tags[run["info"]["run_id"]]
+        assert t["mlflow.parentRunId"] == parent_id and run["info"]["status"] == "FINISHED"
+        assert t["git_commit"] == commit and t["git_dirty"] in ("true", "false")
+
+    def history(stage: str, metric: str) -> list[int]:
+        run_id = by_stage[stage]["info"]["run_id"]
+        return [m["step"] for m in api(server, "metrics/get-history", run_id=run_id, metric_key=metric)["metrics"]]
+
+    def artifacts(run_id: str, path: str = "") -> set[str]:
+        return {f["path"] for f in api(server, "artifacts/list", run_id=run_id, path=path).get("files", [])}
+
+    pre = by_stage["pretrain"]
+    params = {p["key"]: p["value"] for p in pre["data"]["params"]}
+    assert params["pretrain.lr"] == "0.003" and params["seed"] == "7"
+    steps = history("pretrain", "train/loss")
+    assert len(steps) >= 5 and steps[0] < steps[-1]
+    assert {"pretrain.json", "config.json"} <= artifacts(pre["info"]["run_id"])
     for name in ("objective/kl", "objective/entropy", "objective/scores", "objective/non_score_reward", "objective/rlhf_reward",
                  "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio",
                  "val/num_eos_tokens", "gold/score"):
-        assert [m.step for m in client.get_metric_history(ppo.info.run_id, name)] == [1, 2, 3, 4], name
-    tok = next(r for r in children if r.data.tags["stage"] == "tokenizer")
-    assert "tokenizer.json" in {a.path for a in client.list_artifacts(tok.info.run_id)}
+        assert history("ppo", name) == [1, 2, 3, 4], name
+    assert "tokenizer.json" in artifacts(by_stage["tokenizer"]["info"]["run_id"])
+    # The report, its figures and the metrics on the pipeline run: the first thing the UI shows.
+    assert {"report.md", "evaluate.json", "figures"} <= artifacts(parent_id)
+    figures = {Path(p).name for p in artifacts(parent_id, "figures")}
+    assert {"models.png", "attention_cost.png", "attention_heads.png", "ppo.png", "temperature.png"} <= figures
+    evaluate_metrics = {m["key"] for m in by_stage["evaluate"]["data"]["metrics"]}
+    assert "suite/ppo/accuracy/rate" in evaluate_metrics and "perplexity/base/perplexity" in evaluate_metrics
+    # The registry: llmlab-chat, alias champion on the newest version, the PPO model logged by `register`.
+    model = api(server, "registered-models/get", name="llmlab-chat")["registered_model"]
+    champion = api(server, "registered-models/alias", name="llmlab-chat", alias="champion")["model_version"]
+    assert champion["version"] == max(v["version"] for v in model["latest_versions"])
+    assert champion["run_id"] == by_stage["register"]["info"]["run_id"]
+    register = json.loads((repo / "metrics/register.json").read_text())
+    assert register["registered_model"] == "llmlab-chat" and str(register["version"]) == champion["version"]
+
+
+def test_report_has_every_section_and_links_only_existing_figures(pipeline):
+    repo, *_ = pipeline
+    report = (repo / "reports/report.md").read_text()
+    sections = re.findall(r"^## (\d+)\.", report, flags=re.M)
+    assert [int(n) for n in sections] == list(range(1, 12))
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert len(links) >= 8
+    for link in links:
+        assert (repo / "reports" / link).is_file(), link
+    metrics = json.loads((repo / "metrics/evaluate.json").read_text())
+    suite = metrics["suite"]
+    assert suite["n_prompts"] == 16 and set(suite) >= {"base", "sft", "ppo", "gold_gain_ppo_vs_sft"}
+    for model in ("base", "sft", "ppo"):
+        fmt = suite[model]["format_adherence"]
+        assert fmt["n"] == 16 and 0 <= fmt["ci_low"] <= fmt["rate"] <= fmt["ci_high"] <= 1
+        assert f"{100 * fmt['rate']:.1f} %" in report  # the report prints this run's numbers
+    assert set(metrics["temperature"]) == {"T=0", "T=1"}
+    assert metrics["perplexity"]["base"]["perplexity"] > 1
+
+
+def test_dvc_plots_render_and_metrics_diff_compares_experiments(pipeline):
+    repo, env, *_ = pipeline
+    shown = subprocess.run(["dvc", "plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    plots = json.loads(shown.stdout)["data"]
+    for name in ("pretraining loss", "ppo, reward model score and gold score per iteration",
+                 "temperature, accuracy and diversity of the PPO model"):
+        assert name in plots, sorted(plots)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)  # the run's dvc.lock: the baseline experiment
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
+    exp = subprocess.run(["dvc", "exp", "run", "-S", "evaluate.temperature_samples=3", "--name", "t3"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    assert "Running stage 'evaluate'" in exp.stdout and "Running stage 'pretrain'" not in exp.stdout
+    diff = subprocess.run(["dvc", "metrics", "diff", "HEAD", "t3", "--json"], cwd=repo, env=env, capture_output=True, text=True)
+    assert diff.returncode == 0, diff.stderr
+    changed = json.loads(diff.stdout)["metrics/evaluate.json"]
+    assert "temperature.T=1.samples_per_prompt" in changed, sorted(changed)[:20]
+    assert changed["temperature.T=1.samples_per_prompt"] == {"old": 2, "new": 3, "diff": 1}
 
 
 def test_second_repro_does_nothing(pipeline):

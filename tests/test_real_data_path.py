@@ -61,6 +61,12 @@ def test_local_corpus_chat_and_preferences_run_without_a_rater(tmp_path):
         ("ppo", ["--model", "models/sft", "--reward", "models/reward", *tok, *world, "--pairs", "data/preferences",
                  "--checkpoints", "checkpoints/ppo", "--out", "models/ppo", "--metrics", "metrics/ppo.json",
                  "--plots", "plots/ppo", "--report", "reports/ppo"]),
+        ("evaluate", ["--base", "models/pretrain", "--sft", "models/sft", "--ppo", "models/ppo", *tok,
+                      "--tokenizer-report", "reports/tokenizer/report.json", "--tokens", "data/tokens", *world,
+                      "--pretrain-plots", "plots/pretrain", "--reward-metrics", "metrics/reward.json",
+                      "--reward-plots", "plots/reward", "--ppo-metrics", "metrics/ppo.json", "--ppo-plots", "plots/ppo",
+                      "--metrics", "metrics/evaluate.json", "--plots", "plots/evaluate", "--report", "reports/report.md",
+                      "--details", "reports/evaluate"]),
     ]  # fmt: skip
     for name, args in stages:
         r = run_stage(name, args, tmp_path, env, tmp_path / "params.yaml")
@@ -76,3 +82,7 @@ def test_local_corpus_chat_and_preferences_run_without_a_rater(tmp_path):
     assert ppo["n_prompts"] == 4  # the validation pairs' distinct prompts (10 % of 40)
     header = (tmp_path / "plots/ppo/iterations.csv").read_text().splitlines()[0]
     assert "objective/kl" in header and "gold/score" not in header
+    # No world: the graded sections say they were not measured; the rest of the report is there.
+    report = (tmp_path / "reports/report.md").read_text()
+    assert "Not measured: this run used a real corpus" in report and "## 9. Attention costs" in report
+    assert "suite" not in metrics["evaluate"] and metrics["evaluate"]["perplexity"]["ppo"]["perplexity"] > 1

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,8 +23,8 @@ from llmlab.chat import encode_content, parse_reply, render
 from llmlab.generate import generate
 from llmlab.model import GPT, GPTConfig, save_model
 from llmlab.serving import MAX_PROMPT_CHARS, MAX_ROWS, ChatModel, log_chat_model, register
-from llmlab.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID, load_tokenizer
-from tests.conftest import run_stage, stage_env
+from llmlab.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID
+from tests.conftest import free_port, run_stage, running_server, stage_env
 
 # MLflow's own schema code compares columns with a range, which pandas 3 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Operation with range is deprecated")
@@ -85,11 +82,6 @@ def store(tmp_path_factory, smoke_data):
         mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         assert mlflow.get_tracking_uri() == uri, "something in this process pinned MLflow's tracking URI"
         yield SimpleNamespace(dir=d, uri=uri, client=client, run_id=client.create_run(experiment).info.run_id)
-
-
-@pytest.fixture(scope="module")
-def tok(smoke_data):
-    return load_tokenizer(smoke_data / "tokenizer" / "tokenizer.json")
 
 
 @pytest.fixture(scope="module")
@@ -210,12 +202,6 @@ def test_register_twice_moves_champion(store, chat):
     assert int(store.client.get_model_version_by_alias("twice", "champion").version) == 2
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_served_champion_answers_like_the_model_in_process(store, chat, tmp_path):
     version = register(chat.uri)  # llmlab-chat, alias champion
@@ -226,41 +212,18 @@ def test_served_champion_answers_like_the_model_in_process(store, chat, tmp_path
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     cmd = ["mlflow", "models", "serve", "-m", "models:/llmlab-chat@champion", "--env-manager", "local",
            "-h", "127.0.0.1", "-p", str(port)]
+    url = f"http://127.0.0.1:{port}"
     t = time.perf_counter()
-    with open(log, "wb") as out:  # a file, not a pipe: a full pipe would block the server
-        server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{url}/ping", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            try:
-                server.wait(timeout=0.25)  # the pause between polls, and a check that the server still runs
-                pytest.fail(f"the server exited ({server.returncode}):\n{log.read_text()[-3000:]}")
-            except subprocess.TimeoutExpired:
-                assert time.monotonic() < deadline, f"no answer on /ping after 90 s:\n{log.read_text()[-3000:]}"
+    with running_server(cmd, f"{url}/ping", env, log):
         print(f"mlflow models serve: up in {time.perf_counter() - t:.1f} s (version {version})")
-
         r = requests.post(f"{url}/invocations", json=request, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["predictions"] == expected.to_dict("records")
 
         r = requests.post(f"{url}/invocations", json={**request, "params": {"max_tokens": CTX + 1}}, timeout=60)
         assert r.status_code == 400 and f"max_tokens must be 1 to {CTX}" in r.json()["message"], r.text
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the CLI and the uvicorn it starts share this process group
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
-@pytest.mark.slow
 def test_register_stage(store, smoke_data, tok, tmp_path):
     tokenizer = smoke_data / "tokenizer" / "tokenizer.json"
     models = {name: tiny_gpt(tok.get_vocab_size(), seed) for seed, name in enumerate(["pretrain", "sft", "ppo"])}
