@@ -167,7 +167,7 @@ def main(args, params: Params) -> None:
         with clock("report"):
             with atomic_path(Path(args.report).parent / "figures", is_dir=True) as figures:
                 plots = rpt.figures(figures, m, details, loss, calibration, iterations, weights, token_text)
-            text = rpt.markdown(m, details, {k: f"figures/{v}" for k, v in plots.items()}, cfg)
+            text = rpt.markdown(m, details, {k: f"figures/{v}" for k, v in plots.items()}, iterations)
             write_text(args.report, text)
         write_json(args.metrics, m)
         write_plots(Path(args.plots), m, details)

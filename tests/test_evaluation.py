@@ -171,8 +171,8 @@ class FakeTok:
 
 
 def test_base_model_context_cases_are_built_and_graded(monkeypatch):
-    """With a stand-in generate that copies the told value when it is in the prompt, the with-context
-    rate is 1 and the without-context rate 0; the prompts differ only by the told sentence."""
+    """With a stand-in generate that copies from the prompt what the told sentence holds (the value after
+    the statement, the surname after a first name), the with-context rates are 1 and the others 0."""
     from llmlab.tokenizer import BOS_ID
 
     class Tok:  # characters as ids, enough to round-trip the text
@@ -182,22 +182,31 @@ def test_base_model_context_cases_are_built_and_graded(monkeypatch):
         def decode(self, ids, skip_special_tokens=False):
             return "".join(chr(i) for i in ids)
 
-    prompts_seen = []
+    unknown = WORLD.group("unknown")
+    starts = []
 
     def fake_generate(model, prompts, n_new, temperature=0.0, **_):
         outs = []
         for p in prompts:
+            starts.append(p[0])
             text = "".join(chr(i) for i in p[1:])
-            prompts_seen.append((p[0], text))
-            person = next(x for x in WORLD.group("unknown") if x.name in text)
-            told = [v for v in person.facts().values() if f" {v}." in text]
-            outs.append([ord(c) for c in (" " + told[0] + "." if told else " nothing.")])
+            person = next((x for x in unknown if x.name in text), None)  # the told sentence names them
+            if person is None:
+                reply = " nothing."
+            elif text.endswith(person.name.split()[0]):
+                reply = " " + person.name.split(" ", 1)[1] + "."
+            else:
+                told = [v for v in person.facts().values() if f" {v}." in text]  # none when only asked
+                reply = " " + told[0] + "." if told else " nothing."
+            outs.append([ord(c) for c in reply])
         return outs
 
     monkeypatch.setattr(ev, "generate", fake_generate)
     m, records = ev.stateless_completion(None, Tok(), WORLD, n_pairs=12, seed=0)
-    assert m["with_context"]["rate"] == 1.0 and m["without_context"]["rate"] == 0.0 and m["with_context"]["n"] == 12
-    assert all(bos == BOS_ID for bos, _ in prompts_seen)
-    with_ctx = [r for r in records if r["context"] == "with_context"]
-    without = [r for r in records if r["context"] == "without_context"]
-    assert all(w["text"].endswith(o["text"]) and w["text"] != o["text"] for w, o in zip(with_ctx, without, strict=False))
+    for what in ("value", "name"):
+        assert m[what]["with_context"]["rate"] == 1.0 and m[what]["with_context"]["n"] == 12
+        assert m[what]["without_context"]["rate"] == 0.0
+    assert set(starts) == {BOS_ID}
+    pairs = [(a, b) for a, b in zip(records[::2], records[1::2], strict=True)]
+    assert all(w["context"] == "with_context" and o["context"] == "without_context" for w, o in pairs)
+    assert all(w["text"].endswith(o["text"]) and w["text"] != o["text"] for w, o in pairs)

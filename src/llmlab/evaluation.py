@@ -273,31 +273,36 @@ def stateless_context(model: GPT, tok: Tokenizer, world: World, rater: Rater, n_
 
 @torch.no_grad()
 def stateless_completion(model: GPT, tok: Tokenizer, world: World, n_pairs: int, seed: int) -> tuple[dict, list[dict]]:
-    """The same test on the base model, as plain text: a fact about an unknown person is in the context
-    ("Ada Brook has a pet lizard.") before the statement to complete ("Ada Brook has a pet"), or it is not.
+    """The same question for the base model, as plain text: what it can say depends only on its context.
 
-    Copying a value from earlier in the context is something pretraining teaches (repeated names and
-    facts are common in documents); without the context no weight holds the value.
+    For people who appear nowhere in the corpus, a sentence about them ("Rowan Aldwick has a pet lizard.")
+    is in the context or not, before
+    - `value`: the statement to complete ("Rowan Aldwick has a pet" -> "lizard"), and
+    - `name`: the first name to complete ("Rowan" -> "Aldwick"): copying a name seen earlier is what
+      pretraining on biographies, which repeat a name in every sentence, teaches.
+    Without the sentence, no weight holds either answer: the model is stateless between calls.
     """
     rng = random.Random(f"{seed}/context-base")
     items = [(p, attr) for p in world.group("unknown") for attr in ATTRIBUTES]
     rng.shuffle(items)
-    cases = []  # (key, text, value)
+    cases = []  # (what, key, text, expected)
     for p, attr in items[:n_pairs]:
         _, prompt, value = next(x for x in fact_prompts(p) if x[0] == attr)
-        cases += [("with_context", f"{fact_sentence(p, attr)} {prompt}", value), ("without_context", prompt, value)]
-    ok: dict[str, list[bool]] = {"with_context": [], "without_context": []}
+        told, (first, surname) = fact_sentence(p, attr), p.name.split(" ", 1)
+        cases += [("value", "with_context", f"{told} {prompt}", value), ("value", "without_context", prompt, value),
+                  ("name", "with_context", f"{told} {first}", surname), ("name", "without_context", first, surname)]  # fmt: skip
+    ok: dict[str, dict[str, list[bool]]] = {w: {"with_context": [], "without_context": []} for w in ("value", "name")}
     records = []
     for i in range(0, len(cases), 64):
         chunk = cases[i : i + 64]
         n_new = max(len(tok.encode(" " + v, add_special_tokens=False).ids) for *_, v in chunk) + 1
-        outs = generate(model, [[BOS_ID, *tok.encode(t, add_special_tokens=False).ids] for _, t, _ in chunk], n_new, temperature=0.0)
-        for (key, text, value), out in zip(chunk, outs, strict=True):
+        outs = generate(model, [[BOS_ID, *tok.encode(t, add_special_tokens=False).ids] for _, _, t, _ in chunk], n_new, temperature=0.0)
+        for (what, key, text, expected), out in zip(chunk, outs, strict=True):
             completion = tok.decode(out, skip_special_tokens=False)
-            ok[key].append(grade_completion(completion, value))
-            if len(records) < 6:
-                records.append({"context": key, "text": text, "completion": completion, "value": value})
-    return {k: rate(v) for k, v in ok.items()}, records
+            ok[what][key].append(grade_completion(completion, expected))
+            if len(records) < 8:
+                records.append({"what": what, "context": key, "text": text, "completion": completion, "expected": expected})
+    return {w: {k: rate(v) for k, v in d.items()} for w, d in ok.items()}, records
 
 
 def _chat(model: GPT, tok: Tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int, batch_size: int = 64) -> list:

@@ -456,7 +456,7 @@ class EvaluateConfig(Section):
     """The evaluate stage (pipeline/evaluate.py): one held-out suite on the base, SFT and PPO models, and
     the measurements behind each section of reports/report.md."""
 
-    n_prompts: int = Field(500, ge=10)
+    n_prompts: int = Field(1000, ge=10)
     """Prompts of the evaluation pool (never used to train SFT, the reward model or PPO) that all three
     models answer with the same sampling settings."""
     temperature: float = Field(0.0, ge=0, le=5)
@@ -469,17 +469,17 @@ class EvaluateConfig(Section):
     """Windows of held-out pretraining text (context_length tokens each) for the perplexity of each model."""
     temperatures: list[float] = [0.0, 0.5, 1.0, 1.5, 2.0]
     """Temperatures of the sampling section (PPO model)."""
-    temperature_prompts: int = Field(100, ge=1)
+    temperature_prompts: int = Field(200, ge=1)
     """Evaluation prompts answered at each temperature..."""
     temperature_samples: int = Field(4, ge=2)
     """...this many times each (once at temperature 0), for the diversity of the replies."""
-    cot_per_digit: int = Field(40, ge=1)
+    cot_per_digit: int = Field(100, ge=1)
     """Additions per digit count, asked both step by step and for the bare result."""
     cot_max_digits: int = Field(4, ge=1, le=9)
     """Additions of 1 to this many digits per addend."""
     cot_max_new_tokens: int = Field(160, ge=1)
     """Room for the written-out working (generation also stops at the model's context length)."""
-    context_pairs: int = Field(150, ge=1)
+    context_pairs: int = Field(300, ge=1)
     """Facts about unknown people told in one call and asked in the next, with and without the transcript."""
     attention_lengths: list[int] = [64, 128, 256, 512, 1024, 2048]
     """Sequence lengths at which the cost of attention is timed (a random model of the same shape)."""

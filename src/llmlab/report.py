@@ -31,12 +31,22 @@ def avg(r: Mapping[str, float], digits: int = 2) -> str:
     return f"{r['mean']:+.{digits}f} ± {r['ci95']:.{digits}f}" if r.get("n") else "n/a"
 
 
-def separated(higher: Mapping[str, float], lower: Mapping[str, float]) -> bool:
-    """True when `higher`'s 95 % interval lies wholly above `lower`'s: the difference is not noise.
+def difference(higher: Mapping[str, float], lower: Mapping[str, float]) -> tuple[bool, str]:
+    """Is `higher` really above `lower`? (shown, "difference +6.8 points [+0.9, +12.6]"): shown when the 95 %
+    interval of the difference of the two rates (Newcombe) lies wholly above 0."""
+    from llmlab.stats import rate_diff_ci
 
-    (Two intervals that merely overlap can still differ significantly; this is the conservative test.)
-    """
-    return bool(higher.get("n") and lower.get("n") and higher["ci_low"] > lower["ci_high"])
+    if not higher.get("n") or not lower.get("n"):
+        return False, "no sample"
+    k = lambda r: round(r["rate"] * r["n"])  # noqa: E731
+    d, lo, hi = rate_diff_ci(k(higher), higher["n"], k(lower), lower["n"])
+    return lo > 0, f"difference {100 * d:+.1f} points, 95 % interval [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def compare(claim: str, higher: Mapping[str, float], lower: Mapping[str, float], names: tuple[str, str]) -> str:
+    """The verdict line of a claim that `higher` exceeds `lower`, with both rates and their difference."""
+    shown, diff = difference(higher, lower)
+    return verdict(shown, claim, f"{names[0]} {pct(higher)} vs {names[1]} {pct(lower)}; {diff}")
 
 
 def pooled(rates: list[Mapping[str, float]]) -> dict[str, float]:
@@ -51,7 +61,7 @@ def pooled(rates: list[Mapping[str, float]]) -> dict[str, float]:
 def verdict(shown: bool, what: str, numbers: str) -> str:
     if shown:
         return f"**Shown:** {what} ({numbers})."
-    return f"**Not shown convincingly by this model:** {what} is not separated from the control ({numbers})."
+    return f"**Not shown convincingly by this model:** {what} — the difference is within the noise ({numbers})."
 
 
 def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -200,7 +210,7 @@ def error_bars(rates: list[Mapping[str, float]]) -> list[list[float]]:
 # ------------------------------------------------------------------------------------------ markdown
 
 
-def markdown(m: Mapping, details: Mapping, fig: Mapping[str, str], cfg) -> str:
+def markdown(m: Mapping, details: Mapping, fig: Mapping[str, str], iterations: list[dict]) -> str:
     """The whole report."""
     parts = [HEADER]
     parts.append(_tokens(m["tokens"]))
@@ -211,7 +221,7 @@ def markdown(m: Mapping, details: Mapping, fig: Mapping[str, str], cfg) -> str:
     else:
         parts.append(NO_RATER)
     parts.append(_reward(m, fig))
-    parts.append(_ppo(m, fig))
+    parts.append(_ppo(m, fig, iterations))
     if "temperature" in m:
         parts.append(_temperature(m, fig))
     if "chain_of_thought" in m:
@@ -295,7 +305,6 @@ role's turn), on the same {s['n_prompts']} held-out prompts:
 def _knowledge(m: Mapping) -> str:
     k, s = m["knowledge"], m["suite"]
     g = {n: s[n]["fact_accuracy_by_group"] for n in ("sft", "ppo")}
-    shown = separated(g["sft"]["sft"], g["sft"]["heldout"])
     return f"""## 3. Knowledge lives in the weights
 
 **Fact recall of the base model**: completing the canonical statement of a fact ("… lives in") greedily,
@@ -310,8 +319,8 @@ better than the facts of people only the corpus mentioned, although the base mod
 | SFT | {pct(g['sft']['sft'])}, n={g['sft']['sft']['n']} | {pct(g['sft']['heldout'])}, n={g['sft']['heldout']['n']} |
 | PPO | {pct(g['ppo']['sft'])}, n={g['ppo']['sft']['n']} | {pct(g['ppo']['heldout'])}, n={g['ppo']['heldout']['n']} |
 
-{verdict(shown, "SFT answers about the people it practised on better than about people only the corpus mentioned",
-         f"{pct(g['sft']['sft'])} vs {pct(g['sft']['heldout'])}")}
+{compare("SFT answers about the people it practised on better than about people only the corpus mentioned",
+         g['sft']['sft'], g['sft']['heldout'], ("practised", "corpus only"))}
 A small model learns to retrieve the facts it was drilled on; knowledge it never practised retrieving stays
 in the weights (statement completion finds it) but does not come out as an answer.
 """
@@ -328,12 +337,13 @@ def _post_training(m: Mapping, fig: Mapping) -> str:
     table = "| | " + " | ".join(MODEL_NAMES[n] for n in MODEL_NAMES) + " |\n|---|---|---|---|\n"
     table += "\n".join(f"| {label} | " + " | ".join(get(s[n]) for n in MODEL_NAMES) + " |" for label, get in rows)
     n_unknown, n_harmful = s["ppo"]["hallucination"]["n"], s["ppo"]["refusal_harmful"]["n"]
-    hall = verdict(separated(s["sft"]["hallucination"], s["ppo"]["hallucination"]),
-                   "RLHF lowers the rate of invented answers", f"SFT {pct(s['sft']['hallucination'])}, PPO {pct(s['ppo']['hallucination'])}")  # fmt: skip
-    harm = verdict(separated(s["ppo"]["refusal_harmful"], s["sft"]["refusal_harmful"]),
-                   "RLHF raises the refusal of harmful requests", f"SFT {pct(s['sft']['refusal_harmful'])}, PPO {pct(s['ppo']['refusal_harmful'])}")  # fmt: skip
-    tone = verdict(separated(s["ppo"]["politeness"], s["sft"]["politeness"]),
-                   "RLHF makes the replies more polite", f"SFT {pct(s['sft']['politeness'])}, PPO {pct(s['ppo']['politeness'])}")  # fmt: skip
+    sft, ppo = s["sft"], s["ppo"]
+    hall = compare("RLHF lowers the rate of invented answers", sft["hallucination"], ppo["hallucination"], ("SFT", "PPO"))
+    harm = compare("RLHF raises the refusal of harmful requests", ppo["refusal_harmful"], sft["refusal_harmful"], ("PPO", "SFT"))
+    tone = compare("RLHF makes the replies more polite", ppo["politeness"], sft["politeness"], ("PPO", "SFT"))
+    fmt = compare("SFT teaches the chat format", sft["format_adherence"], s["base"]["format_adherence"], ("SFT", "base"))
+    tax = compare("RLHF costs answers: PPO declines answerable fact questions more often than SFT",
+                  ppo["over_refusal"], sft["over_refusal"], ("PPO", "SFT"))  # fmt: skip
     gain = s["gold_gain_ppo_vs_sft"]
     return f"""## 4. SFT teaches the format; RLHF shapes behaviour, at a price
 
@@ -346,9 +356,11 @@ requests), same sampling, graded by the rater against the world's truth:
 
 - SFT against base: gold score {avg(s['gold_gain_sft_vs_base'])} (paired, n={s['gold_gain_sft_vs_base']['n']}).
 - PPO against SFT: gold score {avg(gain)} (paired, n={gain['n']}).
+- {fmt}
 - {hall}
 - {harm}
 - {tone}
+- {tax}
 
 **The alignment tax.** Fine-tuning moves the model away from the text it was pretrained on:
 
@@ -381,22 +393,41 @@ diagonal.
 """
 
 
-def _ppo(m: Mapping, fig: Mapping) -> str:
+def _ppo(m: Mapping, fig: Mapping, iterations: list[dict]) -> str:
     p = m["ppo"]
     lines = [f"- reward-model score gain on held-out prompts: {p.get('reward_gain', math.nan):+.2f} ± {p.get('reward_gain_ci95', math.nan):.2f}"]
     if "gold_gain" in p:
         lines.append(f"- gold score gain (the truth): {p['gold_gain']:+.2f} ± {p['gold_gain_ci95']:.2f}")
     lines.append(f"- KL(PPO ‖ SFT): {p.get('kl_to_sft', math.nan):.2f} ± {p.get('kl_to_sft_ci95', math.nan):.2f} nats per reply")
+    w = max(1, min(5, len(iterations) // 4))  # a window of iterations: one iteration's 64 samples are noisy
+
+    def window(rows: list[dict], key: str) -> float:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return sum(values) / len(values) if values else math.nan
+
+    first, last = iterations[:w], iterations[-w:]
+    trend = (f"Over the {len(iterations)} iterations (means of the first and the last {w}), the reward model's score "
+             f"went from {window(first, 'objective/scores'):+.2f} to {window(last, 'objective/scores'):+.2f} and the KL "
+             f"from {window(first, 'objective/kl'):.2f} to {window(last, 'objective/kl'):.2f} nats")  # fmt: skip
+    if iterations[0].get("gold/score") is not None:
+        means = [window(iterations[i : i + w], "gold/score") for i in range(0, len(iterations) - w + 1)]
+        best = max(range(len(means)), key=means.__getitem__)
+        trend += (f"; the gold score went from {window(first, 'gold/score'):+.2f} to {window(last, 'gold/score'):+.2f}, "
+                  f"its best window being iterations {best + 1}–{best + w} ({means[best]:+.2f})")  # fmt: skip
     return f"""## 6. PPO maximises the reward model, not the truth
 
 ![ppo]({fig['ppo']})
 
 PPO only ever sees the reward model's score; the gold score is the rater's, computed on the same samples
-and never optimised. The right panel is the over-optimisation picture (Gao et al. 2022): the proxy keeps
-rising with the distance from the SFT model (√KL), while the gold score rises less, and with a weaker KL
-penalty (`dvc exp run -S ppo.kl_coef=0.05`) turns down. On this run's held-out prompts:
+and never optimised. The right panel plots both against the distance from the SFT model (√KL), the
+over-optimisation picture of Gao et al. (2022): where the reward model is wrong, pushing its score further
+stops helping the gold score and then hurts it. {trend}. On this run's held-out prompts:
 
-""" + "\n".join(lines) + "\n"
+""" + "\n".join(lines) + """
+
+A weaker KL penalty lets the policy move further from the SFT model: `dvc exp run -S ppo.kl_coef=0.05`,
+then compare this section of the two reports (`dvc plots diff` draws both runs' curves).
+"""
 
 
 def _temperature(m: Mapping, fig: Mapping) -> str:
@@ -404,11 +435,13 @@ def _temperature(m: Mapping, fig: Mapping) -> str:
     table = "\n".join(f"| {r['temperature']:g} | {pct(r['accuracy'])}, n={r['accuracy']['n']} | {r['distinct_2']:.2f} | "
                       f"{r['unique_share']:.2f} | {pct(r['format_adherence'])} |" for r in rows)  # fmt: skip
     lo, hi = rows[0], rows[-1]
-    shown = separated(lo["accuracy"], hi["accuracy"]) and hi["distinct_2"] > lo["distinct_2"]
+    shown, diff = difference(lo["accuracy"], hi["accuracy"])
+    shown = shown and hi["distinct_2"] > lo["distinct_2"]
     return f"""## 7. Temperature: sharper or flatter next-token distributions
 
-The PPO model answers the same held-out prompts at each temperature ({rows[1]['samples_per_prompt']} samples per
-prompt, one at T = 0 where sampling is deterministic). Logits are divided by T before the softmax.
+The PPO model answers the same {lo['accuracy']['n'] // lo['samples_per_prompt']} held-out prompts {lo['samples_per_prompt']} times at
+each temperature (at T = 0 the samples are all the greedy reply). The logits are divided by T before the
+softmax: T < 1 sharpens the distribution towards the most likely token, T > 1 flattens it.
 
 ![temperature]({fig['temperature']})
 
@@ -416,7 +449,7 @@ prompt, one at T = 0 where sampling is deterministic). Logits are divided by T b
 |---|---|---|---|---|
 {table}
 
-{verdict(shown, "higher temperature costs accuracy and buys diversity", f"T={lo['temperature']:g}: {pct(lo['accuracy'])}, distinct-2 {lo['distinct_2']:.2f}; T={hi['temperature']:g}: {pct(hi['accuracy'])}, distinct-2 {hi['distinct_2']:.2f}")}
+{verdict(shown, "higher temperature costs accuracy and buys diversity", f"T={lo['temperature']:g}: {pct(lo['accuracy'])}, distinct-2 {lo['distinct_2']:.2f}; T={hi['temperature']:g}: {pct(hi['accuracy'])}, distinct-2 {hi['distinct_2']:.2f}; accuracy {diff}")}
 """
 
 
@@ -426,22 +459,21 @@ def _cot(m: Mapping, fig: Mapping) -> str:
         digits = sorted({r["digits"] for r in rows.values()})
         for d in digits:
             cot, bare = rows[f"{d}_digits/step_by_step"], rows[f"{d}_digits/bare"]
-            lines.append(f"| {MODEL_NAMES[model]} | {d} | {pct(cot['accuracy'])} | {pct(bare['accuracy'])} | "
+            lines.append(f"| {MODEL_NAMES[model]} | {d} | {cot['accuracy']['n']} | {pct(cot['accuracy'])} | {pct(bare['accuracy'])} | "
                          f"{cot['reply_tokens']['mean']:.0f} | {bare['reply_tokens']['mean']:.0f} |")  # fmt: skip
         cot, bare = (pooled([r["accuracy"] for r in rows.values() if r["format"] == f]) for f in ("step_by_step", "bare"))
-        verdicts.append(verdict(separated(cot, bare),
-                                f"{MODEL_NAMES[model]}: writing the working out beats the bare answer (all digit counts pooled)",
-                                f"{pct(cot)}, n={cot['n']} vs {pct(bare)}, n={bare['n']}"))  # fmt: skip
-    n = next(iter(next(iter(m["chain_of_thought"].values())).values()))["accuracy"]["n"]
+        verdicts.append(compare(f"{MODEL_NAMES[model]}: writing the working out beats the bare answer (all digit counts pooled, n = {cot['n']} each)",
+                                cot, bare, ("step by step", "bare")))  # fmt: skip
     return f"""## 8. Chain-of-thought works because it writes intermediate tokens
 
-The same additions (n = {n} per row, evaluation pool) asked two ways: "step by step" (the model writes each
-column's digit and carry, then the result) and "answer with the number only".
+The same additions (n per row below; evaluation pool, both addends with that many digits) asked two ways:
+"step by step" (the model writes each column's digit and carry, then the result) and "answer with the
+number only".
 
 ![chain of thought]({fig['chain_of_thought']})
 
-| model | digits | step by step | bare answer | tokens written, step by step | bare |
-|---|---|---|---|---|---|
+| model | digits | n | step by step | bare answer | tokens written, step by step | bare |
+|---|---|---|---|---|---|---|
 """ + "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + """
 
 Each written column result is a token the model reads back when it writes the next one: the computation is
@@ -494,7 +526,9 @@ Timings vary between runs on a shared machine; the exponents and ratios are the 
 
 def _context(m: Mapping, details: Mapping) -> str:
     c, b = m["context"], m["context_base"]
-    shown = separated(c["with_transcript"], c["without_transcript"])
+    name = next((r for r in details.get("context_base", []) if r["what"] == "name" and r["context"] == "with_context"), None)
+    name_example = (f"What the base model does instead, for example: `{name['text']}` → `{name['completion'].strip()}` "
+                    f"(told: {name['expected']}).\n") if name else ""  # fmt: skip
     ex = details["context"][0] if details.get("context") else None
     example = ""
     if ex:
@@ -510,17 +544,23 @@ A fact about someone the model has never seen is told in one call; the next call
 | after the whole transcript of the first call | {pct(c['with_transcript'])} |
 | alone, as a new conversation | {pct(c['without_transcript'])} |
 
-{verdict(shown, "the chat model uses the fact only when the transcript is resent", f"{pct(c['with_transcript'])} vs {pct(c['without_transcript'])}")}
+{compare("the chat model uses the fact only when the transcript is resent", c['with_transcript'], c['without_transcript'], ("with", "without"))}
 {example}
-The same with the base model, as plain text: the told fact is in the context before the statement to
-complete ("… has a pet lizard. … has a pet"), or the statement comes alone:
+The same with the base model, as plain text: a sentence about someone it has never seen is in its context,
+or not, before it completes the fact's statement ("… has a pet lizard. … has a pet") or the person's first
+name ("… has a pet lizard. Rowan" → "Aldwick"):
 
-| context | completed with the told value |
-|---|---|
-| the fact, then the statement | {pct(b['with_context'])} |
-| the statement alone | {pct(b['without_context'])} |
+| the model completes | after the sentence | without it |
+|---|---|---|
+| the told value | {pct(b['value']['with_context'])} | {pct(b['value']['without_context'])} |
+| the person's surname | {pct(b['name']['with_context'])} | {pct(b['name']['without_context'])} |
 
-{verdict(separated(b['with_context'], b['without_context']), "the base model uses what is in its context, and nothing else", f"{pct(b['with_context'])} vs {pct(b['without_context'])}")}
+- {compare("the base model copies the told value from its context", b['value']['with_context'], b['value']['without_context'], ("with", "without"))}
+- {compare("the base model completes a name it saw only in its context", b['name']['with_context'], b['name']['without_context'], ("with", "without"))}
+
+{name_example}
+Whatever the model "knows" about a conversation is in the tokens it is sent, or it is in the weights;
+nothing else carries over from one call to the next.
 """
 
 

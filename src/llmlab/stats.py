@@ -42,3 +42,19 @@ def wilson_ci(k: int, n: int) -> tuple[float, float]:
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_diff_ci(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
+    """Difference of two rates k1/n1 − k2/n2 and its 95 % interval (low, high), by Newcombe's hybrid score
+    method (1998, method 10): the two Wilson intervals combined. Unlike checking whether the two intervals
+    overlap, it has the stated coverage; for rates on the same items it is conservative.
+
+    >>> [round(x, 3) for x in rate_diff_ci(190, 500, 156, 500)]  # 38.0 % vs 31.2 %
+    [0.068, 0.009, 0.126]
+    """
+    if not n1 or not n2:
+        return math.nan, math.nan, math.nan
+    p1, p2 = k1 / n1, k2 / n2
+    (l1, u1), (l2, u2) = wilson_ci(k1, n1), wilson_ci(k2, n2)
+    d = p1 - p2
+    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
