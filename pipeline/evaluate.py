@@ -98,6 +98,7 @@ def main(args, params: Params) -> None:
 
         with clock("tokens"):
             m["tokens"] = rpt.token_figures(tokenizer_report)
+            details["example_tokens"] = {e["word"]: e["tokens"] for e in tokenizer_report.get("examples", [])}
         with clock("pretraining"):
             m["pretraining"] = {"final_train_loss": loss["train"][-1]["loss"], "final_val_loss": loss["val"][-1]["loss"],
                                 "steps": int(loss["train"][-1]["step"])}  # fmt: skip

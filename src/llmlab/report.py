@@ -80,7 +80,9 @@ def token_figures(report: Mapping[str, Any]) -> dict[str, Any]:
     """The tokenizer stage's measurements the report cites (see tokenizer.tokenizer_report)."""
     keys = ("chars_per_token", "words_per_token", "chars_per_1000_tokens", "words_per_1000_tokens",
             "tokens_per_number", "tokens_per_number_spaced", "tokens_per_word", "vocab_size", "validation")  # fmt: skip
-    return {k: report[k] for k in keys if k in report}
+    out = {k: report[k] for k in keys if k in report}
+    out["example_tokens"] = {e["word"]: e["n_tokens"] for e in report.get("examples", [])}
+    return out
 
 
 def scaling_rows(result: Mapping[str, Any]) -> list[dict[str, float]]:
@@ -213,7 +215,7 @@ def error_bars(rates: list[Mapping[str, float]]) -> list[list[float]]:
 def markdown(m: Mapping, details: Mapping, fig: Mapping[str, str], iterations: list[dict]) -> str:
     """The whole report."""
     parts = [HEADER]
-    parts.append(_tokens(m["tokens"]))
+    parts.append(_tokens(m["tokens"], details.get("example_tokens", {})))
     parts.append(_pretraining(m, details, fig))
     if "suite" in m:
         parts.append(_knowledge(m))
@@ -251,12 +253,13 @@ and no rater to grade answers against the truth. Sections 2 (loss), 5, 6 and 9�
 """
 
 
-def _tokens(t: Mapping) -> str:
+def _tokens(t: Mapping, tokens_of: Mapping[str, list[str]]) -> str:
     nums = t["tokens_per_number"]
     spaced = t.get("tokens_per_number_spaced", {})
     table = "\n".join(f"| {k.split('_')[0]} | {v:.2f} | {spaced.get(k, float('nan')):.2f} |" for k, v in nums.items())
     w = t["tokens_per_word"]
     v = t["validation"]
+    examples = "\n".join(f"| `{word!r}` | {' '.join('`' + p.replace(' ', '·') + '`' for p in pieces)} | {len(pieces)} |" for word, pieces in tokens_of.items())
     return f"""## 1. Models read tokens, not characters or words
 
 The tokenizer ({t['vocab_size']} tokens, trained with BPE on this corpus) cuts held-out text
@@ -272,7 +275,11 @@ Numbers are cut into digits (200 random numbers per length):
 
 Frequent words are single tokens, rare ones are spelled out in pieces: the {w['n_common']} most common
 words of the held-out text take **{w['common']:.2f}** tokens each, the {w['n_rare']} words seen once take
-**{w['rare']:.2f}**. The article's example words, token by token, are in `reports/tokenizer/examples.md`.
+**{w['rare']:.2f}**. The article's example words, token by token (· is a space):
+
+| text | tokens | count |
+|---|---|---|
+{examples}
 """
 
 
