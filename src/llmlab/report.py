@@ -295,13 +295,15 @@ and {p['final_val_loss']:.3f} (held-out text) after {p['steps']:,} steps.
     if "suite" in m:
         s = m["suite"]
         text += f"""
-Asked a question in the chat format, a model that was only pretrained does not answer and stop: it
-continues the text. **Format adherence** (a reply that closes its turn with `<|end|>` and writes no other
-role's turn), on the same {s['n_prompts']} held-out prompts:
+Does a model that was only pretrained answer a question put in the chat format, and stop? **Format
+adherence** (a reply that closes its turn with `<|end|>` and writes no other role's turn), on the same
+{s['n_prompts']} held-out prompts:
 
 | model | format adherence |
 |---|---|
-""" + "\n".join(f"| {MODEL_NAMES[n]} | {pct(s[n]['format_adherence'])} |" for n in MODEL_NAMES) + "\n"
+""" + "\n".join(f"| {MODEL_NAMES[n]} | {pct(s[n]['format_adherence'])} |" for n in MODEL_NAMES) + "\n\n"
+        text += compare("pretraining alone does not teach the chat format; SFT does", s["sft"]["format_adherence"],
+                        s["base"]["format_adherence"], ("SFT", "base")) + "\n"  # fmt: skip
         ex = details.get("base_plain_text", [])[:3]
         if ex:
             text += "\nThe base model given a question as plain text continues it as a document:\n\n"
@@ -312,24 +314,29 @@ role's turn), on the same {s['n_prompts']} held-out prompts:
 def _knowledge(m: Mapping) -> str:
     k, s = m["knowledge"], m["suite"]
     g = {n: s[n]["fact_accuracy_by_group"] for n in ("sft", "ppo")}
+    by_group = k.get("fact_recall_base_by_group", {})
+    shown, diff = difference(g["sft"]["sft"], g["sft"]["heldout"])
+    reading = ("The base model stored both groups' facts alike; SFT taught the model to retrieve the facts of the "
+               "people it was drilled on, and that skill did not carry over to the rest: their facts stay in the "
+               "weights (statement completion finds them) but do not come out as answers.") if shown else ""  # fmt: skip
     return f"""## 3. Knowledge lives in the weights
 
 **Fact recall of the base model**: completing the canonical statement of a fact ("… lives in") greedily,
-it gives the true value for {pct(k['fact_recall_base'])} of {k['fact_recall_base']['n']} facts. Nothing but
-pretraining put them there.
+it gives the true value for {pct(k['fact_recall_base'])} of {k['fact_recall_base']['n']} facts
+(people SFT will ask about: {100 * by_group.get('sft', math.nan):.1f} %; people only the corpus mentions:
+{100 * by_group.get('heldout', math.nan):.1f} %). Nothing but pretraining put them there.
 
-After SFT, asked as questions, the facts of people SFT asked about (different questions) are answered far
-better than the facts of people only the corpus mentioned, although the base model knew both:
+Asked as questions after SFT — about people SFT asked other questions about, and about people only the
+corpus mentioned:
 
 | model | fact questions, people SFT asked about | people only in the corpus |
 |---|---|---|
 | SFT | {pct(g['sft']['sft'])}, n={g['sft']['sft']['n']} | {pct(g['sft']['heldout'])}, n={g['sft']['heldout']['n']} |
 | PPO | {pct(g['ppo']['sft'])}, n={g['ppo']['sft']['n']} | {pct(g['ppo']['heldout'])}, n={g['ppo']['heldout']['n']} |
 
-{compare("SFT answers about the people it practised on better than about people only the corpus mentioned",
-         g['sft']['sft'], g['sft']['heldout'], ("practised", "corpus only"))}
-A small model learns to retrieve the facts it was drilled on; knowledge it never practised retrieving stays
-in the weights (statement completion finds it) but does not come out as an answer.
+{verdict(shown, "SFT answers about the people it practised on better than about people only the corpus mentioned",
+         f"practised {pct(g['sft']['sft'])} vs corpus only {pct(g['sft']['heldout'])}; {diff}")}
+{reading}
 """
 
 
@@ -348,7 +355,8 @@ def _post_training(m: Mapping, fig: Mapping) -> str:
     hall = compare("RLHF lowers the rate of invented answers", sft["hallucination"], ppo["hallucination"], ("SFT", "PPO"))
     harm = compare("RLHF raises the refusal of harmful requests", ppo["refusal_harmful"], sft["refusal_harmful"], ("PPO", "SFT"))
     tone = compare("RLHF makes the replies more polite", ppo["politeness"], sft["politeness"], ("PPO", "SFT"))
-    fmt = compare("SFT teaches the chat format", sft["format_adherence"], s["base"]["format_adherence"], ("SFT", "base"))
+    recall = compare("fine-tuning costs knowledge the base model had: fact recall falls from base to PPO",
+                     k["fact_recall_base"], k["fact_recall_ppo"], ("base", "PPO"))  # fmt: skip
     tax = compare("RLHF costs answers: PPO declines answerable fact questions more often than SFT",
                   ppo["over_refusal"], sft["over_refusal"], ("PPO", "SFT"))  # fmt: skip
     gain = s["gold_gain_ppo_vs_sft"]
@@ -363,19 +371,20 @@ requests), same sampling, graded by the rater against the world's truth:
 
 - SFT against base: gold score {avg(s['gold_gain_sft_vs_base'])} (paired, n={s['gold_gain_sft_vs_base']['n']}).
 - PPO against SFT: gold score {avg(gain)} (paired, n={gain['n']}).
-- {fmt}
 - {hall}
 - {harm}
 - {tone}
 - {tax}
 
-**The alignment tax.** Fine-tuning moves the model away from the text it was pretrained on:
+**The alignment tax**: what the fine-tuned models lost of what pretraining gave them.
 
 | | base | SFT | PPO |
 |---|---|---|---|
 | perplexity on held-out pretraining text ({ppl['base']['tokens']:,} tokens) | {ppl['base']['perplexity']:.2f} | {ppl['sft']['perplexity']:.2f} | {ppl['ppo']['perplexity']:.2f} |
 | fact recall by statement completion | {pct(k['fact_recall_base'])} | {pct(k['fact_recall_sft'])} | {pct(k['fact_recall_ppo'])} |
 | fact questions answered correctly | {pct(s['base']['accuracy_by_kind'].get('fact', {}))} | {pct(s['sft']['accuracy_by_kind'].get('fact', {}))} | {pct(s['ppo']['accuracy_by_kind'].get('fact', {}))} |
+
+{recall}
 """
 
 
