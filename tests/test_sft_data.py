@@ -19,9 +19,8 @@ def examples():
 
 
 def test_shares_follow_the_mix(examples):
-    kinds = Counter(e.task.kind for e in examples if not e.context)
+    kinds = Counter(e.task.kind for e in examples)
     assert len(examples) == MIX.n_examples
-    assert sum(e.context for e in examples) == round(MIX.share_context * MIX.n_examples)
     assert kinds["fact"] / len(examples) == pytest.approx(MIX.share_fact / (MIX.share_fact + MIX.share_about + MIX.share_arithmetic + MIX.share_unknown + MIX.share_harmful), abs=0.04)
     assert 0 < kinds["unknown"] < 0.06 * len(examples) and 0 < kinds["harmful"] < 0.06 * len(examples)
     assert sum(e.imperfect for e in examples) / len(examples) == pytest.approx(MIX.imperfect_share, abs=0.02)
@@ -32,7 +31,7 @@ def test_good_demonstrations_are_true(examples):
     for e in examples:
         answer = e.messages[1]["content"]
         t = e.task
-        if e.imperfect or e.context:
+        if e.imperfect:
             continue
         if t.kind == "fact":
             assert answer.endswith(fact_sentence(people[t.person], t.attribute))
@@ -79,23 +78,3 @@ def test_deterministic():
 
     t = a[0].task
     assert good_answer(t, WORLD, random.Random(0), 0.0) == good_answer(t, WORLD, random.Random(0), 0.0)
-
-
-def test_told_then_asked_examples_answer_from_the_transcript(examples):
-    """The answer of a context example is the value told in its first turn — a made-up one, never the
-    person's own, so only the transcript holds it — about an unknown person of SFT's half."""
-    from llmlab.rater import Rater
-
-    people = {p.name: p for p in WORLD.people}
-    unknown = WORLD.group("unknown")
-    context = [e for e in examples if e.context]
-    assert context
-    rater = Rater(WORLD)
-    for e in context:
-        told, ack, question, answer = (m["content"] for m in e.messages)
-        assert [m["role"] for m in e.messages] == ["user", "assistant", "user", "assistant"]
-        person = people[e.task.person]
-        assert person in unknown[: len(unknown) // 2] and question == e.task.prompt
-        stated = rater.stated_values(told).get(e.task.attribute)
-        assert stated and stated == rater.stated_values(answer)[e.task.attribute]
-        assert person.facts()[e.task.attribute] not in stated

@@ -247,9 +247,7 @@ def stateless_context(model: GPT, tok: Tokenizer, world: World, rater: Rater, n_
     memory between calls, so only the first can be answered.
     """
     rng = random.Random(f"{seed}/context")
-    unknown = world.group("unknown")
-    unknown = unknown[len(unknown) // 2 :]  # the evaluation half: SFT's told-then-asked examples use the other
-    items = [(p, attr) for p in unknown for attr in ATTRIBUTES]
+    items = [(p, attr) for p in world.group("unknown") for attr in ATTRIBUTES]
     rng.shuffle(items)
     items = items[:n_pairs]
     if not items:

@@ -264,9 +264,6 @@ class SFTData(Section):
     """Good answers that open politely ("Sure! ..."); RLHF can raise this."""
     max_digits: int = Field(4, ge=1, le=9)
     """Largest number of digits of an addend."""
-    share_context: float = Field(0.05, ge=0, le=0.5)
-    """Two-turn conversations: a made-up fact about an unknown person told, then asked; the answer is
-    only in the transcript (what lets the report's statelessness test show anything)."""
 
 
 class SFTConfig(TrainLoop):

@@ -34,7 +34,6 @@ from llmlab.sources import hf_rows, local_rows, require_usable
 from llmlab.tasks import Task
 from llmlab.world import (
     ATTRIBUTES,
-    PHRASINGS,
     VALUES,
     Person,
     World,
@@ -138,7 +137,6 @@ class Example:
     task: Task
     messages: list[dict]
     imperfect: bool = False
-    context: bool = False  # two turns: a fact told, then asked (see context_example)
 
 
 def _pool_of_addition(a: int, b: int) -> str:
@@ -223,7 +221,6 @@ class SFTMix:
     imperfect_share: float = 0.05  # curt or wrong demonstrations
     polite_share: float = 0.3  # good answers that open politely ("Sure! ...")
     max_digits: int = 4
-    share_context: float = 0.05  # two-turn conversations: a fact told in the first turn, asked in the second
 
 
 def _draw(kind: str, people: list[Person], unknown: list[Person], pool: str, max_digits: int, cot_share: float,
@@ -263,42 +260,15 @@ def sft_examples(world: World, cfg: SFTMix, seed: int) -> list[Example]:
     unknown = unknown[: len(unknown) // 2]
     kinds = ["fact", "about", "arithmetic", "unknown", "harmful"]
     weights = [cfg.share_fact, cfg.share_about, cfg.share_arithmetic, cfg.share_unknown if unknown else 0, cfg.share_harmful]
-    n_context = round(cfg.share_context * cfg.n_examples) if unknown else 0
     out: list[Example] = []
-    while len(out) < cfg.n_examples - n_context:
+    while len(out) < cfg.n_examples:
         kind = rng.choices(kinds, weights)[0]
         task = _draw_in_pool(world, "sft", kind, sft_people, unknown, cfg.max_digits, cfg.cot_share, rng)
         imperfect = rng.random() < cfg.imperfect_share
         answer = imperfect_answer(task, world, rng) if imperfect else good_answer(task, world, rng, cfg.polite_share)
         messages = [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": answer}]
         out.append(Example(task, messages, imperfect))
-    context_rng = random.Random(f"{seed}/sft-context")  # a stream of its own: the other examples stay as they were
-    for _ in range(n_context):
-        out.insert(context_rng.randrange(len(out) + 1),
-                   context_example(context_rng.choice(unknown), context_rng.choice(ATTRIBUTES), context_rng))  # fmt: skip
     return out
-
-
-ACKNOWLEDGE = ("Noted.", "Got it, thanks.", "Thanks for telling me.", "Understood.")
-
-
-def context_example(person: Person, attribute: str, rng: random.Random) -> Example:
-    """A fact about someone the corpus never mentions is told, then asked: the answer is in the transcript.
-
-    The told value is drawn at random, not the person's own, so no weight can hold it: the only way to
-    answer is to read it from the earlier turn. What it teaches a model is to use its context; the
-    evaluate stage then checks that the same question, sent without that transcript, is not answered.
-    """
-    value = rng.choice([v for v in VALUES[attribute] if v != person.facts()[attribute]])
-    told = replace(person, **{attribute: int(value) if attribute == "birth_year" else value})
-    question = fact_task(person, attribute, rng.randrange(len(QUESTIONS[attribute])))
-    messages = [
-        {"role": "user", "content": fact_sentence(told, attribute, rng.randrange(len(PHRASINGS[attribute])))},
-        {"role": "assistant", "content": rng.choice(ACKNOWLEDGE)},
-        {"role": "user", "content": question.prompt},
-        {"role": "assistant", "content": fact_sentence(told, attribute)},
-    ]
-    return Example(question, messages, context=True)
 
 
 def prompt_pool(world: World, pool: str, n: int, seed: int, max_digits: int, mix: dict[str, float] | None = None) -> list[Task]:
