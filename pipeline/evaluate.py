@@ -16,7 +16,9 @@ the MLflow pipeline run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import logging
 import os
 import time
@@ -77,7 +79,7 @@ def add_arguments(p):
 def main(args, params: Params) -> None:
     cfg, seed = params.evaluate, params.seed
     torch.manual_seed(seed)
-    device = "cuda" if cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    device = pick_device(cfg.accelerator)
     tok = load_tokenizer(args.tokenizer)
     models = {name: load_model(getattr(args, name), stage=stage, device=device) for name, stage in MODELS.items()}
     world = World.load(args.world)
@@ -94,7 +96,7 @@ def main(args, params: Params) -> None:
     with StageRun("evaluate", {"seed": seed, "evaluate": cfg.model_dump()}) as run:
         m: dict = {}  # metrics/evaluate.json: deterministic figures only
         details: dict = {"timings_s": {}}  # replies, examples and timings behind the report
-        clock = Timer(details["timings_s"])
+        clock = functools.partial(timed, details["timings_s"])
 
         with clock("tokens"):
             m["tokens"] = rpt.token_figures(tokenizer_report)
@@ -183,23 +185,25 @@ def main(args, params: Params) -> None:
                  {k: round(v, 1) for k, v in details["timings_s"].items()})  # fmt: skip
 
 
-class Timer:
-    """`with clock("suite"): ...` adds the block's wall time to `into["suite"]`."""
+def pick_device(accelerator: str) -> str:
+    """evaluate.accelerator -> a torch device; one asked for by name and absent is an error, not a fallback."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    if accelerator in ("auto", "mps") and torch.backends.mps.is_available():
+        return "mps"
+    if accelerator in ("auto", "cpu"):
+        return "cpu"
+    raise LlmlabError(f"evaluate.accelerator is {accelerator!r} but this machine has no such device: use auto or cpu")
 
-    def __init__(self, into: dict):
-        self.into = into
 
-    def __call__(self, name: str):
-        timer = self
-
-        class _Block:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.into[name] = timer.into.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Block()
+@contextlib.contextmanager
+def timed(into: dict[str, float], name: str):
+    """`with timed(timings, "suite"): ...` adds the block's wall time to `timings["suite"]`."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        into[name] = into.get(name, 0.0) + time.perf_counter() - t0
 
 
 def read_csv(path: Path, stage: str) -> list[dict[str, float]]:
