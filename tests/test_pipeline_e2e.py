@@ -200,7 +200,7 @@ def test_dvc_plots_render_and_metrics_diff_compares_experiments(pipeline):
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
     assert "Running stage 'evaluate'" in exp.stdout and "Running stage 'pretrain'" not in exp.stdout
     diff = subprocess.run(["dvc", "metrics", "diff", "HEAD", "t3", "--json"], cwd=repo, env=env, capture_output=True, text=True)
-    assert diff.returncode == 0, diff.stderr
+    assert diff.returncode == 0 and "failed to load" not in diff.stderr, diff.stderr  # every metrics file is in the cache
     changed = json.loads(diff.stdout)["metrics/evaluate.json"]
     assert "temperature.T=1.samples_per_prompt" in changed, sorted(changed)[:20]
     assert changed["temperature.T=1.samples_per_prompt"] == {"old": 2, "new": 3, "diff": 1}
