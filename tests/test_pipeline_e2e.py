@@ -189,8 +189,8 @@ def test_dvc_plots_render_and_metrics_diff_compares_experiments(pipeline):
     shown = subprocess.run(["dvc", "plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr
     plots = json.loads(shown.stdout)["data"]
-    for name in ("pretraining loss", "ppo, reward model score and gold score per iteration",
-                 "temperature, accuracy and diversity of the PPO model"):
+    for name in ("pretraining loss", "sft loss", "reward model loss", "reward model calibration", "ppo, reward model score and gold score per iteration",
+                 "ppo, KL to the SFT model per iteration", "temperature, accuracy and diversity of the PPO model"):
         assert name in plots, sorted(plots)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)  # the run's dvc.lock: the baseline experiment
