@@ -20,6 +20,7 @@ import contextlib
 import csv
 import functools
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -150,8 +151,8 @@ def main(args, params: Params) -> None:
             log.info("no synthetic world (real corpus and data): no rater, so the graded sections are skipped")
         with clock("alignment_tax"):
             m["perplexity"] = {name: perplexity(model, held_out, cfg.perplexity_windows) for name, model in models.items()}
-        m["reward_model"] = {k: v for k, v in reward_metrics.items() if isinstance(v, (int, float))}
-        m["ppo"] = {k: v for k, v in ppo_metrics.items() if isinstance(v, (int, float))}
+        m["reward_model"] = finite_numbers(reward_metrics)
+        m["ppo"] = finite_numbers(ppo_metrics)
 
         with clock("attention_cost"):
             shape = GPTConfig(**{**models["ppo"].config.__dict__})
@@ -183,6 +184,11 @@ def main(args, params: Params) -> None:
         run.log_artifact(args.details, "evaluate")
         log.info("report: %s (%d figures); timings %s", args.report, len(plots),
                  {k: round(v, 1) for k, v in details["timings_s"].items()})  # fmt: skip
+
+
+def finite_numbers(metrics: dict) -> dict:
+    """The finite numbers of another stage's metrics (NaN would make `dvc metrics diff` see a change)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def pick_device(accelerator: str) -> str:

@@ -48,7 +48,8 @@ def true_answer(task: Task) -> str:
 def test_rate_and_mean_carry_their_intervals():
     r = ev.rate([True] * 3 + [False] * 7)
     assert r["rate"] == 0.3 and r["n"] == 10 and r["ci_low"] < 0.3 < r["ci_high"]
-    assert math.isnan(ev.rate([])["rate"])
+    assert ev.rate([]) == {"rate": None, "ci_low": None, "ci_high": None, "n": 0}  # JSON null, never NaN
+    assert ev.mean([]) == {"mean": None, "ci95": None, "n": 0} and ev.mean([1.0])["ci95"] is None
     m = ev.mean([1.0, 2.0, 3.0, 4.0])
     assert m["mean"] == 2.5 and m["n"] == 4 and m["ci95"] == pytest.approx(1.2652, abs=1e-4)
 

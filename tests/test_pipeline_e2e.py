@@ -103,6 +103,8 @@ def test_outputs_and_metrics(pipeline):
     assert len(curve) == 1 + 4 and {"objective/kl", "policy/clipfrac_avg", "gold/score"} <= set(curve[0].split(","))
     shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, env=pipeline[1], capture_output=True, text=True)
     assert "fact_recall" in shown.stdout
+    for f in sorted((repo / "metrics").glob("*.json")):  # strict JSON: NaN/Infinity would also break metrics diff
+        json.loads(f.read_text(), parse_constant=lambda c, name=f.name: pytest.fail(f"{name} holds {c}, which is not JSON"))
 
 
 def api(url: str, endpoint: str, method: str = "get", **payload) -> dict:
@@ -204,6 +206,33 @@ def test_dvc_plots_render_and_metrics_diff_compares_experiments(pipeline):
     changed = json.loads(diff.stdout)["metrics/evaluate.json"]
     assert "temperature.T=1.samples_per_prompt" in changed, sorted(changed)[:20]
     assert changed["temperature.T=1.samples_per_prompt"] == {"old": 2, "new": 3, "diff": 1}
+
+
+def test_a_tagged_commit_comes_back_in_a_fresh_clone_with_dvc_pull(pipeline, tmp_path):
+    """The reproducibility workflow of the README: repro, commit + tag, `dvc push` to the default remote,
+    then a fresh clone of the tag and `dvc pull` restores every output: nothing to re-run, same metrics."""
+    repo, env, *_ = pipeline
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    remote = tmp_path / "storage"  # the default remote is a folder beside the repository; here a private one
+    subprocess.run(["dvc", "remote", "modify", "--local", "storage", "url", str(remote)], cwd=repo, env=env, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "results", "--allow-empty"], cwd=repo, check=True)
+    subprocess.run([*git, "tag", "results-v1"], cwd=repo, check=True)
+    push = subprocess.run(["dvc", "push"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert push.returncode == 0, push.stderr
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    subprocess.run(["git", "checkout", "-q", "results-v1"], cwd=clone, check=True)
+    subprocess.run(["dvc", "remote", "modify", "--local", "storage", "url", str(remote)], cwd=clone, env=env, check=True)
+    pull = subprocess.run(["dvc", "pull"], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    assert pull.returncode == 0, pull.stderr
+    status = subprocess.run(["dvc", "status"], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout + status.stderr
+    diff = subprocess.run(["dvc", "metrics", "diff", "results-v1", "--json"], cwd=clone, env=env, capture_output=True, text=True)
+    assert diff.returncode == 0 and json.loads(diff.stdout or "{}") == {}, diff.stdout + diff.stderr
+    for path in ("models/ppo/model.safetensors", "reports/report.md", "metrics/evaluate.json", "data/tokens/train.bin"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
 
 
 def test_second_repro_does_nothing(pipeline):

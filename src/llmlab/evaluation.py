@@ -93,20 +93,26 @@ def samples(model: GPT, tok: Tokenizer, prompts: list[str], max_new_tokens: int,
 # mean as {"mean", "ci95", "n"} (normal approximation), so `dvc metrics diff` can compare every figure.
 
 
-def rate(flags: Sequence[bool]) -> dict[str, float]:
-    """A rate with its 95 % Wilson interval.
+def rate(flags: Sequence[bool]) -> dict[str, float | None]:
+    """A rate with its 95 % Wilson interval; with no sample the numbers are None (JSON null, not NaN:
+    NaN is not JSON, and NaN != NaN would make `dvc metrics diff` report a change that is not there).
 
-    >>> rate([True, True, False, False])["rate"], rate([])["n"]
-    (0.5, 0)
+    >>> rate([True, True, False, False])["rate"], rate([])
+    (0.5, {'rate': None, 'ci_low': None, 'ci_high': None, 'n': 0})
     """
     k, n = sum(map(bool, flags)), len(flags)
+    if n == 0:
+        return {"rate": None, "ci_low": None, "ci_high": None, "n": 0}
     lo, hi = wilson_ci(k, n)
-    return {"rate": k / n if n else math.nan, "ci_low": lo, "ci_high": hi, "n": n}
+    return {"rate": k / n, "ci_low": lo, "ci_high": hi, "n": n}
 
 
-def mean(xs: Sequence[float]) -> dict[str, float]:
+def mean(xs: Sequence[float]) -> dict[str, float | None]:
+    """A mean with the half-width of its 95 % interval (None without a sample, and for one value)."""
+    if not xs:
+        return {"mean": None, "ci95": None, "n": 0}
     m, half = mean_ci(xs)
-    return {"mean": m, "ci95": half, "n": len(xs)}
+    return {"mean": m, "ci95": half if math.isfinite(half) else None, "n": len(xs)}
 
 
 def suite(model: GPT, tok: Tokenizer, tasks: Sequence[Task], rater: Rater, groups: dict[str, str],

@@ -174,7 +174,7 @@ def figures(folder: Path, m: Mapping, details: Mapping, loss: Mapping, calibrati
         T = [r["temperature"] for r in rows_t]
         fig, ax = plt.subplots(figsize=(6, 3.8))
         acc = [r["accuracy"] for r in rows_t]
-        ax.errorbar(T, [a["rate"] for a in acc], yerr=error_bars(acc), fmt="o-", capsize=3, label="accuracy (95 % CI)")
+        ax.errorbar(T, [num(a["rate"]) for a in acc], yerr=error_bars(acc), fmt="o-", capsize=3, label="accuracy (95 % CI)")
         ax.plot(T, [r["distinct_2"] for r in rows_t], "s--", label="distinct-2 (diversity)")
         ax.plot(T, [r["unique_share"] for r in rows_t], "^:", label="different samples per prompt")
         ax.set(xlabel="temperature", ylim=(0, 1.05), title="PPO model: temperature trades accuracy for diversity")
@@ -186,7 +186,7 @@ def figures(folder: Path, m: Mapping, details: Mapping, loss: Mapping, calibrati
         for model, rows_c in m["chain_of_thought"].items():
             for fmt, style in (("step_by_step", "o-"), ("bare", "s--")):
                 sel = [r for r in rows_c.values() if r["format"] == fmt]
-                ax.plot([r["digits"] for r in sel], [r["accuracy"]["rate"] for r in sel], style,
+                ax.plot([r["digits"] for r in sel], [num(r["accuracy"]["rate"]) for r in sel], style,
                         label=f"{MODEL_NAMES[model]}, {fmt.replace('_', ' ')}")
         ax.set(xlabel="digits per addend", ylabel="accuracy", ylim=(0, 1.05), title="Addition: working written out vs bare answer")
         ax.legend(fontsize=8)
@@ -200,6 +200,11 @@ def figures(folder: Path, m: Mapping, details: Mapping, loss: Mapping, calibrati
                captions=[f"{h['role']} head" for h in heads])
     out["attention_heads"] = "attention_heads.png"
     return out
+
+
+def num(x: float | None) -> float:
+    """A measured number for a plot: None (no sample) becomes NaN, which matplotlib leaves out."""
+    return math.nan if x is None else x
 
 
 def error_bars(rates: list[Mapping[str, float]]) -> list[list[float]]:
