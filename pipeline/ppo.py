@@ -32,6 +32,7 @@ from llmlab.model import GPT, load_model, save_model
 from llmlab.params import Params
 from llmlab.ppo import (
     KLController,
+    NonFiniteLoss,
     make_sequences,
     ppo_update,
     reply_logprobs,
@@ -134,7 +135,13 @@ def main(args, params: Params) -> None:
             sample_gen = torch.Generator(fabric.device).manual_seed(seed_it)
             shuffle_gen = torch.Generator().manual_seed(seed_it)
             batch = rollout(policy, ref, reward_model, value, prompts, cfg, kl.value, sample_gen, sampler=policy.module)
-            stats = ppo_update(fabric, policy, value, policy_opt, value_opt, batch, cfg, shuffle_gen)
+            try:
+                stats = ppo_update(fabric, policy, value, policy_opt, value_opt, batch, cfg, shuffle_gen)
+            except NonFiniteLoss as e:
+                last, good = Path(args.checkpoints) / checkpoints.LAST, it // cfg.ckpt_every * cfg.ckpt_every
+                kept = f"{last} (iteration {good}) is kept" if last.exists() and good else "no checkpoint was written before it"
+                raise LlmlabError(f"the PPO loss became non-finite at iteration {it + 1} ({e}); nothing of it was saved, "
+                                  f"and {kept}. Lower ppo.lr or raise ppo.kl_coef") from None  # fmt: skip
             metrics = {**rollout_metrics(batch, kl.value), **update_metrics(stats)}
             if rater:
                 metrics |= gold_metrics(tok, rater, tasks, batch)

@@ -49,6 +49,14 @@ def run_stage(
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def with_sitecustomize(env: dict[str, str], folder: Path, code: str) -> dict[str, str]:
+    """`env` for a subprocess that first runs `code` (a fault injected from outside: Python imports
+    `sitecustomize` from the path at start-up, before the stage's own code)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(code)
+    return env | {"PYTHONPATH": f"{folder}{os.pathsep}{env.get('PYTHONPATH', '')}"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

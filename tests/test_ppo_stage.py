@@ -1,5 +1,6 @@
 """The ppo stage as a process: it trains and evaluates, resumes after a kill exactly where an
-uninterrupted run ends, and rejects a rollout batch that does not split into minibatches."""
+uninterrupted run ends, stops at a NaN loss keeping the last good checkpoint, and rejects a rollout batch
+that does not split into minibatches."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from llmlab.model import GPT, GPTConfig, save_model
 from llmlab.reward import RewardModel, save_reward_model
 from llmlab.tokenizer import load_tokenizer
-from tests.conftest import SMOKE_PARAMS, kill_after_first_checkpoint, run_stage, stage_env
+from tests.conftest import SMOKE_PARAMS, kill_after_first_checkpoint, run_stage, stage_env, with_sitecustomize
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +86,31 @@ def test_rollout_batch_must_split_into_minibatches(smoke_data, inputs, tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "ppo: rollout_batch_size (10) must be a multiple of minibatch_size (4)" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+NAN_POLICY_LOSS = """
+import llmlab.ppo as ppo
+
+_loss, _calls = ppo.policy_loss, [0]
+
+def policy_loss(*args, **kwargs):
+    out = _loss(*args, **kwargs)
+    _calls[0] += 1
+    if _calls[0] > 16:  # 2 minibatches x 2 epochs per iteration: iteration 5 on
+        out = {**out, "loss": out["loss"] * float("nan")}
+    return out
+
+ppo.policy_loss = policy_loss
+"""
+
+
+def test_a_nan_loss_stops_ppo_naming_the_iteration_and_keeps_the_last_good_checkpoint(smoke_data, inputs, tmp_path):
+    env = with_sitecustomize(stage_env(tmp_path), tmp_path / "inject", NAN_POLICY_LOSS)
+    params = params_file(tmp_path, "p", iterations=8, ckpt_every=2)
+    r = run_stage("ppo", stage_args(smoke_data, inputs, tmp_path / "out"), tmp_path, env, params)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "the PPO loss became non-finite at iteration 5" in r.stderr and "(iteration 4) is kept" in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "metrics.json").exists()
+    state = torch.load(tmp_path / "out" / "ckpt" / "last.ckpt", weights_only=True)
+    assert state["iteration"] == 4
+    assert all(torch.isfinite(w).all() for w in state["policy"].values())

@@ -318,6 +318,10 @@ def rollout(policy, ref: GPT, reward_model: RewardModel, value_model, prompts: S
                    advantages, returns)
 
 
+class NonFiniteLoss(ArithmeticError):
+    """A PPO loss became NaN or infinite; the stage turns it into a message naming the iteration."""
+
+
 def ppo_update(fabric, policy, value_model, policy_opt, value_opt, batch: Rollout, cfg,
                generator: torch.Generator | None = None) -> dict[str, float]:
     """Phase 6: `ppo_epochs` passes over shuffled minibatches; returns the averages TRL logs."""
@@ -333,9 +337,12 @@ def ppo_update(fabric, policy, value_model, policy_opt, value_opt, batch: Rollou
             values = reply_values(value_model, mb)
             pg = policy_loss(logprobs, batch.logprobs[rows, :R], batch.advantages[rows, :R], m, cfg.cliprange)
             vf = value_loss(values, batch.values[rows, :R], batch.returns[rows, :R], m, cfg.cliprange_value)
+            loss = pg["loss"] + cfg.vf_coef * vf["loss"]
+            if not torch.isfinite(loss):  # before backward: the weights stay those of the last good update
+                raise NonFiniteLoss(f"policy loss {pg['loss'].item()}, value loss {vf['loss'].item()}")
             policy_opt.zero_grad(set_to_none=True)
             value_opt.zero_grad(set_to_none=True)
-            fabric.backward(pg["loss"] + cfg.vf_coef * vf["loss"])
+            fabric.backward(loss)
             if cfg.grad_clip:
                 fabric.clip_gradients(policy, policy_opt, max_norm=cfg.grad_clip)
                 fabric.clip_gradients(value_model, value_opt, max_norm=cfg.grad_clip)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -206,7 +207,8 @@ def build_trainer(cfg: PretrainConfig, ckpt_dir, logger, callbacks: list[L.Callb
         num_sanity_val_steps=0,
         log_every_n_steps=cfg.log_every,
         logger=logger,
-        callbacks=[checkpointing, LearningRateMonitor(logging_interval="step"), RichProgressBar(refresh_rate=cfg.log_every), *callbacks],
+        callbacks=[checkpointing, LearningRateMonitor(logging_interval="step"), RichProgressBar(refresh_rate=cfg.log_every),
+                   StopOnNonFiniteLoss(ckpt_dir, cfg.ckpt_every), *callbacks],
         plugins=[AtomicCheckpointIO()],
         deterministic=True,
         # Lightning's own DistributedSampler shuffles training data; TokenWindows items are random already,
@@ -215,6 +217,34 @@ def build_trainer(cfg: PretrainConfig, ckpt_dir, logger, callbacks: list[L.Callb
         enable_model_summary=False,
         default_root_dir=ckpt_dir,
     )
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Stop at the first step whose loss is NaN or infinite, before its backward pass reaches the weights.
+
+    Without it one NaN flows through the optimizer into every weight and training runs on to the end
+    producing NaN. Raised before the backward pass (and before this step's checkpoint, which
+    ModelCheckpoint, the last callback, would write), so the checkpoints on disk are all from good steps.
+    """
+
+    def __init__(self, ckpt_dir, ckpt_every: int):
+        self.ckpt_dir, self.ckpt_every = Path(ckpt_dir), ckpt_every
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        if torch.isfinite(loss).all():
+            return
+        from llmlab.checkpoints import LAST
+        from llmlab.errors import LlmlabError
+
+        step = trainer.global_step + 1
+        last = self.ckpt_dir / LAST
+        good = (step - 1) // self.ckpt_every * self.ckpt_every
+        kept = f"{last} (step {good}) is kept" if last.exists() and good > 0 else "no checkpoint was written before it"
+        raise LlmlabError(
+            f"the training loss became {loss.item()} at step {step}; training stopped before that step changed the "
+            f"weights, and {kept}. Lower the learning rate or raise warmup_steps (a re-run with other params starts "
+            "over; with the same params it resumes from that checkpoint)"
+        )
 
 
 class Throughput(L.Callback):
