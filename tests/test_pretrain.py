@@ -44,7 +44,7 @@ def test_lr_schedule():
 def test_stale_checkpoints_are_discarded(tmp_path):
     d = tmp_path / "ckpt"
     assert resume_path(d, "A") is None
-    (d / "last.ckpt").write_bytes(b"x")
+    torch.save({"global_step": 1}, d / "last.ckpt")
     assert resume_path(d, "A") == d / "last.ckpt"
     assert resume_path(d, "B", readonly=True) is None and (d / "last.ckpt").exists()
     assert resume_path(d, "B") is None and not (d / "last.ckpt").exists()

@@ -72,6 +72,25 @@ def resume_path(ckpt_dir: str | Path, fp: str, readonly: bool = False) -> Path |
     for tmp in [] if readonly else ckpt_dir.glob(".*.tmp-*"):
         tmp.unlink() if tmp.is_file() else shutil.rmtree(tmp)
     if last.exists() and os.path.getsize(last) > 0:
+        check_readable(last)
         log.info("resuming from %s", last)
         return last
     return None
+
+
+def check_readable(path: Path) -> None:
+    """Open a checkpoint the safe way before anything resumes from it: `weights_only` unpickles tensors
+    and plain containers only, never code, so a foreign or crafted file is refused without running it,
+    and a damaged one gives one clear error instead of a traceback deep inside Lightning."""
+    import torch
+
+    from llmlab.errors import LlmlabError
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (a foreign object), RuntimeError / EOFError (a damaged file)
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise LlmlabError(
+            f"{path} cannot be read as a checkpoint of this stage ({type(e).__name__}: {reason}); it is damaged "
+            f"or was not written here, and nothing in it was run. Delete {path.parent} to start the stage over"
+        ) from None

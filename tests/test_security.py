@@ -1,0 +1,64 @@
+"""No pickle from a file a user could be handed is ever run: a crafted pickle where a checkpoint or a model
+belongs is refused with a clear error, and the code inside it does not execute."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from llmlab.checkpoints import LAST, resume_path
+from llmlab.errors import LlmlabError
+from llmlab.io import write_json
+from llmlab.model import GPT, GPTConfig, load_model, save_model
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates a file: proof that the pickle was executed."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def checkpoint_dir(tmp_path, content) -> tuple:
+    """A checkpoint folder whose fingerprint matches, so resume_path would resume from `content`."""
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    write_json(d / "fingerprint.json", {"fingerprint": "fp"})
+    torch.save(content, d / LAST)
+    return d
+
+
+def test_a_crafted_pickle_as_a_checkpoint_is_refused_and_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    d = checkpoint_dir(tmp_path, {"state_dict": {}, "evil": Payload(marker)})
+    with pytest.raises(LlmlabError, match=r"cannot be read as a checkpoint.*nothing in it was run.*Delete"):
+        resume_path(d, "fp")
+    assert not marker.exists()
+
+
+def test_a_damaged_checkpoint_gives_a_clear_error(tmp_path):
+    d = checkpoint_dir(tmp_path, {"state_dict": {"w": torch.ones(1000)}, "global_step": 3})
+    data = (d / LAST).read_bytes()
+    (d / LAST).write_bytes(data[: len(data) // 2])  # truncated, as a disk failure would leave it
+    with pytest.raises(LlmlabError, match="cannot be read as a checkpoint"):
+        resume_path(d, "fp")
+
+
+def test_a_good_checkpoint_is_resumed(tmp_path):
+    d = checkpoint_dir(tmp_path, {"state_dict": {"w": torch.ones(3)}, "global_step": 3})
+    assert resume_path(d, "fp") == d / LAST
+
+
+def test_a_crafted_pickle_as_model_weights_is_refused_and_not_run(tmp_path):
+    model_dir = tmp_path / "model"
+    save_model(GPT(GPTConfig(vocab_size=32, d_model=16, n_layer=1, n_head=2, context_length=8)), model_dir)
+    marker = tmp_path / "pwned"
+    torch.save({"embed.weight": Payload(marker)}, model_dir / "model.safetensors")  # a pickle, named as weights
+    with pytest.raises(LlmlabError, match="is not a valid llmlab checkpoint"):
+        load_model(model_dir)
+    assert not marker.exists()
