@@ -36,7 +36,7 @@ from llmlab.evaluation import (
     chain_of_thought,
     fact_recall,
     perplexity,
-    rate,
+    rate_of,
     stateless_completion,
     stateless_context,
     suite,
@@ -130,7 +130,7 @@ def main(args, params: Params) -> None:
                 m["knowledge"] = {}
                 for name, model in models.items():
                     r = fact_recall(model, tok, people, n_examples=0)
-                    m["knowledge"][f"fact_recall_{name}"] = rate([True] * round(r.accuracy * r.n) + [False] * (r.n - round(r.accuracy * r.n)))
+                    m["knowledge"][f"fact_recall_{name}"] = rate_of(round(r.accuracy * r.n), r.n)
                     m["knowledge"][f"fact_recall_{name}_by_group"] = r.by_group
             with clock("temperature"):
                 sweep_tasks = prompt_pool(world, "eval", cfg.temperature_prompts, seed + 1, params.ppo.max_digits)

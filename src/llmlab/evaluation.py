@@ -100,7 +100,11 @@ def rate(flags: Sequence[bool]) -> dict[str, float | None]:
     >>> rate([True, True, False, False])["rate"], rate([])
     (0.5, {'rate': None, 'ci_low': None, 'ci_high': None, 'n': 0})
     """
-    k, n = sum(map(bool, flags)), len(flags)
+    return rate_of(sum(map(bool, flags)), len(flags))
+
+
+def rate_of(k: int, n: int) -> dict[str, float | None]:
+    """`rate` from the counts: k hits of n."""
     if n == 0:
         return {"rate": None, "ci_low": None, "ci_high": None, "n": 0}
     lo, hi = wilson_ci(k, n)

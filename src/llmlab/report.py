@@ -51,11 +51,9 @@ def compare(claim: str, higher: Mapping[str, float], lower: Mapping[str, float],
 
 def pooled(rates: list[Mapping[str, float]]) -> dict[str, float]:
     """Several rates' samples taken together, with the Wilson interval of the pooled rate."""
-    from llmlab.evaluation import rate
+    from llmlab.evaluation import rate_of
 
-    k = sum(round(r["rate"] * r["n"]) for r in rates if r["n"])
-    n = sum(r["n"] for r in rates)
-    return rate([True] * k + [False] * (n - k))
+    return rate_of(sum(round(r["rate"] * r["n"]) for r in rates if r["n"]), sum(r["n"] for r in rates))
 
 
 def verdict(shown: bool, what: str, numbers: str) -> str:
@@ -64,16 +62,12 @@ def verdict(shown: bool, what: str, numbers: str) -> str:
     return f"**Not shown convincingly by this model:** {what} — the difference is within the noise ({numbers})."
 
 
-def flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Nested metrics -> flat MLflow names: {"suite": {"sft": {"accuracy": {"rate": 0.9}}}} -> {"suite/sft/accuracy/rate": 0.9}."""
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}".replace("=", "_")
-        if isinstance(v, Mapping):
-            out |= flat(v, key + "/")
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[key] = float(v)
-    return out
+def flat(d: Mapping[str, Any]) -> dict[str, float]:
+    """Nested metrics -> flat MLflow names: {"suite": {"sft": {"accuracy": {"rate": 0.9}}}} -> {"suite/sft/accuracy/rate": 0.9}.
+    MLflow refuses "=" in a name ("T=0.5" becomes "T_0.5"); nulls (no sample) are left out."""
+    from llmlab.tokenizer import flat_metrics
+
+    return {k.replace("=", "_"): v for k, v in flat_metrics(d).items() if math.isfinite(v)}
 
 
 def token_figures(report: Mapping[str, Any]) -> dict[str, Any]:
