@@ -32,11 +32,11 @@ from llmlab.attention_cost import attention_scaling, kv_cache_speedup
 from llmlab.attention_maps import attention_weights, interesting_heads
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.evaluation import (
-    base_completions,
     chain_of_thought,
     fact_recall,
     perplexity,
     rate_of,
+    samples,
     stateless_completion,
     stateless_context,
     suite,
@@ -123,8 +123,9 @@ def main(args, params: Params) -> None:
                     diff, half = paired_diff_ci(gold[a], gold[b])
                     m["suite"][f"gold_gain_{a}_vs_{b}"] = {"mean": diff, "ci95": half, "n": len(gold[a])}
                 questions = [t.prompt for t in tasks if t.kind == "fact"][:6]
-                details["base_plain_text"] = [{"question": q, "completion": c} for q, c in
-                                              zip(questions, base_completions(models["base"], tok, questions, 32), strict=True)]  # fmt: skip
+                # The base model given a question as plain text, not in the chat format: it continues a document.
+                details["base_plain_text"] = [{"question": r["prompt"], "completion": r["completion"]}
+                                              for r in samples(models["base"], tok, questions, 32, temperature=0.0, seed=seed)]  # fmt: skip
             with clock("knowledge"):
                 people = world.known()[: cfg.recall_people]
                 m["knowledge"] = {}

@@ -322,11 +322,3 @@ def _chat(model: GPT, tok: Tokenizer, conversations: Sequence[list[dict]], max_n
         ids = [render(tok, c, add_generation_prompt=True).ids for c in conversations[i : i + batch_size]]
         out += [parse_reply(tok, o) for o in generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=[END_ID])]
     return out
-
-
-@torch.no_grad()
-def base_completions(model: GPT, tok: Tokenizer, questions: Sequence[str], max_new_tokens: int) -> list[str]:
-    """The base model continuing a question written as plain text (no chat template): a document, to it."""
-    bos = tok.token_to_id("<|bos|>")
-    outs = generate(model, [[bos, *tok.encode(q).ids] for q in questions], max_new_tokens, temperature=0.0)
-    return [tok.decode(o, skip_special_tokens=False) for o in outs]
