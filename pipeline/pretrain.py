@@ -123,11 +123,12 @@ def main(args, params: Params) -> None:
             "val_perplexity": math.exp(val_loss),
             "steps": int(trainer.global_step),
             "tokens": int(trainer.global_step) * budget.tokens_per_step,
-            "tokens_per_s": throughput.tokens_per_second(),
-            "mfu": throughput.mfu(),
-            "matmul_peak_gflops": throughput.peak / 1e9,
             "params": model.num_params(non_embedding=False),
         }
+        # Speed is a fact about this machine and this minute, not about the model: it goes to the report
+        # folder and MLflow, so that metrics/*.json of two runs are byte-identical (`dvc metrics diff` empty).
+        speed = {"tokens_per_s": throughput.tokens_per_second(), "mfu": throughput.mfu(),
+                 "matmul_peak_gflops": throughput.peak / 1e9, "train_seconds": throughput.train_time}
         if recall.n:  # no synthetic world (hf / local corpus): nothing to recall
             metrics |= {
                 "fact_recall": recall.accuracy,
@@ -138,16 +139,17 @@ def main(args, params: Params) -> None:
         write_json(args.metrics, metrics)
         curves.write(args.plots, recall=probe.points)
         report = Path(args.report)
+        write_json(report / "throughput.json", speed)
         write_json(report / "samples.json", sample_rows)
         write_json(report / "fact_recall_examples.json", recall.examples)
         write_text(report / "samples.md", _samples_markdown(sample_rows))
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=int(trainer.global_step))
+        run.log_metrics({k: v for k, v in (metrics | speed).items() if isinstance(v, int | float)}, step=int(trainer.global_step))
         for path in (args.metrics, Path(args.out) / "config.json", report, args.plots):
             run.log_artifact(path)
         log.info(
             "val loss %.3f (ppl %.1f) · fact recall %s · %.0f tokens/s · MFU %.1f%%",
             val_loss, math.exp(val_loss), f"{recall.accuracy:.1%} of {recall.n}" if recall.n else "n/a (no synthetic world)",
-            metrics["tokens_per_s"], 100 * metrics["mfu"],
+            speed["tokens_per_s"], 100 * speed["mfu"],
         )
 
 

@@ -3,8 +3,9 @@
 Inputs: models/pretrain (stage `pretrain`), models/sft (stage `sft`), models/ppo (stage `ppo`), the tokenizer.
 Outputs: three MLflow models logged to this stage's run (named base, sft, ppo: weights, tokenizer, config
 and code packed in, see `llmlab.serving`); a new version of the registered model `--name` (default
-llmlab-chat) made from the PPO model, with the alias `champion` moved to it; metrics/register.json with
-the model URIs, the version and the time taken. Serve the champion with
+llmlab-chat) made from the PPO model, with the alias `champion` moved to it; reports/register.json with
+the model URIs, the version and the time taken (a report, not a metrics file: ids and seconds differ on
+every run, and metrics/*.json stay byte-identical between runs). Serve the champion with
 
     mlflow models serve -m models:/llmlab-chat@champion --env-manager local -p 5001
 """
@@ -16,7 +17,10 @@ import os
 import time
 
 import mlflow
+import requests
+from mlflow.exceptions import MlflowException
 
+from llmlab.errors import LlmlabError
 from llmlab.io import write_json
 from llmlab.model import load_model
 from llmlab.params import Params
@@ -33,7 +37,7 @@ def add_arguments(p):
     p.add_argument("--sft", required=True, help="chat model folder (from the sft stage)")
     p.add_argument("--ppo", required=True, help="RLHF model folder (from the ppo stage): the one registered")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json")
-    p.add_argument("--out", required=True, help="metrics JSON file")
+    p.add_argument("--out", required=True, help="JSON file for the model URIs, version and timings")
     p.add_argument("--name", default=REGISTERED_NAME, help=f"registered model name (default: {REGISTERED_NAME})")
 
 
@@ -47,12 +51,16 @@ def main(args, params: Params) -> None:  # reads no params section
         t0 = time.perf_counter()
         mlflow.set_tracking_uri(run.uri)  # log_model and the registry use MLflow's global URI: the stage's store
         uris, seconds = {}, {}
-        for name, (folder, _) in models.items():
+        try:  # registering is this stage's whole job: a tracking failure here fails it, in one line
+            for name, (folder, _) in models.items():
+                t = time.perf_counter()
+                uris[name] = log_chat_model(folder, args.tokenizer, name, run_id=run.run_id)
+                seconds[f"log_{name}"] = time.perf_counter() - t
             t = time.perf_counter()
-            uris[name] = log_chat_model(folder, args.tokenizer, name, run_id=run.run_id)
-            seconds[f"log_{name}"] = time.perf_counter() - t
-        t = time.perf_counter()
-        version = register(uris["ppo"], args.name, CHAMPION)
+            version = register(uris["ppo"], args.name, CHAMPION)
+        except (MlflowException, requests.RequestException, OSError) as e:
+            raise LlmlabError(f"MLflow at {run.uri} failed while logging and registering the models: "
+                              f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}") from None
         seconds["register"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
         write_json(args.out, {"models": uris, "registered_model": args.name, "version": version, "alias": CHAMPION,

@@ -28,20 +28,6 @@ def stage_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def kill_after_first_checkpoint(stage: str, args: list[str], cwd: Path, env: dict[str, str], params: Path, checkpoint: Path,
-                                timeout_s: float = 120) -> None:
-    """Start a stage, SIGKILL it as soon as `checkpoint` exists (as a power cut would), and wait for it."""
-    cmd = [sys.executable, str(ROOT / "pipeline" / f"{stage}.py"), "--params", str(params), *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout_s
-    while not checkpoint.exists():
-        assert proc.poll() is None, "the stage finished before its first checkpoint: give it more steps"
-        assert time.monotonic() < deadline, f"no checkpoint after {timeout_s} s"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def run_stage(
     stage: str, args: list[str], cwd: Path, env: dict[str, str], params: Path = SMOKE_PARAMS, timeout=600
 ):
@@ -64,9 +50,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(cmd: list[str], ready_url: str, env: dict[str, str], log: Path, timeout_s: float = 90) -> Iterator[None]:
+def running_server(cmd: list[str], ready_url: str, env: dict[str, str], log: Path, timeout_s: float = 90
+                   ) -> Iterator[subprocess.Popen]:
     """Start a server (`mlflow server`, `mlflow models serve`) in its own process group, wait until
-    `ready_url` answers 200, and always stop the whole group afterwards (the CLI and its workers)."""
+    `ready_url` answers 200, and always stop the whole group afterwards (the CLI and its workers).
+    Yields the process (the leader of its group: `os.killpg(proc.pid, ...)` stops it early)."""
     import requests
 
     with open(log, "wb") as out:  # a file, not a pipe: a full pipe would block the server
@@ -84,14 +72,28 @@ def running_server(cmd: list[str], ready_url: str, env: dict[str, str], log: Pat
                 pytest.fail(f"{cmd[0]} exited ({server.returncode}):\n{log.read_text()[-3000:]}")
             except subprocess.TimeoutExpired:
                 assert time.monotonic() < deadline, f"no answer on {ready_url} after {timeout_s} s:\n{log.read_text()[-3000:]}"
-        yield
+        yield server
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real MLflow tracking server on 127.0.0.1 with its own SQLite store and artifact folder, as a team
+    would run it. Yields (url, process)."""
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
+           "--workers", "1"]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    with running_server(cmd, f"{url}/health", stage_env(folder), folder / "server.log") as proc:
+        yield url, proc
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,10 @@ def test_multi_turn_transcripts_keep_the_shared_conversation_as_context():
         ((None, "no markers here", "\n\nHuman: a\n\nAssistant: c"), "not an hh-rlhf transcript"),
         ((None, "\n\nHuman: a", "\n\nHuman: a"), "must end with the assistant's reply"),
         ((3, "a", "b"), "prompt must be a string"),
+        (("q", "", "b"), "the chosen reply is empty"),
+        ((None, "\n\nHuman: a\n\nAssistant: b", "\n\nHuman: a\n\nAssistant:  "), "the rejected reply is empty"),
+        ((None, [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}],
+          [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]), "the chosen reply is empty"),
     ],
 )
 def test_malformed_pairs_say_what_is_wrong(row, problem):

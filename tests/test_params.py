@@ -1,18 +1,24 @@
 """Params: typed validation with every problem named, and dvc.yaml kept in step with the schema."""
 
+import contextlib
 import importlib.util
+import io
 import shlex
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from llmlab.errors import ParamsError
 from llmlab.params import STAGE_SECTIONS, Params, load_params, validate_params
+from llmlab.stage import run_stage
 from tests.conftest import ROOT, SMOKE_PARAMS, stage_env
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -217,3 +223,95 @@ def test_unreachable_tracking_server_fails_fast_before_writing(tmp_path):
     assert "http://127.0.0.1:9" in r.stderr and "unreachable" in r.stderr and "Traceback" not in r.stderr
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------- random bad params through a stage's entry point
+
+
+def leaves(model: type[BaseModel] = Params, prefix: str = "") -> dict[str, FieldInfo]:
+    """Every leaf key of the schema ('pretrain.model.d_model') and its field."""
+    out = {}
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out |= leaves(field.annotation, f"{prefix}{name}.")
+        else:
+            out[f"{prefix}{name}"] = field
+    return out
+
+
+LEAF_FIELDS = leaves()
+SECTIONS = [""] + sorted({k.rsplit(".", 1)[0] + "." for k in LEAF_FIELDS if "." in k})
+
+
+def out_of_range(field: FieldInfo) -> list:
+    """Values just outside each bound the field declares."""
+    values = []
+    for bound in field.metadata:
+        for attr, step in (("ge", -1), ("gt", 0), ("le", 1), ("lt", 0)):
+            limit = getattr(bound, attr, None)
+            if limit is not None:
+                values.append(limit + step if isinstance(limit, int) or step == 0 else limit + step * 0.5)
+    return values
+
+
+RANGED = {k: out_of_range(f) for k, f in LEAF_FIELDS.items() if out_of_range(f)}
+
+# (values to set, the key the message must name, keys whose values the check reads)
+INCONSISTENT = [
+    ({"pretrain.model.d_model": 96, "pretrain.model.n_head": 5}, "pretrain.model.n_head", ()),
+    ({"ppo.rollout_batch_size": 10, "ppo.minibatch_size": 4}, "ppo.minibatch_size: rollout_batch_size (10) must be a multiple", ()),
+    ({"pretrain.max_tokens": 1000}, "pretrain.max_tokens: set exactly one of max_steps and max_tokens", ("pretrain.max_steps",)),
+    ({"ppo.max_new_tokens": 64}, "ppo.max_new_tokens: must be below pretrain.model.context_length (64)",
+     ("pretrain.model.context_length",)),
+    ({"pretrain.model.context_length": 32}, "sft.max_new_tokens: must be below pretrain.model.context_length (32)",
+     ("sft.max_new_tokens",)),
+]  # fmt: skip
+
+
+@st.composite
+def mutation(draw):
+    """One wrong thing: (values to set, text the error must contain, keys it touches)."""
+    kind = draw(st.sampled_from(["type", "unknown", "range", "inconsistent"]))
+    if kind == "type":
+        key = draw(st.sampled_from(sorted(LEAF_FIELDS)))
+        return {key: {"not": ["a", "value"]}}, f"{key}: ", {key}
+    if kind == "unknown":
+        name = draw(st.from_regex(r"[a-z][a-z_]{2,10}", fullmatch=True))
+        key = draw(st.sampled_from(SECTIONS)) + "zz_" + name
+        return {key: 1}, f"{key}: unknown key", {key}
+    if kind == "range":
+        key = draw(st.sampled_from(sorted(RANGED)))
+        return {key: draw(st.sampled_from(RANGED[key]))}, f"{key}: must be", {key}
+    values, named, reads = draw(st.sampled_from(INCONSISTENT))
+    return values, named, set(values) | set(reads)
+
+
+def nested(flat: dict) -> dict:
+    raw = yaml.safe_load(SMOKE_PARAMS.read_text())
+    for key, value in flat.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return raw
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(mutation(), min_size=1, max_size=3))
+def test_random_bad_params_exit_2_naming_each_key_and_write_nothing(mutations):
+    touched = [keys for _, _, keys in mutations]
+    assume(all(not (a & b) for i, a in enumerate(touched) for b in touched[i + 1 :]))  # independent mistakes
+    ran = []
+    with tempfile.TemporaryDirectory() as d:
+        params = Path(d) / "params.yaml"
+        params.write_text(yaml.safe_dump(nested({k: v for values, _, _ in mutations for k, v in values.items()})))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+            run_stage("pretrain", lambda args, p: ran.append(p), lambda parser: None, ["--params", str(params)])
+        assert sorted(p.name for p in Path(d).iterdir()) == ["params.yaml"]
+    said = err.getvalue()
+    assert exit_.value.code == 2 and not ran, said
+    assert said.startswith("error [pretrain]: ") and "Traceback" not in said
+    for _, named, _ in mutations:
+        assert named in said, (named, said)

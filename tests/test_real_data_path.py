@@ -42,7 +42,7 @@ def test_local_corpus_chat_and_preferences_run_without_a_rater(tmp_path):
     params["corpus"] = {"source": "local", "val_fraction": 0.1, "local": {"paths": ["data/raw/*.txt"]}}
     params["tokenizer"]["vocab_size"] = 300
     params["sft"]["data"] = {"source": "local"}
-    params["preferences"] = {"source": "local", "local": {"prompt_column": None}}
+    params["preferences"].update(source="local", local={"prompt_column": None})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = stage_env(tmp_path)
     tok = ["--tokenizer", "data/tokenizer/tokenizer.json"]

@@ -1,5 +1,6 @@
 """No pickle from a file a user could be handed is ever run: a crafted pickle where a checkpoint or a model
-belongs is refused with a clear error, and the code inside it does not execute."""
+belongs is refused with a clear error, and the code inside it does not execute. A truncated or foreign
+model folder is one clear error too."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from llmlab.checkpoints import LAST, resume_path
 from llmlab.errors import LlmlabError
@@ -62,3 +64,41 @@ def test_a_crafted_pickle_as_model_weights_is_refused_and_not_run(tmp_path):
     with pytest.raises(LlmlabError, match="is not a valid llmlab checkpoint"):
         load_model(model_dir)
     assert not marker.exists()
+
+
+def _truncate(d):
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _foreign_weights(d):  # a valid safetensors file of another model (names and shapes of its own)
+    save_file({"transformer.wte.weight": torch.zeros(50, 8)}, str(d / "model.safetensors"))
+
+
+def _other_shape(d):  # llmlab names, another width
+    other = GPT(GPTConfig(vocab_size=32, d_model=32, n_layer=1, n_head=2, context_length=8))
+    save_file({k: v.contiguous() for k, v in other.state_dict().items() if k != "lm_head.weight"}, str(d / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_truncate, "model.safetensors is not a valid llmlab checkpoint: Error while deserializing header"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 5), "model.safetensors is not a valid llmlab checkpoint"),
+        (_foreign_weights, "model.safetensors is not a valid llmlab checkpoint: Error(s) in loading state_dict"),
+        (_other_shape, "model.safetensors is not a valid llmlab checkpoint: Error(s) in loading state_dict"),
+        (lambda d: (d / "config.json").write_text('{"d_model": '), "config.json is not valid JSON"),
+        (lambda d: (d / "config.json").write_text('{"hidden_size": 768}'), "config.json is not an llmlab model config"),
+        (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json is not an llmlab model config"),
+        (lambda d: (d / "config.json").unlink(), "config.json not found"),
+    ],
+    ids=["truncated", "five-bytes", "foreign-weights", "other-shape", "broken-config", "foreign-config", "list-config",
+         "no-config"],
+)  # fmt: skip
+def test_a_truncated_or_foreign_model_folder_is_one_clear_error(tmp_path, damage, message):
+    model_dir = tmp_path / "model"
+    save_model(GPT(GPTConfig(vocab_size=32, d_model=16, n_layer=1, n_head=2, context_length=8)), model_dir)
+    damage(model_dir)
+    with pytest.raises(LlmlabError) as e:
+        load_model(model_dir)
+    assert message in str(e.value)

@@ -13,9 +13,12 @@ from types import SimpleNamespace
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 import requests
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 
 from llmlab import serving
@@ -210,12 +213,16 @@ def test_served_champion_answers_like_the_model_in_process(store, chat, tmp_path
 
     port, log = free_port(), tmp_path / "server.log"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    cmd = ["mlflow", "models", "serve", "-m", "models:/llmlab-chat@champion", "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]
+    env.pop("MLFLOW_HOST", None)
+    cmd = ["mlflow", "models", "serve", "-m", "models:/llmlab-chat@champion", "--env-manager", "local", "-p", str(port)]
     url = f"http://127.0.0.1:{port}"
     t = time.perf_counter()
-    with running_server(cmd, f"{url}/ping", env, log):
+    with running_server(cmd, f"{url}/ping", env, log) as server:
         print(f"mlflow models serve: up in {time.perf_counter() - t:.1f} s (version {version})")
+        # The command as the README gives it (no --host) listens on the loopback interface only.
+        procs = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+        listening = {c.laddr.ip for p in procs for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        assert listening == {"127.0.0.1"}, listening
         r = requests.post(f"{url}/invocations", json=request, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["predictions"] == expected.to_dict("records")
@@ -231,7 +238,7 @@ def test_register_stage(store, smoke_data, tok, tmp_path):
         save_model(model, tmp_path / "models" / name)
     env = stage_env(tmp_path) | {"MLFLOW_TRACKING_URI": store.uri, "LLMLAB_EXPERIMENT": "register-stage", "OMP_NUM_THREADS": "1"}
     args = ["--base", "models/pretrain", "--sft", "models/sft", "--ppo", "models/ppo", "--tokenizer", str(tokenizer),
-            "--out", "metrics/register.json", "--name", "stage-test"]
+            "--out", "reports/register.json", "--name", "stage-test"]
 
     r = run_stage("register", [a.replace("models/sft", "models/nope") for a in args], tmp_path, env)
     assert r.returncode == 1 and "models/nope/model.safetensors not found: it is written by the 'sft' stage" in r.stderr
@@ -239,7 +246,7 @@ def test_register_stage(store, smoke_data, tok, tmp_path):
 
     r = run_stage("register", args, tmp_path, env)
     assert r.returncode == 0, r.stderr
-    out = json.loads((tmp_path / "metrics" / "register.json").read_text())
+    out = json.loads((tmp_path / "reports" / "register.json").read_text())
     print("register stage:", out["seconds"])
     assert (out["registered_model"], out["version"], out["alias"]) == ("stage-test", 1, "champion")
     assert sorted(out["models"]) == ["base", "ppo", "sft"]
@@ -253,3 +260,14 @@ def test_register_stage(store, smoke_data, tok, tmp_path):
     served = mlflow.pyfunc.load_model("models:/stage-test@champion").predict([{"prompt": "Hi"}], params={"max_tokens": 8})
     hi = [render(tok, [{"role": "user", "content": "Hi"}], add_generation_prompt=True).ids]
     assert served["completion"][0] == greedy(models["ppo"], tok, hi, 8)[0] != greedy(models["pretrain"], tok, hi, 8)[0]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=400), raw=st.booleans())
+def test_any_prompt_text_gets_an_answer(chat, tok, text, raw):
+    """Empty, control characters, any Unicode (st.text: every code point but surrogates, which MLflow's
+    own schema check refuses with a clear error, above), up to longer than the context."""
+    out = chat.pyfunc.predict([{"prompt": text}], params={"max_tokens": 4, "raw": raw})
+    row = out.iloc[0]
+    assert isinstance(row["completion"], str) and 0 < row["prompt_tokens"] <= CTX - 4
+    assert row["truncated"] == (len(encode_content(tok, text)) > CTX - 4 - (1 if raw else 4))

@@ -2,9 +2,10 @@
 
 - A checkpoint is written to a temporary file and renamed into place, so a kill mid-write never leaves a
   `last.ckpt` that a later run reads as valid but is truncated.
-- Next to the checkpoints, `fingerprint.json` records what they were trained from (the stage's resolved
-  params and its inputs). A re-run resumes only when the fingerprint matches; after a params or data
-  change the stale checkpoints are discarded and training starts over.
+- Next to the checkpoints, `fingerprint.json` records what they were trained from: the stage's resolved
+  params (`config`), the sha256 of each input file, the git commit, and one digest of all of it. A re-run
+  resumes only when the digest matches; after a params or data change the stale checkpoints are
+  discarded and training starts over.
 - Checkpoints are loaded only from the stage's own checkpoint directory, with `weights_only=True`
   (no arbitrary pickle is executed).
 """
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +38,39 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
-def fingerprint(config: Any, input_files: list[str | Path]) -> str:
-    """sha256 of the resolved config and of the input files' contents (what the weights depend on)."""
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a stage's checkpoints are trained from: `digest` decides whether a re-run may resume them."""
+
+    digest: str
+    config: Any = None
+    inputs: dict[str, str] = field(default_factory=dict)  # path -> sha256 of its contents
+
+
+def fingerprint(config: Any, input_files: list[str | Path]) -> Fingerprint:
+    """The resolved config and the input files' contents (what the weights depend on), hashed."""
+    inputs = {str(p): _sha256(p) for p in sorted(str(p) for p in input_files)}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for f in sorted(str(p) for p in input_files):
-        h.update(f.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+    for path, digest in inputs.items():
+        h.update(path.encode())
+        h.update(digest.encode())
+    return Fingerprint(h.hexdigest(), json.loads(json.dumps(config, default=str)), inputs)
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 
-def resume_path(ckpt_dir: str | Path, fp: str, readonly: bool = False) -> Path | None:
+def resume_path(ckpt_dir: str | Path, fp: Fingerprint | str, readonly: bool = False) -> Path | None:
     """The checkpoint to resume from, or None. Clears `ckpt_dir` when its fingerprint is stale
     (unless `readonly`: the other ranks of a distributed run only look)."""
+    from llmlab.tracking import git_info
+
+    fp = fp if isinstance(fp, Fingerprint) else Fingerprint(fp)
     ckpt_dir = Path(ckpt_dir)
     fp_file = ckpt_dir / "fingerprint.json"
     last = ckpt_dir / LAST
@@ -57,16 +78,16 @@ def resume_path(ckpt_dir: str | Path, fp: str, readonly: bool = False) -> Path |
     if fp_file.exists():
         try:
             old = json.loads(fp_file.read_text())["fingerprint"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             old = None
-    if old != fp:
+    if old != fp.digest:
         if readonly:
             return None
         if ckpt_dir.exists() and any(ckpt_dir.iterdir()):
             log.info("checkpoints in %s were made from other params or data: starting over", ckpt_dir)
             shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        write_json(fp_file, {"fingerprint": fp})
+        write_json(fp_file, {"fingerprint": fp.digest, "config": fp.config, "inputs": fp.inputs, **git_info()})
         return None
     # Leftover temporaries of a killed write are never read; drop them.
     for tmp in [] if readonly else ckpt_dir.glob(".*.tmp-*"):

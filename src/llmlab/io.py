@@ -3,6 +3,8 @@
 Everything a stage writes goes through `atomic_path`: it hands out a temporary sibling path, and only
 when the block finishes without an exception is that renamed over the final path (`os.replace` is atomic
 on one filesystem). A killed process leaves a `*.tmp-*` sibling that nothing reads, never a truncated file.
+A write that fails (disk full, no permission, file too large) removes the temporary and becomes one
+`OutputWriteError` naming the output, instead of a traceback from whichever library was writing.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmlab.errors import OutputWriteError
+
 
 @contextmanager
 def atomic_path(path: str | Path, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success move it to `path` (replacing what was there)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    if is_dir:
-        tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if is_dir:
+            tmp.mkdir()
+    except OSError as e:
+        raise OutputWriteError(path, e) from None
     try:
         yield tmp
         if is_dir and path.is_dir():
@@ -34,12 +41,24 @@ def atomic_path(path: str | Path, is_dir: bool = False) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if _is_write_failure(e):
+            raise OutputWriteError(path, e) from None
         raise
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """An OSError, or what torch.save and safetensors raise when the OS refuses a write."""
+    text = str(e)
+    return (
+        isinstance(e, OSError)
+        or (type(e).__name__ == "SafetensorError" and "I/O error" in text)
+        or (isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text))
+    )
 
 
 def write_json(path: str | Path, obj: Any) -> None:

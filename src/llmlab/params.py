@@ -191,7 +191,7 @@ class PretrainConfig(TrainLoop):
     model: ModelConfig = ModelConfig()
     max_steps: int | None = Field(4000, ge=1)
     """Optimizer steps to train for. Exactly one of max_steps and max_tokens is set."""
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, validate_default=True)
     """Token budget instead of a step budget: steps = max_tokens / tokens per optimizer step."""
     recall_people: int | None = Field(None, ge=1)
     """Fact recall is measured on this many corpus people (null: all of them)."""
@@ -200,11 +200,14 @@ class PretrainConfig(TrainLoop):
     sample_tokens: int = Field(48, ge=1)
     """New tokens per logged sample."""
 
-    @model_validator(mode="after")
-    def _one_budget(self) -> PretrainConfig:
-        if (self.max_steps is None) == (self.max_tokens is None):
+    # Checks across fields are field validators on the later field (not model validators, which pydantic
+    # skips once any field of the section has failed): so every problem is reported in the same run.
+    @field_validator("max_tokens")
+    @classmethod
+    def _one_budget(cls, max_tokens: int | None, info: ValidationInfo) -> int | None:
+        if "max_steps" in info.data and (info.data["max_steps"] is None) == (max_tokens is None):
             raise ValueError("set exactly one of max_steps and max_tokens (the other null)")
-        return self
+        return max_tokens
 
 
 # -------------------------------------------------------------------------------------------- sft
@@ -392,7 +395,7 @@ class PPOConfig(Hardware):
     """Rounds of (sample a batch of replies, score them, several epochs of PPO updates on them)."""
     rollout_batch_size: int = Field(64, ge=1)
     """Prompts sampled per iteration, over all processes (one reply each)."""
-    minibatch_size: int = Field(16, ge=1)
+    minibatch_size: int = Field(16, ge=1, validate_default=True)
     """Replies per PPO update, per process; the rollout batch is split into minibatches of this size."""
     ppo_epochs: int = Field(2, ge=1)
     """Passes over each rollout batch (InstructGPT and TRL use 4; 2 here, at half the update time)."""
@@ -441,15 +444,20 @@ class PPOConfig(Hardware):
     ckpt_every: int = Field(10, ge=1)
     """Write the resumable checkpoint every this many iterations."""
 
-    @model_validator(mode="after")
-    def _minibatches_fit(self) -> PPOConfig:
-        if any(v < 0 for v in self.prompt_mix.values()) or sum(self.prompt_mix.values()) <= 0:
-            raise ValueError(f"prompt_mix shares must be >= 0 with a positive sum, got {self.prompt_mix}")
-        if self.rollout_batch_size % self.minibatch_size:
-            raise ValueError(
-                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of minibatch_size ({self.minibatch_size})"
-            )
-        return self
+    @field_validator("minibatch_size")
+    @classmethod
+    def _minibatches_fit(cls, minibatch_size: int, info: ValidationInfo) -> int:
+        rollout = info.data.get("rollout_batch_size")
+        if rollout is not None and rollout % minibatch_size:
+            raise ValueError(f"rollout_batch_size ({rollout}) must be a multiple of minibatch_size ({minibatch_size})")
+        return minibatch_size
+
+    @field_validator("prompt_mix")
+    @classmethod
+    def _shares(cls, mix: dict) -> dict:
+        if any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+            raise ValueError(f"shares must be >= 0 with a positive sum, got {mix}")
+        return mix
 
 
 class EvaluateConfig(Section):
@@ -477,7 +485,7 @@ class EvaluateConfig(Section):
     """Additions per digit count, asked both step by step and for the bare result."""
     cot_max_digits: int = Field(4, ge=1, le=9)
     """Additions of 1 to this many digits per addend."""
-    cot_max_new_tokens: int = Field(160, ge=1)
+    cot_max_new_tokens: int = Field(120, ge=1)
     """Room for the written-out working (generation also stops at the model's context length)."""
     context_pairs: int = Field(300, ge=1)
     """Facts about unknown people told in one call and asked in the next, with and without the transcript."""
@@ -548,10 +556,51 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def validate_params(raw: Any, source: str = "params") -> Params:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: must be a mapping of sections, got {type(raw).__name__}")
+    found = _across_sections(raw)
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as e:
-        raise ParamsError(f"{source} has {e.error_count()} problem(s):", [_describe(err) for err in e.errors()]) from None
+        found = [_describe(err) for err in e.errors()] + found
+    if found:
+        raise ParamsError(f"{source} has {len(found)} problem(s):", found)
+    return params
+
+
+# Every reply length the stages generate: each must leave room for a prompt in the model's context.
+GENERATION_LENGTHS = (
+    "pretrain.sample_tokens", "sft.max_new_tokens", "preferences.max_new_tokens", "ppo.max_new_tokens",
+    "ppo.eval_max_new_tokens", "evaluate.max_new_tokens", "evaluate.cot_max_new_tokens",
+)  # fmt: skip
+
+
+def _across_sections(raw: dict) -> list[str]:
+    """Checks that involve two sections (each section's own checks are its validators). They read the raw
+    values (defaults where absent), so that they are reported together with any other problem; a value of
+    a wrong type is left to the schema's message."""
+    ctx = _raw_value(raw, "pretrain.model.context_length")
+    if not _is_int(ctx):
+        return []
+    found = []
+    for key in GENERATION_LENGTHS:
+        value = _raw_value(raw, key)
+        if _is_int(value) and value >= ctx:
+            found.append(f"{key}: must be below pretrain.model.context_length ({ctx}), which must also hold "
+                         f"the prompt, got {value}")
+    return found
+
+
+def _raw_value(raw: Any, key: str) -> Any:
+    """`raw`'s value at the dotted `key`, or the schema's default when `raw` does not set it."""
+    model: Any = Params
+    for part in key.split("."):
+        field = model.model_fields[part]
+        raw = raw.get(part, field.default) if isinstance(raw, dict) else field.default
+        model = field.annotation
+    return raw.model_dump() if isinstance(raw, BaseModel) else raw
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _describe(err: dict[str, Any]) -> str:

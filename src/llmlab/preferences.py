@@ -98,7 +98,7 @@ def split_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[list[dict], str
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise LlmlabError(f"the prompt must be a string, got {type(prompt).__name__}")
-            return check_messages([{"role": "user", "content": prompt}]), chosen, rejected
+            return _nonempty(check_messages([{"role": "user", "content": prompt}]), chosen, rejected)
         chosen, rejected = parse_transcript(chosen), parse_transcript(rejected)
     elif not (isinstance(chosen, list) and isinstance(rejected, list)):
         raise LlmlabError("chosen and rejected must both be strings or both lists of messages")
@@ -110,15 +110,22 @@ def split_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[list[dict], str
         raise LlmlabError("chosen and rejected must end with the assistant's reply")
     if c[:-1] != r[:-1]:
         raise LlmlabError("chosen and rejected differ before their last reply (not a pair)")
-    return c[:-1], c[-1]["content"], r[-1]["content"]
+    return _nonempty(c[:-1], c[-1]["content"], r[-1]["content"])
+
+
+def _nonempty(context: list[dict], chosen: str, rejected: str) -> tuple[list[dict], str, str]:
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not reply.strip():
+            raise LlmlabError(f"the {name} reply is empty (a preference needs two replies)")
+    return context, chosen, rejected
 
 
 def external_pairs(cfg, root: Path) -> tuple[list[dict], dict[str, int]]:
     """Pairs of `cfg.source` hf or local (`cfg` is the preferences params section), as rows of the
     preferences table without gold scores (NaN: no rater knows the truth of real data).
 
-    Rows that do not parse, or whose two replies are identical, are dropped, counted and the first few
-    named in a warning; fewer than 2 usable pairs is an error.
+    Rows that do not parse, have an empty reply, or whose two replies are identical, are dropped, counted
+    and the first few named in a warning; fewer than 2 usable pairs is an error.
     """
     src = cfg.hf if cfg.source == "hf" else cfg.local
     key = f"preferences.{cfg.source}"

@@ -185,12 +185,13 @@ class CausalLMModule(L.LightningModule):
 
 def build_trainer(cfg: PretrainConfig, ckpt_dir, logger, callbacks: list[L.Callback], total_steps: int) -> L.Trainer:
     """The Trainer of the pretrain stage (also used by benchmarks/, so that they measure the same thing)."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 
     from llmlab.checkpoints import AtomicCheckpointIO
 
-    checkpointing = ModelCheckpoint(
-        dirpath=ckpt_dir, every_n_train_steps=cfg.ckpt_every, save_top_k=0, save_last=True, enable_version_counter=False
+    checkpointing = checkpoint_after_validation(
+        cfg.val_every, dirpath=ckpt_dir, every_n_train_steps=cfg.ckpt_every, save_top_k=0, save_last=True,
+        enable_version_counter=False,
     )
     return L.Trainer(
         max_steps=total_steps,
@@ -217,6 +218,29 @@ def build_trainer(cfg: PretrainConfig, ckpt_dir, logger, callbacks: list[L.Callb
         enable_model_summary=False,
         default_root_dir=ckpt_dir,
     )
+
+
+def checkpoint_after_validation(val_every: int, **kwargs):
+    """Lightning's ModelCheckpoint, except that at a step which also validates, the save waits for the end
+    of that validation.
+
+    Lightning saves at the end of the training batch and validates after it. A run killed during that
+    validation resumed from a checkpoint that had the step done, and the step's validation point (the
+    val-loss curve, the fact-recall probe) was never made: the kill test under `dvc repro` found the
+    curves of a resumed run one point short. Deferred, the checkpoint holds the point, and a run killed
+    during validation resumes from the step before and validates again.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class CheckpointAfterValidation(ModelCheckpoint):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            step = trainer.global_step
+            if step > 0 and step % self._every_n_train_steps == 0 and step % val_every == 0:
+                self._defer_save_until_validation = True  # Lightning's own deferral: on_validation_end saves
+                return
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    return CheckpointAfterValidation(**kwargs)
 
 
 class StopOnNonFiniteLoss(L.Callback):

@@ -13,6 +13,7 @@ started by hand, outside DVC, gets a pipeline run of its own.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -129,6 +130,9 @@ class StageRun:
         self.client = None
         self.run_id: str | None = None
         self.parent_run_id: str | None = None
+        self.lost: str | None = None  # why tracking stopped, once it has
+        self.not_logged: list[str] = []
+        self._dvc_paths: tuple[list[str], list[str]] | None = None
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -137,13 +141,32 @@ class StageRun:
             return self
         for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # MLflow's client retries a failed request 7 times with exponential back-off (minutes); a stage
+        # that has lost its server should not stall training for that long. A user's own setting wins.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         from mlflow.tracking import MlflowClient
 
+        from llmlab.errors import LlmlabError
+
         check_reachable(self.uri)
-        self.client = MlflowClient(self.uri)
+        try:
+            self.client = MlflowClient(self.uri)
+            self._start()
+        except Exception as e:  # the server or store failed between the probe and here: still before any work
+            raise LlmlabError(f"MLflow tracking at {self.uri} failed while starting the '{self.stage}' run: "
+                              f"{_first_line(e)}") from None
+        return self
+
+    def _start(self) -> None:
+        from mlflow.entities import Param
+
+        from llmlab import provenance
+
         experiment_id = self._experiment_id()
         git = git_info()
-        self.parent_run_id = self._pipeline_run(experiment_id, git)
+        dvc_key = _dvc_process_key()
+        self.parent_run_id = self._pipeline_run(experiment_id, git, dvc_key)
         self.client.update_run(self.parent_run_id, status="RUNNING")
         tags = {
             "mlflow.parentRunId": self.parent_run_id,
@@ -153,15 +176,19 @@ class StageRun:
             **git,
             **self.extra_tags,
         }
+        # Under `dvc repro`: the hashes of this stage's deps now (its outs' at the end), as dvc.lock has them.
+        self._dvc_paths = provenance.stage_paths(self.stage) if dvc_key else None
+        if self._dvc_paths:
+            tags |= {"dvc.stage": self.stage, **provenance.hashes(self._dvc_paths[0], "dvc.deps")}
+        params_json = json.dumps(self.params, sort_keys=True, default=str)
+        if len(params_json) <= 8000:  # MLflow's limit for a tag value; every value is a param as well
+            tags["params"] = params_json
         run = self.client.create_run(experiment_id, tags=tags, run_name=self.stage)
         self.run_id = run.info.run_id
-        from mlflow.entities import Param
-
         flat = _flatten(self.params)
         items = [Param(k, str(v)) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
-        return self
 
     def _experiment_id(self) -> str:
         name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
@@ -174,11 +201,10 @@ class StageRun:
             location = (db.resolve().parent / ARTIFACTS_DIR).as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
-    def _pipeline_run(self, experiment_id: str, git: dict[str, str]) -> str:
+    def _pipeline_run(self, experiment_id: str, git: dict[str, str], key: str | None) -> str:
         explicit = os.environ.get(PIPELINE_RUN_ENV)
         if explicit:
             return explicit
-        key = _dvc_process_key()
         if key is not None:
             found = self.client.search_runs([experiment_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1)
             if found:
@@ -197,7 +223,7 @@ class StageRun:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+            self.tracked(f"{len(batch[i : i + 1000])} metric values", self.client.log_batch, self.run_id, metrics=batch[i : i + 1000])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None, pipeline: bool = False) -> None:
         """Log a file or a folder to this stage's run; with `pipeline`, to the pipeline run as well (where
@@ -205,24 +231,38 @@ class StageRun:
         if self.run_id is None:
             return
         path = Path(path)
+        log_one = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
         for run_id in (self.run_id, self.parent_run_id) if pipeline else (self.run_id,):
-            if path.is_dir():
-                self.client.log_artifacts(run_id, str(path), artifact_path)
-            else:
-                self.client.log_artifact(run_id, str(path), artifact_path)
+            self.tracked(f"artifact {path}", log_one, run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.run_id is not None:
-            self.client.log_text(self.run_id, text, artifact_file)
+            self.tracked(f"artifact {artifact_file}", self.client.log_text, self.run_id, text, artifact_file)
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         if self.run_id is not None:
-            self.client.log_dict(self.run_id, obj, artifact_file)
+            self.tracked(f"artifact {artifact_file}", self.client.log_dict, self.run_id, obj, artifact_file)
+
+    def tracked(self, what: str, call, *args, **kwargs) -> Any:
+        """`call(*args, **kwargs)` to MLflow, which must never stop training: the first failure (the
+        server went away, the store's disk filled) is one warning, and from then on nothing more is sent
+        (no minutes of retries per call); `not_logged` lists what was left out, for the warning at the end."""
+        if self.lost is not None:
+            self.not_logged.append(what)
+            return None
+        try:
+            return call(*args, **kwargs)
+        except Exception as e:  # MlflowException, requests' ConnectionError, OSError, sqlite errors: all alike here
+            self.lost = _first_line(e)
+            self.not_logged.append(what)
+            log.warning("MLflow tracking at %s failed while logging %s (%s): the '%s' stage goes on without "
+                        "tracking; its outputs and metrics files are not affected", self.uri, what, self.lost, self.stage)
+            return None
 
     def lightning_logger(self):
         """A Lightning logger writing into this run. Every rank gets one (callbacks such as
         LearningRateMonitor insist), but only rank 0's writes anything: its methods are rank-zero-only."""
-        return buffered_mlflow_logger(self.uri, self.run_id)
+        return buffered_mlflow_logger(self.uri, self.run_id, tracker=self)
 
     # -- teardown ----------------------------------------------------------------------------------
 
@@ -232,22 +272,44 @@ class StageRun:
         status = "FINISHED" if exc_type is None else "FAILED"
         from mlflow import flush_async_logging
 
-        flush_async_logging()
-        self.client.set_terminated(self.run_id, status)
+        from llmlab import provenance
+
+        if exc_type is None and self._dvc_paths:
+            for key, value in provenance.hashes(self._dvc_paths[1], "dvc.outs").items():
+                self.tracked(f"tag {key}", self.client.set_tag, self.run_id, key, value)
+        self.tracked("pending asynchronous values", flush_async_logging)
+        self.tracked(f"the run's end ({status})", self.client.set_terminated, self.run_id, status)
         # The pipeline run ends with its latest stage (DVC gives no "pipeline finished" hook): FINISHED
         # after every stage that succeeded, FAILED as soon as one fails.
         if not os.environ.get(PIPELINE_RUN_ENV):
-            self.client.set_terminated(self.parent_run_id, status)
+            self.tracked(f"the pipeline run's end ({status})", self.client.set_terminated, self.parent_run_id, status)
+        if self.lost is not None:
+            log.warning("MLflow: not logged after tracking failed (%s): %s. The stage's outputs and metrics files "
+                        "are complete; `dvc repro --force %s` with the server back logs them again",
+                        self.lost, _summary(self.not_logged), self.stage)
 
 
-def buffered_mlflow_logger(uri: str, run_id: str | None = None, experiment: str | None = None, flush_every_s: float = 15.0):
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def _summary(items: list[str]) -> str:
+    """'3 × 1 metric values, artifact a.json' — repeated items counted."""
+    from collections import Counter
+
+    return ", ".join(f"{n} × {what}" if n > 1 else what for what, n in Counter(items).items())
+
+
+def buffered_mlflow_logger(uri: str, run_id: str | None = None, experiment: str | None = None, flush_every_s: float = 15.0,
+                           tracker: StageRun | None = None):
     """Lightning's MLFlowLogger, writing metrics in one batch every `flush_every_s` seconds.
 
     Why: with the SQLite store, each `log_batch` is a transaction through SQLAlchemy, a few ms of CPU;
     logged every 10 steps of a ~70 ms step it cost the pretraining stage ~7 % of its throughput
     (measured, benchmarks/pretrain_throughput.py), and MLflow's asynchronous mode only moves that work
     to a thread that competes for the same two cores. Buffering keeps every logged step and costs
-    nothing measurable. A failed flush (tracking server gone) is reported once and training goes on.
+    nothing measurable. A failed flush (tracking server gone) is reported once and training goes on;
+    with a `tracker` (the stage's StageRun) the failure is shared: after it, neither sends anything more.
     """
     import re
 
@@ -259,7 +321,6 @@ def buffered_mlflow_logger(uri: str, run_id: str | None = None, experiment: str 
             super().__init__(experiment_name=experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT), tracking_uri=uri, run_id=run_id)
             self._pending: list = []
             self._last_flush = time.monotonic()
-            self.dropped = 0
 
         @rank_zero_only
         def log_metrics(self, metrics, step=None):
@@ -276,19 +337,29 @@ def buffered_mlflow_logger(uri: str, run_id: str | None = None, experiment: str 
 
         @rank_zero_only
         def flush(self):
-            from mlflow.exceptions import MlflowException
-
             pending, self._pending, self._last_flush = self._pending, [], time.monotonic()
+            if not pending:
+                return
+            for i in range(0, len(pending), 1000):
+                self._send(f"{len(pending[i : i + 1000])} training metric values", self.experiment.log_batch,
+                           self.run_id, metrics=pending[i : i + 1000])
+
+        def _send(self, what, call, *args, **kwargs):
+            if tracker is not None:
+                return tracker.tracked(what, call, *args, **kwargs)
             try:
-                for i in range(0, len(pending), 1000):
-                    self.experiment.log_batch(self.run_id, metrics=pending[i : i + 1000])
-            except (MlflowException, OSError) as e:
-                self.dropped += len(pending)
-                log.warning("MLflow: could not log %d metric values (%s); training goes on", len(pending), str(e).splitlines()[0])
+                return call(*args, **kwargs)
+            except Exception as e:  # as StageRun.tracked: tracking never stops training
+                log.warning("MLflow: could not log %s (%s); training goes on", what, _first_line(e))
+
+        @rank_zero_only
+        def log_hyperparams(self, params) -> None:  # Lightning calls it at the start of every fit/validate
+            self._send("hyperparameters", super().log_hyperparams, params)
 
         @rank_zero_only
         def finalize(self, status: str = "success") -> None:
             self.flush()
-            super().finalize(status)
+            if tracker is None or tracker.lost is None:
+                self._send("the training run's end", super().finalize, status)
 
     return BufferedMLFlowLogger()
