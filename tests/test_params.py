@@ -274,7 +274,7 @@ def mutation(draw):
     kind = draw(st.sampled_from(["type", "unknown", "range", "inconsistent"]))
     if kind == "type":
         key = draw(st.sampled_from(sorted(LEAF_FIELDS)))
-        return {key: {"not": ["a", "value"]}}, f"{key}: ", {key}
+        return {key: {"not": ["a", "value"]}}, f"  {key}", {key}  # `key: …`, or `key.<part>: …` inside a mapping
     if kind == "unknown":
         name = draw(st.from_regex(r"[a-z][a-z_]{2,10}", fullmatch=True))
         key = draw(st.sampled_from(SECTIONS)) + "zz_" + name

@@ -5,6 +5,7 @@ model folder is one clear error too."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,16 @@ def test_a_truncated_or_foreign_model_folder_is_one_clear_error(tmp_path, damage
     with pytest.raises(LlmlabError) as e:
         load_model(model_dir)
     assert message in str(e.value)
+
+
+def test_the_servers_the_docs_start_listen_on_loopback_by_default():
+    """`mlflow ui` / `mlflow server` and `mlflow models serve` as the README gives them (no --host) bind
+    127.0.0.1 (the live `mlflow models serve` test checks the socket too); no doc or script binds 0.0.0.0."""
+    from mlflow.cli import cli
+
+    for command in (cli.commands["server"], cli.commands["models"].commands["serve"]):
+        host = next(p for p in command.params if p.name == "host")
+        assert host.default == "127.0.0.1", command.name
+    root = Path(__file__).resolve().parents[1]
+    docs = [root / "README.md", root / "Makefile", *root.glob("docs/*.md"), *root.glob("src/llmlab/*.py")]
+    assert not [d.name for d in docs if "0.0.0.0" in d.read_text()]

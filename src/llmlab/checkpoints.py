@@ -23,7 +23,7 @@ from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from llmlab.io import atomic_path, write_json
+from llmlab.io import atomic_path, file_hash, write_json
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +49,12 @@ class Fingerprint:
 
 def fingerprint(config: Any, input_files: list[str | Path]) -> Fingerprint:
     """The resolved config and the input files' contents (what the weights depend on), hashed."""
-    inputs = {str(p): _sha256(p) for p in sorted(str(p) for p in input_files)}
+    inputs = {str(p): file_hash(p) for p in sorted(str(p) for p in input_files)}
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for path, digest in inputs.items():
         h.update(path.encode())
         h.update(digest.encode())
     return Fingerprint(h.hexdigest(), json.loads(json.dumps(config, default=str)), inputs)
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resume_path(ckpt_dir: str | Path, fp: Fingerprint | str, readonly: bool = False) -> Path | None:

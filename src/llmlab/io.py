@@ -9,6 +9,7 @@ A write that fails (disk full, no permission, file too large) removes the tempor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -59,6 +60,15 @@ def _is_write_failure(e: BaseException) -> bool:
         or (type(e).__name__ == "SafetensorError" and "I/O error" in text)
         or (isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text))
     )
+
+
+def file_hash(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's contents, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -13,6 +13,7 @@ and `tests/test_params.py` checks that the two agree.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -560,7 +561,7 @@ def validate_params(raw: Any, source: str = "params") -> Params:
     try:
         params = Params.model_validate(raw)
     except ValidationError as e:
-        found = [_describe(err) for err in e.errors()] + found
+        found = _merge_union_branches([_describe(err) for err in e.errors()]) + found
     if found:
         raise ParamsError(f"{source} has {len(found)} problem(s):", found)
     return params
@@ -603,9 +604,33 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# pydantic tags the error of each member of a union with the member's type: `devices.int`,
+# `devices.literal['auto']`. These are not keys of params.yaml.
+_UNION_BRANCH = re.compile(r"^(int|float|str|bool|none|[a-z-]+\[.*\])$")
+
+
+def _merge_union_branches(lines: list[str]) -> list[str]:
+    """`k: must be a valid integer, got x` + `k: must be one of 'auto', got x` -> one line for k."""
+    merged: dict[str, list[str]] = {}
+    for line in lines:
+        key, _, what = line.partition(": ")
+        merged.setdefault(key, []).append(what)
+    out = []
+    for key, whats in merged.items():
+        if len(whats) > 1 and len({w.rsplit(", got ", 1)[-1] for w in whats}) == 1 and all(", got " in w for w in whats):
+            got = whats[0].rsplit(", got ", 1)[1]
+            alternatives = [w.rsplit(", got ", 1)[0].removeprefix("must be ") for w in whats]
+            whats = ["must be " + " or ".join(alternatives) + f", got {got}"]
+        out += [f"{key}: {w}" for w in whats]
+    return out
+
+
 def _describe(err: dict[str, Any]) -> str:
     """One pydantic error as `key.path: what is allowed, got X`."""
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and _UNION_BRANCH.match(p))]
+    if loc[-1:] == ["[key]"]:  # a mapping's key is wrong: `ppo.prompt_mix.nope.[key]` -> `ppo.prompt_mix`
+        loc = loc[:-2]
+    key = ".".join(str(p) for p in loc) or "(top level)"
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
     bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}", "less_than_equal": "<= {le}"}
     if kind in bounds:

@@ -18,25 +18,19 @@ from pathlib import Path
 
 import yaml
 
+from llmlab.io import file_hash
+
 IGNORED_DIRS = {"__pycache__"}  # keep in step with .dvcignore
 IGNORED_SUFFIXES = (".pyc",)
-
-
-def file_md5(path: str | Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dvc_md5(path: str | Path) -> str:
     """The hash `dvc.lock` records for `path`: md5 of a file, or `<md5 of the listing>.dir` of a folder."""
     path = Path(path)
     if not path.is_dir():
-        return file_md5(path)
+        return file_hash(path, "md5")
     entries = [
-        {"md5": file_md5(f), "relpath": f.relative_to(path).as_posix()}
+        {"md5": file_hash(f, "md5"), "relpath": f.relative_to(path).as_posix()}
         for f in path.rglob("*")
         if f.is_file() and not f.name.endswith(IGNORED_SUFFIXES) and not IGNORED_DIRS & set(f.relative_to(path).parts)
     ]
