@@ -5,6 +5,7 @@ model folder is one clear error too."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -115,4 +116,5 @@ def test_the_servers_the_docs_start_listen_on_loopback_by_default():
         assert host.default == "127.0.0.1", command.name
     root = Path(__file__).resolve().parents[1]
     docs = [root / "README.md", root / "Makefile", *root.glob("docs/*.md"), *root.glob("src/llmlab/*.py")]
-    assert not [d.name for d in docs if "0.0.0.0" in d.read_text()]
+    binds_all = re.compile(r"(--host|-h|host\s*=)\s*['\"]?0\.0\.0\.0")
+    assert not [d.name for d in docs if binds_all.search(d.read_text())]
