@@ -327,6 +327,14 @@ def test_training_stages_killed_at_random_points_resume_under_dvc_repro(pipeline
     said = "".join(log.read_text(errors="replace") for log in logs[1:]) + final.stdout + final.stderr
     for stage in TRAINED:
         assert f"resuming from checkpoints/{stage}/last.ckpt" in said, (seed, stage)
+    # In MLflow the killed runs end KILLED (marked by the next run), none is left RUNNING.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("llmlab").experiment_id], max_results=500)
+    status = [(r.data.tags.get("stage", "pipeline"), r.info.status) for r in runs]
+    assert not [s for s in status if s[1] == "RUNNING"], (seed, status)
+    assert sorted(stage for stage, st in status if st == "KILLED" and stage != "pipeline") == sorted(TRAINED), (seed, status)
 
     from safetensors.torch import load_file
 

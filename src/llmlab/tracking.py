@@ -86,6 +86,11 @@ def is_global_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
+def _process_key(proc) -> str:
+    """`host:pid:start`: names one process, even after its pid is reused."""
+    return f"{socket.gethostname()}:{proc.pid}:{int(proc.create_time())}"
+
+
 def _dvc_process_key() -> str | None:
     """`host:pid:start` of the nearest ancestor `dvc repro` / `dvc exp run` process, if any."""
     import psutil
@@ -95,11 +100,28 @@ def _dvc_process_key() -> str | None:
         while proc is not None:
             cmd = " ".join(proc.cmdline())
             if "dvc" in cmd and (" repro" in cmd or " exp" in cmd):
-                return f"{socket.gethostname()}:{proc.pid}:{int(proc.create_time())}"
+                return _process_key(proc)
             proc = proc.parent()
     except (psutil.Error, OSError):
         return None
     return None
+
+
+def _is_gone(key: str | None) -> bool:
+    """Whether the process a `host:pid:start` key names has ended (False for another host's, or unknown)."""
+    import psutil
+
+    host, _, rest = (key or "").partition(":")
+    pid, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        proc = psutil.Process(int(pid))
+        return int(proc.create_time()) != int(start) or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -159,6 +181,7 @@ class StageRun:
         return self
 
     def _start(self) -> None:
+        import psutil
         from mlflow.entities import Param
 
         from llmlab import provenance
@@ -166,6 +189,7 @@ class StageRun:
         experiment_id = self._experiment_id()
         git = git_info()
         dvc_key = _dvc_process_key()
+        self._end_runs_of_killed_processes(experiment_id)
         self.parent_run_id = self._pipeline_run(experiment_id, git, dvc_key)
         self.client.update_run(self.parent_run_id, status="RUNNING")
         tags = {
@@ -173,6 +197,7 @@ class StageRun:
             "mlflow.runName": self.stage,
             "mlflow.source.git.commit": git["git_commit"],
             "stage": self.stage,
+            "process": _process_key(psutil.Process()),
             **git,
             **self.extra_tags,
         }
@@ -189,6 +214,16 @@ class StageRun:
         items = [Param(k, str(v)) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def _end_runs_of_killed_processes(self, experiment_id: str) -> None:
+        """A stage killed (SIGKILL, power cut) cannot end its MLflow run, which would show RUNNING forever:
+        runs whose process (a stage's, or a pipeline run's `dvc repro`) has ended are marked KILLED."""
+        for run in self.client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=500):
+            tags = run.data.tags
+            if _is_gone(tags.get("process") or tags.get("pipeline_key")):
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                log.info("MLflow: run %s (%s) was left running by a killed process: marked KILLED",
+                         run.info.run_id, tags.get("mlflow.runName", "?"))
 
     def _experiment_id(self) -> str:
         name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
@@ -359,7 +394,9 @@ def buffered_mlflow_logger(uri: str, run_id: str | None = None, experiment: str 
         @rank_zero_only
         def finalize(self, status: str = "success") -> None:
             self.flush()
-            if tracker is None or tracker.lost is None:
+            # Lightning ends the run when `fit` ends; a stage's run ends with the stage (StageRun), which
+            # still evaluates after fit: a kill then must leave it RUNNING (the next run marks it KILLED).
+            if tracker is None:
                 self._send("the training run's end", super().finalize, status)
 
     return BufferedMLFlowLogger()
