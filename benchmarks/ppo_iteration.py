@@ -1,7 +1,10 @@
-"""Seconds per PPO iteration (rollout, then update) at the default model shape, on any accelerator.
+"""Seconds per PPO iteration at the default model shape, on any accelerator, split into generation
+(sampling the replies with the KV cache), scoring (log-probabilities under policy and reference, reward
+and value passes, GAE) and optimisation (the PPO epochs); episodes (replies) per second.
 
 Random weights and random prompts: this measures speed and that the GPU path runs with finite losses,
-not learning. Usage: python benchmarks/ppo_iteration.py --accelerator cuda --precision bf16-mixed
+not learning. Random weights write long replies (most run to max_new_tokens), the slow case.
+Usage: python benchmarks/ppo_iteration.py --accelerator cuda --precision bf16-mixed
 """
 
 from __future__ import annotations
@@ -10,15 +13,32 @@ import argparse
 import json
 import math
 import time
+from types import SimpleNamespace
 
 import lightning as L
 import torch
 
+import llmlab.ppo
 from llmlab.model import GPT, GPTConfig
 from llmlab.params import PPOConfig
 from llmlab.ppo import ppo_update, rollout
 from llmlab.pretraining import adamw
 from llmlab.reward import RewardModel
+
+
+class _Timed:
+    """Wraps llmlab.ppo's `generate` to add up the seconds spent in it (the sampling phase of a rollout)."""
+
+    def __init__(self, fn, sync):
+        self.fn, self.sync, self.seconds = fn, sync, 0.0
+
+    def __call__(self, *args, **kwargs):
+        self.sync()
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        self.sync()
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
 def main() -> None:
@@ -27,6 +47,11 @@ def main() -> None:
     ap.add_argument("--precision", default="32-true")
     ap.add_argument("--iterations", type=int, default=5)
     args = ap.parse_args()
+    print(json.dumps(run(args.accelerator, args.precision, args.iterations)))
+
+
+def run(accelerator: str = "cpu", precision: str = "32-true", iterations: int = 5) -> dict:
+    args = SimpleNamespace(accelerator=accelerator, precision=precision, iterations=iterations)
     cfg = PPOConfig(accelerator=args.accelerator, precision=args.precision)
     fabric = L.Fabric(accelerator=args.accelerator, devices=1, precision=args.precision)
     fabric.seed_everything(0, verbose=False)
@@ -40,29 +65,40 @@ def main() -> None:
     value, value_opt = fabric.setup(value, adamw(value, cfg.lr, 0.0, (0.9, 0.95), dev))
     g = torch.Generator().manual_seed(0)
     prompts = [[1, 2, *torch.randint(5, 2048, (int(n),), generator=g).tolist(), 3] for n in torch.randint(8, 24, (64,), generator=g)]
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    timed = _Timed(llmlab.ppo.generate, sync)
+    llmlab.ppo.generate = timed
     times = []
-    for it in range(args.iterations):
-        sample_gen = torch.Generator(fabric.device).manual_seed(it)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with fabric.autocast():
-            batch = rollout(policy, ref, reward, value, prompts, cfg, cfg.kl_coef, sample_gen, sampler=policy.module)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        stats = ppo_update(fabric, policy, value, policy_opt, value_opt, batch, cfg, torch.Generator().manual_seed(it))
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        times.append((t1 - t0, time.perf_counter() - t1, float(batch.seqs.lengths.float().mean())))
-        assert all(math.isfinite(v) for v in stats.values()), stats
+    try:
+        for it in range(args.iterations):
+            sample_gen = torch.Generator(fabric.device).manual_seed(it)
+            sync()
+            timed.seconds = 0.0
+            t0 = time.perf_counter()
+            with fabric.autocast():
+                batch = rollout(policy, ref, reward, value, prompts, cfg, cfg.kl_coef, sample_gen, sampler=policy.module)
+            sync()
+            t1 = time.perf_counter()
+            stats = ppo_update(fabric, policy, value, policy_opt, value_opt, batch, cfg, torch.Generator().manual_seed(it))
+            sync()
+            times.append((timed.seconds, t1 - t0 - timed.seconds, time.perf_counter() - t1,
+                          float(batch.seqs.lengths.float().mean())))
+            assert all(math.isfinite(v) for v in stats.values()), stats
+    finally:
+        llmlab.ppo.generate = timed.fn
     warm = times[1:] or times
-    print(json.dumps({
+
+    def mean(i: int) -> float:
+        return sum(t[i] for t in warm) / len(warm)
+
+    total = mean(0) + mean(1) + mean(2)
+    return {
         "accelerator": args.accelerator, "precision": args.precision,
-        "device_name": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-        "rollout_s": sum(t[0] for t in warm) / len(warm), "update_s": sum(t[1] for t in warm) / len(warm),
-        "mean_reply_tokens": sum(t[2] for t in warm) / len(warm), "iterations_timed": len(warm),
-    }))  # fmt: skip
+        "device_name": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "threads": torch.get_num_threads(),
+        "rollout_batch_size": len(prompts), "generation_s": mean(0), "scoring_s": mean(1), "update_s": mean(2),
+        "total_s": total, "generation_share": mean(0) / total, "episodes_per_s": len(prompts) / total,
+        "mean_reply_tokens": mean(3), "iterations_timed": len(warm),
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Run every benchmark and rewrite the results in docs/benchmarks.md.
 
-    make bench            # or: python benchmarks/run.py
+    make bench                                  # or: python benchmarks/run.py
+    python benchmarks/run.py generation tokenizer  # only some (pretrain, generation, tokenizer, ppo)
 
 Each benchmark's section of docs/benchmarks.md sits between `<!-- results:NAME -->` markers and is
 replaced whole; the text around it (what is measured, and why) is left alone.
@@ -20,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import pretrain_throughput  # noqa: E402
+from benchmarks import generation, ppo_iteration, pretrain_throughput, tokenizer_data  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 
@@ -63,11 +64,71 @@ def replace_section(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
+def generation_section(r: dict) -> str:
+    rows = [f"| {x['batch']} | {x['new_tokens']:,} | {x['cached_tokens_per_s']:,.0f} | {x['uncached_tokens_per_s']:,.0f} | "
+            f"**{x['speedup']:.1f}×** | {'yes' if x['same_tokens'] else 'NO'} |" for x in r["runs"]]  # fmt: skip
+    return "\n".join([
+        f"Measured {datetime.date.today()} on {machine()}.",
+        f"Model: {r['model']}, random weights; a {r['prompt_len']}-token prompt; greedy.",
+        "",
+        "| batch | new tokens | cached tokens/s | uncached tokens/s | speed-up | same tokens |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ])  # fmt: skip
+
+
+def tokenizer_section(r: dict) -> str:
+    t = r["tokenizer"]
+    lines = [
+        f"Measured {datetime.date.today()} on {machine()}.",
+        "",
+        f"- BPE training (vocabulary {t['vocab_size']:,}): {t['train_mb']:.0f} MB of text in {t['train_s']:.1f} s, "
+        f"**{t['train_mb_per_s']:.1f} MB/s**.",
+        f"- Batch encoding: {t['encode_mb']:.0f} MB into {t['encode_tokens']:,} tokens in {t['encode_s']:.1f} s, "
+        f"**{t['encode_tokens_per_s']:,.0f} tokens/s**.",
+        "",
+        "| corpus | parquet | tokenizer stage (train + encode) | train tokens | peak memory of the stage |",
+        "|---|---|---|---|---|",
+        *[f"| {d['corpus_gb']:g} GB of text | {d['parquet_mb']:,.0f} MB | {d['stage_s']:.0f} s | {d['train_tokens']:,} | "
+          f"**{d['peak_rss_mb']:,.0f} MB** |" for d in r["data"]],
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def ppo_section(r: dict) -> str:
+    return "\n".join([
+        f"Measured {datetime.date.today()} on {machine()}; {r['iterations_timed']} iterations after a warm-up.",
+        "",
+        "| phase | seconds per iteration | share |",
+        "|---|---|---|",
+        f"| generation (sampling {r['rollout_batch_size']} replies, KV cache) | {r['generation_s']:.2f} | **{r['generation_share']:.0%}** |",
+        f"| scoring (policy, reference, reward and value passes; GAE) | {r['scoring_s']:.2f} | {r['scoring_s'] / r['total_s']:.0%} |",
+        f"| optimisation (PPO epochs) | {r['update_s']:.2f} | {r['update_s'] / r['total_s']:.0%} |",
+        f"| total | {r['total_s']:.2f} | |",
+        "",
+        f"**{r['episodes_per_s']:.1f} episodes per second**; replies averaged {r['mean_reply_tokens']:.0f} tokens.",
+    ])  # fmt: skip
+
+
+BENCHMARKS = {
+    "pretrain": (lambda: pretrain_throughput.run(steps=300, warmup=30, rounds=3), pretrain_section),
+    "generation": (generation.run, generation_section),
+    "tokenizer": (tokenizer_data.run, tokenizer_section),
+    "ppo": (ppo_iteration.run, ppo_section),
+}
+
+
 def main() -> None:
-    result = pretrain_throughput.run(steps=300, warmup=30, rounds=3)
-    print(json.dumps(result, indent=2))
-    DOC.write_text(replace_section(DOC.read_text(), "pretrain", pretrain_section(result)))
-    print(f"wrote {DOC}")
+    names = sys.argv[1:] or list(BENCHMARKS)
+    unknown = set(names) - set(BENCHMARKS)
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {sorted(unknown)}; choose from {list(BENCHMARKS)}")
+    for name in names:
+        measure, section = BENCHMARKS[name]
+        result = measure()
+        print(json.dumps(result, indent=2))
+        DOC.write_text(replace_section(DOC.read_text(), name, section(result)))
+        print(f"wrote the {name} section of {DOC}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from llmlab.corpus import SPLITS, read_corpus
+from llmlab.corpus import iter_corpus, read_corpus
 from llmlab.io import atomic_path, write_json, write_text
 from llmlab.params import Params
 from llmlab.stage import run_stage
@@ -38,14 +38,19 @@ def add_arguments(p):
 
 def main(args, params: Params) -> None:
     cfg = params.tokenizer
-    texts = {split: read_corpus(Path(args.corpus), split) for split in SPLITS}
+    # The training split is streamed (twice: to learn the vocabulary, then to encode), so a corpus larger
+    # than memory works; the validation split is small and read whole, for the report.
+    corpus = Path(args.corpus)
+    iter_corpus(corpus, "train")  # a missing file is an error before any run starts
+    validation = read_corpus(corpus, "validation")
     with StageRun("tokenizer", {"tokenizer": cfg.model_dump()}) as run:
-        tok = train_tokenizer(texts["train"], cfg)
+        tok = train_tokenizer(iter_corpus(corpus, "train"), cfg)
         save_tokenizer(tok, Path(args.out) / "tokenizer.json")
         with atomic_path(args.tokens, is_dir=True) as tmp:
-            counts = {split: tokenize_to_file(tok, texts[split], tmp / f"{split}.bin") for split in SPLITS}
+            counts = {"train": tokenize_to_file(tok, iter_corpus(corpus, "train"), tmp / "train.bin"),
+                      "validation": tokenize_to_file(tok, validation, tmp / "validation.bin")}
             write_token_meta(tmp, tok, counts)
-        report = tokenizer_report(tok, texts["validation"])
+        report = tokenizer_report(tok, validation)
         metrics = {**flat_metrics(report), **{f"tokens_{s}": n for s, n in counts.items()}}
         write_json(args.metrics, metrics)
         write_json(Path(args.report) / "report.json", report)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmlab.corpus import build_corpus, read_corpus, write_corpus
+from llmlab.corpus import build_corpus, iter_corpus, read_corpus, write_corpus
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.params import CorpusConfig, HFCorpus, LocalCorpus, SyntheticCorpus
 from llmlab.world import World
@@ -309,6 +309,17 @@ def test_write_external_corpus_writes_an_empty_world(tmp_path):
 def test_read_corpus_missing_names_the_stage(tmp_path):
     with pytest.raises(MissingArtifactError, match="'corpus' stage"):
         read_corpus(tmp_path, "train")
+    with pytest.raises(MissingArtifactError, match="'corpus' stage"):
+        iter_corpus(tmp_path, "train")  # at the call, not at the first text
+
+
+def test_iter_corpus_streams_the_same_texts_across_row_groups(tmp_path):
+    texts = [f"document {i} " * (i % 7) for i in range(2500)]
+    with pq.ParquetWriter(tmp_path / "train.parquet", pa.schema([("text", pa.string())])) as w:
+        for start in range(0, len(texts), 1000):  # three row groups, read in batches of 300
+            w.write_table(pa.table({"text": texts[start : start + 1000]}))
+    streamed = iter_corpus(tmp_path, "train", batch_rows=300)
+    assert not isinstance(streamed, list) and list(streamed) == texts == read_corpus(tmp_path, "train")
 
 
 def test_local_json_single_object_empty_list_and_bad_line(tmp_path):

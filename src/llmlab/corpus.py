@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,17 +131,26 @@ def write_corpus(result: CorpusResult, out_dir: Path) -> None:
 
 def read_corpus(out_dir: Path, split: str) -> list[str]:
     """The texts of one split written by `write_corpus`; a missing file names the `corpus` stage."""
+    return list(iter_corpus(out_dir, split))
+
+
+def iter_corpus(out_dir: Path, split: str, batch_rows: int = 4096) -> Iterator[str]:
+    """The same texts as `read_corpus`, streamed a parquet batch at a time: memory holds one batch,
+    whatever the size of the corpus. A missing file is an error now, not at the first text."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(out_dir) / f"{split}.parquet"
     if not path.exists():
         raise MissingArtifactError(path, "corpus")
-    try:
-        return pq.read_table(path, columns=["text"]).column("text").to_pylist()
-    except (pa.ArrowInvalid, KeyError) as e:
-        raise LlmlabError(
-            f"{path}: unreadable corpus file ({e}); re-create it with `dvc repro corpus`"
-        ) from None
+
+    def texts() -> Iterator[str]:
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["text"]):
+                yield from batch.column(0).to_pylist()
+        except (pa.ArrowInvalid, KeyError) as e:
+            raise LlmlabError(f"{path}: unreadable corpus file ({e}); re-create it with `dvc repro corpus`") from None
+
+    return texts()
 
 
 # ------------------------------------------------------------------------------------------ sources
