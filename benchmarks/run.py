@@ -1,7 +1,7 @@
 """Run every benchmark and rewrite the results in docs/benchmarks.md.
 
     make bench                                  # or: python benchmarks/run.py
-    python benchmarks/run.py generation tokenizer  # only some (pretrain, generation, tokenizer, ppo)
+    python benchmarks/run.py generation tokenizer  # only some (pretrain, generation, tokenizer, ppo, pipeline)
 
 Each benchmark's section of docs/benchmarks.md sits between `<!-- results:NAME -->` markers and is
 replaced whole; the text around it (what is measured, and why) is left alone.
@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import generation, ppo_iteration, pretrain_throughput, tokenizer_data  # noqa: E402
+from benchmarks import generation, pipeline, ppo_iteration, pretrain_throughput, tokenizer_data  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 
@@ -110,11 +110,23 @@ def ppo_section(r: dict) -> str:
     ])  # fmt: skip
 
 
+def pipeline_section(r: dict) -> str:
+    return "\n".join([
+        f"Measured {datetime.date.today()} on {machine()}: `dvc repro --single-item` stage by stage in a fresh clone.",
+        "",
+        "| stage | wall time | peak memory |",
+        "|---|---|---|",
+        *[f"| {x['stage']} | {x['seconds'] // 60:.0f} min {x['seconds'] % 60:.0f} s | {x['peak_rss_mb']:,.0f} MB |" for x in r["stages"]],
+        f"| **whole pipeline** | **{r['total_s'] // 60:.0f} min {r['total_s'] % 60:.0f} s** | {r['peak_rss_mb']:,.0f} MB |",
+    ])  # fmt: skip
+
+
 BENCHMARKS = {
     "pretrain": (lambda: pretrain_throughput.run(steps=300, warmup=30, rounds=3), pretrain_section),
     "generation": (generation.run, generation_section),
     "tokenizer": (tokenizer_data.run, tokenizer_section),
     "ppo": (ppo_iteration.run, ppo_section),
+    "pipeline": (pipeline.run, pipeline_section),  # ~17 minutes
 }
 
 

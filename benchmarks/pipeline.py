@@ -1,0 +1,49 @@
+"""The whole default pipeline, stage by stage: wall time and peak memory, in a fresh clone.
+
+Clones this repository into a temporary folder and runs `dvc repro --single-item <stage>` for each stage
+in order, each under a small probe process whose RUSAGE_CHILDREN peak is that stage's maximum resident
+set size (the stage process is DVC's child, and DVC waits for it). The wall time of each includes DVC's
+own start and hashing, as a user's `dvc repro` does. Takes as long as the pipeline (~17 minutes on 2 cores).
+
+    python benchmarks/pipeline.py       # prints JSON; `python benchmarks/run.py pipeline` writes the doc
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+         "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
+
+
+def run(keep: str | None = None) -> dict:
+    stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    with tempfile.TemporaryDirectory() as d:
+        repo = Path(keep or d) / "llmlab"
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}  # fmt: skip
+        rows = []
+        for stage in stages:
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", PROBE, "dvc", "repro", "--single-item", stage], cwd=repo, env=env,
+                                 capture_output=True, text=True)  # fmt: skip
+            code, max_rss_kb = map(int, out.stdout.split()[-2:])
+            if code != 0:
+                raise SystemExit(f"stage {stage} failed:\n{out.stdout[-2000:]}")
+            rows.append({"stage": stage, "seconds": time.perf_counter() - t0, "peak_rss_mb": max_rss_kb / 1024})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"stages": rows, "total_s": sum(r["seconds"] for r in rows), "peak_rss_mb": max(r["peak_rss_mb"] for r in rows)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
