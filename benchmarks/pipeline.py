@@ -15,14 +15,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROBE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-         "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
+sys.path.insert(0, str(ROOT))  # run as a script, too
+
+from benchmarks.measure import run_measured  # noqa: E402
 
 
 def run(keep: str | None = None) -> dict:
@@ -34,13 +34,10 @@ def run(keep: str | None = None) -> dict:
                "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}  # fmt: skip
         rows = []
         for stage in stages:
-            t0 = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", PROBE, "dvc", "repro", "--single-item", stage], cwd=repo, env=env,
-                                 capture_output=True, text=True)  # fmt: skip
-            code, max_rss_kb = map(int, out.stdout.split()[-2:])
-            if code != 0:
-                raise SystemExit(f"stage {stage} failed:\n{out.stdout[-2000:]}")
-            rows.append({"stage": stage, "seconds": time.perf_counter() - t0, "peak_rss_mb": max_rss_kb / 1024})
+            m = run_measured(["dvc", "repro", "--single-item", stage], cwd=repo, env=env)
+            if m.returncode != 0:
+                raise SystemExit(f"stage {stage} failed:\n{m.output[-2000:]}")
+            rows.append({"stage": stage, "seconds": m.seconds, "peak_rss_mb": m.peak_rss_mb})
             print(json.dumps(rows[-1]), flush=True)
     return {"stages": rows, "total_s": sum(r["seconds"] for r in rows), "peak_rss_mb": max(r["peak_rss_mb"] for r in rows)}
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,9 @@ from llmlab.params import TokenizerConfig
 from llmlab.tokenizer import tokenize_to_file, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script, too
+
+from benchmarks.measure import run_measured  # noqa: E402
 
 
 def documents(n_bytes: int, seed: int = 0) -> Iterator[str]:
@@ -93,19 +95,13 @@ def stage_on_corpus(gb: float) -> dict:
         cmd = [sys.executable, str(ROOT / "pipeline" / "tokenizer.py"), "--params", str(ROOT / "params.yaml"),
                "--corpus", str(d / "corpus"), "--out", str(d / "tok"), "--tokens", str(d / "tokens"),
                "--metrics", str(d / "m.json"), "--report", str(d / "report")]  # fmt: skip
-        # A fresh interpreter per size, so that its RUSAGE_CHILDREN peak is this stage's alone.
-        probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-                 "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}"}
-        t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", probe, *cmd], env=env, capture_output=True, text=True, check=True)
-        stage_s = time.perf_counter() - t0
-        code, max_rss_kb = map(int, out.stdout.split()[-2:])
-        if code != 0:
-            raise SystemExit(f"tokenizer stage failed:\n{out.stderr[-3000:]}")
+        m = run_measured(cmd, env=env)
+        if m.returncode != 0:
+            raise SystemExit(f"tokenizer stage failed:\n{m.output[-3000:]}")
         meta = json.loads((d / "tokens" / "meta.json").read_text())
-        return {"corpus_gb": gb, "parquet_mb": size / 1e6, "make_corpus_s": make_s, "stage_s": stage_s,
-                "train_tokens": meta["splits"]["train"], "peak_rss_mb": max_rss_kb / 1024}  # fmt: skip
+        return {"corpus_gb": gb, "parquet_mb": size / 1e6, "make_corpus_s": make_s, "stage_s": m.seconds,
+                "train_tokens": meta["splits"]["train"], "peak_rss_mb": m.peak_rss_mb}  # fmt: skip
 
 
 def run(sizes_gb=(0.25, 1.0)) -> dict:

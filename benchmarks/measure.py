@@ -1,0 +1,29 @@
+"""Run a command and measure it: wall time and the peak memory of its process tree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+# A fresh interpreter per command, so that its RUSAGE_CHILDREN peak is this command's alone (a process's
+# children's peak includes their waited-for descendants: DVC's stage process, for one).
+_PROBE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+          "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
+
+
+@dataclass
+class Measured:
+    returncode: int
+    seconds: float
+    peak_rss_mb: float  # the largest maximum resident set size of the command's processes
+    output: str  # stdout and stderr, for a failure message
+
+
+def run_measured(cmd: list[str], **kwargs) -> Measured:
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _PROBE, *cmd], capture_output=True, text=True, **kwargs)
+    seconds = time.perf_counter() - t0
+    code, max_rss_kb = map(int, out.stdout.split()[-2:])
+    return Measured(code, seconds, max_rss_kb / 1024, out.stdout + out.stderr)
