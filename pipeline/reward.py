@@ -91,7 +91,9 @@ def main(args, params: Params) -> None:
     with StageRun("reward", {"seed": params.seed, "reward": cfg.model_dump()}) as run:
         trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), [curves], cfg.max_steps)
         first = resume_offset(resume, items_per_step)  # continue the data where the checkpoint stopped
-        train_dl = loader(Epochs(train_base, cfg.max_steps * items_per_step, params.seed, first), cfg.batch_size, trainer, collate_pairs)
+        lengths = [max(len(c), len(r)) for c, r in train_base.items] if cfg.group_by_length else None
+        train_set = Epochs(train_base, cfg.max_steps * items_per_step, params.seed, first, lengths, items_per_step)
+        train_dl = loader(train_set, cfg.batch_size, trainer, collate_pairs)
         val_dl = loader(val_set, cfg.batch_size, trainer, collate_pairs)
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
         if not trainer.is_global_zero:

@@ -190,7 +190,7 @@ class TrainLoop(Hardware):
 
 class PretrainConfig(TrainLoop):
     model: ModelConfig = ModelConfig()
-    max_steps: int | None = Field(4000, ge=1)
+    max_steps: int | None = Field(3000, ge=1)
     """Optimizer steps to train for. Exactly one of max_steps and max_tokens is set."""
     max_tokens: int | None = Field(None, ge=1, validate_default=True)
     """Token budget instead of a step budget: steps = max_tokens / tokens per optimizer step."""
@@ -276,6 +276,9 @@ class SFTConfig(TrainLoop):
     """Conversations per device per forward pass."""
     max_steps: int = Field(1500, ge=1)
     """Optimizer steps to fine-tune for."""
+    group_by_length: bool = True
+    """Batch conversations of similar length together (llmlab.sft.Epochs), so that little of a batch is
+    padding: on the default data 2.4 % of the tokens instead of 56 %."""
     lr: float = Field(3e-3, gt=0, le=1)
     """Peak learning rate of AdamW."""
     warmup_steps: int = Field(30, ge=0)
@@ -368,6 +371,8 @@ class RewardConfig(TrainLoop):
     """Preference pairs per device per step (each pair is two sequences)."""
     max_steps: int = Field(300, ge=1)
     """Optimizer steps."""
+    group_by_length: bool = True
+    """Batch pairs of similar length together (llmlab.sft.Epochs), so that little of a batch is padding."""
     lr: float = Field(3e-3, gt=0, le=1)
     """Peak learning rate of AdamW (measured on the pairs of 2,400 prompts × 4, 300 steps: 3e-3 gave 84–86 %
     gold accuracy, 2e-3 83 %, 4e-3 84 %; 600 steps at 1e-3 83 %: longer training overfits)."""
