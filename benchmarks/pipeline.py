@@ -30,8 +30,9 @@ def run(keep: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         repo = Path(keep or d) / "llmlab"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+        # PYTHONPATH: the clone's own library, not the one the venv's editable install points at.
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}  # fmt: skip
+               "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "PYTHONPATH": str(repo / "src")}  # fmt: skip
         rows = []
         for stage in stages:
             m = run_measured(["dvc", "repro", "--single-item", stage], cwd=repo, env=env)

@@ -92,9 +92,10 @@ def train(variant: str, config: GPTConfig, cfg, tokens, steps: int, warmup: int)
 def run(steps: int = 300, warmup: int = 20, rounds: int = 2) -> dict:
     from benchmarks.pretrain_throughput import _tokens
 
-    cfg = load_params(ROOT / "params.yaml").pretrain
-    tokens = _tokens(2048)
-    config = GPTConfig.from_params(cfg.model, int(tokens.max()) + 1)
+    params = load_params(ROOT / "params.yaml")
+    cfg, vocab_size = params.pretrain, params.tokenizer.vocab_size
+    tokens = _tokens(vocab_size)
+    config = GPTConfig.from_params(cfg.model, vocab_size)
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _ in range(rounds):
         for variant in VARIANTS:

@@ -23,6 +23,7 @@ from llmlab.mfu import matmul_peak_flops
 from llmlab.model import GPT, GPTConfig
 from llmlab.params import load_params
 from llmlab.pretraining import CausalLMModule, TokenWindows, adamw, build_trainer, lr_at
+from llmlab.tokenizer import open_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,10 +40,11 @@ class _Clock(L.Callback):
         self.t1 = time.perf_counter()
 
 
-def _tokens(vocab_size: int) -> np.ndarray:
-    real = ROOT / "data" / "tokens" / "train.bin"
-    if real.exists():
-        return np.memmap(real, dtype=np.uint16, mode="r")
+def _tokens(vocab_size: int):
+    """The pipeline's training tokens if the tokenizer stage has run here, else random ids."""
+    real = ROOT / "data" / "tokens"
+    if (real / "meta.json").exists():
+        return open_split(real, "train")
     return np.random.default_rng(0).integers(0, vocab_size, 400_000).astype(np.uint16)
 
 
@@ -81,9 +83,10 @@ def lightning_stage(config: GPTConfig, cfg, tokens, steps: int, warmup: int) -> 
 
 
 def run(steps: int = 300, warmup: int = 20, rounds: int = 2) -> dict:
-    cfg = load_params(ROOT / "params.yaml").pretrain
-    tokens = _tokens(2048)
-    config = GPTConfig.from_params(cfg.model, int(tokens.max()) + 1)
+    params = load_params(ROOT / "params.yaml")
+    cfg, vocab_size = params.pretrain, params.tokenizer.vocab_size
+    tokens = _tokens(vocab_size)
+    config = GPTConfig.from_params(cfg.model, vocab_size)
     peak = matmul_peak_flops("cpu", torch.float32)
     plain, lit = [], []
     for _ in range(rounds):

@@ -1,7 +1,7 @@
 """Run every benchmark and rewrite the results in docs/benchmarks.md.
 
     make bench                                  # or: python benchmarks/run.py
-    python benchmarks/run.py generation tokenizer  # only some (pretrain, generation, tokenizer, ppo, pipeline)
+    python benchmarks/run.py generation tokenizer  # only some (pretrain, options, generation, tokenizer, ppo, pipeline)
 
 Each benchmark's section of docs/benchmarks.md sits between `<!-- results:NAME -->` markers and is
 replaced whole; the text around it (what is measured, and why) is left alone.
@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import generation, pipeline, ppo_iteration, pretrain_throughput, tokenizer_data  # noqa: E402
+from benchmarks import generation, pipeline, ppo_iteration, pretrain_options, pretrain_throughput, tokenizer_data  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 
@@ -55,6 +55,19 @@ def pretrain_section(r: dict) -> str:
             f"Measured fp32 matmul peak: {r['matmul_peak_gflops']:.0f} GFLOP/s.",
         ]
     )
+
+
+def options_section(r: dict) -> str:
+    rows = [f"| {v['variant']} | {v['tokens_per_s']:,.0f} | **{v['vs_stage']:.2f}×** | {v['warmup_s']:.1f} s | {v['final_loss']:.3f} |"
+            for v in r["variants"]]  # fmt: skip
+    return "\n".join([
+        f"Measured {datetime.date.today()} on {machine()}.",
+        f"Model: {r['model']}; batch {r['batch']}; {r['steps']} steps, timed after {r['warmup']}; best of {r['rounds']} interleaved rounds.",
+        "",
+        "| variant | tokens/s | against the stage's set-up | warm-up (incl. compiling) | loss, last 50 steps |",
+        "|---|---|---|---|---|",
+        *rows,
+    ])  # fmt: skip
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -123,6 +136,7 @@ def pipeline_section(r: dict) -> str:
 
 BENCHMARKS = {
     "pretrain": (lambda: pretrain_throughput.run(steps=300, warmup=30, rounds=3), pretrain_section),
+    "options": (pretrain_options.run, options_section),
     "generation": (generation.run, generation_section),
     "tokenizer": (tokenizer_data.run, tokenizer_section),
     "ppo": (ppo_iteration.run, ppo_section),

@@ -1,7 +1,7 @@
 """Tokenizer and data throughput, and the memory of tokenising a corpus larger than memory should need.
 
 - BPE training: MB of text per second (`llmlab.tokenizer.train_tokenizer`, the default tokenizer params).
-- Batch encoding: tokens per second (`tokenize_to_file`, `encode_batch` on every core).
+- Batch encoding: tokens per second (`tokenize_to_shards`, `encode_batch` on every core).
 - Data: the real `tokenizer` stage (`pipeline/tokenizer.py`, learning the vocabulary and encoding) run
   as a process on a generated corpus of 0.25 GB and of 1 GB. Its peak memory is the process's maximum
   resident set size (getrusage). The training split is streamed, so the peak should not grow with the
@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llmlab.params import TokenizerConfig
-from llmlab.tokenizer import tokenize_to_file, train_tokenizer
+from llmlab.tokenizer import tokenize_to_shards, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script, too
@@ -75,7 +75,7 @@ def tokenizer_throughput(train_mb: int = 20, encode_mb: int = 100) -> dict:
     encode = list(documents(encode_mb * 10**6, seed=4))
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        n = tokenize_to_file(tok, encode, Path(d) / "tokens.bin")
+        _, n = tokenize_to_shards(tok, encode, d, "train", TokenizerConfig().shard_tokens)
         encode_s = time.perf_counter() - t0
     return {
         "vocab_size": tok.get_vocab_size(),
@@ -100,8 +100,24 @@ def stage_on_corpus(gb: float) -> dict:
         if m.returncode != 0:
             raise SystemExit(f"tokenizer stage failed:\n{m.output[-3000:]}")
         meta = json.loads((d / "tokens" / "meta.json").read_text())
+        loader = run_measured([sys.executable, "-c", READ_WINDOWS, str(d / "tokens")], env=env)
+        if loader.returncode != 0:
+            raise SystemExit(f"reading windows failed:\n{loader.output[-3000:]}")
         return {"corpus_gb": gb, "parquet_mb": size / 1e6, "make_corpus_s": make_s, "stage_s": m.seconds,
-                "train_tokens": meta["splits"]["train"], "peak_rss_mb": m.peak_rss_mb}  # fmt: skip
+                "train_tokens": meta["splits"]["train"], "shards": len(meta["shards"]["train"]),
+                "token_mb": sum((d / "tokens" / f).stat().st_size for f in meta["shards"]["train"]) / 1e6,
+                "peak_rss_mb": m.peak_rss_mb, "loader_peak_rss_mb": loader.peak_rss_mb}  # fmt: skip
+
+
+# The pretraining loader over the shards: 20,000 random windows of 1,025 tokens (as many as 2,500 default
+# steps), in a process of its own, whose peak memory shows that the shards are paged in, not loaded.
+READ_WINDOWS = """
+import sys
+from llmlab.pretraining import TokenWindows
+from llmlab.tokenizer import open_split
+windows = TokenWindows(open_split(sys.argv[1], "train"), 1024, 20_000, seed=0)
+print(sum(int(windows[i][0][0]) for i in range(len(windows))))
+"""
 
 
 def run(sizes_gb=(0.25, 1.0)) -> dict:

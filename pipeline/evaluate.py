@@ -49,7 +49,7 @@ from llmlab.rater import Rater
 from llmlab.sft_data import prompt_pool
 from llmlab.stage import run_stage
 from llmlab.stats import paired_diff_ci
-from llmlab.tokenizer import load_tokenizer, load_tokens, read_token_meta
+from llmlab.tokenizer import load_tokenizer, open_split, read_token_meta
 from llmlab.tracking import StageRun
 from llmlab.world import World, fact_sentence
 
@@ -86,7 +86,7 @@ def main(args, params: Params) -> None:
     world = World.load(args.world)
     rater = Rater(world) if world.people else None
     meta = read_token_meta(args.tokens)
-    held_out = load_tokens(Path(args.tokens) / "validation.bin", meta["dtype"])
+    held_out = open_split(args.tokens, "validation", meta)
     tokenizer_report = read_json(args.tokenizer_report, stage="tokenizer")
     reward_metrics = read_json(args.reward_metrics, stage="reward")
     ppo_metrics = read_json(args.ppo_metrics, stage="ppo")

@@ -37,7 +37,7 @@ from llmlab.pretraining import (
     world_size,
 )
 from llmlab.stage import run_stage
-from llmlab.tokenizer import load_tokenizer, load_tokens, read_token_meta
+from llmlab.tokenizer import load_tokenizer, open_split, read_token_meta
 from llmlab.tracking import StageRun, is_global_zero
 from llmlab.world import World, fact_prompts
 
@@ -60,8 +60,7 @@ def add_arguments(p):
 def main(args, params: Params) -> None:
     cfg = params.pretrain
     meta = read_token_meta(args.tokens)
-    train_tokens = load_tokens(Path(args.tokens) / "train.bin", meta["dtype"])
-    val_tokens = load_tokens(Path(args.tokens) / "validation.bin", meta["dtype"])
+    train_tokens, val_tokens = open_split(args.tokens, "train", meta), open_split(args.tokens, "validation", meta)
     tok = load_tokenizer(args.tokenizer)
     world = World.load(args.world)
     model_config = GPTConfig.from_params(cfg.model, meta["vocab_size"])
@@ -76,7 +75,7 @@ def main(args, params: Params) -> None:
 
     fp = checkpoints.fingerprint(
         {"seed": params.seed, "pretrain": cfg.model_dump()},
-        [Path(args.tokens) / "meta.json", Path(args.tokens) / "train.bin", args.tokenizer],
+        [Path(args.tokens) / "meta.json", *(Path(args.tokens) / name for name in meta["shards"]["train"]), args.tokenizer],
     )
     # Lightning's DDP launcher re-runs this script in every other process once rank 0 calls fit(): by then
     # rank 0 has cleaned stale checkpoints, and the others only read.

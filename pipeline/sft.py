@@ -27,7 +27,7 @@ from llmlab.model import load_model, save_model
 from llmlab.params import Params
 from llmlab.pretraining import CausalLMModule, CurveRecorder, build_trainer, loader, resume_offset, world_size
 from llmlab.rater import Rater
-from llmlab.sft import ChatDataset, Epochs, answer, chat_metrics, collate
+from llmlab.sft import ChatDataset, Epochs, answer, chat_metrics, collate, collate_packed
 from llmlab.sft_data import external_conversations, prompt_pool, sft_examples
 from llmlab.stage import run_stage
 from llmlab.tokenizer import END_ID, load_tokenizer
@@ -91,10 +91,9 @@ def main(args, params: Params) -> None:
     with StageRun("sft", {"seed": params.seed, "sft": cfg.model_dump()}) as run:
         trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), [curves], cfg.max_steps)
         first = resume_offset(resume, items_per_step)  # continue the data where the checkpoint stopped
-        lengths = [len(ids) for ids, _ in train_base.items] if cfg.group_by_length else None
-        train_set = Epochs(train_base, cfg.max_steps * items_per_step, params.seed, first, lengths, items_per_step)
-        train_dl = loader(train_set, cfg.batch_size, trainer, collate)
-        val_dl = loader(val_set, cfg.batch_size, trainer, collate)
+        train_set = Epochs(train_base, cfg.max_steps * items_per_step, params.seed, first=first)
+        batches = collate_packed if cfg.pack else collate
+        train_dl, val_dl = loader(train_set, cfg.batch_size, trainer, batches), loader(val_set, cfg.batch_size, trainer, batches)
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
         val_loss = float(trainer.validate(module, val_dl, verbose=False)[0]["val/loss"])
         if not trainer.is_global_zero:

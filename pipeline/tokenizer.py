@@ -1,7 +1,7 @@
 """Stage `tokenizer`: train byte-level BPE on the train split and tokenise the corpus for pretraining.
 
-Outputs: <out>/tokenizer.json (loads in `transformers.PreTrainedTokenizerFast`), <tokens>/{train,validation}.bin
-(flat token ids, one <|bos|> before each document) with <tokens>/meta.json, and the tokenizer report
+Outputs: <out>/tokenizer.json (loads in `transformers.PreTrainedTokenizerFast`), <tokens>/{train,validation}-NNNNN.bin
+(flat token ids, one <|bos|> before each document, in shards of tokenizer.shard_tokens) with <tokens>/meta.json, and the tokenizer report
 (characters per token, tokens per number, example words split into tokens).
 """
 
@@ -18,7 +18,7 @@ from llmlab.stage import run_stage
 from llmlab.tokenizer import (
     flat_metrics,
     save_tokenizer,
-    tokenize_to_file,
+    tokenize_to_shards,
     tokenizer_report,
     train_tokenizer,
     write_token_meta,
@@ -47,9 +47,10 @@ def main(args, params: Params) -> None:
         tok = train_tokenizer(iter_corpus(corpus, "train"), cfg)
         save_tokenizer(tok, Path(args.out) / "tokenizer.json")
         with atomic_path(args.tokens, is_dir=True) as tmp:
-            counts = {"train": tokenize_to_file(tok, iter_corpus(corpus, "train"), tmp / "train.bin"),
-                      "validation": tokenize_to_file(tok, validation, tmp / "validation.bin")}
-            write_token_meta(tmp, tok, counts)
+            shards, counts = {}, {}
+            for split, texts in (("train", iter_corpus(corpus, "train")), ("validation", validation)):
+                shards[split], counts[split] = tokenize_to_shards(tok, texts, tmp, split, cfg.shard_tokens)
+            write_token_meta(tmp, tok, counts, shards)
         report = tokenizer_report(tok, validation)
         metrics = {**flat_metrics(report), **{f"tokens_{s}": n for s, n in counts.items()}}
         write_json(args.metrics, metrics)

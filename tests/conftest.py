@@ -29,9 +29,11 @@ def stage_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_stage(
-    stage: str, args: list[str], cwd: Path, env: dict[str, str], params: Path = SMOKE_PARAMS, timeout=600
+    stage: str, args: list[str], cwd: Path, env: dict[str, str], params: Path = SMOKE_PARAMS, timeout=600,
+    launcher: list[str] | None = None,
 ):
-    cmd = [sys.executable, str(ROOT / "pipeline" / f"{stage}.py"), "--params", str(params), *args]
+    """Run a stage's entry point as a process, as `dvc repro` does (or under `launcher`, e.g. torchrun)."""
+    cmd = [*(launcher or [sys.executable]), str(ROOT / "pipeline" / f"{stage}.py"), "--params", str(params), *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

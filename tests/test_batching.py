@@ -1,13 +1,17 @@
-"""The order in which SFT and the reward model see their items (llmlab.sft.Epochs), with and without
-grouping by length: every epoch is a permutation, batches start on step boundaries, a resume continues
-the same stream, and grouping removes most of the padding."""
+"""Batches of variable-length items. The order in which SFT and the reward model see them
+(llmlab.sft.Epochs), with and without grouping by length: every epoch is a permutation, batches start on
+step boundaries, a resume continues the same stream, and grouping removes most of the padding. And
+SFT's packed batches (llmlab.sft.collate_packed): the loss and gradient of the padded batch, in fewer rows."""
 
 import random
 
+import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmlab.sft import Epochs
+from llmlab.model import GPT, GPTConfig
+from llmlab.sft import Epochs, collate, collate_packed
 
 
 def _stream(epochs: Epochs) -> list:
@@ -67,3 +71,36 @@ def test_grouped_batches_still_come_in_random_order():
         return {frozenset(stream[i : i + 10]) for i in range(0, 400, 10)}
 
     assert batches(5) != batches(6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(2, 30), st.integers(0, 2**16)), min_size=1, max_size=12))
+def test_a_packed_batch_gives_the_loss_and_gradient_of_the_padded_one(shapes):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=40, d_model=16, n_layer=2, n_head=2, context_length=32))
+    batch = []
+    for length, seed in shapes:
+        rng = random.Random(seed)
+        mask = [False] + [rng.random() < 0.6 for _ in range(length - 1)]
+        mask[rng.randrange(1, length)] = True  # something to learn, as ChatDataset guarantees
+        batch.append(([rng.randrange(5, 40) for _ in range(length)], mask))
+
+    def loss_and_grads(inputs):
+        model.zero_grad()
+        _, loss = model(*inputs)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    padded, packed = collate(batch), collate_packed(batch)
+    assert packed[0].shape[0] <= padded[0].shape[0] and packed[0].shape[1] == padded[0].shape[1]
+    assert (packed[1] != -100).sum() == (padded[1] != -100).sum()
+    (l1, g1), (l2, g2) = loss_and_grads(padded), loss_and_grads(packed)
+    assert l2 == pytest.approx(l1, rel=1e-5, abs=1e-6)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_packing_halves_the_rows_of_a_batch_of_short_and_long_conversations():
+    rng = random.Random(0)
+    batch = [([1] * n, [False] + [True] * (n - 1)) for n in (rng.choice([rng.randint(8, 20), rng.randint(60, 120)]) for _ in range(16))]
+    assert collate_packed(batch)[0].numel() <= 0.6 * collate(batch)[0].numel()

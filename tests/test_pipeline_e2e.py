@@ -72,7 +72,7 @@ def test_outputs_and_metrics(pipeline):
     repo, *_ = pipeline
     for path in [
         "data/corpus/train.parquet", "data/corpus/validation.parquet", "data/corpus/world.json",
-        "data/tokenizer/tokenizer.json", "data/tokens/train.bin", "data/tokens/meta.json",
+        "data/tokenizer/tokenizer.json", "data/tokens/train-00000.bin", "data/tokens/meta.json",
         "models/pretrain/model.safetensors", "models/pretrain/config.json",
         "plots/pretrain/train_loss.csv", "plots/pretrain/val_loss.csv", "reports/pretrain/samples.md",
         "checkpoints/pretrain/last.ckpt", "models/sft/model.safetensors", "reports/sft/replies.json",
@@ -145,7 +145,9 @@ def test_the_mlflow_ui_shows_the_pipeline_run_its_stages_and_the_model(pipeline,
     assert json.loads(tags[by_stage["pretrain"]["info"]["run_id"]]["params"])["pretrain"]["lr"] == 0.003
     fingerprint = json.loads((repo / "checkpoints/pretrain/fingerprint.json").read_text())
     assert fingerprint["config"]["pretrain"]["lr"] == 0.003 and fingerprint["git_commit"] == commit
-    assert set(fingerprint["inputs"]) == {"data/tokens/meta.json", "data/tokens/train.bin", "data/tokenizer/tokenizer.json"}
+    shards = {f"data/tokens/{name}" for name in json.loads((repo / "data/tokens/meta.json").read_text())["shards"]["train"]}
+    assert len(shards) > 1  # the smoke params' shard size: pretraining read across shards
+    assert set(fingerprint["inputs"]) == {"data/tokens/meta.json", "data/tokenizer/tokenizer.json", *shards}
 
     def history(stage: str, metric: str) -> list[int]:
         run_id = by_stage[stage]["info"]["run_id"]
@@ -245,7 +247,7 @@ def test_a_tagged_commit_comes_back_in_a_fresh_clone_with_dvc_pull(pipeline, tmp
     assert "Data and pipelines are up to date" in status.stdout, status.stdout + status.stderr
     diff = subprocess.run(["dvc", "metrics", "diff", "results-v1", "--json"], cwd=clone, env=env, capture_output=True, text=True)
     assert diff.returncode == 0 and json.loads(diff.stdout or "{}") == {}, diff.stdout + diff.stderr
-    for path in ("models/ppo/model.safetensors", "reports/report.md", "metrics/evaluate.json", "data/tokens/train.bin"):
+    for path in ("models/ppo/model.safetensors", "reports/report.md", "metrics/evaluate.json", "data/tokens/train-00000.bin"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from llmlab.checkpoints import fingerprint, resume_path
 from llmlab.params import PretrainConfig
 from llmlab.pretraining import FixedWindows, TokenWindows, lr_at
-from tests.conftest import SMOKE_PARAMS, run_stage, stage_env
+from tests.conftest import SMOKE_PARAMS, free_port, run_stage, stage_env
 
 
 def test_windows_are_shifted_by_one_and_reproducible():
@@ -104,7 +105,11 @@ def test_ddp_on_two_cpu_processes_matches_one_process(smoke_data, tmp_path):
     r1 = run_stage("pretrain", stage_args(smoke_data, one), tmp_path, env, params_file(tmp_path, "one", batch_size=8, **common))
     assert r1.returncode == 0, r1.stderr[-2000:]
     p2 = params_file(tmp_path, "two", batch_size=4, devices=2, strategy="ddp", **common)
-    r2 = run_stage("pretrain", stage_args(smoke_data, two), tmp_path, env, p2)
+    # Launched by torchrun, as on a cluster (README, "Several GPUs and machines"); the reward model's and
+    # PPO's DDP tests (test_distributed.py) use Lightning's and Fabric's own launchers.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
+    r2 = run_stage("pretrain", stage_args(smoke_data, two), tmp_path, env, p2, launcher=torchrun)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "Traceback" not in r2.stderr
     m1 = json.loads((one / "metrics.json").read_text())

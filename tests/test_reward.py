@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmlab.model import GPTConfig
-from llmlab.reward import RewardModel, bt_loss, load_reward_model, pad_batch, save_reward_model
+from llmlab.reward import RewardModel, bt_loss, load_reward_model, pad_batch, save_reward_model, score_sequences
 
 CFG = GPTConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, context_length=32, ffn_hidden=32)
 
@@ -65,3 +65,13 @@ def test_missing_reward_model_names_the_stage(tmp_path):
 
     with pytest.raises(MissingArtifactError, match="reward"):
         load_reward_model(tmp_path / "nope")
+
+
+def test_score_sequences_batches_by_length_but_answers_in_the_order_given():
+    torch.manual_seed(0)
+    model = RewardModel(CFG).eval()
+    seqs = [[1, *range(5, 5 + n)] for n in (9, 2, 14, 5, 1, 7)]
+    scores = score_sequences(model, seqs, batch_size=4)
+    alone = torch.cat([model(*pad_batch([s])) for s in seqs])
+    torch.testing.assert_close(scores, alone, rtol=0, atol=1e-5)
+    assert not scores.requires_grad and score_sequences(model, []).shape == (0,)

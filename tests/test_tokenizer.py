@@ -23,11 +23,12 @@ from llmlab.tokenizer import (
     hf_tokenizer,
     load_tokenizer,
     load_tokens,
+    open_split,
     read_token_meta,
     save_tokenizer,
     split_pattern,
     token_dtype,
-    tokenize_to_file,
+    tokenize_to_shards,
     tokenizer_report,
     train_tokenizer,
     write_token_meta,
@@ -298,17 +299,47 @@ def test_token_dtype():
     assert token_dtype(2**16 + 1) == np.dtype("<u4")
 
 
-def test_tokenize_to_file_matches_reference(tok1, tmp_path):
+def test_tokenize_to_shards_matches_reference(tok1, tmp_path):
     docs = CORPUS[:50] + ["", "<|end|>"]
-    path = tmp_path / "train.bin"
-    n = tokenize_to_file(tok1, iter(docs), path, batch_size=7)  # batches that do not divide the docs
+    names, n = tokenize_to_shards(tok1, iter(docs), tmp_path, "train", 10**9, batch_size=7)  # batches that do not divide the docs
     reference = [i for d in docs for i in [BOS_ID, *tok1.encode(d).ids]]
-    assert n == len(reference)
-    assert path.read_bytes() == np.array(reference, dtype="<u2").tobytes()
-    tokens = load_tokens(path, "uint16")
+    assert names == ["train-00000.bin"] and n == len(reference)
+    assert (tmp_path / names[0]).read_bytes() == np.array(reference, dtype="<u2").tobytes()
+    tokens = load_tokens(tmp_path / names[0], "uint16")
     assert tokens.tolist() == reference
     with pytest.raises(ValueError):
         tokens[0] = 0  # read-only
+
+
+@settings(max_examples=40, deadline=None)
+@given(shard_tokens=st.integers(1, 400), batch_size=st.integers(1, 9), n_docs=st.integers(1, 40),
+       cut=st.tuples(st.integers(0, 2000), st.integers(0, 300)))  # fmt: skip
+def test_shards_read_back_as_one_array_whatever_the_shard_size(tok1, tmp_path_factory, shard_tokens, batch_size, n_docs, cut):
+    d = tmp_path_factory.mktemp("shards")
+    docs = CORPUS[:n_docs]
+    names, n = tokenize_to_shards(tok1, docs, d, "train", shard_tokens, batch_size)
+    reference = [i for doc in docs for i in [BOS_ID, *tok1.encode(doc).ids]]
+    assert n == len(reference) and len(names) == -(-n // shard_tokens)
+    assert [(d / f).stat().st_size // 2 for f in names][:-1] == [shard_tokens] * (len(names) - 1)  # all full but the last
+    write_token_meta(d, tok1, {"train": n}, {"train": names})
+    tokens = open_split(d, "train")
+    assert len(tokens) == n
+    start, length = cut
+    assert tokens[start : start + length].tolist() == reference[start : start + length]
+
+
+def test_a_missing_or_short_shard_is_named(tok1, tmp_path):
+    names, n = tokenize_to_shards(tok1, CORPUS[:20], tmp_path, "train", 100)
+    write_token_meta(tmp_path, tok1, {"train": n}, {"train": names})
+    assert len(names) > 2
+    (tmp_path / names[1]).write_bytes((tmp_path / names[1]).read_bytes()[:-2])  # one token short
+    with pytest.raises(LlmlabError, match="shards hold .* tokens, but meta.json says .*dvc repro tokenizer"):
+        open_split(tmp_path, "train")
+    (tmp_path / names[1]).unlink()
+    with pytest.raises(MissingArtifactError, match=f"{names[1]}.*dvc repro tokenizer"):
+        open_split(tmp_path, "train")
+    with pytest.raises(LlmlabError, match="no 'validation' split"):
+        open_split(tmp_path, "validation")
 
 
 class BigVocab:
@@ -324,11 +355,10 @@ class BigVocab:
         return self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)
 
 
-def test_tokenize_to_file_uint32(tok1, tmp_path):
-    path = tmp_path / "train.bin"
-    n = tokenize_to_file(BigVocab(tok1), ["Hi", "12"], path)
-    assert path.stat().st_size == 4 * n
-    assert load_tokens(path, "uint32").tolist() == [
+def test_tokenize_to_shards_uint32(tok1, tmp_path):
+    names, n = tokenize_to_shards(BigVocab(tok1), ["Hi", "12"], tmp_path, "train", 1000)
+    assert (tmp_path / names[0]).stat().st_size == 4 * n
+    assert load_tokens(tmp_path / names[0], "uint32").tolist() == [
         BOS_ID,
         *tok1.encode("Hi").ids,
         BOS_ID,
@@ -350,7 +380,7 @@ def test_load_tokens_errors(tmp_path):
 
 
 def test_token_meta_roundtrip(tok1, tmp_path):
-    written = write_token_meta(tmp_path, tok1, {"train": 1000, "validation": 50})
+    written = write_token_meta(tmp_path, tok1, {"train": 1000, "validation": 50}, {"train": ["train-00000.bin"], "validation": ["validation-00000.bin"]})
     assert (
         read_token_meta(tmp_path)
         == written
@@ -361,6 +391,7 @@ def test_token_meta_roundtrip(tok1, tmp_path):
             "pad_id": 0,
             "end_id": 4,
             "splits": {"train": 1000, "validation": 50},
+            "shards": {"train": ["train-00000.bin"], "validation": ["validation-00000.bin"]},
         }
     )
     (tmp_path / "meta.json").write_text('{"dtype": "uint16"}')

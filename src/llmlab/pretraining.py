@@ -159,6 +159,7 @@ class CausalLMModule(L.LightningModule):
     """The transformer under Lightning: mean next-token cross-entropy over the targets that are not -100.
 
     Pretraining gives every target; SFT masks all but the assistant's tokens (sft.collate). Same module.
+    A batch is (x, y) or, packed (sft.collate_packed), (x, y, positions, attn_mask).
     """
 
     def __init__(self, model_config: GPTConfig, cfg: PretrainConfig, total_steps: int):
@@ -169,14 +170,12 @@ class CausalLMModule(L.LightningModule):
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
 
     def training_step(self, batch, batch_idx):
-        x, y = batch  # (B, T), (B, T)
-        _, loss = self.forward_model(x, y)
+        _, loss = self.forward_model(*batch)  # x (B, T), y (B, T)[, positions, attn_mask]
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        _, loss = self.forward_model(x, y)
+        _, loss = self.forward_model(*batch)
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):

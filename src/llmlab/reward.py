@@ -138,12 +138,14 @@ class RewardModule(L.LightningModule):
 
 
 @torch.no_grad()
+@torch.no_grad()
 def score_sequences(model: RewardModel, seqs: list[list[int]], batch_size: int = 64) -> torch.Tensor:
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        idx, last = pad_batch(seqs[i : i + batch_size])
-        out.append(model(idx, last))
-    return torch.cat(out) if out else torch.zeros(0)
+    """The reward of each sequence, in the order given; batched shortest first, so little is padding."""
+    if not seqs:
+        return torch.zeros(0)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [model(*pad_batch([seqs[j] for j in order[i : i + batch_size]])) for i in range(0, len(order), batch_size)]
+    return torch.cat(out)[torch.argsort(torch.tensor(order))]
 
 
 def save_reward_model(model: RewardModel, out_dir, scale: float) -> None:

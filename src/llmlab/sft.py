@@ -73,6 +73,58 @@ def collate(batch: list[tuple[list[int], list[bool]]]) -> tuple[torch.Tensor, to
     return x, y
 
 
+def collate_packed(batch: list[tuple[list[int], list[bool]]]) -> tuple[torch.Tensor, ...]:
+    """The batch of `collate`, with its conversations packed side by side into fewer rows: the same
+    targets, the same loss and gradient, less padding to compute (on the default data about half the
+    tokens of `collate`'s batch; tests/test_batching.py checks both against `collate`).
+
+    Rows are as wide as the longest conversation; conversations go into the first row with room, longest
+    first. Each keeps its own positions (RoPE restarts at 0) and attends only within itself, so packing
+    changes nothing a conversation sees. Returns (x, y, positions, attn_mask (R, 1, W, W)), the
+    arguments of `GPT.forward` in order.
+
+    >>> batch = [([1, 2, 7, 4], [False, False, True, True]), ([1, 9], [False, True]), ([1, 8, 6], [False, True, True])]
+    >>> x, y, pos, mask = collate_packed(batch)  # 3 rows of 3 in `collate`; here 2
+    >>> x.tolist(), y.tolist(), pos.tolist()
+    ([[1, 2, 7], [1, 8, 1]], [[-100, 7, 4], [8, 6, 9]], [[0, 1, 2], [0, 1, 0]])
+    >>> mask[1, 0].int().tolist()  # row 2: the third conversation, then the second, each seeing only itself
+    [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    n = [len(ids) - 1 for ids, _ in batch]
+    width = max(n)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(batch)), key=lambda i: -n[i]):  # first fit, longest first
+        r = next((r for r, free in enumerate(room) if free >= n[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(width)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= n[i]
+    x = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    y = torch.full((len(rows), width), -100, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # which conversation; -1 on padding
+    for r, items in enumerate(rows):
+        at = 0
+        for s, i in enumerate(items):
+            ids, mask = batch[i]
+            k = n[i]
+            x[r, at : at + k] = torch.tensor(ids[:-1])
+            learn = torch.tensor(mask[1:])  # the mask of the token being predicted
+            y[r, at : at + k] = torch.where(learn, torch.tensor(ids[1:]), -100)
+            positions[r, at : at + k] = torch.arange(k)
+            segment[r, at : at + k] = s
+            at += k
+    q = torch.arange(width)
+    causal = q[None, :] <= q[:, None]  # (W, W): key <= query
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)  # (R, W, W)
+    # Subtle: a padding query would see no key, and SDPA gives NaN for such a row: it sees itself.
+    attn_mask = (causal[None] & same) | torch.eye(width, dtype=torch.bool)[None]
+    return x, y, positions, attn_mask[:, None]
+
+
 @torch.no_grad()
 def answer(model: GPT, tok: Tokenizer, tasks: Sequence[Task], max_new_tokens: int, temperature: float = 0.0,
            batch_size: int = 64, generator: torch.Generator | None = None) -> list:

@@ -240,34 +240,50 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
-def tokenize_to_file(
-    tok: Tokenizer, texts: Iterable[str], out_path: str | Path, batch_size: int = 1024
-) -> int:
-    """Encode `texts` into one flat file of raw ids, each document preceded by <|bos|>; return the count.
+def tokenize_to_shards(
+    tok: Tokenizer, texts: Iterable[str], directory: str | Path, split: str, shard_tokens: int, batch_size: int = 1024
+) -> tuple[list[str], int]:
+    """Encode `texts` into flat files of raw ids, each document preceded by <|bos|>; return (file names, tokens).
 
         ["Hi", "Yo!"] -> [bos, "H", "i"] + [bos, "Y", "o", "!"] -> [1, 44, 77, 1, 61, 83, 5] as <u2 bytes
 
-    Pretraining reads this file through `load_tokens` as one long array and cuts windows from it anywhere,
-    so bos is the only thing that marks where one document ends and the next begins.
+    The ids go into `directory`/<split>-00000.bin, <split>-00001.bin, …: every shard but the last holds
+    exactly `shard_tokens` ids, and a document may run on from one shard into the next. Pretraining reads
+    them through `open_split` as one long array and cuts windows from it anywhere, so bos is the only
+    thing that marks where one document ends and the next begins.
 
-    Documents are encoded a batch at a time (`encode_batch` runs in parallel threads) and appended to a
-    temporary file that replaces `out_path` only once complete: memory holds one batch, not the corpus.
+    Documents are encoded a batch at a time (`encode_batch` runs in parallel threads) and appended to the
+    current shard: memory holds one batch, not the corpus. The caller makes `directory` a temporary
+    folder that replaces the real one once complete (`io.atomic_path(..., is_dir=True)`).
     """
     dtype = token_dtype(tok.get_vocab_size())
-    n_tokens = 0
-    with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+    directory = Path(directory)
+    names: list[str] = []
+    n_tokens, room, f = 0, 0, None
+    try:
         for batch in _batches(texts, batch_size):
             flat: list[int] = []
             for enc in tok.encode_batch(batch, add_special_tokens=False):
                 flat.append(BOS_ID)
                 flat.extend(enc.ids)
-            np.asarray(flat, dtype=dtype).tofile(f)
-            n_tokens += len(flat)
-    return n_tokens
+            ids = np.asarray(flat, dtype=dtype)
+            n_tokens += len(ids)
+            while len(ids):
+                if not room:
+                    if f:
+                        f.close()
+                    names.append(f"{split}-{len(names):05d}.bin")
+                    f, room = open(directory / names[-1], "wb"), shard_tokens
+                ids[:room].tofile(f)
+                ids, room = ids[room:], max(0, room - len(ids))
+    finally:
+        if f:
+            f.close()
+    return names, n_tokens
 
 
 def load_tokens(path: str | Path, dtype: str | np.dtype) -> np.memmap:
-    """Map a token file written by `tokenize_to_file` into memory, read-only (the OS pages it in on demand)."""
+    """Map one token file written by `tokenize_to_shards` into memory, read-only (the OS pages it in on demand)."""
     path = Path(path)
     # subtle: np.dtype("uint16") is the machine's byte order; the files are little-endian whatever the machine.
     dtype = np.dtype(dtype).newbyteorder("<")
@@ -284,6 +300,52 @@ def load_tokens(path: str | Path, dtype: str | np.dtype) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
+class TokenShards:
+    """A split's shards as one read-only array of ids: `len()` and slices, reading only the pages a slice
+    touches. A slice across a shard boundary is joined from both.
+
+    >>> s = TokenShards([np.arange(3), np.arange(3, 5), np.arange(5, 9)])
+    >>> len(s), s[1:7].tolist(), s[4:5].tolist(), s[8:20].tolist()
+    (9, [1, 2, 3, 4, 5, 6], [4], [8])
+    """
+
+    def __init__(self, shards: list[np.ndarray]):
+        self.shards = shards
+        self.ends = np.cumsum([len(a) for a in shards])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(len(self))
+        if step != 1:
+            raise ValueError("token shards are read in contiguous slices")
+        parts = []
+        i = int(np.searchsorted(self.ends, start, side="right"))
+        while start < stop:
+            offset = int(self.ends[i]) - len(self.shards[i])
+            take = min(stop, int(self.ends[i])) - start
+            parts.append(self.shards[i][start - offset : start - offset + take])
+            start, i = start + take, i + 1
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
+
+
+def open_split(directory: str | Path, split: str, meta: TokenMeta | None = None) -> TokenShards:
+    """The token shards of `split` listed in `directory`/meta.json, memory-mapped, checked against its count."""
+    meta = meta or read_token_meta(directory)
+    if split not in meta["shards"]:
+        raise LlmlabError(f"{Path(directory) / TOKEN_META_FILE} lists no {split!r} split; re-create it with `dvc repro {STAGE}`")
+    tokens = TokenShards([load_tokens(Path(directory) / name, meta["dtype"]) for name in meta["shards"][split]])
+    if len(tokens) != meta["splits"][split]:
+        raise LlmlabError(
+            f"{directory}: the {split} shards hold {len(tokens):,} tokens, but meta.json says "
+            f"{meta['splits'][split]:,}; a shard is missing or damaged: re-create them with `dvc repro {STAGE}`"
+        )
+    return tokens
+
+
 class TokenMeta(TypedDict):
     """meta.json next to the token files: what a reader needs to interpret them."""
 
@@ -292,11 +354,14 @@ class TokenMeta(TypedDict):
     bos_id: int
     pad_id: int
     end_id: int
-    splits: dict[str, int]  # split name ("train", "validation") -> tokens in its file
+    splits: dict[str, int]  # split name ("train", "validation") -> tokens in its shards
+    shards: dict[str, list[str]]  # split name -> its shard files, in order
 
 
-def write_token_meta(directory: str | Path, tok: Tokenizer, splits: Mapping[str, int]) -> TokenMeta:
-    """Write `directory`/meta.json for token files made with `tok`; `splits` maps split name -> token count."""
+def write_token_meta(directory: str | Path, tok: Tokenizer, splits: Mapping[str, int],
+                     shards: Mapping[str, list[str]]) -> TokenMeta:  # fmt: skip
+    """Write `directory`/meta.json for token shards made with `tok`: `splits` maps split name -> token
+    count, `shards` split name -> shard file names."""
     vocab_size = tok.get_vocab_size()
     meta = TokenMeta(
         dtype=token_dtype(vocab_size).name,
@@ -305,6 +370,7 @@ def write_token_meta(directory: str | Path, tok: Tokenizer, splits: Mapping[str,
         pad_id=PAD_ID,
         end_id=END_ID,
         splits=dict(splits),
+        shards={k: list(v) for k, v in shards.items()},
     )
     write_json(Path(directory) / TOKEN_META_FILE, meta)
     return meta
