@@ -21,7 +21,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import generation, pipeline, ppo_iteration, pretrain_options, pretrain_throughput, tokenizer_data  # noqa: E402
+from benchmarks import (  # noqa: E402
+    generation,
+    pipeline,
+    ppo_iteration,
+    pretrain_options,
+    pretrain_throughput,
+    tokenizer_data,
+)
 
 DOC = ROOT / "docs" / "benchmarks.md"
 
@@ -100,10 +107,12 @@ def tokenizer_section(r: dict) -> str:
         f"- Batch encoding: {t['encode_mb']:.0f} MB into {t['encode_tokens']:,} tokens in {t['encode_s']:.1f} s, "
         f"**{t['encode_tokens_per_s']:,.0f} tokens/s**.",
         "",
-        "| corpus | parquet | tokenizer stage (train + encode) | train tokens | peak memory of the stage |",
-        "|---|---|---|---|---|",
+        "| corpus | parquet | tokenizer stage (train + encode) | train tokens | shards | peak memory of the stage | "
+        "loader: own memory / shard pages resident |",
+        "|---|---|---|---|---|---|---|",
         *[f"| {d['corpus_gb']:g} GB of text | {d['parquet_mb']:,.0f} MB | {d['stage_s']:.0f} s | {d['train_tokens']:,} | "
-          f"**{d['peak_rss_mb']:,.0f} MB** |" for d in r["data"]],
+          f"{d['shards']} ({d['token_mb']:,.0f} MB) | **{d['peak_rss_mb']:,.0f} MB** | {d['loader_anon_mb']:,.0f} MB / "
+          f"{d['loader_file_mb']:,.0f} MB |" for d in r["data"]],
     ]  # fmt: skip
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -103,20 +104,26 @@ def stage_on_corpus(gb: float) -> dict:
         loader = run_measured([sys.executable, "-c", READ_WINDOWS, str(d / "tokens")], env=env)
         if loader.returncode != 0:
             raise SystemExit(f"reading windows failed:\n{loader.output[-3000:]}")
+        anon_kb, file_kb = map(int, re.search(r"loader memory kB: (\d+) (\d+)", loader.output).groups())
         return {"corpus_gb": gb, "parquet_mb": size / 1e6, "make_corpus_s": make_s, "stage_s": m.seconds,
                 "train_tokens": meta["splits"]["train"], "shards": len(meta["shards"]["train"]),
                 "token_mb": sum((d / "tokens" / f).stat().st_size for f in meta["shards"]["train"]) / 1e6,
-                "peak_rss_mb": m.peak_rss_mb, "loader_peak_rss_mb": loader.peak_rss_mb}  # fmt: skip
+                "peak_rss_mb": m.peak_rss_mb, "loader_peak_rss_mb": loader.peak_rss_mb,
+                "loader_anon_mb": anon_kb / 1024, "loader_file_mb": file_kb / 1024}  # fmt: skip
 
 
-# The pretraining loader over the shards: 20,000 random windows of 1,025 tokens (as many as 2,500 default
-# steps), in a process of its own, whose peak memory shows that the shards are paged in, not loaded.
+# The pretraining loader over the shards: 20,000 random windows of 1,025 tokens, in a process of its own.
+# It prints the process's own memory (RssAnon: what it allocated) and the pages of the mapped shards that
+# are resident (RssFile: page cache, which the kernel's read-ahead fills and drops under pressure).
 READ_WINDOWS = """
 import sys
+from pathlib import Path
 from llmlab.pretraining import TokenWindows
 from llmlab.tokenizer import open_split
 windows = TokenWindows(open_split(sys.argv[1], "train"), 1024, 20_000, seed=0)
 print(sum(int(windows[i][0][0]) for i in range(len(windows))))
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+print("loader memory kB:", status["RssAnon"].split()[0], status["RssFile"].split()[0])
 """
 
 

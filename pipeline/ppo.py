@@ -33,6 +33,7 @@ from llmlab.params import Params
 from llmlab.ppo import (
     KLController,
     NonFiniteLoss,
+    check_replicas_agree,
     make_sequences,
     ppo_update,
     reply_logprobs,
@@ -163,6 +164,8 @@ def main(args, params: Params) -> None:
                 state.update(iteration=it + 1, kl_coef=kl.value)
                 fabric.save(Path(args.checkpoints) / checkpoints.LAST, state)
         check_replicas_agree(fabric, {"policy": policy, "value": value})
+        if W > 1:
+            log.info("the %d processes' policy and value weights agree", W)
         if not fabric.is_global_zero:
             return
 
@@ -218,25 +221,6 @@ def pair_prompts(folder: Path, split: str) -> list[list[dict]]:
     if not out:
         raise LlmlabError(f"{path}: no prompts; raise the number of preference pairs")
     return out
-
-
-def check_replicas_agree(fabric: L.Fabric, models: dict[str, torch.nn.Module]) -> None:
-    """Under DDP every process holds its own copy of the weights and applies the same averaged gradients,
-    so the copies must stay equal; rank 0 saves its own. Compare a fingerprint of each copy (the sum and a
-    position-weighted sum of every weight, in float64) across processes, and fail loudly if they drifted."""
-    if fabric.world_size == 1:
-        return
-    for name, model in models.items():
-        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-        position = torch.arange(1, len(flat) + 1, dtype=torch.float64, device=flat.device) / len(flat)
-        mine = torch.stack([flat.sum(), (flat * position).sum()])
-        every = fabric.all_gather(mine).reshape(fabric.world_size, 2)
-        if not torch.allclose(every, every[:1].expand_as(every), rtol=1e-9, atol=1e-9):
-            raise LlmlabError(
-                f"ppo: the {fabric.world_size} processes' {name} weights differ after training "
-                f"(fingerprints {every.tolist()}); DDP lost synchronisation: please report this with the params"
-            )
-    log.info("the %d processes' policy and value weights agree", fabric.world_size)
 
 
 def mean_over_processes(fabric: L.Fabric, metrics: dict[str, float]) -> dict[str, float]:

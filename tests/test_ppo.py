@@ -9,10 +9,12 @@ import lightning as L
 import pytest
 import torch
 
+from llmlab.errors import LlmlabError
 from llmlab.model import GPT, GPTConfig
 from llmlab.params import PPOConfig
 from llmlab.ppo import (
     KLController,
+    check_replicas_agree,
     gae,
     kl_penalised_rewards,
     make_sequences,
@@ -196,3 +198,34 @@ def test_ppo_raises_the_reward_and_huge_beta_keeps_the_policy_at_the_reference()
     _, after_tied, kl_tied = toy_ppo(kl_coef=100.0)
     assert kl_tied < 0.1 * kl_free, (kl_tied, kl_free)
     assert after_tied < after
+
+
+class _TwoProcesses:
+    """A stand-in for a 2-process Fabric whose other process holds `other`: all_reduce "max" over both.
+    The other process makes the same calls, so its value is negated wherever ours is (the second call)."""
+
+    world_size = 2
+
+    def __init__(self, other: torch.nn.Module):
+        self.other, self.calls = other, 0
+
+    def all_reduce(self, value, reduce_op):
+        assert reduce_op == "max"
+        flat = torch.cat([p.detach().double().flatten() for p in self.other.parameters()])
+        position = torch.arange(1, len(flat) + 1, dtype=torch.float64) / len(flat)
+        theirs = torch.stack([flat.sum(), (flat * position).sum()])
+        self.calls += 1
+        return torch.maximum(value, theirs if self.calls % 2 else -theirs)
+
+
+def test_replicas_that_drifted_apart_fail_loudly_and_equal_ones_pass():
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=30, d_model=16, n_layer=1, n_head=2, context_length=16))
+    twin = GPT(policy.config)
+    twin.load_state_dict(policy.state_dict())
+    check_replicas_agree(_TwoProcesses(twin), {"policy": policy})
+    with torch.no_grad():  # two weights swapped: the plain sum alone would not see it
+        w = twin.blocks[0].attn.proj.weight
+        w[0, 0], w[0, 1] = w[0, 1].clone(), w[0, 0].clone()
+    with pytest.raises(LlmlabError, match="the 2 processes' policy weights differ after training"):
+        check_replicas_agree(_TwoProcesses(twin), {"policy": policy})

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from llmlab.model import GPTConfig
-from llmlab.reward import RewardModel, bt_loss, load_reward_model, pad_batch, save_reward_model, score_sequences
+from llmlab.reward import (
+    RewardModel,
+    bt_loss,
+    load_reward_model,
+    pad_batch,
+    save_reward_model,
+    score_sequences,
+)
 
 CFG = GPTConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, context_length=32, ffn_hidden=32)
 

@@ -151,7 +151,8 @@ class Hardware(Section):
     """Where a training stage runs: what Lightning's Trainer (or Fabric, for PPO) is given."""
 
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
-    """Lightning precision. bf16-mixed is meant for GPUs; on CPU it is not measured yet (docs/benchmarks.md)."""
+    """Lightning precision. bf16-mixed is for GPUs: on the 2-core CPU it was 0.79–0.97× as fast as fp32
+    (docs/benchmarks.md, "Pretraining speed options")."""
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | Literal["auto"] = 1
     """Devices per node (an int, or 'auto' for all visible)."""
@@ -180,7 +181,8 @@ class TrainLoop(Hardware):
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this value (0 disables clipping)."""
     compile: bool = False
-    """Wrap the model in torch.compile."""
+    """Wrap the model in torch.compile. On the 2-core CPU pretraining ran 1.01–1.29× as fast after 15–30 s
+    of compiling (docs/benchmarks.md): off by default there, on in the GPU recipe."""
     val_every: int = Field(250, ge=1)
     """Run validation every this many optimizer steps."""
     val_batches: int = Field(16, ge=1)

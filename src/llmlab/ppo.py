@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmlab.errors import LlmlabError
 from llmlab.generate import generate
 from llmlab.model import GPT, padded_attention_mask
 from llmlab.reward import RewardModel
@@ -383,3 +384,21 @@ def update_metrics(stats: dict[str, float]) -> dict[str, float]:
         "val/clipfrac_avg": stats["vf_clipfrac"],
         "val/ratio": stats["ratio"],
     }
+
+
+def check_replicas_agree(fabric, models: dict[str, torch.nn.Module]) -> None:
+    """Under DDP every process holds its own copy of the weights and applies the same averaged gradients,
+    so the copies must stay equal; rank 0 saves its own. Compare a fingerprint of each copy (the sum and a
+    position-weighted sum of every weight, in float64) across processes, and fail loudly if they drifted."""
+    if fabric.world_size == 1:
+        return
+    for name, model in models.items():
+        flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        position = torch.arange(1, len(flat) + 1, dtype=torch.float64, device=flat.device) / len(flat)
+        mine = torch.stack([flat.sum(), (flat * position).sum()])
+        highest, lowest = fabric.all_reduce(mine, reduce_op="max"), -fabric.all_reduce(-mine, reduce_op="max")
+        if not torch.allclose(highest, lowest, rtol=1e-9, atol=1e-9):
+            raise LlmlabError(
+                f"ppo: the {fabric.world_size} processes' {name} weights differ after training (fingerprints from "
+                f"{lowest.tolist()} to {highest.tolist()}); DDP lost synchronisation: please report this with the params"
+            )
