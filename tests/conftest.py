@@ -137,3 +137,19 @@ def tok(tok_path):
     from llmlab.tokenizer import load_tokenizer
 
     return load_tokenizer(tok_path)
+
+
+def random_post_training_models(smoke_data: Path, folder: Path) -> None:
+    """Randomly initialised SFT (`folder`/sft) and reward (`folder`/reward) models of a small shape, on
+    the smoke tokenizer's vocabulary: inputs for the reward and ppo stages without training them first."""
+    import torch
+
+    from llmlab.model import GPT, GPTConfig, save_model
+    from llmlab.reward import RewardModel, save_reward_model
+    from llmlab.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(smoke_data / "tokenizer" / "tokenizer.json").get_vocab_size()
+    cfg = GPTConfig(vocab_size=vocab, d_model=32, n_layer=2, n_head=2, context_length=64)
+    torch.manual_seed(0)
+    save_model(GPT(cfg), folder / "sft")
+    save_reward_model(RewardModel(cfg), folder / "reward", scale=1.0)

@@ -18,10 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from llmlab.model import GPT, GPTConfig, save_model
-from llmlab.reward import RewardModel, save_reward_model
-from llmlab.tokenizer import load_tokenizer
-from tests.conftest import SMOKE_PARAMS, run_stage, stage_env
+from tests.conftest import SMOKE_PARAMS, random_post_training_models, run_stage, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +29,7 @@ WORDS = ["yes", "no", "maybe", "sure", "never", "Paris", "blue", "seven", "cat",
 def inputs(smoke_data, tmp_path_factory):
     """A random SFT model and reward model of a small shape, and 48 preference pairs (chosen: longer replies)."""
     d = tmp_path_factory.mktemp("ddp_inputs")
-    vocab = load_tokenizer(smoke_data / "tokenizer" / "tokenizer.json").get_vocab_size()
-    cfg = GPTConfig(vocab_size=vocab, d_model=32, n_layer=2, n_head=2, context_length=64)
-    torch.manual_seed(0)
-    save_model(GPT(cfg), d / "sft")
-    save_reward_model(RewardModel(cfg), d / "reward", scale=1.0)
+    random_post_training_models(smoke_data, d)
     rng = random.Random(0)
     rows = []
     for i in range(48):

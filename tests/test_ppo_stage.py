@@ -12,10 +12,7 @@ import pytest
 import torch
 import yaml
 
-from llmlab.model import GPT, GPTConfig, save_model
-from llmlab.reward import RewardModel, save_reward_model
-from llmlab.tokenizer import load_tokenizer
-from tests.conftest import SMOKE_PARAMS, run_stage, stage_env, with_sitecustomize
+from tests.conftest import SMOKE_PARAMS, random_post_training_models, run_stage, stage_env, with_sitecustomize
 
 pytestmark = pytest.mark.slow
 
@@ -24,11 +21,7 @@ pytestmark = pytest.mark.slow
 def inputs(smoke_data, tmp_path_factory):
     """Randomly initialised SFT and reward models of the smoke shape, and a preferences folder."""
     d = tmp_path_factory.mktemp("ppo_inputs")
-    vocab = load_tokenizer(smoke_data / "tokenizer" / "tokenizer.json").get_vocab_size()
-    cfg = GPTConfig(vocab_size=vocab, d_model=32, n_layer=2, n_head=2, context_length=64)
-    torch.manual_seed(0)
-    save_model(GPT(cfg), d / "sft")
-    save_reward_model(RewardModel(cfg), d / "reward", scale=1.0)
+    random_post_training_models(smoke_data, d)
     (d / "prefs").mkdir()
     row = {"prompt": "Hi", "context": json.dumps([{"role": "user", "content": "Hi"}])}
     for split in ("train", "validation"):
