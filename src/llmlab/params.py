@@ -377,7 +377,8 @@ class RewardConfig(TrainLoop):
     max_steps: int = Field(300, ge=1)
     """Optimizer steps."""
     group_by_length: bool = True
-    """Batch pairs of similar length together (llmlab.sft.Epochs), so that little of a batch is padding."""
+    """Batch pairs of similar length together (llmlab.sft.Epochs), so that little of a batch is padding:
+    on the default pairs 10 % instead of 56 %."""
     lr: float = Field(3e-3, gt=0, le=1)
     """Peak learning rate of AdamW (measured on the pairs of 2,400 prompts × 4, 300 steps: 3e-3 gave 84–86 %
     gold accuracy, 2e-3 83 %, 4e-3 84 %; 600 steps at 1e-3 83 %: longer training overfits)."""
