@@ -423,8 +423,10 @@ class PPOConfig(Hardware):
     """Sampling temperature of the rollouts; log-probabilities are taken at the same temperature."""
     max_new_tokens: int = Field(96, ge=1)
     """Longest reply in a rollout; one without <|end|> by then gets missing_eos_penalty."""
-    kl_coef: float = Field(0.2, ge=0)
-    """β: per-token reward −β·(log π − log π_ref). The initial value when kl_target is set."""
+    kl_coef: float = Field(0.3, ge=0)
+    """β: per-token reward −β·(log π − log π_ref). The initial value when kl_target is set. Measured on the
+    default chain of models (docs/benchmarks.md): β = 0.2 reached KL 2.9 nats and declined 73 % of
+    answerable fact questions, gold gain +0.26; β = 0.3 KL 1.2, 42 %, gold gain +0.34."""
     kl_target: float | None = Field(None, gt=0)
     """Adaptive KL controller (Ziegler et al. 2019): steer β so the KL per reply approaches this; null = fixed β."""
     kl_horizon: int = Field(10000, ge=1)
