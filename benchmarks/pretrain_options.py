@@ -23,6 +23,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch._inductor.config
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from llmlab.model import GPT, GPTConfig
 from llmlab.params import load_params
 from llmlab.pretraining import TokenWindows, adamw, lr_at
+from llmlab.tokenizer import open_split
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["stage set-up", "manual attention", "unfused AdamW", "torch.compile", "bf16 autocast"]
@@ -56,6 +58,14 @@ def _attention(manual: bool):
         yield
     finally:
         F.scaled_dot_product_attention = original
+
+
+def _tokens(vocab_size: int):
+    """The pipeline's training tokens if the tokenizer stage has run here, else random ids."""
+    real = ROOT / "data" / "tokens"
+    if (real / "meta.json").exists():
+        return open_split(real, "train")
+    return np.random.default_rng(0).integers(0, vocab_size, 400_000).astype(np.uint16)
 
 
 def train(variant: str, config: GPTConfig, cfg, tokens, steps: int, warmup: int) -> dict:
@@ -94,8 +104,6 @@ def train(variant: str, config: GPTConfig, cfg, tokens, steps: int, warmup: int)
 
 
 def run(steps: int = 300, warmup: int = 20, rounds: int = 3) -> dict:
-    from benchmarks.pretrain_throughput import _tokens
-
     params = load_params(ROOT / "params.yaml")
     cfg, vocab_size = params.pretrain, params.tokenizer.vocab_size
     tokens = _tokens(vocab_size)
@@ -125,5 +133,4 @@ if __name__ == "__main__":
     import json
     import sys
 
-    sys.path.insert(0, str(ROOT))
     print(json.dumps(run(steps=int(sys.argv[1]) if len(sys.argv) > 1 else 300, rounds=1), indent=2))

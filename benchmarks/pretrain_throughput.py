@@ -11,21 +11,23 @@ noisy neighbour hurts both alike. MFU is against the fp32 matmul peak measured i
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 
 from llmlab.mfu import matmul_peak_flops
 from llmlab.model import GPT, GPTConfig
 from llmlab.params import load_params
-from llmlab.pretraining import CausalLMModule, TokenWindows, adamw, build_trainer, lr_at
-from llmlab.tokenizer import open_split
+from llmlab.pretraining import CausalLMModule, TokenWindows, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script, too
+
+from benchmarks.pretrain_options import _tokens, train  # noqa: E402
 
 
 class _Clock(L.Callback):
@@ -40,31 +42,9 @@ class _Clock(L.Callback):
         self.t1 = time.perf_counter()
 
 
-def _tokens(vocab_size: int):
-    """The pipeline's training tokens if the tokenizer stage has run here, else random ids."""
-    real = ROOT / "data" / "tokens"
-    if (real / "meta.json").exists():
-        return open_split(real, "train")
-    return np.random.default_rng(0).integers(0, vocab_size, 400_000).astype(np.uint16)
-
-
 def plain_loop(config: GPTConfig, cfg, tokens, steps: int, warmup: int) -> float:
-    torch.manual_seed(0)
-    model = GPT(config)
-    opt = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), "cpu")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, steps))
-    data = torch.utils.data.DataLoader(TokenWindows(tokens, config.context_length, steps * cfg.batch_size, 0), batch_size=cfg.batch_size)
-    t0 = 0.0
-    for i, (x, y) in enumerate(data):
-        if i == warmup:
-            t0 = time.perf_counter()
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    return (steps - warmup) * cfg.batch_size * config.context_length / (time.perf_counter() - t0)
+    """Forward, backward, clip, step: the stage's own set-up without Lightning (pretrain_options.train)."""
+    return train("stage set-up", config, cfg, tokens, steps, warmup)["tokens_per_s"]
 
 
 def lightning_stage(config: GPTConfig, cfg, tokens, steps: int, warmup: int) -> float:

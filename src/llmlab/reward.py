@@ -138,7 +138,6 @@ class RewardModule(L.LightningModule):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def score_sequences(model: RewardModel, seqs: list[list[int]], batch_size: int = 64) -> torch.Tensor:
     """The reward of each sequence, in the order given; batched shortest first, so little is padding."""
     if not seqs:
