@@ -103,7 +103,7 @@ def main(args, params: Params) -> None:
         # Shift: the SFT model's own replies score 0 on average. Rated pairs are SFT replies already;
         # for real data the SFT model first answers the training prompts.
         rated = all(math.isfinite(row["gold_chosen"]) for row in train_rows + val_rows)
-        replies = [s for pair in train_base.items for s in pair] if rated else sft_replies(sft, tok, train_rows, T, params.seed)
+        replies = [s for pair in train_base.items for s in pair] if rated else sft_replies(sft, tok, train_rows, T, params.preferences.max_new_tokens, params.seed)
         r_sft = score_sequences(model, replies)
         model.offset = float(r_sft.mean())
         scale = float(r_sft.std()) if len(r_sft) > 1 else 0.0
@@ -139,14 +139,15 @@ def main(args, params: Params) -> None:
                  f"{100 * metrics['accuracy_gold']:.1f}%" if rated else "n/a", 100 * metrics["accuracy_noisy_labels"], len(val_rows))
 
 
-def sft_replies(sft, tok, rows: list[dict], context_length: int, seed: int, n: int = 256) -> list[list[int]]:
-    """The SFT model's own replies (sampled, T = 1) to up to n training prompts, as reward-model inputs."""
+def sft_replies(sft, tok, rows: list[dict], context_length: int, max_new_tokens: int, seed: int, n: int = 256) -> list[list[int]]:
+    """The SFT model's own replies (sampled, T = 1, as long as the preference stage's) to up to n training
+    prompts, as reward-model inputs."""
     contexts = [json.loads(r["context"]) for r in rows[:n]]
     prompts = [render(tok, c, add_generation_prompt=True).ids for c in contexts]
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(prompts), 64):
-        out += generate(sft, prompts[i : i + 64], 96, temperature=1.0, stop_ids=[END_ID], generator=gen)
+        out += generate(sft, prompts[i : i + 64], max_new_tokens, temperature=1.0, stop_ids=[END_ID], generator=gen)
     return [(p + o)[-context_length:] for p, o in zip(prompts, out, strict=True)]
 
 

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, SMOKE_PARAMS, mlflow_server, stage_env
+from tests.test_dvc_yaml import stages_importing
 
 pytestmark = pytest.mark.slow
 STAGES = ("corpus", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo", "evaluate", "register")
@@ -59,7 +60,9 @@ def server(tmp_path_factory):
 def pipeline(tmp_path_factory, server):
     repo = tmp_path_factory.mktemp("repo")
     commit = repo_copy(repo)
-    env = stage_env(repo) | {"MLFLOW_TRACKING_URI": server}
+    # LLMLAB_PARAMS_TRACE: every stage writes the params keys it read (test_each_stage_reads_the_params_it_declares)
+    trace = tmp_path_factory.mktemp("params_read")
+    env = stage_env(repo) | {"MLFLOW_TRACKING_URI": server, "LLMLAB_PARAMS_TRACE": str(trace)}
     first = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     reference = tmp_path_factory.mktemp("reference")  # this run's outputs, before later tests change the repo
@@ -259,6 +262,54 @@ def test_second_repro_does_nothing(pipeline):
         assert f"Running stage '{stage}'" not in again.stdout
     status = subprocess.run(["dvc", "status"], cwd=repo, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout
+
+
+# ------------------------------------------------------------------------- dvc.yaml follows the code
+
+
+# Declared keys this run cannot read, because only another configuration takes the branch that reads them.
+READ_IN_OTHER_CONFIGS = {
+    ("reward", "preferences.max_new_tokens"),  # the reward shift on SFT replies: real preference data only
+}
+
+
+def test_each_stage_reads_the_params_it_declares(pipeline):
+    """Every params key a stage read in the run is under a `params:` entry of its stage in dvc.yaml (or
+    DVC would not rerun it when that key changes), and every entry was read (nothing declared for show)."""
+    repo, env, *_ = pipeline
+    trace = Path(env["LLMLAB_PARAMS_TRACE"])
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for stage in STAGES:
+        read = set(json.loads((trace / f"{stage}.json").read_text()))
+        declared = set(spec[stage].get("params", []))
+        undeclared = {k for k in read if not any(k == d or k.startswith(d + ".") for d in declared)}
+        unread = {d for d in declared if not any(k == d or k.startswith(d + ".") or d.startswith(k + ".") for k in read)}
+        unread -= {key for s, key in READ_IN_OTHER_CONFIGS if s == stage}
+        assert not undeclared, f"stage {stage} reads {sorted(undeclared)}, which dvc.yaml does not declare"
+        assert not unread, f"stage {stage} declares {sorted(unread)} in dvc.yaml but never read it"
+
+
+@pytest.mark.parametrize("file", ["src/llmlab/model.py", "src/llmlab/chat.py", "src/llmlab/world.py"])
+def test_editing_a_library_file_reruns_every_stage_that_imports_it(pipeline, file):
+    """DVC's own view: after an edit to `file`, `dvc status` names exactly the stages whose scripts import it."""
+    repo, env, *_ = pipeline
+
+    def changed() -> set[str]:
+        status = subprocess.run(["dvc", "status", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stderr
+        return set(json.loads(status.stdout or "{}"))
+
+    before = changed()
+    path = repo / file
+    original = path.read_bytes()
+    path.write_bytes(original + b"\n# an edit\n")
+    try:
+        after = changed()
+    finally:
+        path.write_bytes(original)
+    expected = stages_importing(file)
+    assert len(expected) >= 2
+    assert after - before == expected - before
 
 
 # ------------------------------------------------------------------------------ reproducibility, faults

@@ -7,13 +7,16 @@ once, with every problem listed, each naming its key:
       pretrain.lr: must be > 0, got -1
       pretrain.model.n_head: must divide model.d_model (128), got 3
 
-`STAGE_SECTIONS` says which sections each stage reads; `dvc.yaml` lists exactly those under `params:`
-and `tests/test_params.py` checks that the two agree.
+`dvc.yaml` declares under each stage's `params:` the sections (or single keys) it reads. `recording_reads`
+records which keys a run really reads; the end-to-end test runs `dvc repro` with `LLMLAB_PARAMS_TRACE`
+set and checks every stage's reads against its declaration.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -541,18 +544,6 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
 
 
-# The sections each stage reads. dvc.yaml's `params:` must list exactly these (tests/test_params.py).
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "corpus": ("seed", "corpus"),
-    "tokenizer": ("tokenizer",),
-    "pretrain": ("seed", "pretrain"),
-    "sft": ("seed", "sft"),
-    "preferences": ("seed", "preferences"),
-    "reward": ("seed", "reward"),
-    "ppo": ("seed", "ppo"),
-    "evaluate": ("seed", "evaluate"),
-    "register": (),
-}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -663,3 +654,52 @@ def _describe(err: dict[str, Any]) -> str:
     else:  # type errors and the rest: pydantic's own words ("Input should be a valid integer")
         what = err["msg"].replace("Input should be", "must be")
     return f"{key}: {what}, got {got!r}"
+
+
+# ---------------------------------------------------------------------------- which keys a stage reads
+
+
+@contextmanager
+def recording_reads(params: Params) -> Iterator[set[str]]:
+    """Record the dotted keys of `params` read while the block runs.
+
+        with recording_reads(params) as reads:
+            params.pretrain.lr; params.sft.model_dump()
+        reads == {"pretrain.lr", "sft"}
+
+    A read of a value records its key; a pydantic method on a section (`model_dump`, `model_copy`, ...)
+    records the whole section, which is what it reads. Taking a section object itself records nothing:
+    only what is read from it counts. Reads from a *copy* of a section are not seen (none is made today).
+    Subtle: it works by swapping `Section.__getattribute__` for the block, so it is for one thread and one
+    Params at a time, which is what a stage process is.
+    """
+    paths: dict[int, list[str]] = {}
+
+    def walk(section: BaseModel, path: str) -> None:
+        paths.setdefault(id(section), []).append(path)
+        for name in type(section).model_fields:
+            value = section.__dict__[name]
+            if isinstance(value, BaseModel):
+                walk(value, f"{path}.{name}" if path else name)
+
+    walk(params, "")
+    reads: set[str] = set()
+    read_attribute = Section.__getattribute__
+
+    def recording(self: Section, name: str) -> Any:
+        value = read_attribute(self, name)
+        where = paths.get(id(self))
+        if where is None or name.startswith("_"):
+            return value
+        if name in type(self).model_fields:
+            if not isinstance(value, BaseModel):
+                reads.update(f"{path}.{name}" if path else name for path in where)
+        elif name.startswith("model_"):
+            reads.update(path or "*" for path in where)
+        return value
+
+    Section.__getattribute__ = recording  # type: ignore[method-assign]
+    try:
+        yield reads
+    finally:
+        del Section.__getattribute__

@@ -3,17 +3,24 @@
 A stage validates all of `params.yaml` before it writes anything. A user-fixable problem (bad params,
 missing input, unreadable data) ends the process with one clear message and a non-zero exit code
 (2 for params, 1 otherwise), never a traceback.
+
+With `LLMLAB_PARAMS_TRACE=<folder>` set, a stage that succeeds writes `<folder>/<stage>.json`: the
+params keys it read (`llmlab.params.recording_reads`), which the end-to-end test checks against the
+`params:` that dvc.yaml declares for the stage.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from llmlab.errors import LlmlabError
-from llmlab.params import Params, load_params
+from llmlab.params import Params, load_params, recording_reads
 
 log = logging.getLogger("llmlab")
 
@@ -31,7 +38,14 @@ def run_stage(
     setup_logging()
     try:
         params = load_params(args.params)
-        main(args, params)
+        trace = os.environ.get("LLMLAB_PARAMS_TRACE")
+        if not trace:
+            main(args, params)
+            return
+        with recording_reads(params) as reads:
+            main(args, params)
+        Path(trace).mkdir(parents=True, exist_ok=True)
+        (Path(trace) / f"{name}.json").write_text(json.dumps(sorted(reads)))
     except LlmlabError as e:
         print(f"error [{name}]: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
