@@ -33,8 +33,11 @@ from llmlab.attention_maps import attention_weights, interesting_heads
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.evaluation import (
     chain_of_thought,
+    distractor_effect,
     fact_recall,
+    name_probe,
     perplexity,
+    position_effect,
     rate_of,
     samples,
     stateless_completion,
@@ -133,6 +136,7 @@ def main(args, params: Params) -> None:
                     r = fact_recall(model, tok, people, n_examples=0)
                     m["knowledge"][f"fact_recall_{name}"] = rate_of(round(r.accuracy * r.n), r.n)
                     m["knowledge"][f"fact_recall_{name}_by_group"] = r.by_group
+                    m["knowledge"][f"name_probe_{name}"] = name_probe(model, tok, world, seed=seed)
             with clock("temperature"):
                 sweep_tasks = prompt_pool(world, "eval", cfg.temperature_prompts, seed + 1, params.ppo.max_digits)
                 sweep = temperature_sweep(models["ppo"], tok, sweep_tasks, rater, cfg.temperatures, cfg.temperature_samples,
@@ -148,6 +152,13 @@ def main(args, params: Params) -> None:
                 m["context"], details["context"] = stateless_context(models["ppo"], tok, world, rater, cfg.context_pairs,
                                                                      cfg.max_new_tokens, seed)  # fmt: skip
                 m["context_base"], details["context_base"] = stateless_completion(models["base"], tok, world, cfg.context_pairs, seed)
+                m["position"], m["distractors"], details["position"], details["distractors"] = {}, {}, {}, {}
+                for name in ("sft", "ppo"):
+                    m["position"][name], details["position"][name] = position_effect(
+                        models[name], tok, world, rater, cfg.position_facts, cfg.position_trials, cfg.max_new_tokens, seed)
+                    rows, details["distractors"][name] = distractor_effect(
+                        models[name], tok, world, rater, cfg.distractor_counts, cfg.distractor_trials, cfg.max_new_tokens, seed)
+                    m["distractors"][name] = {f"{r['distractors']}_sentences": r for r in rows}
         else:
             log.info("no synthetic world (real corpus and data): no rater, so the graded sections are skipped")
         with clock("alignment_tax"):

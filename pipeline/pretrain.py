@@ -18,7 +18,7 @@ import torch
 
 from llmlab import checkpoints
 from llmlab.errors import LlmlabError
-from llmlab.evaluation import fact_recall, samples
+from llmlab.evaluation import copy_accuracy, fact_recall, samples
 from llmlab.io import write_json, write_text
 from llmlab.mfu import matmul_peak_flops
 from llmlab.model import GPTConfig, save_model
@@ -28,7 +28,7 @@ from llmlab.pretraining import (
     CausalLMModule,
     CurveRecorder,
     FixedWindows,
-    RecallProbe,
+    Probe,
     Throughput,
     TokenWindows,
     build_trainer,
@@ -39,7 +39,7 @@ from llmlab.pretraining import (
 from llmlab.stage import run_stage
 from llmlab.tokenizer import load_tokenizer, open_split, read_token_meta
 from llmlab.tracking import StageRun, is_global_zero
-from llmlab.world import World, fact_prompts
+from llmlab.world import World, copy_probes, fact_prompts
 
 log = logging.getLogger("llmlab.pretrain")
 
@@ -91,8 +91,11 @@ def main(args, params: Params) -> None:
     curves = CurveRecorder(cfg.log_every)
     known = world.known()
     probe_people = known[:: max(1, len(known) // cfg.recall_probe_people)][: cfg.recall_probe_people] if cfg.recall_probe_people else []
-    probe = RecallProbe(lambda model: fact_recall(model, tok, probe_people).accuracy)
-    callbacks = [throughput, curves, probe] if probe_people else [throughput, curves]
+    probes = [Probe("fact_recall", lambda model: fact_recall(model, tok, probe_people).accuracy)] if probe_people else []
+    copy_items = copy_probes(world, cfg.copy_probes, params.seed) if world.people else []
+    if copy_items:
+        probes.append(Probe("copy_accuracy", lambda model: copy_accuracy(model, tok, copy_items)["copy_accuracy"]))
+    callbacks = [throughput, curves, *probes]
 
     with StageRun("pretrain", {"seed": params.seed, "pretrain": cfg.model_dump()}) as run:
         trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), callbacks, budget.total_steps)
@@ -135,19 +138,25 @@ def main(args, params: Params) -> None:
                 **{f"fact_recall_by_attribute/{k}": v for k, v in recall.by_attribute.items()},
                 **{f"fact_recall_by_group/{k}": v for k, v in recall.by_group.items()},
             }
+        copying = copy_accuracy(model, tok, copy_items) if copy_items else None
+        if copying:
+            metrics |= {k: v for k, v in copying.items() if k.startswith("copy_accuracy")} | {"copy_accuracy_n": copying["n"]}
         write_json(args.metrics, metrics)
-        curves.write(args.plots, recall=probe.points)
+        curves.write(args.plots, probes)
         report = Path(args.report)
         write_json(report / "throughput.json", speed)
         write_json(report / "samples.json", sample_rows)
         write_json(report / "fact_recall_examples.json", recall.examples)
+        if copying:
+            write_json(report / "copy_examples.json", copying["examples"])
         write_text(report / "samples.md", _samples_markdown(sample_rows))
         run.log_metrics({k: v for k, v in (metrics | speed).items() if isinstance(v, int | float)}, step=int(trainer.global_step))
         for path in (args.metrics, Path(args.out) / "config.json", report, args.plots):
             run.log_artifact(path)
         log.info(
-            "val loss %.3f (ppl %.1f) · fact recall %s · %.0f tokens/s · MFU %.1f%%",
+            "val loss %.3f (ppl %.1f) · fact recall %s · copy accuracy %s · %.0f tokens/s · MFU %.1f%%",
             val_loss, math.exp(val_loss), f"{recall.accuracy:.1%} of {recall.n}" if recall.n else "n/a (no synthetic world)",
+            f"{copying['copy_accuracy']:.1%}" if copying else "n/a",
             speed["tokens_per_s"], 100 * speed["mfu"],
         )
 

@@ -20,6 +20,7 @@ import torch
 
 from llmlab import checkpoints
 from llmlab.chat import parse_reply, render
+from llmlab.corpus import read_corpus
 from llmlab.errors import LlmlabError
 from llmlab.generate import generate
 from llmlab.io import write_json, write_text
@@ -41,6 +42,7 @@ def add_arguments(p):
     p.add_argument("--model", required=True, help="pretrained model folder (from the pretrain stage)")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json")
     p.add_argument("--world", required=True, help="world.json (from the corpus stage)")
+    p.add_argument("--corpus", required=True, help="corpus folder (from the corpus stage): documents to replay")
     p.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints (DVC persist)")
     p.add_argument("--out", required=True, help="folder for the fine-tuned weights and config")
     p.add_argument("--metrics", required=True, help="metrics JSON file")
@@ -69,6 +71,11 @@ def main(args, params: Params) -> None:
     n_val = max(1, len(conversations) // 20)
     val_set = ChatDataset(tok, conversations[:n_val], T)
     train_base = ChatDataset(tok, conversations[n_val:], T)
+    n_replay = round(len(train_base) * cfg.data.replay_share / (1 - cfg.data.replay_share))
+    if n_replay:
+        texts = read_corpus(Path(args.corpus), "train")
+        picked = random.Random(f"{params.seed}/replay").choices(texts, k=n_replay)
+        train_base.add_documents(tok, picked, T)
     items_per_step = cfg.batch_size * cfg.grad_accum * world_size(cfg)
 
     if not len(train_base) or not len(val_set):
@@ -79,7 +86,7 @@ def main(args, params: Params) -> None:
     digest = hashlib.sha256(json.dumps(conversations, sort_keys=True).encode()).hexdigest()  # hf/local data can change
     fp = checkpoints.fingerprint(
         {"seed": params.seed, "sft": cfg.model_dump(), "data": digest},
-        [Path(args.model) / "model.safetensors", args.tokenizer, args.world],
+        [Path(args.model) / "model.safetensors", args.tokenizer, args.world, Path(args.corpus) / "train.parquet"],
     )
     resume = checkpoints.resume_path(args.checkpoints, fp, readonly=not is_global_zero())
     L.seed_everything(params.seed, workers=True, verbose=False)
@@ -107,6 +114,7 @@ def main(args, params: Params) -> None:
             "examples": len(conversations),
             "truncated": train_base.truncated + val_set.truncated,
             "no_answer": train_base.no_answer + val_set.no_answer,
+            "replayed_documents": n_replay,
             **data_stats,
         }
         report = Path(args.report)

@@ -82,7 +82,7 @@ def test_code_deps_are_the_scripts_import_closure(stage):
     missing, extra = sorted(closure - listed), sorted(listed - closure - {script})
     assert not missing and not extra, (
         f"dvc.yaml, stage {stage}: deps should list exactly {script} and the llmlab files it imports; "
-        f"add {missing}, remove {extra}. The whole list:\n" + "\n".join(f"      - {f}" for f in [script, *sorted(closure)])
+        f"add {missing}, remove {extra} (`python -m tests.test_dvc_yaml` rewrites them)"
     )
 
 
@@ -129,3 +129,23 @@ def test_import_closure_follows_imports_inside_functions(tmp_path):
     script = tmp_path / "s.py"
     script.write_text("def f():\n    from llmlab.corpus import build_corpus\n")
     assert "src/llmlab/world.py" in import_closure(str(script))  # ROOT / an absolute path is that path
+
+
+def write_code_deps(path: Path = ROOT / "dvc.yaml") -> None:
+    """Rewrite each stage's `src/llmlab/...` deps in dvc.yaml as its script's import closure, in place,
+    keeping every other line (comments, data deps, order) as it is."""
+    lines, out, stage = path.read_text(encoding="utf-8").split("\n"), [], None
+    for i, line in enumerate(lines):
+        header = line[2:-1] if line.startswith("  ") and not line.startswith("   ") and line.endswith(":") else None
+        if header in DVC["stages"]:
+            stage = header
+        is_code = line.startswith("      - src/llmlab/") and stage and PACKAGE not in listed_code(stage)
+        if not is_code:
+            out.append(line)
+        elif not lines[i - 1].startswith("      - src/llmlab/"):  # the first of the block: write the whole closure
+            out += [f"      - {f}" for f in sorted(import_closure(f"pipeline/{stage}.py"))]
+    path.write_text("\n".join(out), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    write_code_deps()

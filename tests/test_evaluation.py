@@ -4,6 +4,7 @@ right answer is known, and the model-facing parts are checked against plain refe
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -159,9 +160,78 @@ def test_context_is_used_only_when_the_transcript_is_sent(monkeypatch):
     assert m["with_transcript"] == ev.rate([True] * 30) and m["without_transcript"]["rate"] == 0.0
     with_t = [c for c in seen if len(c) == 3]
     assert len(with_t) == 30 and all(c[1]["content"] == "OK, noted." for c in with_t)  # the first call's own reply
-    unknown = {p.name for p in WORLD.group("unknown")}
-    assert all(any(name in c[0]["content"] for name in unknown) for c in with_t)
+    # never-seen people: made up, with names from the half of the name space no training data uses
+    asked = [e["question"] for e in examples]
+    assert all(not any(p.name in q for p in WORLD.people) for q in asked)
     assert all(e["question"] not in e["statement"] for e in examples)
+
+
+def reader(first_only: bool = False, max_gap_chars: int | None = None):
+    """A stand-in for `_chat` that reads its prompt: it answers with the earlier sentence about the person the
+    question names (so the answer is right) — only when that sentence comes first (`first_only`), or only when
+    at most `max_gap_chars` characters stand between it and the question; otherwise "I don't know"."""
+
+    def fake_chat(model, tok, conversations, max_new_tokens, batch_size=64):
+        out = []
+        for c in conversations:
+            *told, question = re.findall(r"[^.?]+[.?]", c[-1]["content"])
+            name = re.search(r"[A-Z][a-z]+ [A-Z][a-z]+", re.sub(r"^ ?(Can|Do|Does) ", " ", question)).group()
+            i = next(i for i, t in enumerate(told) if name in t)
+            gap = sum(len(t) for t in told[i + 1 :])
+            knows = (not first_only or i == 0) and (max_gap_chars is None or gap <= max_gap_chars)
+            out.append(Reply(told[i].strip() if knows else "I don't know.", True, True))
+        return out
+
+    return fake_chat
+
+
+def test_position_effect_counts_each_position(monkeypatch):
+    monkeypatch.setattr(ev, "_chat", reader())
+    m, _ = ev.position_effect(None, None, WORLD, RATER, n_facts=5, n_trials=50, max_new_tokens=8, seed=0)
+    assert all(m["by_position"][str(k)] == ev.rate([True] * 10) for k in range(1, 6))
+    monkeypatch.setattr(ev, "_chat", reader(first_only=True))
+    m, examples = ev.position_effect(None, None, WORLD, RATER, n_facts=5, n_trials=50, max_new_tokens=8, seed=0)
+    assert m["start"] == ev.rate([True] * 10) and m["end"] == ev.rate([False] * 10) and m["middle"] == ev.rate([False] * 30)
+    assert m["by_position"]["1"]["rate"] == 1.0 and m["by_position"]["3"]["rate"] == 0.0
+    assert examples and all(not any(p.name in e["prompt"] for p in WORLD.people) for e in examples)
+
+
+def test_distractor_effect_measures_the_gap(monkeypatch, tok):
+    model = type("M", (), {"config": GPTConfig(vocab_size=tok.get_vocab_size(), context_length=256)})()
+    monkeypatch.setattr(ev, "_chat", reader(max_gap_chars=60))
+    rows, _ = ev.distractor_effect(model, tok, WORLD, RATER, [0, 1, 4], n_trials=20, max_new_tokens=16, seed=0)
+    assert [r["distractors"] for r in rows] == [0, 1, 4]
+    assert rows[0]["distractor_tokens"] == 0 and rows[0]["distractor_tokens"] < rows[1]["distractor_tokens"] < rows[2]["distractor_tokens"]
+    assert rows[0]["accuracy"] == ev.rate([True] * 20) and rows[2]["accuracy"]["rate"] == 0.0  # 4 sentences: > 60 characters
+    short = ev.distractor_effect(type("M", (), {"config": GPTConfig(vocab_size=8, context_length=48)})(), tok, WORLD, RATER,
+                                 [0, 8], n_trials=5, max_new_tokens=16, seed=0)[0]  # fmt: skip
+    assert [r["distractors"] for r in short] == [0]  # 8 sentences never fit 48 tokens: no row, not a cut prompt
+
+
+def test_name_probe_reads_what_the_state_at_the_name_holds():
+    """A stand-in model whose state at a name encodes the person's city (one-hot) and nothing else: the probe
+    reads the city of held-out people it was not trained on, and no better than chance the hobby."""
+    from llmlab.world import CITIES
+
+    people = {p.name: p for p in WORLD.people}
+
+    class Tok:
+        def encode(self, text, add_special_tokens=False):
+            return type("E", (), {"ids": [sorted(people).index(text)]})()
+
+    class Model:
+        def hidden(self, ids):
+            person = people[sorted(people)[ids[0, -1]]]
+            state = torch.zeros(1, 1, len(CITIES))
+            state[0, 0, CITIES.index(person.city)] = 1.0
+            return state
+
+    out = ev.name_probe(Model(), Tok(), WORLD)
+    held_out_cities = {p.city for p in WORLD.group("heldout")}
+    seen = {p.city for p in WORLD.group("sft")}
+    expected = sum(p.city in seen for p in WORLD.group("heldout")) / len(WORLD.group("heldout"))
+    assert out["city"] == pytest.approx(expected) and expected > 0.5 and held_out_cities
+    assert out["hobby"] < 0.5
 
 
 class FakeTok:

@@ -53,7 +53,7 @@ def test_local_corpus_chat_and_preferences_run_without_a_rater(tmp_path):
                        "--metrics", "metrics/tokenizer.json", "--report", "reports/tokenizer"]),
         ("pretrain", ["--tokens", "data/tokens", *tok, *world, "--checkpoints", "checkpoints/pretrain", "--out", "models/pretrain",
                       "--metrics", "metrics/pretrain.json", "--plots", "plots/pretrain", "--report", "reports/pretrain"]),
-        ("sft", ["--model", "models/pretrain", *tok, *world, "--checkpoints", "checkpoints/sft", "--out", "models/sft",
+        ("sft", ["--model", "models/pretrain", *tok, *world, "--corpus", "data/corpus", "--checkpoints", "checkpoints/sft", "--out", "models/sft",
                  "--metrics", "metrics/sft.json", "--plots", "plots/sft", "--report", "reports/sft"]),
         ("preferences", ["--model", "models/sft", *tok, *world, "--out", "data/preferences", "--metrics", "metrics/preferences.json"]),
         ("reward", ["--pairs", "data/preferences", "--model", "models/sft", *tok, "--checkpoints", "checkpoints/reward",

@@ -5,12 +5,14 @@ from collections import Counter
 
 import pytest
 
-from llmlab.params import SyntheticCorpus
-from llmlab.sft_data import POOLS, SFTMix, good_answer, prompt_pool, sft_examples
-from llmlab.world import build_world, fact_sentence, parse_addition_answer
+from llmlab.params import SFTData, SyntheticCorpus
+from llmlab.rater import Rater
+from llmlab.sft_data import POOLS, good_answer, pool_of, prompt_pool, sft_examples
+from llmlab.tasks import Task
+from llmlab.world import build_world, fact_sentence, is_probe_name, parse_addition_answer
 
 WORLD = build_world(SyntheticCorpus(n_sft_people=40, n_heldout_people=10, n_unknown_people=10), seed=3)
-MIX = SFTMix(n_examples=3000)
+MIX = SFTData(n_examples=3000)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def examples():
 def test_shares_follow_the_mix(examples):
     kinds = Counter(e.task.kind for e in examples)
     assert len(examples) == MIX.n_examples
-    assert kinds["fact"] / len(examples) == pytest.approx(MIX.share_fact / (MIX.share_fact + MIX.share_about + MIX.share_arithmetic + MIX.share_unknown + MIX.share_harmful), abs=0.04)
+    assert kinds["fact"] / len(examples) == pytest.approx(MIX.share_fact / (MIX.share_fact + MIX.share_about + MIX.share_arithmetic + MIX.share_unknown + MIX.share_harmful + MIX.share_context), abs=0.04)
     assert 0 < kinds["unknown"] < 0.06 * len(examples) and 0 < kinds["harmful"] < 0.06 * len(examples)
     assert sum(e.imperfect for e in examples) / len(examples) == pytest.approx(MIX.imperfect_share, abs=0.02)
 
@@ -71,10 +73,40 @@ def test_eval_pool_asks_about_heldout_people_too():
 
 
 def test_deterministic():
-    a = sft_examples(WORLD, SFTMix(n_examples=200), seed=5)
-    b = sft_examples(WORLD, SFTMix(n_examples=200), seed=5)
+    a = sft_examples(WORLD, SFTData(n_examples=200), seed=5)
+    b = sft_examples(WORLD, SFTData(n_examples=200), seed=5)
     assert [x.messages for x in a] == [x.messages for x in b]
     import random
 
     t = a[0].task
     assert good_answer(t, WORLD, random.Random(0), 0.0) == good_answer(t, WORLD, random.Random(0), 0.0)
+
+
+def test_context_conversations_state_what_they_ask(examples):
+    """The answer to a context conversation is in the conversation: the value it asks for was stated by the
+    user before the question, the reply states it, and the rater grades that reply correct. Made-up names
+    are never probe names; every unrelated turn in between comes from the sft pool."""
+    rater = Rater(WORLD)
+    people = {p.name: p for p in WORLD.people}
+    context = [e for e in examples if e.task.kind == "context"]
+    assert len(context) > 200
+    corrections = 0
+    for e in context:
+        t, told = e.task, e.messages[0]["content"]
+        assert t.person in told and t.value in told
+        assert e.messages[-2]["content"].endswith(t.prompt) and t.value in e.messages[-1]["content"]
+        assert rater.score(t, e.messages[-1]["content"], ended=True).correct
+        if t.person in people:
+            corrections += 1
+            assert people[t.person].facts()[t.attribute] != t.value  # the user changed a known fact
+        else:
+            assert not is_probe_name(t.person)
+        for user in e.messages[2:-2:2]:
+            numbers = re.findall(r"\d+", user["content"])
+            if numbers:
+                a, b = map(int, numbers)
+                assert pool_of(Task("arithmetic", user["content"], a=a, b=b), WORLD) == "sft"
+            else:
+                name = next(n for n in people if n in user["content"])
+                assert pool_of(Task("fact", user["content"], person=name), WORLD) == "sft"
+    assert 0.1 < corrections / len(context) < 0.3

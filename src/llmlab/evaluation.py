@@ -26,11 +26,21 @@ from llmlab.generate import generate
 from llmlab.model import GPT
 from llmlab.rater import Rater
 from llmlab.sft import answer as answer_tasks
-from llmlab.sft_data import ADD_BARE, ADD_COT, QUESTIONS, fact_task, pool_of
+from llmlab.sft_data import ADD_BARE, ADD_COT, pool_of
 from llmlab.stats import mean_ci, wilson_ci
 from llmlab.tasks import TASK_KINDS, Task
 from llmlab.tokenizer import BOS_ID, END_ID
-from llmlab.world import ATTRIBUTES, Person, World, fact_prompts, fact_sentence, grade_completion
+from llmlab.world import (
+    ATTRIBUTES,
+    PHRASINGS,
+    QUESTIONS,
+    Person,
+    World,
+    fact_prompts,
+    fact_sentence,
+    grade_completion,
+    invented_people,
+)
 
 
 @dataclass
@@ -43,27 +53,36 @@ class RecallResult:
 
 
 @torch.no_grad()
+def complete(model: GPT, tok: Tokenizer, items: Sequence[tuple[str, str]], batch_size: int = 128) -> list[tuple[str, bool]]:
+    """Greedy completion of each (prompt, answer) after <|bos|>, graded by `grade_completion`: a list of
+    (completion, correct). A prompt is cut from the left so that it and the answer fit the context."""
+    out: list[tuple[str, bool]] = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        # Enough new tokens for the longest answer, plus one so a trailing word boundary is visible.
+        n_new = max(len(tok.encode(" " + answer, add_special_tokens=False).ids) for _, answer in chunk) + 1
+        keep = model.config.context_length - n_new
+        prompts = [[BOS_ID, *tok.encode(prompt, add_special_tokens=False).ids][-keep:] for prompt, _ in chunk]
+        for (_, answer), o in zip(chunk, generate(model, prompts, n_new, temperature=0), strict=True):
+            completion = tok.decode(o, skip_special_tokens=False)
+            out.append((completion, grade_completion(completion, answer)))
+    return out
+
+
+@torch.no_grad()
 def fact_recall(model: GPT, tok: Tokenizer, people: list[Person], batch_size: int = 128, n_examples: int = 20) -> RecallResult:
-    bos = tok.token_to_id("<|bos|>")
     items = [(p, attr, prompt, answer) for p in people for attr, prompt, answer in fact_prompts(p)]
     if not items:
         return RecallResult(0.0, 0, {}, {})
     hits: dict[str, list[bool]] = defaultdict(list)
     groups: dict[str, list[bool]] = defaultdict(list)
     examples = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        prompts = [[bos, *tok.encode(prompt).ids] for _, _, prompt, _ in chunk]
-        # Enough new tokens for the longest answer, plus one so a trailing word boundary is visible.
-        n_new = max(len(tok.encode(" " + answer).ids) for *_, answer in chunk) + 1
-        outs = generate(model, prompts, n_new, temperature=0)
-        for (person, attr, prompt, answer), out in zip(chunk, outs, strict=True):
-            completion = tok.decode(out, skip_special_tokens=False)
-            ok = grade_completion(completion, answer)
-            hits[attr].append(ok)
-            groups[person.group].append(ok)
-            if len(examples) < n_examples:
-                examples.append({"prompt": prompt, "answer": answer, "completion": completion, "correct": ok})
+    graded = complete(model, tok, [(prompt, answer) for *_, prompt, answer in items], batch_size)
+    for (person, attr, prompt, answer), (completion, ok) in zip(items, graded, strict=True):
+        hits[attr].append(ok)
+        groups[person.group].append(ok)
+        if len(examples) < n_examples:
+            examples.append({"prompt": prompt, "answer": answer, "completion": completion, "correct": ok})
     every = [h for hs in hits.values() for h in hs]
     return RecallResult(
         accuracy=sum(every) / len(every),
@@ -72,6 +91,70 @@ def fact_recall(model: GPT, tok: Tokenizer, people: list[Person], batch_size: in
         by_group={g: sum(h) / len(h) for g, h in sorted(groups.items())},
         examples=examples,
     )
+
+
+def name_probe(model: GPT, tok: Tokenizer, world: World, steps: int = 300, seed: int = 0) -> dict[str, float]:
+    """Is an attribute stored *at the name*? A linear probe reads it from the model's final hidden state at
+    the last token of "<|bos|> Full Name", alone (Allen-Zhu & Li 2023, Part 3.1, P-probing).
+
+    Per attribute, a softmax classifier over the attribute's values is trained on the SFT people's states
+    (full batch, AdamW with weight decay, `steps` steps) and tested on the held-out people's: the share of
+    held-out people whose value it predicts, and the mean over attributes ("mean"). High here and low in
+    question answering means the knowledge is stored but not extracted; low here, the name does not carry it.
+    """
+    train, test = world.group("sft"), world.group("heldout")
+    if not train or not test:
+        return {}
+
+    @torch.no_grad()
+    def states(people: list[Person]) -> torch.Tensor:
+        out = []
+        for p in people:
+            ids = torch.tensor([[BOS_ID, *tok.encode(p.name, add_special_tokens=False).ids]])
+            out.append(model.hidden(ids)[0, -1])
+        return torch.stack(out)  # (n, C)
+
+    x_train, x_test = states(train), states(test)
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mu) / sd, (x_test - mu) / sd
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for attr in ATTRIBUTES:
+        values = sorted({p.facts()[attr] for p in world.known()})
+        index = {v: i for i, v in enumerate(values)}
+        y_train = torch.tensor([index[p.facts()[attr]] for p in train])
+        y_test = torch.tensor([index[p.facts()[attr]] for p in test])
+        w = (torch.randn(x_train.shape[1], len(values), generator=g) * 0.01).requires_grad_()
+        b = torch.zeros(len(values), requires_grad=True)
+        opt = torch.optim.AdamW([w, b], lr=0.05, weight_decay=0.1)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(x_train @ w + b, y_train).backward()
+            opt.step()
+        with torch.no_grad():
+            out[attr] = float(((x_test @ w + b).argmax(-1) == y_test).float().mean())
+    out["mean"] = statistics.fmean(out[a] for a in ATTRIBUTES)
+    return out
+
+
+@torch.no_grad()
+def copy_accuracy(model: GPT, tok: Tokenizer, probes: Sequence[tuple[str, str, str]], n_examples: int = 10) -> dict:
+    """Greedy completion of the later mention of a never-seen name or value in its own document
+    (`world.copy_probes`): {"copy_accuracy", "copy_accuracy_name", "copy_accuracy_value", "n", "examples"}.
+    A model that cannot read its context scores near 0 on names (the surname is in no weight) and at
+    about chance on values."""
+    graded = complete(model, tok, [(prompt, answer) for _, prompt, answer in probes])
+    by_what: dict[str, list[bool]] = defaultdict(list)
+    for (what, _, _), (_, ok) in zip(probes, graded, strict=True):
+        by_what[what].append(ok)
+    every = [ok for _, ok in graded]
+    return {
+        "copy_accuracy": sum(every) / max(1, len(every)),
+        **{f"copy_accuracy_{w}": sum(v) / len(v) for w, v in sorted(by_what.items())},
+        "n": len(every),
+        "examples": [{"what": w, "prompt": p, "answer": a, "completion": c, "correct": ok}
+                     for (w, p, a), (c, ok) in list(zip(probes, graded, strict=True))[:n_examples]],
+    }
 
 
 @torch.no_grad()
@@ -251,29 +334,28 @@ def stateless_context(model: GPT, tok: Tokenizer, world: World, rater: Rater, n_
                       seed: int) -> tuple[dict, list[dict]]:
     """Does the model use a fact only while the transcript that holds it is sent again?
 
-    For people who appear nowhere in the corpus, call 1 tells the model a fact ("Ada Brook lives in Port
-    Avery.") and the model replies. Call 2 asks about it twice: once with the whole transcript of call 1
-    resent before the question, once as a fresh conversation with the question alone. The model has no
-    memory between calls, so only the first can be answered.
+    For people with never-seen names, call 1 tells the model a fact ("Ada Brook lives in Port Avery.") and
+    the model replies. Call 2 asks about it twice: once with the whole transcript of call 1 resent before
+    the question, once as a fresh conversation with the question alone. The model has no memory between
+    calls, so only the first can be answered; without the transcript, a right answer is a lucky guess
+    (about one in the number of values of the attribute).
     """
     rng = random.Random(f"{seed}/context")
-    items = [(p, attr) for p in world.group("unknown") for attr in ATTRIBUTES]
-    rng.shuffle(items)
-    items = items[:n_pairs]
+    people = invented_people(n_pairs, rng, {p.name for p in world.people}, probe=True)
+    items = [(p, rng.choice(ATTRIBUTES)) for p in people]
     if not items:
         return {"with_transcript": rate([]), "without_transcript": rate([])}, []
-    statements = [fact_sentence(p, attr) for p, attr in items]
-    questions = [fact_task(p, attr, rng.randrange(len(QUESTIONS[attr]))) for p, attr in items]
+    statements = [fact_sentence(p, attr, rng.randrange(len(PHRASINGS[attr]))) for p, attr in items]
+    questions = [Task("context", rng.choice(QUESTIONS[attr]).format(name=p.name), person=p.name, attribute=attr,
+                      value=p.facts()[attr]) for p, attr in items]  # fmt: skip
     # Call 1: the user states the fact; the model answers whatever it answers.
     first = _chat(model, tok, [[{"role": "user", "content": s}] for s in statements], max_new_tokens)
     with_t = _chat(model, tok, [[{"role": "user", "content": s}, {"role": "assistant", "content": r.text},
                                  {"role": "user", "content": q.prompt}]
                                 for s, r, q in zip(statements, first, questions, strict=True)], max_new_tokens)  # fmt: skip
     without = _chat(model, tok, [[{"role": "user", "content": q.prompt}] for q in questions], max_new_tokens)
-    # Graded as a fact question about that person: the true value is the one the user gave.
-    grade = lambda q, r: rater.score(Task("fact", q.prompt, person=q.person, attribute=q.attribute), r.text, r.ended).correct  # noqa: E731
-    ok_with = [grade(q, r) for q, r in zip(questions, with_t, strict=True)]
-    ok_without = [grade(q, r) for q, r in zip(questions, without, strict=True)]
+    ok_with = [rater.score(q, r.text, r.ended).correct for q, r in zip(questions, with_t, strict=True)]
+    ok_without = [rater.score(q, r.text, r.ended).correct for q, r in zip(questions, without, strict=True)]
     metrics = {"with_transcript": rate(ok_with), "without_transcript": rate(ok_without)}
     examples = [{"statement": s, "first_reply": f.text, "question": q.prompt, "with_transcript": w.text,
                  "without_transcript": o.text}
@@ -313,6 +395,83 @@ def stateless_completion(model: GPT, tok: Tokenizer, world: World, n_pairs: int,
             if len(records) < 8:
                 records.append({"what": what, "context": key, "text": text, "completion": completion, "expected": expected})
     return {w: {k: rate(v) for k, v in d.items()} for w, d in ok.items()}, records
+
+
+def _told(people: Sequence[Person], attrs: Sequence[str], rng: random.Random) -> list[str]:
+    """One sentence per (person, attribute), each in a random phrasing."""
+    return [fact_sentence(p, a, rng.randrange(len(PHRASINGS[a]))) for p, a in zip(people, attrs, strict=True)]
+
+
+def position_effect(model: GPT, tok: Tokenizer, world: World, rater: Rater, n_facts: int, n_trials: int,
+                    max_new_tokens: int, seed: int) -> tuple[dict, list[dict]]:
+    """Does a fact's position in the prompt change how well the model retrieves it?
+
+    One user turn states `n_facts` facts, each about a different person with a never-seen name, then asks
+    about one of them; the asked fact's position cycles through 1..n_facts, so every position gets the same
+    number of trials and the same mix of people and attributes:
+
+        "Lyra Caldbury lives in Fenmoor. Tova Rosemore works as a nurse. ... Where does Lyra Caldbury live?"
+
+    Returns accuracy per position (1-based) and pooled as start (the first), middle, end (the last).
+    """
+    rng = random.Random(f"{seed}/position")
+    taken = {p.name for p in world.people}
+    tasks, conversations, positions = [], [], []
+    for trial in range(n_trials):
+        people = invented_people(n_facts, rng, taken, probe=True)
+        attrs = [rng.choice(ATTRIBUTES) for _ in people]
+        i = trial % n_facts
+        asked, attr = people[i], attrs[i]
+        task = Task("context", rng.choice(QUESTIONS[attr]).format(name=asked.name), person=asked.name, attribute=attr,
+                    value=asked.facts()[attr])  # fmt: skip
+        tasks.append(task)
+        conversations.append([{"role": "user", "content": " ".join([*_told(people, attrs, rng), task.prompt])}])
+        positions.append(i + 1)
+    replies = _chat(model, tok, conversations, max_new_tokens)
+    ok = [rater.score(t, r.text, r.ended).correct for t, r in zip(tasks, replies, strict=True)]
+    by_position = {str(k): rate([o for o, p in zip(ok, positions, strict=True) if p == k]) for k in range(1, n_facts + 1)}
+    where = {"start": lambda p: p == 1, "middle": lambda p: 1 < p < n_facts, "end": lambda p: p == n_facts}
+    pooled_rates = {w: rate([o for o, p in zip(ok, positions, strict=True) if f(p)]) for w, f in where.items()}
+    examples = [{"prompt": c[0]["content"], "position": p, "reply": r.text, "correct": o}
+                for c, p, r, o in list(zip(conversations, positions, replies, ok, strict=True))[:6]]  # fmt: skip
+    return {"n_facts": n_facts, "by_position": by_position, **pooled_rates}, examples
+
+
+def distractor_effect(model: GPT, tok: Tokenizer, world: World, rater: Rater, distractors: Sequence[int], n_trials: int,
+                      max_new_tokens: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Does the model retrieve a fact less well the more text stands between it and the question?
+
+    One user turn states a fact about a never-seen person first, then d sentences about other never-seen
+    people (the distractors), then asks for the first fact. For each d in `distractors`, `n_trials` trials;
+    a row per d with the mean number of tokens between the fact and the question, and the accuracy. A
+    prompt that would not leave room for the reply in the context is not made (the largest d are capped).
+    """
+    rng = random.Random(f"{seed}/distractors")
+    taken = {p.name for p in world.people}
+    room = model.config.context_length - max_new_tokens // 2
+    rows, examples = [], []
+    for d in distractors:
+        tasks, conversations, gaps = [], [], []
+        for _ in range(n_trials):
+            people = invented_people(d + 1, rng, taken, probe=True)
+            attrs = [rng.choice(ATTRIBUTES) for _ in people]
+            first, *others = _told(people, attrs, rng)
+            asked, attr = people[0], attrs[0]
+            task = Task("context", rng.choice(QUESTIONS[attr]).format(name=asked.name), person=asked.name, attribute=attr,
+                        value=asked.facts()[attr])  # fmt: skip
+            content = " ".join([first, *others, task.prompt])
+            if len(render(tok, [{"role": "user", "content": content}], add_generation_prompt=True).ids) > room:
+                continue
+            tasks.append(task)
+            conversations.append([{"role": "user", "content": content}])
+            gaps.append(len(tok.encode(" ".join(others), add_special_tokens=False).ids) if others else 0)
+        if not tasks:
+            continue
+        replies = _chat(model, tok, conversations, max_new_tokens)
+        ok = [rater.score(t, r.text, r.ended).correct for t, r in zip(tasks, replies, strict=True)]
+        rows.append({"distractors": d, "distractor_tokens": statistics.fmean(gaps), "accuracy": rate(ok)})
+        examples += [{"prompt": conversations[0][0]["content"], "reply": replies[0].text, "correct": ok[0]}]
+    return rows, examples
 
 
 def _chat(model: GPT, tok: Tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int, batch_size: int = 64) -> list:

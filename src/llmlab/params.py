@@ -56,6 +56,9 @@ class SyntheticCorpus(Section):
     """Biographical documents written about each known person, each with its own phrasings and order."""
     n_stories: int = Field(1000, ge=0)
     """Short everyday stories mixing several known people."""
+    n_context: int = Field(2000, ge=0)
+    """Context documents: people made up for one document, their facts stated and then asked about in the
+    same document, so that only reading the context predicts the answer (it teaches copying)."""
     n_arithmetic: int = Field(800, ge=0)
     """Multi-digit additions written out step by step, with carries."""
     max_digits: int = Field(4, ge=1, le=9)
@@ -206,6 +209,9 @@ class PretrainConfig(TrainLoop):
     """Fact recall is measured on this many corpus people (null: all of them)."""
     recall_probe_people: int = Field(40, ge=0)
     """Fact recall is also measured at every validation on this many people (0: never), for the curve."""
+    copy_probes: int = Field(200, ge=0)
+    """Context documents with never-seen names on which copy accuracy is measured (each gives a name and a
+    value to copy), at every validation and at the end (0: never)."""
     sample_tokens: int = Field(48, ge=1)
     """New tokens per logged sample."""
 
@@ -268,6 +274,12 @@ class SFTData(Section):
     """Questions about unknown people answered "I don't know" — small on purpose: RLHF has to fix the rest."""
     share_harmful: float = Field(0.03, ge=0)
     """Harmful requests answered with a refusal — small on purpose."""
+    share_context: float = Field(0.15, ge=0)
+    """Conversations that state facts about made-up people (or correct an SFT person's) and ask about one,
+    in the same turn or turns later: only reading the conversation answers them."""
+    replay_share: float = Field(0.0, ge=0, lt=1)
+    """Share of the training items that are pretraining documents (loss on every token) instead of
+    conversations: replay against forgetting what pretraining stored."""
     cot_share: float = Field(0.7, ge=0, le=1)
     """Of the additions, the share answered step by step (chain of thought)."""
     imperfect_share: float = Field(0.05, ge=0, le=1)
@@ -505,7 +517,15 @@ class EvaluateConfig(Section):
     cot_max_new_tokens: int = Field(120, ge=1)
     """Room for the written-out working (generation also stops at the model's context length)."""
     context_pairs: int = Field(300, ge=1)
-    """Facts about unknown people told in one call and asked in the next, with and without the transcript."""
+    """Facts about never-seen people told in one call and asked in the next, with and without the transcript."""
+    position_facts: int = Field(6, ge=3)
+    """Facts stated in one prompt when measuring retrieval by the asked fact's position (first, middle, last)."""
+    position_trials: int = Field(300, ge=1)
+    """Prompts per model for the position measurement (spread evenly over the positions)."""
+    distractor_counts: list[int] = [0, 2, 4, 6, 8]
+    """Sentences about other people between a fact and its question, for the long-prompt measurement."""
+    distractor_trials: int = Field(100, ge=1)
+    """Prompts per model and distractor count."""
     attention_lengths: list[int] = [64, 128, 256, 512, 1024, 2048]
     """Sequence lengths at which the cost of attention is timed (a random model of the same shape)."""
     kv_cache_new_tokens: list[int] = [64, 256]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from llmlab.io import write_text
 from llmlab.model import GPT, GPTConfig
 from llmlab.params import PretrainConfig
 
@@ -338,34 +340,35 @@ class CurveRecorder(L.Callback):
         self.train = [tuple(r) for r in state["train"]]
         self.val = [tuple(r) for r in state["val"]]
 
-    def write(self, folder, recall: list[tuple[int, float]] | None = None) -> None:
-        from pathlib import Path
-
-        from llmlab.io import write_text
-
+    def write(self, folder, probes: Sequence[Probe] = ()) -> None:
+        """The loss curves, and each probe's curve as `<folder>/<probe name>.csv` (columns step, <name>)."""
         curves = [("train_loss", self.train, "loss"), ("val_loss", self.val, "loss")]
-        if recall is not None:
-            curves.append(("fact_recall", recall, "fact_recall"))
+        curves += [(p.name, p.points, p.name) for p in probes]
         for name, rows, column in curves:
             write_text(Path(folder) / f"{name}.csv", f"step,{column}\n" + "".join(f"{s},{v:.6f}\n" for s, v in rows))
 
 
-class RecallProbe(L.Callback):
-    """Fact recall on a fixed sample of people at every validation: the curve of the model learning facts.
+class Probe(L.Callback):
+    """A measurement of the model at every validation: the curve of the model learning something.
 
     `measure(model) -> float` is called on rank 0 with the model in eval mode; the value is logged as
-    `val/fact_recall` and kept for `dvc plots` (and in the checkpoint, like CurveRecorder).
+    `val/<name>` and kept for `dvc plots` (and in the checkpoint, like CurveRecorder). Pretraining has two:
+    fact recall on a sample of people, and copy accuracy on context documents.
     """
 
-    def __init__(self, measure):
-        self.measure = measure
+    def __init__(self, name: str, measure: Callable[[GPT], float]):
+        self.name, self.measure = name, measure
         self.points: list[tuple[int, float]] = []
+
+    @property
+    def state_key(self) -> str:  # two probes in one Trainer: each restores its own points
+        return self._generate_state_key(name=self.name)
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
         value = self.measure(pl_module.model) if trainer.is_global_zero else 0.0
-        pl_module.log("val/fact_recall", value, rank_zero_only=True)
+        pl_module.log(f"val/{self.name}", value, rank_zero_only=True)
         if trainer.is_global_zero:
             self.points.append((trainer.global_step, value))
 

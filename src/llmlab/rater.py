@@ -99,7 +99,7 @@ EMPTY = -2.0
 
 # Rambling: more words than this for the kind (an "about" summary or written-out addition is longer).
 # The longest addition `addition_steps` writes (9 + 9 digits) has about 90 words, so working never rambles.
-MAX_WORDS: dict[TaskKind, int] = {"fact": 60, "unknown": 60, "harmful": 60, "about": 120, "arithmetic": 120}
+MAX_WORDS: dict[TaskKind, int] = {"fact": 60, "unknown": 60, "harmful": 60, "about": 120, "arithmetic": 120, "context": 60}
 NGRAM = 4  # rambling: a run of NGRAM words ...
 NGRAM_REPEATS = 3  # ... said this many times
 
@@ -261,7 +261,7 @@ class Rater:
             parts["empty"] = EMPTY
         else:
             # 1. The task line: is the content right?
-            if task.kind == "fact":
+            if task.kind in ("fact", "context"):
                 correct = self._fact(task, text, parts)
             elif task.kind == "about":
                 correct = self._about(task, text, parts)
@@ -313,13 +313,19 @@ class Rater:
         return self.people[task.person]
 
     def _fact(self, task: Task, text: str, parts: dict[str, float]) -> bool:
-        """fact: +2 for the true value of the asked attribute, -1 per other value of it."""
+        """fact: +2 for the true value of the asked attribute, -1 per other value of it. context: the same,
+        with the value the conversation stated as the truth (the person may be in no world)."""
         if task.attribute not in ATTRIBUTES:
             raise LlmlabError(
-                f"fact task {task.prompt!r} has attribute {task.attribute!r}; expected one of {ATTRIBUTES}"
+                f"{task.kind} task {task.prompt!r} has attribute {task.attribute!r}; expected one of {ATTRIBUTES}"
             )
-        truth = self._person(task).facts()[task.attribute]
-        stated = self.stated_values(text).get(task.attribute, set())
+        if task.kind == "context":
+            if task.value is None or task.person is None:
+                raise LlmlabError(f"context task {task.prompt!r} needs the person and the value the conversation states")
+            truth, names = task.value, [task.person]
+        else:
+            truth, names = self._person(task).facts()[task.attribute], []
+        stated = self.stated_values(text, names).get(task.attribute, set())
         n_wrong = len(stated - {truth})
         if truth in stated:
             parts["correct_fact"] = FACT_CORRECT

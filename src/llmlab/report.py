@@ -231,6 +231,9 @@ def markdown(m: Mapping, details: Mapping, fig: Mapping[str, str], iterations: l
     if "context" in m:
         parts.append(_context(m, details))
     parts.append(_attention_maps(details, fig))
+    if "position" in m:
+        parts.append(_position(m, details))
+        parts.append(_distractors(m))
     times = ", ".join(f"{k} {v:.0f} s" for k, v in details["timings_s"].items())
     parts.append(f"---\nMeasured by the `evaluate` stage ({times}). Every reply behind these numbers: "
                  "`reports/evaluate/details.json`.\n")  # fmt: skip
@@ -336,6 +339,27 @@ corpus mentioned:
 {verdict(shown, "SFT answers about the people it practised on better than about people only the corpus mentioned",
          f"practised {pct(g['sft']['sft'])} vs corpus only {pct(g['sft']['heldout'])}; {diff}")}
 {reading}
+{_diagnosis(m)}"""
+
+
+def _diagnosis(m: Mapping) -> str:
+    """Stored or extracted? For the people only the corpus mentions, three views of the same facts."""
+    k, s = m["knowledge"], m["suite"]
+    models = [n for n in ("base", "sft", "ppo") if f"name_probe_{n}" in k]
+    if not models:
+        return ""
+    rows = "\n".join(
+        f"| {n.upper() if n != 'base' else 'base'} | {100 * k[f'fact_recall_{n}_by_group'].get('heldout', math.nan):.1f} % "
+        f"| {100 * k[f'name_probe_{n}'].get('mean', math.nan):.1f} % | {pct(s[n]['fact_accuracy_by_group']['heldout'])} |"
+        for n in models)  # fmt: skip
+    return f"""
+**Stored, or extracted?** For the people only the corpus mentions: completing a fact's statement (the fact is in
+the weights), a linear probe reading the fact from the model's state at the person's name alone (stored where a
+question can find it; trained on the SFT people, tested on these), and answering the question (extracted):
+
+| model | statement completion | name-only probe | question answering |
+|---|---|---|---|
+{rows}
 """
 
 
@@ -597,3 +621,52 @@ def _head_text(h: Mapping) -> str:
     """What a head's scores say, in words (the scores average over query positions 2 and later)."""
     return (f"{100 * h['previous_token']:.0f} % of its attention on the previous token, {100 * h['first_token']:.0f} % on "
             f"the first, {100 * h['self']:.0f} % on itself; normalised entropy {h['entropy']:.2f} (0 = one token, 1 = uniform)")
+
+
+def _position(m: Mapping, details: Mapping) -> str:
+    models = list(m["position"])
+    k = m["position"][models[0]]["n_facts"]
+    rows = "\n".join(f"| {pos} | " + " | ".join(pct(m["position"][n]["by_position"][pos]) for n in models) + " |"
+                     for pos in m["position"][models[0]]["by_position"])  # fmt: skip
+    lines = []
+    for n in models:
+        r = m["position"][n]
+        best, worst = max(("start", "middle", "end"), key=lambda w: r[w]["rate"] or 0), min(("start", "middle", "end"), key=lambda w: r[w]["rate"] or 0)
+        lines.append(f"- {n.upper()}: " + compare(f"a fact at the {best} of the prompt is retrieved more often than one at the {worst}",
+                                                  r[best], r[worst], (best, worst)))  # fmt: skip
+    ex = details.get("position", {}).get(models[-1], [])
+    example = f"\nExample ({models[-1].upper()}): `{ex[0]['prompt']}` → `{ex[0]['reply']}`\n" if ex else ""
+    return f"""## 12. Where a fact sits in the prompt matters
+
+One prompt states {k} facts, each about a different person the model has never seen, and asks about one of
+them; every position is asked equally often (n = {m["position"][models[0]]["start"]["n"]} per position). Accuracy by the
+asked fact's position (1 = first sentence):
+
+| position | {" | ".join(n.upper() for n in models)} |
+|---|{"---|" * len(models)}
+{rows}
+
+{chr(10).join(lines)}
+{example}"""
+
+
+def _distractors(m: Mapping) -> str:
+    models = list(m["distractors"])
+    keys = list(m["distractors"][models[0]])
+    rows = "\n".join(f"| {m['distractors'][models[0]][key]['distractors']} | {m['distractors'][models[0]][key]['distractor_tokens']:.0f} | "
+                     + " | ".join(pct(m["distractors"][n][key]["accuracy"]) for n in models) + " |" for key in keys)  # fmt: skip
+    lines = [f"- {n.upper()}: " + compare("the fact is retrieved more often with nothing between it and the question than with the most text in between",
+                                           m["distractors"][n][keys[0]]["accuracy"], m["distractors"][n][keys[-1]]["accuracy"],
+                                           ("no distractors", f"{m['distractors'][n][keys[-1]]['distractor_tokens']:.0f} tokens"))
+             for n in models]  # fmt: skip
+    return f"""## 13. A longer prompt can hurt: distance between a fact and its question
+
+A fact about a never-seen person comes first, then sentences about other never-seen people, then the
+question about the first fact; the prompt always fits the context ({m["distractors"][models[0]][keys[-1]]["accuracy"]["n"]} or more prompts per row):
+
+| distractor sentences | tokens between fact and question | {" | ".join(n.upper() for n in models)} |
+|---|---|{"---|" * len(models)}
+{rows}
+
+{chr(10).join(lines)}
+"""

@@ -27,7 +27,7 @@ from llmlab.generate import generate
 from llmlab.model import GPT
 from llmlab.rater import Rater
 from llmlab.tasks import Task
-from llmlab.tokenizer import END_ID, PAD_ID
+from llmlab.tokenizer import BOS_ID, END_ID, PAD_ID
 
 
 class ChatDataset(Dataset):
@@ -46,6 +46,13 @@ class ChatDataset(Dataset):
                 self.no_answer += 1
                 continue
             self.items.append((ids, mask))
+
+    def add_documents(self, tok: Tokenizer, texts: Sequence[str], context_length: int) -> None:
+        """Add plain documents (pretraining replay): <|bos|> + the text, the loss on every token, the first
+        context_length + 1 tokens of a longer one."""
+        for text in texts:
+            ids = [BOS_ID, *tok.encode(text, add_special_tokens=False).ids][: context_length + 1]
+            self.items.append((ids, [True] * len(ids)))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -144,7 +151,7 @@ def answer(model: GPT, tok: Tokenizer, tasks: Sequence[Task], max_new_tokens: in
     return replies
 
 
-REPLY_LENGTH_RANK = {"harmful": 0, "unknown": 1, "fact": 2, "about": 3, "arithmetic": 4}  # shortest first
+REPLY_LENGTH_RANK = {"harmful": 0, "unknown": 1, "fact": 2, "context": 2, "about": 3, "arithmetic": 4}  # shortest first
 
 
 def chat_metrics(tasks: Sequence[Task], replies: Sequence, rater: Rater, people_group: dict[str, str]) -> dict[str, float]:
@@ -172,6 +179,12 @@ def chat_metrics(tasks: Sequence[Task], replies: Sequence, rater: Rater, people_
     if harmful:
         metrics["refusal_rate"] = sum(s.refused for s in harmful) / len(harmful)
     metrics["politeness_rate"] = sum(s.polite for s in scores) / n
+    # Does the reply name the person it was asked about? Only a model that reads its context can, for people
+    # SFT never showed it (held-out and unknown): their names are in no answer it was trained on.
+    unseen = [(t, r) for t, r in zip(tasks, replies, strict=True)
+              if t.kind in ("fact", "about", "unknown") and people_group[t.person] in ("heldout", "unknown")]
+    if unseen:
+        metrics["name_copy_rate"] = sum(t.person in r.text for t, r in unseen) / len(unseen)
     return metrics
 
 

@@ -30,83 +30,24 @@ from pathlib import Path
 
 from llmlab.chat import check_messages
 from llmlab.errors import LlmlabError
+from llmlab.params import SFTData
 from llmlab.sources import hf_rows, local_rows, require_usable
 from llmlab.tasks import Task
 from llmlab.world import (
     ATTRIBUTES,
+    PHRASINGS,
+    QUESTIONS,
     VALUES,
     Person,
     World,
     addition_steps,
     fact_sentence,
+    invented_people,
     random_addend,
 )
 
 POOLS = ("sft", "rl", "eval")
 
-# Eight wordings per attribute; every pool uses all of them (pools differ by person × wording).
-QUESTIONS: dict[str, tuple[str, ...]] = {
-    "birth_year": (
-        "When was {name} born?",
-        "In what year was {name} born?",
-        "What is {name}'s birth year?",
-        "Can you tell me when {name} was born?",
-        "What year did {name} come into the world?",
-        "Tell me the year {name} was born.",
-        "Which year was {name} born in?",
-        "Do you know what year {name} was born?",
-    ),
-    "city": (
-        "Where does {name} live?",
-        "In which city does {name} live?",
-        "What is {name}'s home town?",
-        "Can you tell me where {name} lives?",
-        "Where is {name}'s home?",
-        "Tell me the city {name} lives in.",
-        "Which city is {name} based in?",
-        "Do you know where {name} lives?",
-    ),
-    "job": (
-        "What does {name} do for a living?",
-        "What is {name}'s job?",
-        "What is {name}'s profession?",
-        "Can you tell me what {name} does for work?",
-        "What kind of work does {name} do?",
-        "Tell me {name}'s occupation.",
-        "What work does {name} do?",
-        "Do you know {name}'s occupation?",
-    ),
-    "employer": (
-        "Who does {name} work for?",
-        "Which company employs {name}?",
-        "Where does {name} work?",
-        "Can you tell me who {name}'s employer is?",
-        "Who is {name}'s employer?",
-        "Tell me which company {name} works for.",
-        "What company is {name} employed at?",
-        "Do you know who employs {name}?",
-    ),
-    "pet": (
-        "What pet does {name} have?",
-        "What kind of pet does {name} keep?",
-        "Does {name} have a pet?",
-        "Can you tell me what pet {name} owns?",
-        "Which animal does {name} keep at home?",
-        "Tell me what pet {name} has.",
-        "What animal does {name} look after?",
-        "Do you know what pet {name} has?",
-    ),
-    "hobby": (
-        "What is {name}'s hobby?",
-        "What does {name} do for fun?",
-        "How does {name} spend free time?",
-        "Can you tell me {name}'s hobby?",
-        "What pastime does {name} enjoy?",
-        "Tell me what {name} likes to do in spare time.",
-        "What does {name} enjoy doing?",
-        "Do you know {name}'s favourite pastime?",
-    ),
-}
 ABOUT = (
     "Tell me about {name}.", "Who is {name}?", "What do you know about {name}?", "Describe {name}.",
     "Can you tell me about {name}?", "Give me the facts about {name}.", "Give me a short profile of {name}.",
@@ -207,20 +148,57 @@ def imperfect_answer(task: Task, world: World, rng: random.Random) -> str:
     return fact_sentence(replace(person, **{task.attribute: wrong}), task.attribute)
 
 
-@dataclass(frozen=True)
-class SFTMix:
-    """What the SFT data is made of (the `sft.data` params section will carry the same fields)."""
+# ------------------------------------------------------------------- conversations that need the context
 
-    n_examples: int = 6000
-    share_fact: float = 0.5  # questions about one attribute of an SFT person
-    share_about: float = 0.1  # "Tell me about X"
-    share_arithmetic: float = 0.3  # additions
-    share_unknown: float = 0.03  # questions about unknown people, answered "I don't know" (small on purpose)
-    share_harmful: float = 0.03  # harmful requests, refused (small on purpose)
-    cot_share: float = 0.7  # of additions: answered step by step (the rest: the bare result, a control)
-    imperfect_share: float = 0.05  # curt or wrong demonstrations
-    polite_share: float = 0.3  # good answers that open politely ("Sure! ...")
-    max_digits: int = 4
+TELL = ("Let me tell you about some people.", "Here is some news.", "Some facts for you.", "Please remember this.", "")
+ACKS = ("Thanks, noted.", "Got it, thank you.", "Noted.", "Thanks for letting me know.")
+CORRECTION = ("Update: {statement}", "Correction: {statement}", "News: {statement}")
+
+
+def context_conversation(world: World, rng: random.Random, probe: bool = False) -> tuple[list[dict], Task]:
+    """A conversation whose last question only the conversation itself answers, and that question's task.
+
+    The user states facts about 1-3 people made up for this conversation (or corrects one fact of an SFT
+    person: "Update: Mara Quill lives in Saltmere."), then asks about one of them, in the same turn or
+    after an acknowledgement and 0-2 unrelated turns (a question about an SFT person, an addition):
+
+        user: "Some facts for you. Brisa Talmont works as a nurse. 1961 is the year Odile Crane was born."
+        assistant: "Noted."
+        user: "What is 17 + 5? Answer with the number only."   assistant: "22."
+        user: "What is Brisa Talmont's job?"   assistant: "Brisa Talmont works as a nurse."
+
+    `probe` draws the made-up names from the half of the name space no training data uses.
+    """
+    taken = {p.name for p in world.people}
+    sft_people = world.group("sft")
+    if sft_people and rng.random() < 0.2:  # a correction: the conversation overrides what the weights hold
+        known, attr = rng.choice(sft_people), rng.choice(ATTRIBUTES)
+        new = rng.choice([v for v in VALUES[attr] if v != known.facts()[attr]])
+        person = replace(known, **{attr: int(new) if attr == "birth_year" else new})
+        stated = [(person, attr)]
+        sentences = [rng.choice(CORRECTION).format(statement=fact_sentence(person, attr))]
+    else:
+        cast = invented_people(rng.randint(1, 3), rng, taken, probe)
+        stated = [(p, a) for p in cast for a in rng.sample(ATTRIBUTES, rng.randint(1, 2))]
+        sentences = [fact_sentence(p, a, rng.randrange(len(PHRASINGS[a]))) for p, a in stated]
+        rng.shuffle(sentences)
+        sentences.insert(0, rng.choice(TELL))
+    person, attr = rng.choice(stated)
+    value = person.facts()[attr]
+    # A question about an SFT person is worded as the sft pool words it: its text never appears in the eval pool.
+    wordings = [q for q in QUESTIONS[attr] if person.group == "invented" or pool_of(fact_task(person, attr, QUESTIONS[attr].index(q)), world) == "sft"]
+    task = Task("context", rng.choice(wordings or QUESTIONS[attr]).format(name=person.name), person=person.name,
+                attribute=attr, value=value)
+    answer = fact_sentence(person, attr)
+    told = " ".join(filter(None, sentences))
+    if rng.random() < 0.4:
+        return [{"role": "user", "content": f"{told} {task.prompt}"}, {"role": "assistant", "content": answer}], task
+    messages = [{"role": "user", "content": told}, {"role": "assistant", "content": rng.choice(ACKS)}]
+    for _ in range(rng.randint(0, 2)):  # unrelated turns in between, from the sft pool
+        kind = "fact" if sft_people and rng.random() < 0.5 else "arithmetic"
+        other = _draw_in_pool(world, "sft", kind, sft_people, [], 2, 0.0, rng)
+        messages += [{"role": "user", "content": other.prompt}, {"role": "assistant", "content": good_answer(other, world, rng, 0.0)}]
+    return [*messages, {"role": "user", "content": task.prompt}, {"role": "assistant", "content": answer}], task
 
 
 def _draw(kind: str, people: list[Person], unknown: list[Person], pool: str, max_digits: int, cot_share: float,
@@ -252,17 +230,22 @@ def _draw_in_pool(world: World, pool: str, kind: str, people, unknown, max_digit
     raise LlmlabError(f"no {kind} prompt falls in the {pool} pool: the world is too small (add people)")
 
 
-def sft_examples(world: World, cfg: SFTMix, seed: int) -> list[Example]:
+def sft_examples(world: World, cfg: SFTData, seed: int) -> list[Example]:
     """`cfg.n_examples` demonstrations, each task kind drawn by its share."""
     rng = random.Random(f"{seed}/sft")
     sft_people = world.group("sft")
     unknown = world.group("unknown")
     unknown = unknown[: len(unknown) // 2]
-    kinds = ["fact", "about", "arithmetic", "unknown", "harmful"]
-    weights = [cfg.share_fact, cfg.share_about, cfg.share_arithmetic, cfg.share_unknown if unknown else 0, cfg.share_harmful]
+    kinds = ["fact", "about", "arithmetic", "unknown", "harmful", "context"]
+    weights = [cfg.share_fact, cfg.share_about, cfg.share_arithmetic, cfg.share_unknown if unknown else 0, cfg.share_harmful,
+               cfg.share_context]  # fmt: skip
     out: list[Example] = []
     while len(out) < cfg.n_examples:
         kind = rng.choices(kinds, weights)[0]
+        if kind == "context":
+            messages, task = context_conversation(world, rng)
+            out.append(Example(task, messages))
+            continue
         task = _draw_in_pool(world, "sft", kind, sft_people, unknown, cfg.max_digits, cfg.cot_share, rng)
         imperfect = rng.random() < cfg.imperfect_share
         answer = imperfect_answer(task, world, rng) if imperfect else good_answer(task, world, rng, cfg.polite_share)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-TaskKind = Literal["fact", "about", "arithmetic", "unknown", "harmful"]
-TASK_KINDS: tuple[TaskKind, ...] = ("fact", "about", "arithmetic", "unknown", "harmful")
+TaskKind = Literal["fact", "about", "arithmetic", "unknown", "harmful", "context"]
+TASK_KINDS: tuple[TaskKind, ...] = ("fact", "about", "arithmetic", "unknown", "harmful", "context")
 
 
 @dataclass(frozen=True)
@@ -24,12 +24,16 @@ class Task:
       arithmetic  an addition a + b; `cot` says whether the answer should show its working
       unknown     a question about a person who appears nowhere in the corpus (honest answer: I don't know)
       harmful     a request the assistant should refuse (a person's password, breaking into their house)
+      context     a question about one attribute whose answer the conversation itself states (`value`):
+                  a person made up in it, or a known person's fact the user corrected; the prompt is the
+                  last user turn, the turns before it are kept by whoever made the task
     """
 
     kind: TaskKind
     prompt: str
     person: str | None = None  # full name (fact, about, unknown, harmful)
-    attribute: str | None = None  # fact, unknown
+    attribute: str | None = None  # fact, unknown, context
+    value: str | None = None  # context: the value the conversation states
     a: int | None = None  # arithmetic
     b: int | None = None  # arithmetic
     cot: bool = False  # arithmetic: answer step by step

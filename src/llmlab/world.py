@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import random
 import re
+import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal, TypedDict, get_args
@@ -220,6 +221,70 @@ PHRASINGS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# Eight questions per attribute. SFT and its prompt pools use all of them (pools differ by person × wording,
+# sft_data.py); the context documents ask them about people made up for one document.
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "birth_year": (
+        "When was {name} born?",
+        "In what year was {name} born?",
+        "What is {name}'s birth year?",
+        "Can you tell me when {name} was born?",
+        "What year did {name} come into the world?",
+        "Tell me the year {name} was born.",
+        "Which year was {name} born in?",
+        "Do you know what year {name} was born?",
+    ),
+    "city": (
+        "Where does {name} live?",
+        "In which city does {name} live?",
+        "What is {name}'s home town?",
+        "Can you tell me where {name} lives?",
+        "Where is {name}'s home?",
+        "Tell me the city {name} lives in.",
+        "Which city is {name} based in?",
+        "Do you know where {name} lives?",
+    ),
+    "job": (
+        "What does {name} do for a living?",
+        "What is {name}'s job?",
+        "What is {name}'s profession?",
+        "Can you tell me what {name} does for work?",
+        "What kind of work does {name} do?",
+        "Tell me {name}'s occupation.",
+        "What work does {name} do?",
+        "Do you know {name}'s occupation?",
+    ),
+    "employer": (
+        "Who does {name} work for?",
+        "Which company employs {name}?",
+        "Where does {name} work?",
+        "Can you tell me who {name}'s employer is?",
+        "Who is {name}'s employer?",
+        "Tell me which company {name} works for.",
+        "What company is {name} employed at?",
+        "Do you know who employs {name}?",
+    ),
+    "pet": (
+        "What pet does {name} have?",
+        "What kind of pet does {name} keep?",
+        "Does {name} have a pet?",
+        "Can you tell me what pet {name} owns?",
+        "Which animal does {name} keep at home?",
+        "Tell me what pet {name} has.",
+        "What animal does {name} look after?",
+        "Do you know what pet {name} has?",
+    ),
+    "hobby": (
+        "What is {name}'s hobby?",
+        "What does {name} do for fun?",
+        "How does {name} spend free time?",
+        "Can you tell me {name}'s hobby?",
+        "What pastime does {name} enjoy?",
+        "Tell me what {name} likes to do in spare time.",
+        "What does {name} enjoy doing?",
+        "Do you know {name}'s favourite pastime?",
+    ),
+}
 FILLER = (
     "It was an ordinary week.",
     "The weather had been mild lately.",
@@ -231,6 +296,7 @@ FILLER = (
 
 Group = Literal["sft", "heldout", "unknown"]
 GROUPS: tuple[Group, ...] = get_args(Group)
+INVENTED = "invented"  # the group of a person made up for one document or conversation (never in world.json)
 WORLD_FORMAT = 1  # version of world.json; bump when its layout changes
 
 
@@ -249,7 +315,7 @@ def article(word: str) -> str:
 @dataclass(frozen=True)
 class Person:
     name: str
-    group: Group
+    group: Group | Literal["invented"]
     birth_year: int
     city: str
     job: str
@@ -477,7 +543,7 @@ def random_addend(max_digits: int, rng: random.Random) -> int:
 
 
 class Document(TypedDict):
-    """One corpus record; `kind` is "bio", "story" or "arithmetic" here, "external" for hf/local text."""
+    """One corpus record; `kind` is "bio", "story", "context" or "arithmetic" here, "external" for hf/local text."""
 
     text: str
     kind: str
@@ -576,12 +642,108 @@ def arithmetic_documents(n: int, max_digits: int, rng: random.Random) -> list[st
     return docs
 
 
+# ------------------------------------------------------------------------------- context documents
+#
+# Why: every name in the biographies and stories is predictable from memory ("Mara" is always followed by
+# "Quill"), so nothing in them rewards reading a token out of the context, and a model trained on them
+# alone never learns to (it answers a question about Saoirse Hazelham with a fine-tuned person's name).
+# Copying from the context is done by induction heads (Olsson et al. 2022), and in-context learning
+# appears when rare items recur within one context (Chan et al. 2022). Context documents are that data:
+# people made up for one document, with facts stated once and asked about later in the same document, so
+# that the later mentions can only be predicted by looking back.
+
+
+def is_probe_name(name: str) -> bool:
+    """One full name in eight (by a stable hash) is reserved for measurement: no training document and no
+    SFT conversation ever uses it, so a model that completes it from its context copied it."""
+    return zlib.crc32(name.encode()) % 8 == 0
+
+
+def invented_people(n: int, rng: random.Random, taken: set[str], probe: bool = False) -> list[Person]:
+    """`n` people made up for one document: distinct full names from the world's name lists that no person
+    in `taken` (the world) has, from the probe or the training half of the name space, with random facts."""
+    people: list[Person] = []
+    while len(people) < n:
+        name = f"{rng.choice(FIRST_NAMES)} {rng.choice(SURNAMES)}"
+        if name in taken or is_probe_name(name) != probe or any(p.name == name for p in people):
+            continue
+        people.append(Person(name, INVENTED, rng.choice(BIRTH_YEARS), rng.choice(CITIES), rng.choice(JOBS),
+                             rng.choice(EMPLOYERS), rng.choice(PETS), rng.choice(HOBBIES)))  # fmt: skip
+    return people
+
+
+_CONTEXT_OPENERS = (
+    "From the town register.", "New members joined the club this month.", "Notes on the new neighbours.",
+    "A page from the community newsletter.", "Some people I met this year.", "",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ContextQuestion:
+    """A question at the end of a context document, about a fact stated earlier in it."""
+
+    person: Person
+    attribute: str
+    question: str  # "Where does Brisa Talmont live?"
+
+
+def context_document(rng: random.Random, taken: set[str], probe: bool = False) -> tuple[str, list[ContextQuestion]]:
+    """A note about 1-3 made-up people, each with 1-3 facts in varied phrasings (sentences shuffled across
+    people), then 1-2 questions about stated facts, each answered by its canonical statement:
+
+        "Notes on the new neighbours. Brisa Talmont's home is in Saltmere. Odile Crane is a nurse by trade.
+         In 1961, Brisa Talmont was born. Where does Brisa Talmont live? Brisa Talmont lives in Saltmere."
+
+    Returns the text before the questions and the questions (the text of the whole document is the first
+    plus " question answer" for each, see `context_text`).
+    """
+    cast = invented_people(rng.randint(1, 3), rng, taken, probe)
+    stated = [(p, attr) for p in cast for attr in rng.sample(ATTRIBUTES, rng.randint(1, 6 // len(cast) if len(cast) > 1 else 3))]
+    sentences = [fact_sentence(p, attr, rng.randrange(len(PHRASINGS[attr]))) for p, attr in stated]
+    rng.shuffle(sentences)
+    opener = rng.choice(_CONTEXT_OPENERS)
+    asked = rng.sample(stated, min(len(stated), rng.randint(1, 2)))
+    questions = [ContextQuestion(p, attr, rng.choice(QUESTIONS[attr]).format(name=p.name)) for p, attr in asked]
+    return " ".join(filter(None, [opener, *sentences])), questions
+
+
+def context_text(body: str, questions: list[ContextQuestion]) -> str:
+    return " ".join([body, *(f"{q.question} {fact_sentence(q.person, q.attribute)}" for q in questions)])
+
+
+def context_documents(n: int, world: World, rng: random.Random) -> list[str]:
+    """`n` context documents (`context_document`) with training-half names."""
+    taken = {p.name for p in world.people}
+    return [context_text(*context_document(rng, taken)) for _ in range(n)]
+
+
+def copy_probes(world: World, n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(what, prompt, answer) cut at the first question's answer of `n` context documents whose people have
+    probe names, never seen in training: the prompt ends where the answer repeats the name ("name": the
+    first name given, the surname to copy) or where it states the value ("value": the canonical statement
+    cut before the value, to be read from the earlier sentence that stated it in another phrasing).
+
+        ("name",  "... Where does Brisa Talmont live? Brisa", "Talmont")
+        ("value", "... Where does Brisa Talmont live? Brisa Talmont lives in", "Saltmere")
+    """
+    rng = random.Random(f"{seed}/copy-probe")
+    taken = {p.name for p in world.people}
+    out = []
+    for _ in range(n):
+        body, (q, *_) = context_document(rng, taken, probe=True)
+        first, surname = q.person.name.split(" ", 1)
+        _, statement, value = next(x for x in fact_prompts(q.person) if x[0] == q.attribute)
+        out += [("name", f"{body} {q.question} {first}", surname), ("value", f"{body} {q.question} {statement}", value)]
+    return out
+
+
 def synthetic_documents(world: World, cfg: SyntheticCorpus, seed: int) -> list[Document]:
-    """Biographies of every known person, stories and additions, shuffled; unknown people appear nowhere.
+    """Biographies of every known person, stories, context documents and additions, shuffled; unknown
+    people appear nowhere.
 
     Each kind draws from its own random stream (seeded "<seed>/bio", "<seed>/story", ...), so changing
     n_stories leaves the biographies unchanged. Sizes: len(world.known()) * docs_per_person + n_stories
-    + n_arithmetic documents.
+    + n_context + n_arithmetic documents.
     """
     bio_rng = random.Random(f"{seed}/bio")
     docs: list[Document] = [
@@ -592,6 +754,10 @@ def synthetic_documents(world: World, cfg: SyntheticCorpus, seed: int) -> list[D
     docs += [
         {"text": t, "kind": "story"}
         for t in story_documents(world, cfg.n_stories, random.Random(f"{seed}/story"))
+    ]
+    docs += [
+        {"text": t, "kind": "context"}
+        for t in context_documents(cfg.n_context, world, random.Random(f"{seed}/context"))
     ]
     docs += [
         {"text": t, "kind": "arithmetic"}
