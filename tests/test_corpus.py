@@ -20,7 +20,7 @@ from llmlab.params import CorpusConfig, HFCorpus, LocalCorpus, SyntheticCorpus
 from llmlab.world import World
 
 SMALL = SyntheticCorpus(
-    n_sft_people=20, n_heldout_people=5, n_unknown_people=5, docs_per_person=4, n_stories=50, n_arithmetic=50
+    n_sft_people=20, n_heldout_people=5, n_unknown_people=5, docs_per_person=4, n_stories=50, n_context=30, n_arithmetic=50
 )
 
 
@@ -46,7 +46,7 @@ def texts(result) -> list[str]:
 def test_synthetic_split_sizes_kinds_and_stats():
     cfg = CorpusConfig(val_fraction=0.1, synthetic=SMALL)
     result = build_corpus(cfg, seed=3, root=Path("."))
-    n = 25 * 4 + 50 + 50
+    n = 25 * 4 + 50 + 30 + 50
     assert len(result.validation) == round(n * 0.1) and len(result.train) == n - round(n * 0.1)
     assert result.world is not None and len(result.world.people) == 30
     s = result.stats
@@ -55,11 +55,11 @@ def test_synthetic_split_sizes_kinds_and_stats():
         len(result.train),
         len(result.validation),
     )
-    assert (s["documents_bio"], s["documents_story"], s["documents_arithmetic"]) == (100, 50, 50)
+    assert (s["documents_bio"], s["documents_story"], s["documents_context"], s["documents_arithmetic"]) == (100, 50, 30, 50)
     assert s["characters_train"] == sum(len(d["text"]) for d in result.train)
     assert s["characters_validation"] == sum(len(d["text"]) for d in result.validation)
     assert s["dropped_empty"] == 0 and s["replaced_characters"] == 0
-    assert {d["kind"] for d in result.validation} <= {"bio", "story", "arithmetic"}
+    assert {d["kind"] for d in result.validation} <= {"bio", "story", "context", "arithmetic"}
 
 
 def test_split_is_deterministic_by_seed():
@@ -74,7 +74,7 @@ def test_default_synthetic_corpus_has_every_document():
     s = cfg.synthetic
     result = build_corpus(cfg, seed=1337, root=Path("."))
     known = s.n_sft_people + s.n_heldout_people
-    assert result.stats["documents"] == known * s.docs_per_person + s.n_stories + s.n_arithmetic
+    assert result.stats["documents"] == known * s.docs_per_person + s.n_stories + s.n_context + s.n_arithmetic
 
 
 def test_split_keeps_one_document_each_side(tmp_path):

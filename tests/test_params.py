@@ -57,6 +57,20 @@ def test_params_yaml_spells_out_every_default_key():
     assert [k for k in keys(Params) if not present(k)] == []
 
 
+def test_params_yaml_values_are_the_schema_defaults():
+    """Every default lives in two places (params.yaml, what users edit, and params.py, what a missing key
+    gets): they must agree value by value, or a key deleted from params.yaml would silently change a run."""
+    shipped = load_params(ROOT / "params.yaml").model_dump()
+    defaults = Params().model_dump()
+
+    def diff(a, b, prefix=""):
+        if isinstance(a, dict):
+            return [d for k in a for d in diff(a[k], b[k], f"{prefix}{k}.")]
+        return [] if a == b else [f"{prefix[:-1]}: params.yaml {a!r}, params.py {b!r}"]
+
+    assert diff(shipped, defaults) == []
+
+
 def test_every_field_has_a_description():
     def walk(model: type[BaseModel], prefix=""):
         for name, field in model.model_fields.items():

@@ -140,8 +140,8 @@ def name_probe(model: GPT, tok: Tokenizer, world: World, steps: int = 300, seed:
 @torch.no_grad()
 def copy_accuracy(model: GPT, tok: Tokenizer, probes: Sequence[tuple[str, str, str]], n_examples: int = 10) -> dict:
     """Greedy completion of the later mention of a never-seen name or value in its own document
-    (`world.copy_probes`): {"copy_accuracy", "copy_accuracy_name", "copy_accuracy_value", "n", "examples"}.
-    A model that cannot read its context scores near 0 on names (the surname is in no weight) and at
+    (`world.copy_probes`): {"copy_accuracy", "copy_accuracy_<what>" for answer_name, name and value, "n",
+    "examples"}. A model that cannot read its context scores near 0 on names (they are in no weight) and at
     about chance on values."""
     graded = complete(model, tok, [(prompt, answer) for _, prompt, answer in probes])
     by_what: dict[str, list[bool]] = defaultdict(list)

@@ -52,14 +52,14 @@ class SyntheticCorpus(Section):
     """People that only the corpus mentions; SFT never asks about them (tests knowledge extraction)."""
     n_unknown_people: int = Field(50, ge=0)
     """People that appear nowhere in the corpus (for hallucination tests)."""
-    docs_per_person: int = Field(10, ge=1)
+    docs_per_person: int = Field(90, ge=1)
     """Biographical documents written about each known person, each with its own phrasings and order."""
-    n_stories: int = Field(1000, ge=0)
+    n_stories: int = Field(2000, ge=0)
     """Short everyday stories mixing several known people."""
-    n_context: int = Field(2000, ge=0)
+    n_context: int = Field(14000, ge=0)
     """Context documents: people made up for one document, their facts stated and then asked about in the
     same document, so that only reading the context predicts the answer (it teaches copying)."""
-    n_arithmetic: int = Field(800, ge=0)
+    n_arithmetic: int = Field(6000, ge=0)
     """Multi-digit additions written out step by step, with carries."""
     max_digits: int = Field(4, ge=1, le=9)
     """Largest number of digits of an addend in the arithmetic documents."""
@@ -201,7 +201,7 @@ class TrainLoop(Hardware):
 
 class PretrainConfig(TrainLoop):
     model: ModelConfig = ModelConfig()
-    max_steps: int | None = Field(3000, ge=1)
+    max_steps: int | None = Field(3500, ge=1)
     """Optimizer steps to train for. Exactly one of max_steps and max_tokens is set."""
     max_tokens: int | None = Field(None, ge=1, validate_default=True)
     """Token budget instead of a step budget: steps = max_tokens / tokens per optimizer step."""
@@ -210,8 +210,8 @@ class PretrainConfig(TrainLoop):
     recall_probe_people: int = Field(40, ge=0)
     """Fact recall is also measured at every validation on this many people (0: never), for the curve."""
     copy_probes: int = Field(200, ge=0)
-    """Context documents with never-seen names on which copy accuracy is measured (each gives a name and a
-    value to copy), at every validation and at the end (0: never)."""
+    """Context documents with never-seen names on which copy accuracy is measured (each gives two names and a
+    value to copy: world.copy_probes), at every validation and at the end (0: never)."""
     sample_tokens: int = Field(48, ge=1)
     """New tokens per logged sample."""
 
@@ -277,7 +277,7 @@ class SFTData(Section):
     share_context: float = Field(0.15, ge=0)
     """Conversations that state facts about made-up people (or correct an SFT person's) and ask about one,
     in the same turn or turns later: only reading the conversation answers them."""
-    replay_share: float = Field(0.0, ge=0, lt=1)
+    replay_share: float = Field(0.5, ge=0, lt=1)
     """Share of the training items that are pretraining documents (loss on every token) instead of
     conversations: replay against forgetting what pretraining stored."""
     cot_share: float = Field(0.7, ge=0, le=1)
@@ -299,7 +299,7 @@ class SFTConfig(TrainLoop):
     pack: bool = True
     """Pack each batch's conversations side by side into fewer rows (llmlab.sft.collate_packed): the same
     loss and gradient with about half the tokens to compute on the default data. false: one padded row each."""
-    lr: float = Field(3e-3, gt=0, le=1)
+    lr: float = Field(1e-3, gt=0, le=1)
     """Peak learning rate of AdamW."""
     warmup_steps: int = Field(30, ge=0)
     """Linear warm-up steps before the cosine decay."""

@@ -185,6 +185,10 @@ def chat_metrics(tasks: Sequence[Task], replies: Sequence, rater: Rater, people_
               if t.kind in ("fact", "about", "unknown") and people_group[t.person] in ("heldout", "unknown")]
     if unseen:
         metrics["name_copy_rate"] = sum(t.person in r.text for t, r in unseen) / len(unseen)
+        for g in ("heldout", "unknown"):
+            of_group = [t.person in r.text for t, r in unseen if people_group[t.person] == g]
+            if of_group:
+                metrics[f"name_copy_rate_{g}"] = sum(of_group) / len(of_group)
     return metrics
 
 

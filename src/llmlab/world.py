@@ -688,21 +688,29 @@ class ContextQuestion:
 
 
 def context_document(rng: random.Random, taken: set[str], probe: bool = False) -> tuple[str, list[ContextQuestion]]:
-    """A note about 1-3 made-up people, each with 1-3 facts in varied phrasings (sentences shuffled across
-    people), then 1-2 questions about stated facts, each answered by its canonical statement:
+    """A note about 1-3 made-up people with 2-3 facts between them (sentences shuffled across people, half
+    of them in the canonical phrasing, the rest in another), then a question about every stated fact in a
+    random order, each answered by its canonical statement:
 
         "Notes on the new neighbours. Brisa Talmont's home is in Saltmere. Odile Crane is a nurse by trade.
-         In 1961, Brisa Talmont was born. Where does Brisa Talmont live? Brisa Talmont lives in Saltmere."
+         What is Odile Crane's job? Odile Crane works as a nurse. Where does Brisa Talmont live? Brisa
+         Talmont lives in Saltmere."
 
-    Returns the text before the questions and the questions (the text of the whole document is the first
-    plus " question answer" for each, see `context_text`).
+    Subtle: every fact is asked, so that reading a value back from the context is trained as often as
+    reading a name back (in the first version one fact in three was asked, and the base model learned to
+    copy names, 89 %, but not values, 5 %: docs/knowledge.md). Returns the text before the questions and
+    the questions (`context_text` joins them with the answers).
     """
     cast = invented_people(rng.randint(1, 3), rng, taken, probe)
-    stated = [(p, attr) for p in cast for attr in rng.sample(ATTRIBUTES, rng.randint(1, 6 // len(cast) if len(cast) > 1 else 3))]
-    sentences = [fact_sentence(p, attr, rng.randrange(len(PHRASINGS[attr]))) for p, attr in stated]
+    n_facts = rng.randint(max(2, len(cast)), 3)
+    pairs = [(p, a) for p in cast for a in ATTRIBUTES]
+    stated = [(p, rng.choice(ATTRIBUTES)) for p in cast]  # every person gets one fact at least
+    stated = list(dict.fromkeys(stated))
+    stated += rng.sample([x for x in pairs if x not in stated], n_facts - len(stated))
+    sentences = [fact_sentence(p, a, 0 if rng.random() < 0.5 else rng.randrange(1, len(PHRASINGS[a]))) for p, a in stated]
     rng.shuffle(sentences)
     opener = rng.choice(_CONTEXT_OPENERS)
-    asked = rng.sample(stated, min(len(stated), rng.randint(1, 2)))
+    asked = rng.sample(stated, len(stated))
     questions = [ContextQuestion(p, attr, rng.choice(QUESTIONS[attr]).format(name=p.name)) for p, attr in asked]
     return " ".join(filter(None, [opener, *sentences])), questions
 
@@ -718,11 +726,14 @@ def context_documents(n: int, world: World, rng: random.Random) -> list[str]:
 
 
 def copy_probes(world: World, n: int, seed: int) -> list[tuple[str, str, str]]:
-    """(what, prompt, answer) cut at the first question's answer of `n` context documents whose people have
-    probe names, never seen in training: the prompt ends where the answer repeats the name ("name": the
-    first name given, the surname to copy) or where it states the value ("value": the canonical statement
-    cut before the value, to be read from the earlier sentence that stated it in another phrasing).
+    """(what, prompt, answer) cut in the first question's answer of `n` context documents whose people have
+    probe names, never seen in training: where the answer starts ("answer_name": the whole name of the
+    person asked about, copied from the question), where it repeats the name ("name": the first name given,
+    the surname to copy, as an induction head does) or where it states the value ("value": the canonical
+    statement cut before the value, to be read from the earlier sentence that stated it, in a phrasing that
+    is the same half of the time).
 
+        ("answer_name", "... Where does Brisa Talmont live?", "Brisa Talmont")
         ("name",  "... Where does Brisa Talmont live? Brisa", "Talmont")
         ("value", "... Where does Brisa Talmont live? Brisa Talmont lives in", "Saltmere")
     """
@@ -733,7 +744,8 @@ def copy_probes(world: World, n: int, seed: int) -> list[tuple[str, str, str]]:
         body, (q, *_) = context_document(rng, taken, probe=True)
         first, surname = q.person.name.split(" ", 1)
         _, statement, value = next(x for x in fact_prompts(q.person) if x[0] == q.attribute)
-        out += [("name", f"{body} {q.question} {first}", surname), ("value", f"{body} {q.question} {statement}", value)]
+        out += [("answer_name", f"{body} {q.question}", q.person.name), ("name", f"{body} {q.question} {first}", surname),
+                ("value", f"{body} {q.question} {statement}", value)]  # fmt: skip
     return out
 
 
