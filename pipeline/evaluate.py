@@ -29,7 +29,7 @@ import torch
 
 from llmlab import report as rpt
 from llmlab.attention_cost import attention_scaling, kv_cache_speedup
-from llmlab.attention_maps import attention_weights, interesting_heads
+from llmlab.attention_maps import attention_weights, copying_heads, interesting_heads
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.evaluation import (
     chain_of_thought,
@@ -52,9 +52,9 @@ from llmlab.rater import Rater
 from llmlab.sft_data import prompt_pool
 from llmlab.stage import run_stage
 from llmlab.stats import paired_diff_ci
-from llmlab.tokenizer import load_tokenizer, open_split, read_token_meta
+from llmlab.tokenizer import BOS_ID, load_tokenizer, open_split, read_token_meta
 from llmlab.tracking import StageRun
-from llmlab.world import World, fact_sentence
+from llmlab.world import World, copy_probes, fact_sentence
 
 log = logging.getLogger("llmlab.evaluate")
 
@@ -179,6 +179,10 @@ def main(args, params: Params) -> None:
             weights = attention_weights(models["base"], ids)
             token_text = [tok.decode([i], skip_special_tokens=False) for i in ids]
             details["attention_maps"] = {"sentence": sentence, "tokens": token_text, "heads": interesting_heads(weights)}
+            if world.people:  # the heads that copy a name from earlier in the context, on never-seen names
+                names = [p for what, p, _ in copy_probes(world, 50, seed) if what == "name"]
+                details["attention_maps"]["copying_heads"] = copying_heads(
+                    models["base"], [[BOS_ID, *tok.encode(p, add_special_tokens=False).ids] for p in names])
 
         with clock("report"):
             with atomic_path(Path(args.report).parent / "figures", is_dir=True) as figures:

@@ -8,7 +8,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from llmlab.attention_maps import attention_weights, head_scores, interesting_heads, plot_heads
+from llmlab.attention_maps import attention_weights, copying_heads, head_scores, interesting_heads, plot_heads
 from llmlab.model import GPT, GPTConfig
 
 CFG = GPTConfig(vocab_size=97, d_model=32, n_layer=3, n_head=4, context_length=24, ffn_hidden=64)
@@ -158,3 +158,18 @@ def test_plot_heads_writes_a_png(tmp_path):
     assert width > 800 and height > 400
     with pytest.raises(ValueError, match="token strings"):
         plot_heads(attention_weights(model, IDS), tokens[:-1], [(0, 0)], path, "wrong")
+
+
+def test_copying_heads_score_the_token_after_the_earlier_mention():
+    """By hand on two sequences: the last token (7) appeared earlier at positions 2 and 5 (first sequence)
+    and 1 (second); a head's score is its attention from the last token to positions 3 and 6, then 2,
+    averaged over the sequences. A sequence whose last token is new counts for nothing."""
+    model = random_model(seed=4)
+    seqs = [[1, 9, 7, 40, 11, 7, 50, 12, 7], [2, 7, 33, 14, 7], [3, 4, 5]]
+    w1, w2 = attention_weights(model, seqs[0]), attention_weights(model, seqs[1])
+    expected = (w1[:, :, -1, [3, 6]].sum(-1) + w2[:, :, -1, [2]].sum(-1)) / 2  # (L, nh)
+    top = copying_heads(model, seqs, top=3)
+    assert [(h["layer"], h["head"]) for h in top] == [divmod(i, CFG.n_head) for i in expected.flatten().argsort(descending=True)[:3].tolist()]
+    assert [h["score"] for h in top] == pytest.approx(sorted(expected.flatten().tolist(), reverse=True)[:3], abs=1e-6)
+    assert top[0]["uniform"] == pytest.approx((2 / 9 + 1 / 5) / 2)
+    assert copying_heads(model, [[3, 4, 5]]) == []

@@ -189,7 +189,7 @@ def test_report_has_every_section_and_links_only_existing_figures(pipeline):
     repo, *_ = pipeline
     report = (repo / "reports/report.md").read_text()
     sections = re.findall(r"^## (\d+)\.", report, flags=re.M)
-    assert [int(n) for n in sections] == list(range(1, 12))
+    assert [int(n) for n in sections] == list(range(1, 14))
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(links) >= 8
     for link in links:
@@ -203,6 +203,14 @@ def test_report_has_every_section_and_links_only_existing_figures(pipeline):
         assert f"{100 * fmt['rate']:.1f} %" in report  # the report prints this run's numbers
     assert set(metrics["temperature"]) == {"T=0", "T=1"}
     assert metrics["perplexity"]["base"]["perplexity"] > 1
+    # the context studies: every position asked equally often, a row per distractor count that fits
+    for model in ("sft", "ppo"):
+        assert [r["n"] for r in metrics["position"][model]["by_position"].values()] == [2, 2, 2]
+        assert set(metrics["distractors"][model]) <= {"0_sentences", "2_sentences"} and "0_sentences" in metrics["distractors"][model]
+    assert {"name_probe_base", "name_probe_sft", "name_probe_ppo"} <= set(metrics["knowledge"])
+    copy = json.loads((repo / "metrics/pretrain.json").read_text())
+    assert copy["copy_accuracy_n"] == 3 * 8 and 0 <= copy["copy_accuracy_value"] <= 1
+    assert (repo / "plots/pretrain/copy_accuracy.csv").read_text().startswith("step,copy_accuracy\n")
 
 
 def test_dvc_plots_render_and_metrics_diff_compares_experiments(pipeline):

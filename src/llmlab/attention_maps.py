@@ -134,6 +134,34 @@ def interesting_heads(weights: torch.Tensor) -> list[dict]:
     return picked
 
 
+def copying_heads(model: GPT, sequences: list[list[int]], top: int = 3) -> list[dict]:
+    """The heads that copy a name: in each sequence the last token repeats an earlier token (the first
+    name, mentioned again), and a copying (induction) head attends from it to the token *after* the
+    earlier mention (the surname it should predict next). Returns the `top` heads by their mean attention
+    on that token, as {"layer", "head", "score"}, plus what a head that looked anywhere uniformly would put
+    there ("uniform", the same for every head).
+
+    e.g. "... Brisa Talmont works as a nurse. What is Brisa Talmont's job? Brisa": from the last "Brisa" to
+    the first " Talmont".
+    """
+    L, nh = model.config.n_layer, model.config.n_head
+    total, uniform, n = torch.zeros(L, nh), 0.0, 0
+    for ids in sequences:
+        ids = ids[-model.config.context_length :]
+        targets = [j + 1 for j in range(len(ids) - 2) if ids[j] == ids[-1]]
+        if not targets:
+            continue
+        weights = attention_weights(model, ids)  # (L, nh, T, T)
+        total += weights[:, :, -1, targets].sum(-1)
+        uniform += len(targets) / len(ids)
+        n += 1
+    if not n:
+        return []
+    mean = total / n
+    order = mean.flatten().argsort(descending=True)[:top].tolist()
+    return [{"layer": i // nh, "head": i % nh, "score": float(mean.flatten()[i]), "uniform": uniform / n} for i in order]
+
+
 def _tick_label(token: str) -> str:
     """A token as an axis label: whitespace made visible, and `$` escaped so matplotlib shows no maths."""
     return token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "·").replace("$", r"\$") or "∅"

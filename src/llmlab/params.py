@@ -52,14 +52,14 @@ class SyntheticCorpus(Section):
     """People that only the corpus mentions; SFT never asks about them (tests knowledge extraction)."""
     n_unknown_people: int = Field(50, ge=0)
     """People that appear nowhere in the corpus (for hallucination tests)."""
-    docs_per_person: int = Field(90, ge=1)
+    docs_per_person: int = Field(100, ge=1)
     """Biographical documents written about each known person, each with its own phrasings and order."""
-    n_stories: int = Field(2000, ge=0)
+    n_stories: int = Field(3000, ge=0)
     """Short everyday stories mixing several known people."""
-    n_context: int = Field(14000, ge=0)
+    n_context: int = Field(12000, ge=0)
     """Context documents: people made up for one document, their facts stated and then asked about in the
     same document, so that only reading the context predicts the answer (it teaches copying)."""
-    n_arithmetic: int = Field(6000, ge=0)
+    n_arithmetic: int = Field(3000, ge=0)
     """Multi-digit additions written out step by step, with carries."""
     max_digits: int = Field(4, ge=1, le=9)
     """Largest number of digits of an addend in the arithmetic documents."""
@@ -201,7 +201,7 @@ class TrainLoop(Hardware):
 
 class PretrainConfig(TrainLoop):
     model: ModelConfig = ModelConfig()
-    max_steps: int | None = Field(3500, ge=1)
+    max_steps: int | None = Field(3000, ge=1)
     """Optimizer steps to train for. Exactly one of max_steps and max_tokens is set."""
     max_tokens: int | None = Field(None, ge=1, validate_default=True)
     """Token budget instead of a step budget: steps = max_tokens / tokens per optimizer step."""

@@ -276,8 +276,8 @@ Numbers are cut into digits (200 random numbers per length):
 {table}
 
 Frequent words are single tokens, rare ones are spelled out in pieces: the {w['n_common']} most common
-words of the held-out text take **{w['common']:.2f}** tokens each, the {w['n_rare']} words seen once take
-**{w['rare']:.2f}**. The article's example words, token by token (· is a space):
+words of the held-out text take **{w['common']:.2f}** tokens each, its {w['n_rare']} least frequent (seen at most
+{w.get('rare_max_count', 1)} times) take **{w['rare']:.2f}**. The article's example words, token by token (· is a space):
 
 | text | tokens | count |
 |---|---|---|
@@ -606,6 +606,16 @@ nothing else carries over from one call to the next.
 def _attention_maps(details: Mapping, fig: Mapping) -> str:
     a = details["attention_maps"]
     lines = "\n".join(f"- layer {h['layer']}, head {h['head']}, **{h['role']}** head: {_head_text(h)}" for h in a["heads"])
+    copying = a.get("copying_heads") or []
+    copy_text = ""
+    if copying:
+        heads = ", ".join(f"layer {h['layer']} head {h['head']} ({100 * h['score']:.0f} %)" for h in copying)
+        copy_text = f"""
+**The heads that copy.** In context documents with never-seen names, when a first name comes again, a
+copying (induction) head attends to the token that followed its first mention — the surname to predict
+next. The heads that put the most attention there, averaged over 50 such documents: {heads}; a head that
+spread its attention evenly would put {100 * copying[0]['uniform']:.0f} % there.
+"""
     return f"""## 11. What attention looks at
 
 Attention weights of a few heads of the base model on `{a['sentence']}` (row: the token being predicted from;
@@ -614,7 +624,7 @@ column: the earlier token it reads; each row sums to 1):
 ![attention heads]({fig['attention_heads']})
 
 {lines}
-"""
+{copy_text}"""
 
 
 def _head_text(h: Mapping) -> str:

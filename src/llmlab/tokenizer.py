@@ -409,8 +409,9 @@ def tokenizer_report(tok: Tokenizer, validation_texts: list[str], seed: int = 0)
       `tokens_per_number_spaced` the same with a leading space (" 12345"), as numbers appear mid-sentence.
       With max_digits_per_token=1 the first is exactly d, the second d + 1 (the space is a chunk of its own).
     - `tokens_per_word`: mean tokens per word (encoded with a leading space, as mid-sentence) for the 50
-      most frequent words of the validation text ("common") and for words that occur once ("rare"): BPE
-      gives frequent words one token and spells rare ones out in pieces.
+      most frequent words of the validation text ("common") and for its 50 least frequent ("rare", seen
+      at most `rare_max_count` times; in a large synthetic corpus no word may occur only once): BPE gives
+      frequent words one token and spells rare ones out in pieces.
     - `examples`: `EXAMPLE_WORDS` split into tokens, each token decoded on its own.
     """
     encodings = tok.encode_batch(validation_texts, add_special_tokens=False)
@@ -434,7 +435,7 @@ def tokenizer_report(tok: Tokenizer, validation_texts: list[str], seed: int = 0)
 
     words = Counter(w for t in validation_texts for w in _WORD_RE.findall(t))
     common = [w for w, _ in words.most_common(50)]
-    rare = [w for w, c in words.items() if c == 1]
+    rare = sorted(words, key=lambda w: (words[w], w))[:50]
 
     examples = []
     for word in EXAMPLE_WORDS:
@@ -468,6 +469,7 @@ def tokenizer_report(tok: Tokenizer, validation_texts: list[str], seed: int = 0)
             "rare": mean_tokens([" " + w for w in rare]),
             "n_common": len(common),
             "n_rare": len(rare),
+            "rare_max_count": max((words[w] for w in rare), default=0),
         },
         "examples": examples,
     }
