@@ -136,7 +136,7 @@ def main(args, params: Params) -> None:
                     r = fact_recall(model, tok, people, n_examples=0)
                     m["knowledge"][f"fact_recall_{name}"] = rate_of(round(r.accuracy * r.n), r.n)
                     m["knowledge"][f"fact_recall_{name}_by_group"] = r.by_group
-                    m["knowledge"][f"name_probe_{name}"] = name_probe(model, tok, world, seed=seed)
+                    m["knowledge"][f"name_probe_{name}"] = name_probe(model, tok, world)
             with clock("temperature"):
                 sweep_tasks = prompt_pool(world, "eval", cfg.temperature_prompts, seed + 1, params.ppo.max_digits)
                 sweep = temperature_sweep(models["ppo"], tok, sweep_tasks, rater, cfg.temperatures, cfg.temperature_samples,

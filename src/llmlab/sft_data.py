@@ -35,6 +35,7 @@ from llmlab.sources import hf_rows, local_rows, require_usable
 from llmlab.tasks import Task
 from llmlab.world import (
     ATTRIBUTES,
+    INVENTED,
     PHRASINGS,
     QUESTIONS,
     VALUES,
@@ -186,7 +187,8 @@ def context_conversation(world: World, rng: random.Random, probe: bool = False) 
     person, attr = rng.choice(stated)
     value = person.facts()[attr]
     # A question about an SFT person is worded as the sft pool words it: its text never appears in the eval pool.
-    wordings = [q for q in QUESTIONS[attr] if person.group == "invented" or pool_of(fact_task(person, attr, QUESTIONS[attr].index(q)), world) == "sft"]
+    wordings = [q for i, q in enumerate(QUESTIONS[attr])
+                if person.group == INVENTED or pool_of(fact_task(person, attr, i), world) == "sft"]
     task = Task("context", rng.choice(wordings or QUESTIONS[attr]).format(name=person.name), person=person.name,
                 attribute=attr, value=value)
     answer = fact_sentence(person, attr)
