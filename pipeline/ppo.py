@@ -24,9 +24,8 @@ import pyarrow.parquet as pq
 import torch
 
 from llmlab import checkpoints
-from llmlab.chat import parse_reply, render
+from llmlab.chat import parse_reply, render, reply
 from llmlab.errors import LlmlabError, MissingArtifactError
-from llmlab.generate import generate
 from llmlab.io import write_json, write_text
 from llmlab.model import GPT, load_model, save_model
 from llmlab.params import Params
@@ -235,8 +234,8 @@ def gold_metrics(tok, rater: Rater, tasks, batch) -> dict[str, float]:
     scores = []
     unknown = hallucinated = 0
     for task, row, n in zip(tasks, batch.seqs.response.tolist(), lengths, strict=True):
-        reply = parse_reply(tok, row[:n])
-        s = rater.score(task, reply.text, reply.ended)
+        r = parse_reply(tok, row[:n])
+        s = rater.score(task, r.text, r.ended)
         scores.append(s.total)
         if task.kind == "unknown":
             unknown += 1
@@ -252,16 +251,14 @@ def evaluate(policy: GPT, ref: GPT, reward_model, tok, prompts: list, rater: Rat
     metrics: dict[str, float] = {"n_prompts": len(prompts)}
     if rater:  # short replies batched together (see sft.answer); the order of the prompts is the report's
         prompts = sorted(prompts, key=lambda t: REPLY_LENGTH_RANK[t.kind])
-    ids = [render(tok, context_of(t), add_generation_prompt=True).ids for t in prompts]
+    contexts = [context_of(t) for t in prompts]
+    ids = [render(tok, c, add_generation_prompt=True).ids for c in contexts]
     replies: dict[str, list] = {}
     gold: dict[str, list[float]] = {}
     proxy: dict[str, list[float]] = {}
     for name, model in (("sft", ref), ("ppo", policy)):
-        outs = []
-        for i in range(0, len(ids), 64):
-            outs += generate(model, ids[i : i + 64], cfg.eval_max_new_tokens, temperature=0.0, stop_ids=[END_ID])
-        replies[name] = [parse_reply(tok, o) for o in outs]
-        seqs = make_sequences(ids, [o or [END_ID] for o in outs]).to(device)
+        replies[name] = reply(model, tok, contexts, cfg.eval_max_new_tokens)
+        seqs = make_sequences(ids, [list(r.tokens) or [END_ID] for r in replies[name]]).to(device)
         proxy[name] = reply_scores(reward_model, seqs, cfg.missing_eos_penalty).tolist()
         metrics[f"{name}/reward_score_mean"] = statistics.fmean(proxy[name])
         if rater:
@@ -278,10 +275,10 @@ def evaluate(policy: GPT, ref: GPT, reward_model, tok, prompts: list, rater: Rat
         metrics["gold_gain"], metrics["gold_gain_ci95"] = paired_diff_ci(gold["ppo"], gold["sft"])
     # KL(π ‖ π_ref) per reply, estimated on replies sampled from the policy as in training.
     gen = torch.Generator(device).manual_seed(seed)
+    sampled = reply(policy, tok, contexts, cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
     kls = []
     for i in range(0, len(ids), 64):
-        outs = generate(policy, ids[i : i + 64], cfg.max_new_tokens, temperature=cfg.temperature, stop_ids=[END_ID], generator=gen)
-        seqs = make_sequences(ids[i : i + 64], [o or [END_ID] for o in outs]).to(device)
+        seqs = make_sequences(ids[i : i + 64], [list(r.tokens) or [END_ID] for r in sampled[i : i + 64]]).to(device)
         lp, _ = reply_logprobs(policy, seqs, cfg.temperature)
         lp_ref, _ = reply_logprobs(ref, seqs, cfg.temperature)
         kls += ((lp - lp_ref) * seqs.mask).sum(dim=1).tolist()

@@ -32,6 +32,7 @@ from llmlab.pretraining import (
     Throughput,
     TokenWindows,
     build_trainer,
+    document_starts,
     loader,
     resume_offset,
     world_size,
@@ -69,7 +70,8 @@ def main(args, params: Params) -> None:
     try:
         # val_batches per process: the validation set is the same for the same global batch.
         val_set = FixedWindows(val_tokens, cfg.model.context_length, cfg.val_batches * cfg.batch_size * budget.world_size)
-        TokenWindows(train_tokens, cfg.model.context_length, budget.n_items, params.seed)  # validates the size
+        starts = document_starts(train_tokens, meta["bos_id"], cfg.window_start)
+        TokenWindows(train_tokens, cfg.model.context_length, budget.n_items, params.seed, starts=starts)  # validates the size
     except ValueError as e:
         raise LlmlabError(f"pretrain: {e}") from None
 
@@ -100,7 +102,7 @@ def main(args, params: Params) -> None:
     with StageRun("pretrain", {"seed": params.seed, "pretrain": cfg.model_dump()}) as run:
         trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), callbacks, budget.total_steps)
         first_item = resume_offset(resume, budget.items_per_step)  # where the checkpoint stopped (see TokenWindows)
-        train_set = TokenWindows(train_tokens, cfg.model.context_length, budget.n_items, params.seed, first=first_item)
+        train_set = TokenWindows(train_tokens, cfg.model.context_length, budget.n_items, params.seed, first=first_item, starts=starts)
         train_dl, val_dl = loader(train_set, cfg.batch_size, trainer), loader(val_set, cfg.batch_size, trainer)
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
         val_loss = float(trainer.validate(module, val_dl, verbose=False)[0]["val/loss"])

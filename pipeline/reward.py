@@ -21,9 +21,8 @@ import pyarrow.parquet as pq
 import torch
 
 from llmlab import checkpoints
-from llmlab.chat import render
+from llmlab.chat import render, reply
 from llmlab.errors import LlmlabError, MissingArtifactError
-from llmlab.generate import generate
 from llmlab.io import write_json, write_text
 from llmlab.model import load_model
 from llmlab.params import Params
@@ -38,7 +37,7 @@ from llmlab.reward import (
 from llmlab.sft import Epochs
 from llmlab.stage import run_stage
 from llmlab.stats import wilson_ci
-from llmlab.tokenizer import END_ID, load_tokenizer
+from llmlab.tokenizer import load_tokenizer
 from llmlab.tracking import StageRun, is_global_zero
 
 log = logging.getLogger("llmlab.reward")
@@ -144,11 +143,8 @@ def sft_replies(sft, tok, rows: list[dict], context_length: int, max_new_tokens:
     prompts, as reward-model inputs."""
     contexts = [json.loads(r["context"]) for r in rows[:n]]
     prompts = [render(tok, c, add_generation_prompt=True).ids for c in contexts]
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, len(prompts), 64):
-        out += generate(sft, prompts[i : i + 64], max_new_tokens, temperature=1.0, stop_ids=[END_ID], generator=gen)
-    return [(p + o)[-context_length:] for p, o in zip(prompts, out, strict=True)]
+    out = reply(sft, tok, contexts, max_new_tokens, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    return [(p + list(r.tokens))[-context_length:] for p, r in zip(prompts, out, strict=True)]
 
 
 def calibration(r_c: torch.Tensor, r_r: torch.Tensor, seed: int, bins: int = 5) -> list[tuple[float, float, int]]:

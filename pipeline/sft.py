@@ -19,10 +19,9 @@ import lightning as L
 import torch
 
 from llmlab import checkpoints
-from llmlab.chat import parse_reply, render
+from llmlab.chat import reply
 from llmlab.corpus import read_corpus
 from llmlab.errors import LlmlabError
-from llmlab.generate import generate
 from llmlab.io import write_json, write_text
 from llmlab.model import load_model, save_model
 from llmlab.params import Params
@@ -31,7 +30,7 @@ from llmlab.rater import Rater
 from llmlab.sft import ChatDataset, Epochs, answer, chat_metrics, collate, collate_packed
 from llmlab.sft_data import external_conversations, prompt_pool, sft_examples
 from llmlab.stage import run_stage
-from llmlab.tokenizer import END_ID, load_tokenizer
+from llmlab.tokenizer import load_tokenizer
 from llmlab.tracking import StageRun, is_global_zero
 from llmlab.world import World
 
@@ -131,9 +130,8 @@ def main(args, params: Params) -> None:
         else:  # no ground truth: the replies to held-out conversations' first turns, ungraded
             log.info("no synthetic world: replies are not graded (no rater); see %s", report / "replies.md")
             firsts = [c[:1] for c in conversations[:n_val][:20]]
-            outs = generate(model, [render(tok, m, add_generation_prompt=True).ids for m in firsts], cfg.max_new_tokens,
-                            temperature=0.0, stop_ids=[END_ID])
-            rows = [{"prompt": m[0]["content"], "reply": parse_reply(tok, o).text} for m, o in zip(firsts, outs, strict=True)]
+            outs = reply(model, tok, firsts, cfg.max_new_tokens)
+            rows = [{"prompt": m[0]["content"], "reply": r.text} for m, r in zip(firsts, outs, strict=True)]
             lines = [f"- `{r['prompt'][:200]}` → {r['reply']!r}" for r in rows]
         write_json(args.metrics, metrics)
         curves.write(args.plots)

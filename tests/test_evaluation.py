@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -273,7 +274,8 @@ def test_base_model_context_cases_are_built_and_graded(monkeypatch):
         return outs
 
     monkeypatch.setattr(ev, "generate", fake_generate)
-    m, records = ev.stateless_completion(None, Tok(), WORLD, n_pairs=12, seed=0)
+    model = SimpleNamespace(config=SimpleNamespace(context_length=4096))  # only read for the prompt's room
+    m, records = ev.stateless_completion(model, Tok(), WORLD, n_pairs=12, seed=0)
     for what in ("value", "name"):
         assert m[what]["with_context"]["rate"] == 1.0 and m[what]["with_context"]["n"] == 12
         assert m[what]["without_context"]["rate"] == 0.0

@@ -104,6 +104,17 @@ def test_a_row_does_not_depend_on_its_batch_neighbours():
     assert batched == alone
 
 
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others():
+    model = random_model(seed=6)
+    prompts = [[1, *range(2 + i, 4 + 2 * i)] for i in range(8)]  # left-padded: 2 to 16 tokens
+    free = generate(model, prompts, 25, temperature=0)
+    stops = [free[0][3], free[5][10]]  # rows end at different steps (and some never)
+    batched = generate(model, prompts, 25, temperature=0, stop_ids=stops)
+    assert len({len(o) for o in batched}) > 2, "the rows should stop at different steps"
+    assert batched == [generate(model, [p], 25, temperature=0, stop_ids=stops)[0] for p in prompts]
+    assert batched == generate(model, prompts, 25, temperature=0, stop_ids=stops, use_cache=False)
+
+
 def test_generation_stops_at_stop_token_and_at_context_length():
     model = random_model(seed=4)
     free = generate(model, [[1, 2, 3]], 10, temperature=0)[0]

@@ -20,9 +20,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from tokenizers import Tokenizer
 
 from llmlab.errors import LlmlabError
+from llmlab.generate import generate
+from llmlab.model import GPT
 from llmlab.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID
 
 ROLE_IDS = {"user": USER_ID, "assistant": ASSISTANT_ID}
@@ -125,6 +128,7 @@ class Reply:
     text: str  # the assistant's words, without the closing <|end|>
     ended: bool  # the model closed its turn with <|end|> (within the length limit)
     clean: bool  # no special token inside the reply: format adherence
+    tokens: tuple[int, ...] = ()  # what the model generated, the closing <|end|> included
 
 
 def parse_reply(tok: Tokenizer, generated: Sequence[int]) -> Reply:
@@ -136,4 +140,20 @@ def parse_reply(tok: Tokenizer, generated: Sequence[int]) -> Reply:
     ended = END_ID in generated
     body = list(generated[: generated.index(END_ID)] if ended else generated)
     clean = not any(t < len(SPECIAL_TOKENS) for t in body)
-    return Reply(tok.decode(body, skip_special_tokens=False), ended, clean)
+    return Reply(tok.decode(body, skip_special_tokens=False), ended, clean, tuple(generated))
+
+
+@torch.no_grad()
+def reply(model: GPT, tok: Tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int, *,
+          temperature: float = 0.0, batch_size: int = 256, generator: torch.Generator | None = None) -> list[Reply]:
+    """The model's next turn in each conversation: rendered with the chat template and an open assistant
+    turn, generated `batch_size` conversations at a time (in the order given: a batch runs until its longest
+    reply ends, so put replies of similar length together) until <|end|> or `max_new_tokens`, then parsed.
+
+    The one way every stage asks a model for replies (SFT, preferences, reward, PPO, evaluation)."""
+    out: list[Reply] = []
+    for i in range(0, len(conversations), batch_size):
+        ids = [render(tok, c, add_generation_prompt=True).ids for c in conversations[i : i + batch_size]]
+        outs = generate(model, ids, max_new_tokens, temperature=temperature, stop_ids=[END_ID], generator=generator)
+        out += [parse_reply(tok, o) for o in outs]
+    return out

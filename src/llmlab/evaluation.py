@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from llmlab.chat import parse_reply, render
+from llmlab.chat import render, reply
 from llmlab.errors import LlmlabError
 from llmlab.generate import generate
 from llmlab.model import GPT
@@ -29,7 +29,7 @@ from llmlab.sft import answer as answer_tasks
 from llmlab.sft_data import ADD_BARE, ADD_COT, pool_of
 from llmlab.stats import mean_ci, wilson_ci
 from llmlab.tasks import TASK_KINDS, Task
-from llmlab.tokenizer import BOS_ID, END_ID
+from llmlab.tokenizer import BOS_ID
 from llmlab.world import (
     ATTRIBUTES,
     PHRASINGS,
@@ -376,15 +376,11 @@ def stateless_completion(model: GPT, tok: Tokenizer, world: World, n_pairs: int,
                   ("name", "with_context", f"{told} {first}", surname), ("name", "without_context", first, surname)]  # fmt: skip
     ok: dict[str, dict[str, list[bool]]] = {w: {"with_context": [], "without_context": []} for w in ("value", "name")}
     records = []
-    for i in range(0, len(cases), 64):
-        chunk = cases[i : i + 64]
-        n_new = max(len(tok.encode(" " + v, add_special_tokens=False).ids) for *_, v in chunk) + 1
-        outs = generate(model, [[BOS_ID, *tok.encode(t, add_special_tokens=False).ids] for _, _, t, _ in chunk], n_new, temperature=0.0)
-        for (what, key, text, expected), out in zip(chunk, outs, strict=True):
-            completion = tok.decode(out, skip_special_tokens=False)
-            ok[what][key].append(grade_completion(completion, expected))
-            if len(records) < 8:
-                records.append({"what": what, "context": key, "text": text, "completion": completion, "expected": expected})
+    graded = complete(model, tok, [(text, expected) for *_, text, expected in cases], batch_size=64)
+    for (what, key, text, expected), (completion, correct) in zip(cases, graded, strict=True):
+        ok[what][key].append(correct)
+        if len(records) < 8:
+            records.append({"what": what, "context": key, "text": text, "completion": completion, "expected": expected})
     return {w: {k: rate(v) for k, v in d.items()} for w, d in ok.items()}, records
 
 
@@ -465,10 +461,6 @@ def distractor_effect(model: GPT, tok: Tokenizer, world: World, rater: Rater, di
     return rows, examples
 
 
-def _chat(model: GPT, tok: Tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int, batch_size: int = 64) -> list:
+def _chat(model: GPT, tok: Tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int, batch_size: int = 256) -> list:
     """Greedy replies to whole conversations (each rendered with the chat template and sent whole)."""
-    out = []
-    for i in range(0, len(conversations), batch_size):
-        ids = [render(tok, c, add_generation_prompt=True).ids for c in conversations[i : i + batch_size]]
-        out += [parse_reply(tok, o) for o in generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=[END_ID])]
-    return out
+    return reply(model, tok, conversations, max_new_tokens, batch_size=batch_size)

@@ -92,25 +92,37 @@ def generate(
     padded = bool((~valid[:, :P]).any())
     positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, S_max): each row counts from its first real token
 
+    # Rows still generating: a row that has drawn a stop token leaves the batch once a quarter of the
+    # batch has (its cache rows are dropped with it), so a batch costs about the sum of its replies'
+    # lengths rather than its size times the longest reply.
+    rows = torch.arange(B, device=device)
+    live_valid, live_positions = valid, positions
+
     def forward(start: int, end: int, cache: KVCache | None) -> torch.Tensor:
-        """Logits at position end - 1 for the tokens in [start, end) (all of [0, end) without a cache)."""
-        mask = padded_attention_mask(valid[:, :end], end - start) if padded else None
-        pos = positions[:, start:end] if padded else None
-        logits, _ = model(tokens[:, start:end], positions=pos, attn_mask=mask, cache=cache)
-        return logits[:, -1]  # (B, V)
+        """Logits at position end - 1 for the live rows' tokens in [start, end) (all of [0, end) without a cache)."""
+        mask = padded_attention_mask(live_valid[:, :end], end - start) if padded else None
+        pos = live_positions[:, start:end] if padded else None
+        logits, _ = model(tokens[rows, start:end], positions=pos, attn_mask=mask, cache=cache)
+        return logits[:, -1]  # (live rows, V)
 
     cache = KVCache(model.config, B, S_max, device, dtype=next(model.parameters()).dtype) if use_cache else None
     logits = forward(0, P, cache)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # of the live rows
     steps = 0
     for t in range(n_new):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        tokens[:, P + t] = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (live rows,)
+        tokens[rows, P + t] = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         finished |= torch.isin(nxt, stop)
         steps = t + 1
         if steps == n_new or finished.all():
             break
+        if finished.sum() * 4 >= len(rows):
+            keep = ~finished
+            rows, finished = rows[keep], finished[keep]
+            live_valid, live_positions = live_valid[keep], live_positions[keep]
+            if cache is not None:
+                cache.k, cache.v, cache.valid = cache.k[:, keep], cache.v[:, keep], cache.valid[keep]
         logits = forward(P + t, P + t + 1, cache) if use_cache else forward(0, P + t + 1, None)
     return [_cut_at_stop(row, stop_ids) for row in tokens[:, P : P + steps].tolist()]
 

@@ -59,6 +59,9 @@ class SyntheticCorpus(Section):
     n_context: int = Field(12000, ge=0)
     """Context documents: people made up for one document, their facts stated and then asked about in the
     same document, so that only reading the context predicts the answer (it teaches copying)."""
+    n_recap: int = Field(0, ge=0)
+    """Notes about made-up people read out twice, word for word (`world.recap_documents`): copying values
+    trained as densely as copying names."""
     n_arithmetic: int = Field(3000, ge=0)
     """Multi-digit additions written out step by step, with carries."""
     max_digits: int = Field(4, ge=1, le=9)
@@ -205,6 +208,10 @@ class PretrainConfig(TrainLoop):
     """Optimizer steps to train for. Exactly one of max_steps and max_tokens is set."""
     max_tokens: int | None = Field(None, ge=1, validate_default=True)
     """Token budget instead of a step budget: steps = max_tokens / tokens per optimizer step."""
+    window_start: Literal["document", "anywhere"] = "document"
+    """Where a training window starts: at a document's <|bos|> (every document read from its beginning, so a
+    fact stated early in a document is in view when it is asked later) or at any token. Copy accuracy of
+    values: docs/knowledge.md."""
     recall_people: int | None = Field(None, ge=1)
     """Fact recall is measured on this many corpus people (null: all of them)."""
     recall_probe_people: int = Field(40, ge=0)
@@ -377,8 +384,8 @@ class PreferencesConfig(Section):
     0.25 flips about 16 % of the labels (0.5: about 25 %)."""
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     """Share of prompts whose pairs are held out to validate the reward model."""
-    batch_size: int = Field(64, ge=1)
-    """Prompts generated together (KV-cached, batched)."""
+    batch_size: int = Field(256, ge=1)
+    """Prompts generated together (KV-cached, batched; a row leaves the batch when its reply ends)."""
     max_digits: int = Field(4, ge=1, le=9)
     """Largest number of digits of an addend in the arithmetic prompts."""
 

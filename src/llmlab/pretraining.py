@@ -27,26 +27,39 @@ class TokenWindows(Dataset):
     """Windows of context_length + 1 tokens from a flat token array: x = w[:-1], y = w[1:].
 
     Item i starts at a position drawn from a generator seeded by (seed, i), so an item is the same on
-    every run and on every rank. Resuming: a run restored at optimizer step k continues with global item
-    `first` = k · (items per step). Subtle: Lightning keeps counting batches from where the checkpoint
-    left off and ends the epoch at len(dataset) batches, so the dataset keeps its full length and index i
-    maps to global item first + i; the tail past the budget is never read, because max_steps ends
+    every run and on every rank: anywhere in the array, or, given `starts` (the positions of <|bos|>,
+    `document_starts`), at the start of a document. Resuming: a run restored at optimizer step k continues
+    with global item `first` = k · (items per step). Subtle: Lightning keeps counting batches from where the
+    checkpoint left off and ends the epoch at len(dataset) batches, so the dataset keeps its full length and
+    index i maps to global item first + i; the tail past the budget is never read, because max_steps ends
     training first.
     """
 
-    def __init__(self, tokens: np.ndarray, context_length: int, n_items: int, seed: int, first: int = 0):
+    def __init__(self, tokens, context_length: int, n_items: int, seed: int, first: int = 0, starts: np.ndarray | None = None):
         if len(tokens) < context_length + 2:
             raise ValueError(f"token file has {len(tokens)} tokens, fewer than context_length + 2 = {context_length + 2}")
-        self.tokens, self.T, self.n_items, self.seed, self.first = tokens, context_length, n_items, seed, first
+        if starts is not None:
+            starts = starts[starts <= len(tokens) - context_length - 1]
+            if not len(starts):
+                raise ValueError("no document starts before the last window: the token file holds no <|bos|>")
+        self.tokens, self.T, self.n_items, self.seed, self.first, self.starts = tokens, context_length, n_items, seed, first, starts
 
     def __len__(self) -> int:
         return self.n_items
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, self.first + i))
-        start = int(rng.integers(0, len(self.tokens) - self.T - 1))
+        if self.starts is None:
+            start = int(rng.integers(0, len(self.tokens) - self.T - 1))
+        else:
+            start = int(self.starts[rng.integers(0, len(self.starts))])
         w = torch.from_numpy(self.tokens[start : start + self.T + 1].astype(np.int64))
         return w[:-1], w[1:]
+
+
+def document_starts(tokens, bos_id: int, window_start: str) -> np.ndarray | None:
+    """Where TokenWindows may start: every <|bos|> for window_start "document", anywhere (None) otherwise."""
+    return tokens.positions_of(bos_id) if window_start == "document" else None
 
 
 class FixedWindows(Dataset):

@@ -22,12 +22,11 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from llmlab.chat import parse_reply, render
-from llmlab.generate import generate
+from llmlab.chat import render, reply
 from llmlab.model import GPT
 from llmlab.rater import Rater
 from llmlab.tasks import Task
-from llmlab.tokenizer import BOS_ID, END_ID, PAD_ID
+from llmlab.tokenizer import BOS_ID, PAD_ID
 
 
 class ChatDataset(Dataset):
@@ -132,22 +131,19 @@ def collate_packed(batch: list[tuple[list[int], list[bool]]]) -> tuple[torch.Ten
     return x, y, positions, attn_mask[:, None]
 
 
-@torch.no_grad()
 def answer(model: GPT, tok: Tokenizer, tasks: Sequence[Task], max_new_tokens: int, temperature: float = 0.0,
-           batch_size: int = 64, generator: torch.Generator | None = None) -> list:
+           batch_size: int = 256, generator: torch.Generator | None = None) -> list:
     """The model's reply (`chat.Reply`) to each task's prompt, one user turn each.
 
     A batch generates until its longest reply ends, so tasks are batched by kind, short answers
     together (a worked addition is ~60 tokens, a fact ~12): a third faster than mixed batches.
     """
     order = sorted(range(len(tasks)), key=lambda i: REPLY_LENGTH_RANK[tasks[i].kind])
+    out = reply(model, tok, [[{"role": "user", "content": tasks[i].prompt}] for i in order], max_new_tokens,
+                temperature=temperature, batch_size=batch_size, generator=generator)
     replies: list = [None] * len(tasks)
-    for i in range(0, len(order), batch_size):
-        chunk = order[i : i + batch_size]
-        prompts = [render(tok, [{"role": "user", "content": tasks[j].prompt}], add_generation_prompt=True).ids for j in chunk]
-        outs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_ids=[END_ID], generator=generator)
-        for j, o in zip(chunk, outs, strict=True):
-            replies[j] = parse_reply(tok, o)
+    for i, r in zip(order, out, strict=True):
+        replies[i] = r
     return replies
 
 

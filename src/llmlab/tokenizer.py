@@ -331,6 +331,16 @@ class TokenShards:
             return parts[0]
         return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
 
+    def positions_of(self, token_id: int) -> np.ndarray:
+        """Every position holding `token_id`, ascending, read one shard at a time.
+
+        >>> TokenShards([np.array([1, 5, 1]), np.array([7, 1])]).positions_of(1).tolist()
+        [0, 2, 4]
+        """
+        offsets = self.ends - [len(a) for a in self.shards]
+        found = [np.flatnonzero(np.asarray(a) == token_id) + int(o) for a, o in zip(self.shards, offsets, strict=True)]
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
+
 
 def open_split(directory: str | Path, split: str, meta: TokenMeta | None = None) -> TokenShards:
     """The token shards of `split` listed in `directory`/meta.json, memory-mapped, checked against its count."""

@@ -725,6 +725,27 @@ def context_documents(n: int, world: World, rng: random.Random) -> list[str]:
     return [context_text(*context_document(rng, taken)) for _ in range(n)]
 
 
+_RECAP_LINKS = ("Read back:", "Once more:", "Again, in the same order:", "To repeat:", "Checked and copied out again:")
+
+
+def recap_documents(n: int, world: World, rng: random.Random) -> list[str]:
+    """`n` notes about 1-3 made-up people (3-5 facts) read out twice, word for word: everything in the second
+    reading is in the first, values included, so only copying predicts it (how induction heads are grown).
+
+        "Notes on the new neighbours. Odile Crane is a nurse by trade. Brisa Talmont lives in Saltmere.
+         Once more: Odile Crane is a nurse by trade. Brisa Talmont lives in Saltmere."
+    """
+    taken = {p.name for p in world.people}
+    out = []
+    for _ in range(n):
+        cast = invented_people(rng.randint(1, 3), rng, taken)
+        pairs = [(p, a) for p in cast for a in ATTRIBUTES]
+        stated = rng.sample(pairs, min(len(pairs), rng.randint(3, 5)))
+        sentences = [fact_sentence(p, a, rng.randrange(len(PHRASINGS[a]))) for p, a in stated]
+        out.append(" ".join(filter(None, [rng.choice(_CONTEXT_OPENERS), *sentences, rng.choice(_RECAP_LINKS), *sentences])))
+    return out
+
+
 def copy_probes(world: World, n: int, seed: int) -> list[tuple[str, str, str]]:
     """(what, prompt, answer) cut in the first question's answer of `n` context documents whose people have
     probe names, never seen in training: where the answer starts ("answer_name": the whole name of the
@@ -770,6 +791,10 @@ def synthetic_documents(world: World, cfg: SyntheticCorpus, seed: int) -> list[D
     docs += [
         {"text": t, "kind": "context"}
         for t in context_documents(cfg.n_context, world, random.Random(f"{seed}/context"))
+    ]
+    docs += [
+        {"text": t, "kind": "context"}
+        for t in recap_documents(cfg.n_recap, world, random.Random(f"{seed}/recap"))
     ]
     docs += [
         {"text": t, "kind": "arithmetic"}
