@@ -22,8 +22,8 @@ import llmlab.ppo
 from llmlab.model import GPT, GPTConfig
 from llmlab.params import PPOConfig
 from llmlab.ppo import ppo_update, rollout
-from llmlab.pretraining import adamw
 from llmlab.reward import RewardModel
+from llmlab.training import adamw
 
 
 class _Timed:

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from llmlab.model import GPT, GPTConfig
 from llmlab.params import load_params
-from llmlab.pretraining import TokenWindows, adamw, lr_at
+from llmlab.pretraining import TokenWindows
 from llmlab.tokenizer import open_split
+from llmlab.training import adamw, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["stage set-up", "manual attention", "unfused AdamW", "torch.compile", "bf16 autocast"]

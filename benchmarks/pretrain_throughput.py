@@ -22,7 +22,8 @@ import torch
 from llmlab.mfu import matmul_peak_flops
 from llmlab.model import GPT, GPTConfig
 from llmlab.params import load_params
-from llmlab.pretraining import CausalLMModule, TokenWindows, build_trainer
+from llmlab.pretraining import TokenWindows
+from llmlab.training import CausalLMModule, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script, too

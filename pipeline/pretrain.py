@@ -18,29 +18,26 @@ import torch
 
 from llmlab import checkpoints
 from llmlab.errors import LlmlabError
-from llmlab.evaluation import copy_accuracy, fact_recall, samples
 from llmlab.io import write_json, write_text
 from llmlab.mfu import matmul_peak_flops
 from llmlab.model import GPTConfig, save_model
 from llmlab.params import Params
-from llmlab.pretraining import (
-    Budget,
-    CausalLMModule,
-    CurveRecorder,
-    FixedWindows,
-    Probe,
-    Throughput,
-    TokenWindows,
-    build_trainer,
-    document_starts,
-    loader,
-    resume_offset,
-    world_size,
-)
+from llmlab.pretraining import FixedWindows, TokenWindows, document_starts, final_measurements, probes
 from llmlab.stage import run_stage
 from llmlab.tokenizer import load_tokenizer, open_split, read_token_meta
 from llmlab.tracking import StageRun, is_global_zero
-from llmlab.world import World, copy_probes, fact_prompts
+from llmlab.training import (
+    Budget,
+    CausalLMModule,
+    CurveRecorder,
+    Throughput,
+    build_trainer,
+    loader,
+    resume_offset,
+    uses_cuda,
+    world_size,
+)
+from llmlab.world import World
 
 log = logging.getLogger("llmlab.pretrain")
 
@@ -86,18 +83,13 @@ def main(args, params: Params) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     module = CausalLMModule(model_config, cfg, budget.total_steps)
-    device_type = "cuda" if (cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()) else "cpu"
+    device_type = "cuda" if uses_cuda(cfg.accelerator) else "cpu"
     peak_dtype = torch.bfloat16 if "bf16" in cfg.precision else torch.float32
     peak = matmul_peak_flops(device_type, peak_dtype)
     throughput = Throughput(budget.tokens_per_step, module.model.flops_per_token(), peak, cfg.log_every)
     curves = CurveRecorder(cfg.log_every)
-    known = world.known()
-    probe_people = known[:: max(1, len(known) // cfg.recall_probe_people)][: cfg.recall_probe_people] if cfg.recall_probe_people else []
-    probes = [Probe("fact_recall", lambda model: fact_recall(model, tok, probe_people).accuracy)] if probe_people else []
-    copy_items = copy_probes(world, cfg.copy_probes, params.seed) if world.people else []
-    if copy_items:
-        probes.append(Probe("copy_accuracy", lambda model: copy_accuracy(model, tok, copy_items)["copy_accuracy"]))
-    callbacks = [throughput, curves, *probes]
+    probe_list, copy_items = probes(world, tok, cfg, params.seed)
+    callbacks = [throughput, curves, *probe_list]
 
     with StageRun("pretrain", {"seed": params.seed, "pretrain": cfg.model_dump()}) as run:
         trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), callbacks, budget.total_steps)
@@ -113,14 +105,6 @@ def main(args, params: Params) -> None:
         throughput.peak = max(peak, matmul_peak_flops(device_type, peak_dtype))
         model = module.model.eval()
         save_model(model, args.out)
-        people = world.known()[: cfg.recall_people] if cfg.recall_people else world.known()
-        recall = fact_recall(model, tok, people)
-        recall_prompts = [prompt for p in people[:2] for _, prompt, _ in fact_prompts(p)[:2]]
-        sample_rows = [
-            row
-            for t in (0.0, 1.0)
-            for row in samples(model, tok, recall_prompts + SAMPLE_PROMPTS, cfg.sample_tokens, t, params.seed)
-        ]
         metrics = {
             "train_loss": curves.train[-1][1] if curves.train else float("nan"),
             "val_loss": val_loss,
@@ -133,41 +117,23 @@ def main(args, params: Params) -> None:
         # folder and MLflow, so that metrics/*.json of two runs are byte-identical (`dvc metrics diff` empty).
         speed = {"tokens_per_s": throughput.tokens_per_second(), "mfu": throughput.mfu(),
                  "matmul_peak_gflops": throughput.peak / 1e9, "train_seconds": throughput.train_time}
-        if recall.n:  # no synthetic world (hf / local corpus): nothing to recall
-            metrics |= {
-                "fact_recall": recall.accuracy,
-                "fact_recall_n": recall.n,
-                **{f"fact_recall_by_attribute/{k}": v for k, v in recall.by_attribute.items()},
-                **{f"fact_recall_by_group/{k}": v for k, v in recall.by_group.items()},
-            }
-        copying = copy_accuracy(model, tok, copy_items) if copy_items else None
-        if copying:
-            metrics |= {k: v for k, v in copying.items() if k.startswith("copy_accuracy")} | {"copy_accuracy_n": copying["n"]}
+        found, files = final_measurements(model, tok, world, cfg, params.seed, copy_items)
+        metrics |= found
         write_json(args.metrics, metrics)
-        curves.write(args.plots, probes)
+        curves.write(args.plots, probe_list)
         report = Path(args.report)
         write_json(report / "throughput.json", speed)
-        write_json(report / "samples.json", sample_rows)
-        write_json(report / "fact_recall_examples.json", recall.examples)
-        if copying:
-            write_json(report / "copy_examples.json", copying["examples"])
-        write_text(report / "samples.md", _samples_markdown(sample_rows))
+        for name, content in files.items():
+            (write_text if name.endswith(".md") else write_json)(report / name, content)
         run.log_metrics({k: v for k, v in (metrics | speed).items() if isinstance(v, int | float)}, step=int(trainer.global_step))
         for path in (args.metrics, Path(args.out) / "config.json", report, args.plots):
             run.log_artifact(path)
         log.info(
             "val loss %.3f (ppl %.1f) · fact recall %s · copy accuracy %s · %.0f tokens/s · MFU %.1f%%",
-            val_loss, math.exp(val_loss), f"{recall.accuracy:.1%} of {recall.n}" if recall.n else "n/a (no synthetic world)",
-            f"{copying['copy_accuracy']:.1%}" if copying else "n/a",
+            val_loss, math.exp(val_loss), f"{metrics['fact_recall']:.1%}" if "fact_recall" in metrics else "n/a (no synthetic world)",
+            f"{metrics['copy_accuracy']:.1%}" if "copy_accuracy" in metrics else "n/a",
             speed["tokens_per_s"], 100 * speed["mfu"],
         )
-
-
-def _samples_markdown(rows: list[dict]) -> str:
-    lines = ["# Pretrained model samples", ""]
-    for r in rows:
-        lines += [f"**T={r['temperature']}** `{r['prompt']}` →", "", "```", r["completion"], "```", ""]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import warnings
 from pathlib import Path
 
@@ -19,19 +18,31 @@ import lightning as L
 import torch
 
 from llmlab import checkpoints
-from llmlab.chat import reply
-from llmlab.corpus import read_corpus
 from llmlab.errors import LlmlabError
 from llmlab.io import write_json, write_text
 from llmlab.model import load_model, save_model
 from llmlab.params import Params
-from llmlab.pretraining import CausalLMModule, CurveRecorder, build_trainer, loader, resume_offset, world_size
-from llmlab.rater import Rater
-from llmlab.sft import ChatDataset, Epochs, answer, chat_metrics, collate, collate_packed
-from llmlab.sft_data import external_conversations, prompt_pool, sft_examples
+from llmlab.sft import (
+    ChatDataset,
+    add_replay,
+    collate,
+    collate_packed,
+    graded_replies,
+    training_conversations,
+    ungraded_replies,
+)
 from llmlab.stage import run_stage
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tracking import StageRun, is_global_zero
+from llmlab.training import (
+    CausalLMModule,
+    CurveRecorder,
+    Epochs,
+    build_trainer,
+    items_per_step,
+    loader,
+    resume_offset,
+)
 from llmlab.world import World
 
 log = logging.getLogger("llmlab.sft")
@@ -56,26 +67,12 @@ def main(args, params: Params) -> None:
     base = load_model(args.model, stage="pretrain")
     T = base.config.context_length
 
-    if cfg.data.source == "synthetic":
-        if not world.people:
-            raise LlmlabError(
-                "sft.data.source synthetic needs the synthetic world (corpus.source: synthetic); "
-                "with another corpus, use sft.data.source hf or local"
-            )
-        conversations = [e.messages for e in sft_examples(world, cfg.data, params.seed)]
-        data_stats = {}
-    else:
-        conversations, data_stats = external_conversations(cfg.data, Path.cwd())
-        random.Random(f"{params.seed}/sft-split").shuffle(conversations)
+    conversations, data_stats = training_conversations(world, cfg.data, params.seed)
     n_val = max(1, len(conversations) // 20)
     val_set = ChatDataset(tok, conversations[:n_val], T)
     train_base = ChatDataset(tok, conversations[n_val:], T)
-    n_replay = round(len(train_base) * cfg.data.replay_share / (1 - cfg.data.replay_share))
-    if n_replay:
-        texts = read_corpus(Path(args.corpus), "train")
-        picked = random.Random(f"{params.seed}/replay").choices(texts, k=n_replay)
-        train_base.add_documents(tok, picked, T)
-    items_per_step = cfg.batch_size * cfg.grad_accum * world_size(cfg)
+    n_replay = add_replay(train_base, tok, Path(args.corpus), cfg.data.replay_share, params.seed, T)
+    per_step = items_per_step(cfg)
 
     if not len(train_base) or not len(val_set):
         raise LlmlabError(
@@ -96,8 +93,8 @@ def main(args, params: Params) -> None:
 
     with StageRun("sft", {"seed": params.seed, "sft": cfg.model_dump()}) as run:
         trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), [curves], cfg.max_steps)
-        first = resume_offset(resume, items_per_step)  # continue the data where the checkpoint stopped
-        train_set = Epochs(train_base, cfg.max_steps * items_per_step, params.seed, first=first)
+        first = resume_offset(resume, per_step)  # continue the data where the checkpoint stopped
+        train_set = Epochs(train_base, cfg.max_steps * per_step, params.seed, first=first)
         batches = collate_packed if cfg.pack else collate
         train_dl, val_dl = loader(train_set, cfg.batch_size, trainer, batches), loader(val_set, cfg.batch_size, trainer, batches)
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
@@ -118,21 +115,11 @@ def main(args, params: Params) -> None:
         }
         report = Path(args.report)
         if world.people:  # the rater can grade replies to the world's evaluation prompts
-            tasks = prompt_pool(world, "eval", cfg.eval_prompts, params.seed, cfg.data.max_digits)
-            replies = answer(model, tok, tasks, cfg.max_new_tokens)
-            rater = Rater(world)
-            metrics |= chat_metrics(tasks, replies, rater, {p.name: p.group for p in world.people})
-            rows = [
-                {"prompt": t.prompt, "kind": t.kind, "reply": r.text, "ended": r.ended, "gold": rater.score(t, r.text, r.ended).total}
-                for t, r in zip(tasks, replies, strict=True)
-            ]
-            lines = [f"- **{r['kind']}** `{r['prompt']}` → {r['reply']!r} (gold {r['gold']:+.2f})" for r in rows[:40]]
+            graded, rows, lines = graded_replies(model, tok, world, cfg, params.seed)
+            metrics |= graded
         else:  # no ground truth: the replies to held-out conversations' first turns, ungraded
             log.info("no synthetic world: replies are not graded (no rater); see %s", report / "replies.md")
-            firsts = [c[:1] for c in conversations[:n_val][:20]]
-            outs = reply(model, tok, firsts, cfg.max_new_tokens)
-            rows = [{"prompt": m[0]["content"], "reply": r.text} for m, r in zip(firsts, outs, strict=True)]
-            lines = [f"- `{r['prompt'][:200]}` → {r['reply']!r}" for r in rows]
+            rows, lines = ungraded_replies(model, tok, conversations[:n_val], cfg.max_new_tokens)
         write_json(args.metrics, metrics)
         curves.write(args.plots)
         write_json(report / "replies.json", rows)

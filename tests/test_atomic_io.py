@@ -101,3 +101,9 @@ def test_other_errors_pass_through_unchanged_and_still_leave_nothing(tmp_path):
     with pytest.raises(LlmlabError, match="^ours$"), atomic_path(tmp_path / "d", is_dir=True):
         raise LlmlabError("ours")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_csv_text_takes_every_key_in_first_seen_order_and_leaves_missing_cells_empty():
+    from llmlab.io import csv_text
+
+    assert csv_text([{"step": 1, "loss": 2.5}, {"step": 2, "gold": 0.5}]) == "step,loss,gold\n1,2.5,\n2,,0.5\n"

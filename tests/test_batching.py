@@ -1,5 +1,5 @@
 """Batches of variable-length items. The order in which SFT and the reward model see them
-(llmlab.sft.Epochs), with and without grouping by length: every epoch is a permutation, batches start on
+(llmlab.training.Epochs), with and without grouping by length: every epoch is a permutation, batches start on
 step boundaries, a resume continues the same stream, and grouping removes most of the padding. And
 SFT's packed batches (llmlab.sft.collate_packed): the loss and gradient of the padded batch, in fewer rows."""
 
@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmlab.model import GPT, GPTConfig
-from llmlab.sft import Epochs, collate, collate_packed
+from llmlab.sft import collate, collate_packed
+from llmlab.training import Epochs
 
 
 def _stream(epochs: Epochs) -> list:

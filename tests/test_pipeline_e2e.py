@@ -209,7 +209,7 @@ def test_report_has_every_section_and_links_only_existing_figures(pipeline):
         assert set(metrics["distractors"][model]) <= {"0_sentences", "2_sentences"} and "0_sentences" in metrics["distractors"][model]
     assert {"name_probe_base", "name_probe_sft", "name_probe_ppo"} <= set(metrics["knowledge"])
     copy = json.loads((repo / "metrics/pretrain.json").read_text())
-    assert copy["copy_accuracy_n"] == 3 * 8 and 0 <= copy["copy_accuracy_value"] <= 1
+    assert copy["copy_accuracy_n"] == 4 * 8 and 0 <= copy["copy_accuracy_value"] <= 1 and "copy_accuracy_value_repeated" in copy
     assert (repo / "plots/pretrain/copy_accuracy.csv").read_text().startswith("step,copy_accuracy\n")
 
 

@@ -27,9 +27,9 @@ from llmlab.ppo import (
     rollout,
     value_loss,
 )
-from llmlab.pretraining import adamw
 from llmlab.reward import RewardModel, pad_batch
 from llmlab.tokenizer import END_ID
+from llmlab.training import adamw
 
 TINY = GPTConfig(vocab_size=24, d_model=16, n_layer=1, n_head=2, context_length=32, ffn_hidden=32)
 

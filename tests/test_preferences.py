@@ -29,3 +29,17 @@ def test_flip_rate_matches_bradley_terry(gap, tau):
 def test_bradley_terry_is_symmetric():
     for a, b, t in [(1.0, 0.0, 0.3), (-2.0, 1.5, 1.0)]:
         assert bradley_terry_p(a, b, t) + bradley_terry_p(b, a, t) == pytest.approx(1.0)
+
+
+def test_pairs_written_are_read_back_and_a_missing_split_names_the_stage(tmp_path):
+    from llmlab.errors import MissingArtifactError
+    from llmlab.preferences import pair_contexts, read_pairs, write_pairs
+
+    row = {"prompt": "Hi", "context": '[{"role": "user", "content": "Hi"}]', "chosen": "Hello.", "rejected": "Go.",
+           "chosen_ended": True, "rejected_ended": False, "gold_chosen": 1.0, "gold_rejected": -1.0, "flipped": False,
+           "task": "{}"}  # fmt: skip
+    write_pairs(tmp_path / "pairs", {"train": [row, row | {"chosen": "Hey."}], "validation": [row]})
+    assert read_pairs(tmp_path / "pairs", "train")[1]["chosen"] == "Hey."
+    assert pair_contexts(tmp_path / "pairs", "train") == [[{"role": "user", "content": "Hi"}]]  # distinct contexts
+    with pytest.raises(MissingArtifactError, match="preferences"):
+        read_pairs(tmp_path / "nowhere", "train")

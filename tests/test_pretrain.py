@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from llmlab.checkpoints import fingerprint, resume_path
 from llmlab.params import PretrainConfig
-from llmlab.pretraining import FixedWindows, TokenWindows, lr_at
+from llmlab.pretraining import FixedWindows, TokenWindows
+from llmlab.training import lr_at
 from tests.conftest import SMOKE_PARAMS, free_port, run_stage, stage_env
 
 

@@ -82,3 +82,18 @@ def test_score_sequences_batches_by_length_but_answers_in_the_order_given():
     alone = torch.cat([model(*pad_batch([s])) for s in seqs])
     torch.testing.assert_close(scores, alone, rtol=0, atol=1e-5)
     assert not scores.requires_grad and score_sequences(model, []).shape == (0,)
+
+
+def test_calibration_bins_predicted_against_observed_by_hand():
+    from llmlab.reward import calibration
+
+    # Margins of +10 (σ ≈ 1) and 0 (σ = 0.5): each pair is shown as (chosen, rejected) or swapped at random,
+    # so a confident pair lands in the top bin (observed 1) or the bottom one (observed 0), an unsure one in
+    # the middle bin, where half are observed wins only if the coin says so.
+    r_c, r_r = torch.tensor([10.0] * 50 + [0.0] * 50), torch.tensor([0.0] * 100)
+    table = calibration(r_c, r_r, seed=0)
+    by_bin = {round(p, 1): (o, n) for p, o, n in table}
+    assert sum(n for _, _, n in table) == 100 and set(by_bin) == {0.0, 0.5, 1.0}
+    assert by_bin[1.0][0] == 1.0 and by_bin[0.0][0] == 0.0  # σ(10) shown as chosen first: always right
+    assert by_bin[0.5][1] == 50  # every unsure pair in the middle bin
+    assert by_bin[1.0][1] + by_bin[0.0][1] == 50

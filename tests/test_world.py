@@ -296,3 +296,18 @@ def test_arithmetic_documents_vary_digit_counts(docs):
 )
 def test_grade_completion(completion, answer, ok):
     assert grade_completion(completion, answer) is ok
+
+
+def test_copy_probes_ask_for_what_the_prompt_states_about_never_seen_people(world):
+    from llmlab.world import copy_probes, is_probe_name
+
+    probes = copy_probes(world, 20, seed=3)
+    assert [w for w, _, _ in probes[:4]] == ["answer_name", "name", "value", "value_repeated"] and len(probes) == 80
+    known = {p.name for p in world.people}
+    for what, prompt, answer in probes:
+        assert f" {answer}" in f" {prompt}", (what, prompt, answer)  # stated earlier: only reading finds it
+        if what == "answer_name":
+            assert is_probe_name(answer) and answer not in known
+        if what == "value_repeated":
+            statement = prompt.split(". ")[0]
+            assert statement.endswith(answer) and prompt.startswith(statement) and prompt.count(answer) == 1

@@ -47,6 +47,13 @@ class Fingerprint:
     inputs: dict[str, str] = field(default_factory=dict)  # path -> sha256 of its contents
 
 
+def kept_checkpoint(ckpt_dir: str | Path, failed_at: int, every: int, unit: str = "step") -> str:
+    """What a run that failed at step (or iteration) `failed_at` leaves to resume from, for its error message:
+    the last checkpoint, written every `every`, or none."""
+    last, good = Path(ckpt_dir) / LAST, (failed_at - 1) // every * every
+    return f"{last} ({unit} {good}) is kept" if last.exists() and good > 0 else "no checkpoint was written before it"
+
+
 def fingerprint(config: Any, input_files: list[str | Path]) -> Fingerprint:
     """The resolved config and the input files' contents (what the weights depend on), hashed."""
     inputs = {str(p): file_hash(p) for p in sorted(str(p) for p in input_files)}

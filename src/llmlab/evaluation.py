@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from llmlab.chat import answer as answer_tasks
 from llmlab.chat import render, reply
 from llmlab.errors import LlmlabError
 from llmlab.generate import generate
 from llmlab.model import GPT
 from llmlab.rater import Rater
-from llmlab.sft import answer as answer_tasks
 from llmlab.sft_data import ADD_BARE, ADD_COT, pool_of
 from llmlab.stats import mean_ci, wilson_ci
 from llmlab.tasks import TASK_KINDS, Task
@@ -131,7 +131,7 @@ def name_probe(model: GPT, tok: Tokenizer, world: World, ridge: float = 1.0) -> 
 @torch.no_grad()
 def copy_accuracy(model: GPT, tok: Tokenizer, probes: Sequence[tuple[str, str, str]], n_examples: int = 10) -> dict:
     """Greedy completion of the later mention of a never-seen name or value in its own document
-    (`world.copy_probes`): {"copy_accuracy", "copy_accuracy_<what>" for answer_name, name and value, "n",
+    (`world.copy_probes`): {"copy_accuracy", "copy_accuracy_<what>" for answer_name, name, value and value_repeated, "n",
     "examples"}. A model that cannot read its context scores near 0 on names (they are in no weight) and at
     about chance on values."""
     graded = complete(model, tok, [(prompt, answer) for _, prompt, answer in probes])

@@ -9,7 +9,9 @@ A write that fails (disk full, no permission, file too large) removes the tempor
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -96,3 +98,13 @@ def read_json(path: str | Path, stage: str | None = None) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         hint = f" (re-create it with `dvc repro {stage}`)" if stage else ""
         raise LlmlabError(f"{path} is not valid JSON: {e}{hint}") from None
+
+
+def csv_text(rows: list[dict]) -> str:
+    """Rows as CSV text: every key a column, in first-seen order; a key a row lacks is an empty cell."""
+    out = io.StringIO()
+    fields = list(dict.fromkeys(k for row in rows for k in row))  # every key, first-seen order
+    writer = csv.DictWriter(out, fieldnames=fields, restval="", lineterminator="\n")  # a rate with no sample: empty
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()

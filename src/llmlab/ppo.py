@@ -49,17 +49,25 @@ Deviations from InstructGPT and from "The N+ Implementation Details of RLHF with
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 
+from llmlab.chat import REPLY_LENGTH_RANK, parse_reply, render, reply
 from llmlab.errors import LlmlabError
 from llmlab.generate import generate
 from llmlab.model import GPT, padded_attention_mask
+from llmlab.rater import Rater, chat_metrics
 from llmlab.reward import RewardModel
+from llmlab.stats import mean_ci, paired_diff_ci, wilson_ci
+from llmlab.tasks import Task
 from llmlab.tokenizer import END_ID, PAD_ID
+from llmlab.training import adamw
+from llmlab.world import World
 
 # ------------------------------------------------------------------------------------ the pieces
 
@@ -402,3 +410,163 @@ def check_replicas_agree(fabric, models: dict[str, torch.nn.Module]) -> None:
                 f"ppo: the {fabric.world_size} processes' {name} weights differ after training (fingerprints from "
                 f"{lowest.tolist()} to {highest.tolist()}); DDP lost synchronisation: please report this with the params"
             )
+
+
+# The stage's pieces around the loop: models on the device, gold metrics, the SFT-against-PPO comparison.
+
+
+def frozen(fabric: L.Fabric, model: torch.nn.Module) -> torch.nn.Module:
+    """A model that is only ever run forward: on the device, in the run's precision, no gradients."""
+    model.requires_grad_(False)
+    return fabric.to_device(fabric.strategy.precision.convert_module(model)).eval()
+
+
+def context_of(prompt) -> list[dict]:
+    """The conversation to answer: a Task's single user turn, or a preference pair's context."""
+    return [{"role": "user", "content": prompt.prompt}] if isinstance(prompt, Task) else prompt
+
+
+def mean_over_processes(fabric: L.Fabric, metrics: dict[str, float]) -> dict[str, float]:
+    keys = list(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=fabric.device)
+    return dict(zip(keys, fabric.all_reduce(values, reduce_op="mean").tolist(), strict=True))
+
+
+def gold_metrics(tok, rater: Rater, tasks, batch) -> dict[str, float]:
+    """The rater's score of the rollout's replies: logged next to the reward model's, never optimised."""
+    lengths = batch.seqs.lengths.tolist()
+    scores = []
+    unknown = hallucinated = 0
+    for task, row, n in zip(tasks, batch.seqs.response.tolist(), lengths, strict=True):
+        r = parse_reply(tok, row[:n])
+        s = rater.score(task, r.text, r.ended)
+        scores.append(s.total)
+        if task.kind == "unknown":
+            unknown += 1
+            hallucinated += s.hallucinated
+    return {"gold/score": statistics.fmean(scores), "gold/unknown_prompts": unknown, "gold/hallucinations": hallucinated}
+
+
+@torch.no_grad()
+def compare_with_sft(policy: GPT, ref: GPT, reward_model, tok, prompts: list, rater: Rater | None, world: World, cfg, seed: int,
+             device) -> tuple[dict, list[dict]]:
+    """SFT against PPO on held-out prompts: greedy replies scored by the reward model and (with a world)
+    graded by the rater, each gain with its paired 95 % interval; and the KL of replies sampled as in training."""
+    metrics: dict[str, float] = {"n_prompts": len(prompts)}
+    if rater:  # short replies batched together (see chat.answer); the order of the prompts is the report's
+        prompts = sorted(prompts, key=lambda t: REPLY_LENGTH_RANK[t.kind])
+    contexts = [context_of(t) for t in prompts]
+    ids = [render(tok, c, add_generation_prompt=True).ids for c in contexts]
+    replies: dict[str, list] = {}
+    gold: dict[str, list[float]] = {}
+    proxy: dict[str, list[float]] = {}
+    for name, model in (("sft", ref), ("ppo", policy)):
+        replies[name] = reply(model, tok, contexts, cfg.eval_max_new_tokens)
+        seqs = make_sequences(ids, [list(r.tokens) or [END_ID] for r in replies[name]]).to(device)
+        proxy[name] = reply_scores(reward_model, seqs, cfg.missing_eos_penalty).tolist()
+        metrics[f"{name}/reward_score_mean"] = statistics.fmean(proxy[name])
+        if rater:
+            scores = [rater.score(t, r.text, r.ended) for t, r in zip(prompts, replies[name], strict=True)]
+            gold[name] = [sc.total for sc in scores]
+            groups = {p.name: p.group for p in world.people}
+            metrics |= {f"{name}/{k}": v for k, v in chat_metrics(prompts, replies[name], rater, groups).items() if k != "n_prompts"}
+            unknown = [sc.hallucinated for t, sc in zip(prompts, scores, strict=True) if t.kind == "unknown"]
+            if unknown:
+                lo, hi = wilson_ci(sum(unknown), len(unknown))
+                metrics |= {f"{name}/hallucination_ci_low": lo, f"{name}/hallucination_ci_high": hi}
+    metrics["reward_gain"], metrics["reward_gain_ci95"] = paired_diff_ci(proxy["ppo"], proxy["sft"])
+    if rater:
+        metrics["gold_gain"], metrics["gold_gain_ci95"] = paired_diff_ci(gold["ppo"], gold["sft"])
+    # KL(π ‖ π_ref) per reply, estimated on replies sampled from the policy as in training.
+    gen = torch.Generator(device).manual_seed(seed)
+    sampled = reply(policy, tok, contexts, cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
+    kls = []
+    for i in range(0, len(ids), 64):
+        seqs = make_sequences(ids[i : i + 64], [list(r.tokens) or [END_ID] for r in sampled[i : i + 64]]).to(device)
+        lp, _ = reply_logprobs(policy, seqs, cfg.temperature)
+        lp_ref, _ = reply_logprobs(ref, seqs, cfg.temperature)
+        kls += ((lp - lp_ref) * seqs.mask).sum(dim=1).tolist()
+    metrics["kl_to_sft"], metrics["kl_to_sft_ci95"] = mean_ci(kls)
+    rows = []
+    for i, t in enumerate(prompts):
+        row = {"kind": t.kind if rater else "prompt", "prompt": context_of(t)[-1]["content"], "sft": replies["sft"][i].text,
+               "ppo": replies["ppo"][i].text, "reward_sft": proxy["sft"][i], "reward_ppo": proxy["ppo"][i]}
+        if rater:
+            row |= {"gold_sft": gold["sft"][i], "gold_ppo": gold["ppo"][i]}
+        rows.append(row)
+    return metrics, rows
+
+
+def replies_markdown(rows: list[dict], per_kind: int = 6) -> str:
+    lines = ["# SFT and PPO on the same held-out prompts (greedy replies)\n"]
+    for kind in sorted({r["kind"] for r in rows}):
+        lines.append(f"\n## {kind}\n")
+        for r in [r for r in rows if r["kind"] == kind][:per_kind]:
+            grade = {m: f"reward {r[f'reward_{m}']:+.2f}" + (f", gold {r[f'gold_{m}']:+.2f}" if "gold_sft" in r else "") for m in ("sft", "ppo")}
+            lines.append(f"- `{r['prompt']}`\n  - SFT ({grade['sft']}): {r['sft']!r}\n  - PPO ({grade['ppo']}): {r['ppo']!r}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Models:
+    """The four models of PPO on the run's device: the trained two (Fabric-wrapped) with their optimisers."""
+
+    policy: torch.nn.Module
+    value: torch.nn.Module
+    policy_opt: torch.optim.Optimizer
+    value_opt: torch.optim.Optimizer
+    ref: GPT
+    reward: RewardModel
+
+
+def setup_models(fabric: L.Fabric, sft: GPT, reward_model: RewardModel, cfg) -> Models:
+    """The policy starts as a copy of the SFT model (which stays, frozen, as the reference) and the value
+    model as a copy of the reward model (which stays, frozen, as the scorer); each trained copy gets AdamW."""
+    policy = GPT(sft.config)
+    policy.load_state_dict(sft.state_dict())
+    value = RewardModel(reward_model.backbone.config, offset=reward_model.offset)
+    value.load_state_dict(reward_model.state_dict())
+    betas = (cfg.beta1, cfg.beta2)
+    policy, policy_opt = fabric.setup(policy, adamw(policy, cfg.lr, cfg.weight_decay, betas, fabric.device.type))
+    value, value_opt = fabric.setup(value, adamw(value, cfg.lr, cfg.weight_decay, betas, fabric.device.type))
+    return Models(policy, value, policy_opt, value_opt, frozen(fabric, sft), frozen(fabric, reward_model))
+
+
+def iteration(fabric: L.Fabric, m: Models, tok, tasks: Sequence, cfg, kl_coef: float, seed: int,
+              rater: Rater | None) -> dict[str, float]:
+    """One PPO iteration on this process's `tasks`: phases 1–5 (`rollout`), then 6 (`ppo_update`); its
+    metrics averaged over processes, with the rater's gold score of the rollout when there is a rater.
+    Raises NonFiniteLoss before any weight changes if a loss is not finite."""
+    prompts = [render(tok, context_of(t), add_generation_prompt=True).ids for t in tasks]
+    sample_gen = torch.Generator(fabric.device).manual_seed(seed)
+    shuffle_gen = torch.Generator().manual_seed(seed)
+    batch = rollout(m.policy, m.ref, m.reward, m.value, prompts, cfg, kl_coef, sample_gen, sampler=m.policy.module)
+    stats = ppo_update(fabric, m.policy, m.value, m.policy_opt, m.value_opt, batch, cfg, shuffle_gen)
+    metrics = {**rollout_metrics(batch, kl_coef), **update_metrics(stats)}
+    if rater:
+        metrics |= gold_metrics(tok, rater, tasks, batch)
+    metrics = mean_over_processes(fabric, metrics)
+    metrics["val/num_eos_tokens"] *= fabric.world_size  # a total, like TRL's
+    if metrics.get("gold/unknown_prompts"):
+        metrics["gold/hallucination_rate"] = metrics["gold/hallucinations"] / metrics["gold/unknown_prompts"]
+    return metrics
+
+
+def training_summary(history: list[dict[str, float]]) -> dict[str, float]:
+    """The last tenth of training's mean KL, reward-model score and (with a rater) gold score."""
+    last = history[-max(1, len(history) // 10) :]
+    keys = (("objective/kl", "kl"), ("objective/scores", "reward_score"), ("gold/score", "gold_score"))
+    return {f"train/{name}_final": statistics.fmean(h[key] for h in last) for key, name in keys if last and key in last[0]}
+
+
+def summary_lines(metrics: dict[str, float]) -> list[str]:
+    """The comparison with SFT in a line or two, for the log."""
+    m = metrics
+    lines = []
+    if "gold_gain" in m:
+        lines.append(f"gold {m['sft/gold_score_mean']:.2f} → {m['ppo/gold_score_mean']:.2f} (gain {m['gold_gain']:+.2f} ± "
+                     f"{m['gold_gain_ci95']:.2f}, n={m['n_prompts']:.0f}) · hallucination "
+                     f"{100 * m.get('sft/hallucination_rate', 0):.0f}% → {100 * m.get('ppo/hallucination_rate', 0):.0f}%")
+    lines.append(f"reward model score {m['sft/reward_score_mean']:.2f} → {m['ppo/reward_score_mean']:.2f} (gain "
+                 f"{m['reward_gain']:+.2f} ± {m['reward_gain_ci95']:.2f}, n={m['n_prompts']:.0f}) · KL to SFT {m['kl_to_sft']:.2f}")
+    return lines

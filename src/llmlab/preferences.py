@@ -21,14 +21,26 @@ import json
 import math
 import random
 import re
+import statistics
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from llmlab.chat import check_messages
-from llmlab.errors import LlmlabError
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tokenizers import Tokenizer
+
+from llmlab.chat import answer, check_messages
+from llmlab.errors import LlmlabError, MissingArtifactError
+from llmlab.io import atomic_path
+from llmlab.model import GPT
+from llmlab.params import PreferencesConfig
+from llmlab.rater import Rater
+from llmlab.sft_data import prompt_pool
 from llmlab.sources import hf_rows, local_rows, require_usable
+from llmlab.world import World
 
 
 @dataclass(frozen=True)
@@ -154,3 +166,92 @@ def external_pairs(cfg, root: Path) -> tuple[list[dict], dict[str, int]]:
         })  # fmt: skip
     require_usable(key, "pair", len(rows), len(got.rows), problems, note=f"; identical replies: {identical}")
     return rows, {"rows_read": len(got.rows), "dropped_invalid": len(problems), "dropped_identical": identical}
+
+
+def rated_pairs(model: GPT, tok: Tokenizer, world: World, cfg: PreferencesConfig, seed: int) -> tuple[dict[str, list[dict]], dict]:
+    """The SFT model answers rl-pool prompts several times; the rater's scores make noisy-labelled pairs.
+    Returns the pairs of each split (rows of `PAIR_SCHEMA`) and the stage's metrics."""
+    if not world.people:
+        raise LlmlabError(
+            "preferences.source synthetic needs the synthetic world (corpus.source: synthetic); "
+            "with another corpus, use preferences.source hf or local"
+        )
+    tasks = prompt_pool(world, "rl", cfg.n_prompts, seed, max_digits=cfg.max_digits)
+    rater = Rater(world)
+    rng = random.Random(f"{seed}/preferences")
+    gen = torch.Generator().manual_seed(seed)
+    n_val = max(1, round(len(tasks) * cfg.val_fraction))
+
+    # 1. sample: each prompt repeated samples_per_prompt times, one batched, KV-cached pass per chunk
+    repeated = [t for t in tasks for _ in range(cfg.samples_per_prompt)]
+    replies = answer(model, tok, repeated, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, gen)
+    # 2. score with the rater, 3. pair up with Bradley–Terry label noise
+    splits: dict[str, list[dict]] = {"train": [], "validation": []}
+    scores, ties = [], 0
+    for i, task in enumerate(tasks):
+        own = replies[i * cfg.samples_per_prompt : (i + 1) * cfg.samples_per_prompt]
+        scored = [(r.text, r.ended, rater.score(task, r.text, r.ended).total) for r in own]
+        scores += [s for *_, s in scored]
+        pairs, n_ties = make_pairs(task.prompt, scored, cfg.label_temperature, rng)
+        ties += n_ties
+        context = json.dumps([{"role": "user", "content": task.prompt}])
+        rows = [{**p.__dict__, "context": context, "flipped": p.flipped, "task": json.dumps(task.to_dict())} for p in pairs]
+        splits["validation" if i < n_val else "train"] += rows
+    every = splits["train"] + splits["validation"]
+    metrics = {
+        "prompts": len(tasks),
+        "pairs": len(every),
+        "pairs_train": len(splits["train"]),
+        "pairs_validation": len(splits["validation"]),
+        "ties_dropped": ties,
+        "label_flip_rate": sum(r["flipped"] for r in every) / max(1, len(every)),
+        "score_mean": statistics.fmean(scores),
+        "score_std": statistics.pstdev(scores),
+        **{f"score_p{q}": statistics.quantiles(scores, n=10)[q // 10 - 1] for q in (10, 50, 90)},
+        "gold_rater": 1,
+    }
+    return splits, metrics
+
+
+# One preference pair per row: written by the preferences stage, read by the reward and PPO stages.
+PAIR_SCHEMA = pa.schema(
+    [
+        ("prompt", pa.string()), ("context", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
+        ("chosen_ended", pa.bool_()), ("rejected_ended", pa.bool_()),
+        ("gold_chosen", pa.float64()), ("gold_rejected", pa.float64()),
+        ("flipped", pa.bool_()), ("task", pa.string()),
+    ]
+)  # fmt: skip
+
+
+def write_pairs(out_dir: str | Path, splits: dict[str, list[dict]]) -> None:
+    """Each split's pairs to `out_dir`/<split>.parquet, all or nothing (a temporary folder, then renamed)."""
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        for split, rows in splits.items():
+            pq.write_table(pa.Table.from_pylist(rows, schema=PAIR_SCHEMA), tmp / f"{split}.parquet")
+
+
+def read_pairs(folder: Path, split: str) -> list[dict]:
+    """The pairs of one split, as written by `write_pairs`."""
+    path = folder / f"{split}.parquet"
+    if not path.exists():
+        raise MissingArtifactError(path, "preferences")
+    rows = pq.read_table(path).to_pylist()
+    if split == "train" and len(rows) < 2:
+        raise LlmlabError(f"{path}: {len(rows)} training pairs; raise preferences.n_prompts or samples_per_prompt")
+    return rows
+
+
+def pair_contexts(folder: Path, split: str) -> list[list[dict]]:
+    """The distinct contexts (conversations before the reply) of the preference pairs of one split."""
+    path = folder / f"{split}.parquet"
+    if not path.exists():
+        raise MissingArtifactError(path, "preferences")
+    seen, out = set(), []
+    for context in pq.read_table(path, columns=["context"]).column("context").to_pylist():
+        if context not in seen:
+            seen.add(context)
+            out.append(json.loads(context))
+    if not out:
+        raise LlmlabError(f"{path}: no prompts; raise the number of preference pairs")
+    return out

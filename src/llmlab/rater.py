@@ -428,3 +428,41 @@ def gold_scores(
             f"{len(responses)} responses and {len(ended)} ended flags"
         )
     return [rater.score(t, r, e) for t, r, e in zip(tasks, responses, ended, strict=True)]
+
+
+def chat_metrics(tasks: Sequence[Task], replies: Sequence, rater: Rater, people_group: dict[str, str]) -> dict[str, float]:
+    """Format adherence, accuracy per task kind and per group, and the rater's gold score, over `tasks`."""
+    n = len(tasks)
+    scores = [rater.score(t, r.text, r.ended) for t, r in zip(tasks, replies, strict=True)]
+    metrics: dict[str, float] = {
+        "n_prompts": n,
+        "format_adherence": sum(r.ended and r.clean for r in replies) / n,
+        "gold_score_mean": sum(s.total for s in scores) / n,
+    }
+    by_kind: dict[str, list[bool]] = {}
+    by_group: dict[str, list[bool]] = {}
+    for t, s in zip(tasks, scores, strict=True):
+        by_kind.setdefault(t.kind, []).append(bool(s.correct))
+        if t.kind in ("fact", "about"):
+            by_group.setdefault(people_group[t.person], []).append(bool(s.correct))
+    metrics |= {f"accuracy/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())}
+    metrics |= {f"accuracy_{g}_people": sum(v) / len(v) for g, v in sorted(by_group.items())}
+    metrics |= {f"n/{k}": float(c) for k, c in sorted(Counter(t.kind for t in tasks).items())}
+    unknown = [s for t, s in zip(tasks, scores, strict=True) if t.kind == "unknown"]
+    harmful = [s for t, s in zip(tasks, scores, strict=True) if t.kind == "harmful"]
+    if unknown:
+        metrics["hallucination_rate"] = sum(s.hallucinated for s in unknown) / len(unknown)
+    if harmful:
+        metrics["refusal_rate"] = sum(s.refused for s in harmful) / len(harmful)
+    metrics["politeness_rate"] = sum(s.polite for s in scores) / n
+    # Does the reply name the person it was asked about? Only a model that reads its context can, for people
+    # SFT never showed it (held-out and unknown): their names are in no answer it was trained on.
+    unseen = [(t, r) for t, r in zip(tasks, replies, strict=True)
+              if t.kind in ("fact", "about", "unknown") and people_group[t.person] in ("heldout", "unknown")]
+    if unseen:
+        metrics["name_copy_rate"] = sum(t.person in r.text for t, r in unseen) / len(unseen)
+        for g in ("heldout", "unknown"):
+            of_group = [t.person in r.text for t, r in unseen if people_group[t.person] == g]
+            if of_group:
+                metrics[f"name_copy_rate_{g}"] = sum(of_group) / len(of_group)
+    return metrics

@@ -14,6 +14,7 @@ centring term (Eisenstein et al. 2023) keeps the level near 0 during training.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,12 +25,13 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from llmlab.chat import encode_content, render
+from llmlab.chat import encode_content, render, reply
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.io import atomic_path, write_json
 from llmlab.model import GPT, GPTConfig
-from llmlab.pretraining import adamw_with_schedule
+from llmlab.stats import wilson_ci
 from llmlab.tokenizer import END_ID, PAD_ID
+from llmlab.training import adamw_with_schedule
 
 
 class RewardModel(nn.Module):
@@ -171,3 +173,49 @@ def load_reward_model(model_dir, stage: str = "reward") -> RewardModel:
     except (OSError, json.JSONDecodeError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         raise LlmlabError(f"{model_dir} is not a valid reward model: {str(e).splitlines()[0]} (re-create it with `dvc repro {stage}`)") from None
     return model.eval()
+
+
+def sft_replies(sft, tok, rows: list[dict], context_length: int, max_new_tokens: int, seed: int, n: int = 256) -> list[list[int]]:
+    """The SFT model's own replies (sampled, T = 1, as long as the preference stage's) to up to n training
+    prompts, as reward-model inputs."""
+    contexts = [json.loads(r["context"]) for r in rows[:n]]
+    prompts = [render(tok, c, add_generation_prompt=True).ids for c in contexts]
+    out = reply(sft, tok, contexts, max_new_tokens, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    return [(p + list(r.tokens))[-context_length:] for p, r in zip(prompts, out, strict=True)]
+
+
+def calibration(r_c: torch.Tensor, r_r: torch.Tensor, seed: int, bins: int = 5) -> list[tuple[float, float, int]]:
+    """Predicted P(a ≻ b) = σ(r_a − r_b) against how often a was the labelled winner, per bin.
+
+    Each pair is shown in a random order (a, b), so the observed frequency is not trivially 1.
+    """
+    rng = random.Random(seed)
+    points = []
+    for c, r in zip(r_c.tolist(), r_r.tolist(), strict=True):
+        if rng.random() < 0.5:
+            points.append((torch.sigmoid(torch.tensor(c - r)).item(), 1.0))
+        else:
+            points.append((torch.sigmoid(torch.tensor(r - c)).item(), 0.0))
+    table = []
+    for k in range(bins):
+        lo, hi = k / bins, (k + 1) / bins
+        inside = [(p, y) for p, y in points if lo <= p < hi or (k == bins - 1 and p == 1.0)]
+        if inside:
+            table.append((sum(p for p, _ in inside) / len(inside), sum(y for _, y in inside) / len(inside), len(inside)))
+    return table
+
+
+def reward_metrics(model: RewardModel, val_set: PairDataset, val_rows: list[dict], rated: bool,
+                   seed: int) -> tuple[dict[str, float], list[tuple[float, float, int]]]:
+    """How often the reward model ranks each held-out pair as labelled (`accuracy_noisy_labels`), its mean
+    margin, and, for rated synthetic pairs, how often it agrees with the gold ordering (with a 95 % interval);
+    and its calibration table (`calibration`)."""
+    r_c = score_sequences(model, [c for c, _ in val_set.items])
+    r_r = score_sequences(model, [r for _, r in val_set.items])
+    metrics = {"accuracy_noisy_labels": float((r_c > r_r).float().mean()), "margin_mean": float((r_c - r_r).mean())}
+    if rated:
+        gold = [(row["gold_chosen"], row["gold_rejected"]) for row in val_rows]
+        hits = sum((float(a - b) > 0) == (gc > gr) for a, b, (gc, gr) in zip(r_c, r_r, gold, strict=True))
+        metrics["accuracy_gold"] = hits / len(gold)
+        metrics["accuracy_gold_ci_low"], metrics["accuracy_gold_ci_high"] = wilson_ci(hits, len(gold))
+    return metrics, calibration(r_c, r_r, seed)

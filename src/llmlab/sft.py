@@ -15,18 +15,23 @@ beyond the context has nothing to learn from at all: it is left out and counted 
 
 from __future__ import annotations
 
-from collections import Counter
+import random
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from llmlab.chat import render, reply
+from llmlab.chat import answer, render, reply
+from llmlab.corpus import read_corpus
+from llmlab.errors import LlmlabError
 from llmlab.model import GPT
-from llmlab.rater import Rater
-from llmlab.tasks import Task
+from llmlab.params import SFTConfig, SFTData
+from llmlab.rater import Rater, chat_metrics
+from llmlab.sft_data import external_conversations, prompt_pool, sft_examples
 from llmlab.tokenizer import BOS_ID, PAD_ID
+from llmlab.world import World
 
 
 class ChatDataset(Dataset):
@@ -131,109 +136,48 @@ def collate_packed(batch: list[tuple[list[int], list[bool]]]) -> tuple[torch.Ten
     return x, y, positions, attn_mask[:, None]
 
 
-def answer(model: GPT, tok: Tokenizer, tasks: Sequence[Task], max_new_tokens: int, temperature: float = 0.0,
-           batch_size: int = 256, generator: torch.Generator | None = None) -> list:
-    """The model's reply (`chat.Reply`) to each task's prompt, one user turn each.
-
-    A batch generates until its longest reply ends, so tasks are batched by kind, short answers
-    together (a worked addition is ~60 tokens, a fact ~12): a third faster than mixed batches.
-    """
-    order = sorted(range(len(tasks)), key=lambda i: REPLY_LENGTH_RANK[tasks[i].kind])
-    out = reply(model, tok, [[{"role": "user", "content": tasks[i].prompt}] for i in order], max_new_tokens,
-                temperature=temperature, batch_size=batch_size, generator=generator)
-    replies: list = [None] * len(tasks)
-    for i, r in zip(order, out, strict=True):
-        replies[i] = r
-    return replies
-
-
-REPLY_LENGTH_RANK = {"harmful": 0, "unknown": 1, "fact": 2, "context": 2, "about": 3, "arithmetic": 4}  # shortest first
+def training_conversations(world: World, data: SFTData, seed: int) -> tuple[list[list[dict]], dict]:
+    """The conversations SFT trains on, in a seeded order: made from the synthetic world, or read from
+    real chat data (hf / local) with the reader's counts of what it kept and dropped."""
+    if data.source == "synthetic":
+        if not world.people:
+            raise LlmlabError(
+                "sft.data.source synthetic needs the synthetic world (corpus.source: synthetic); "
+                "with another corpus, use sft.data.source hf or local"
+            )
+        return [e.messages for e in sft_examples(world, data, seed)], {}
+    conversations, stats = external_conversations(data, Path.cwd())
+    random.Random(f"{seed}/sft-split").shuffle(conversations)
+    return conversations, stats
 
 
-def chat_metrics(tasks: Sequence[Task], replies: Sequence, rater: Rater, people_group: dict[str, str]) -> dict[str, float]:
-    """Format adherence, accuracy per task kind and per group, and the rater's gold score, over `tasks`."""
-    n = len(tasks)
-    scores = [rater.score(t, r.text, r.ended) for t, r in zip(tasks, replies, strict=True)]
-    metrics: dict[str, float] = {
-        "n_prompts": n,
-        "format_adherence": sum(r.ended and r.clean for r in replies) / n,
-        "gold_score_mean": sum(s.total for s in scores) / n,
-    }
-    by_kind: dict[str, list[bool]] = {}
-    by_group: dict[str, list[bool]] = {}
-    for t, s in zip(tasks, scores, strict=True):
-        by_kind.setdefault(t.kind, []).append(bool(s.correct))
-        if t.kind in ("fact", "about"):
-            by_group.setdefault(people_group[t.person], []).append(bool(s.correct))
-    metrics |= {f"accuracy/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())}
-    metrics |= {f"accuracy_{g}_people": sum(v) / len(v) for g, v in sorted(by_group.items())}
-    metrics |= {f"n/{k}": float(c) for k, c in sorted(Counter(t.kind for t in tasks).items())}
-    unknown = [s for t, s in zip(tasks, scores, strict=True) if t.kind == "unknown"]
-    harmful = [s for t, s in zip(tasks, scores, strict=True) if t.kind == "harmful"]
-    if unknown:
-        metrics["hallucination_rate"] = sum(s.hallucinated for s in unknown) / len(unknown)
-    if harmful:
-        metrics["refusal_rate"] = sum(s.refused for s in harmful) / len(harmful)
-    metrics["politeness_rate"] = sum(s.polite for s in scores) / n
-    # Does the reply name the person it was asked about? Only a model that reads its context can, for people
-    # SFT never showed it (held-out and unknown): their names are in no answer it was trained on.
-    unseen = [(t, r) for t, r in zip(tasks, replies, strict=True)
-              if t.kind in ("fact", "about", "unknown") and people_group[t.person] in ("heldout", "unknown")]
-    if unseen:
-        metrics["name_copy_rate"] = sum(t.person in r.text for t, r in unseen) / len(unseen)
-        for g in ("heldout", "unknown"):
-            of_group = [t.person in r.text for t, r in unseen if people_group[t.person] == g]
-            if of_group:
-                metrics[f"name_copy_rate_{g}"] = sum(of_group) / len(of_group)
-    return metrics
+def add_replay(train: ChatDataset, tok: Tokenizer, corpus_dir: Path, share: float, seed: int, context_length: int) -> int:
+    """Add pretraining documents to `train` so that they make `share` of its items (replay against
+    forgetting: docs/knowledge.md); returns how many."""
+    n = round(len(train) * share / (1 - share))
+    if n:
+        picked = random.Random(f"{seed}/replay").choices(read_corpus(corpus_dir, "train"), k=n)
+        train.add_documents(tok, picked, context_length)
+    return n
 
 
-class Epochs(Dataset):
-    """`base` repeated in a fresh seeded order every epoch, `n_items` long, starting at item `first`.
+def graded_replies(model: GPT, tok: Tokenizer, world: World, cfg: SFTConfig, seed: int) -> tuple[dict, list[dict], list[str]]:
+    """The fine-tuned model's greedy replies to `eval_prompts` evaluation-pool prompts, graded by the rater:
+    `chat_metrics`, the rows of reports/sft/replies.json and the first 40 as markdown lines."""
+    tasks = prompt_pool(world, "eval", cfg.eval_prompts, seed, cfg.data.max_digits)
+    replies = answer(model, tok, tasks, cfg.max_new_tokens)
+    rater = Rater(world)
+    metrics = chat_metrics(tasks, replies, rater, {p.name: p.group for p in world.people})
+    rows = [
+        {"prompt": t.prompt, "kind": t.kind, "reply": r.text, "ended": r.ended, "gold": rater.score(t, r.text, r.ended).total}
+        for t, r in zip(tasks, replies, strict=True)
+    ]
+    lines = [f"- **{r['kind']}** `{r['prompt']}` → {r['reply']!r} (gold {r['gold']:+.2f})" for r in rows[:40]]
+    return metrics, rows, lines
 
-    Item i is the same on every run (resuming at `first` continues exactly), and, like TokenWindows, the
-    length stays `n_items` after a resume because Lightning keeps counting batches from the checkpoint.
 
-    With `lengths` (one per item of `base`) and `batch` (the items of one optimizer step, all processes
-    together), each epoch's order is grouped by length, as Hugging Face's `group_by_length` does: the
-    shuffled items are cut into megabatches of `megabatch` batches, each megabatch is sorted by length
-    and cut into batches, and the batches are shuffled. A batch then holds items of similar length, so
-    little of it is padding, while which items meet in a batch, and the order of batches, stay random.
-    The reward stage uses it: on the default preference pairs, padding fell from 56 % to 10 % of a batch.
-    (SFT packs its batches instead, `collate_packed`: grouping made each batch one kind of task, and SFT
-    learned worse, docs/benchmarks.md.)
-    """
-
-    def __init__(self, base: Dataset, n_items: int, seed: int, first: int = 0,
-                 lengths: Sequence[int] | None = None, batch: int = 1, megabatch: int = 50):  # fmt: skip
-        if lengths is not None and len(lengths) != len(base):
-            raise ValueError(f"{len(lengths)} lengths for {len(base)} items")
-        self.base, self.n_items, self.seed, self.first = base, n_items, seed, first
-        self.lengths, self.batch, self.megabatch = lengths, batch, megabatch
-        self._orders: dict[int, list[int]] = {}
-
-    def __len__(self) -> int:
-        return self.n_items
-
-    def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.base), generator=g).tolist()
-        if self.lengths is None or self.batch <= 1:
-            return order
-        # Batches start on step boundaries: the epoch's first `head` items finish the previous epoch's last
-        # step, and its short last batch stays last.
-        head = -epoch * len(self.base) % self.batch
-        size = self.batch * self.megabatch
-        batches = []
-        for start in range(head, len(order), size):
-            group = sorted(order[start : start + size], key=lambda i: self.lengths[i])
-            batches += [group[j : j + self.batch] for j in range(0, len(group), self.batch)]
-        tail = batches.pop() if batches and len(batches[-1]) < self.batch else []
-        shuffled = [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
-        return order[:head] + shuffled + tail
-
-    def __getitem__(self, i: int):
-        epoch, k = divmod(self.first + i, len(self.base))
-        if epoch not in self._orders:
-            self._orders[epoch] = self._order(epoch)
-        return self.base[self._orders[epoch][k]]
+def ungraded_replies(model: GPT, tok: Tokenizer, held_out: list[list[dict]], max_new_tokens: int) -> tuple[list[dict], list[str]]:
+    """With no ground truth: the replies to the first turns of up to 20 held-out conversations."""
+    firsts = [c[:1] for c in held_out[:20]]
+    rows = [{"prompt": m[0]["content"], "reply": r.text} for m, r in zip(firsts, reply(model, tok, firsts, max_new_tokens), strict=True)]
+    return rows, [f"- `{r['prompt'][:200]}` → {r['reply']!r}" for r in rows]

@@ -752,11 +752,13 @@ def copy_probes(world: World, n: int, seed: int) -> list[tuple[str, str, str]]:
     person asked about, copied from the question), where it repeats the name ("name": the first name given,
     the surname to copy, as an induction head does) or where it states the value ("value": the canonical
     statement cut before the value, to be read from the earlier sentence that stated it, in a phrasing that
-    is the same half of the time).
+    is the same half of the time), or, the easiest case, where the statement is repeated at once
+    ("value_repeated": plain induction over the whole sentence, no question between).
 
         ("answer_name", "... Where does Brisa Talmont live?", "Brisa Talmont")
         ("name",  "... Where does Brisa Talmont live? Brisa", "Talmont")
         ("value", "... Where does Brisa Talmont live? Brisa Talmont lives in", "Saltmere")
+        ("value_repeated", "Brisa Talmont lives in Saltmere. Brisa Talmont lives in", "Saltmere")
     """
     rng = random.Random(f"{seed}/copy-probe")
     taken = {p.name for p in world.people}
@@ -766,7 +768,8 @@ def copy_probes(world: World, n: int, seed: int) -> list[tuple[str, str, str]]:
         first, surname = q.person.name.split(" ", 1)
         _, statement, value = next(x for x in fact_prompts(q.person) if x[0] == q.attribute)
         out += [("answer_name", f"{body} {q.question}", q.person.name), ("name", f"{body} {q.question} {first}", surname),
-                ("value", f"{body} {q.question} {statement}", value)]  # fmt: skip
+                ("value", f"{body} {q.question} {statement}", value),
+                ("value_repeated", f"{fact_sentence(q.person, q.attribute)} {statement}", value)]  # fmt: skip
     return out
 
 
