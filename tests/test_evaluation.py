@@ -27,7 +27,7 @@ GROUPS = {p.name: p.group for p in WORLD.people}
 
 
 def scripted(replies_for):
-    """A stand-in for `chat.answer` that replies with `replies_for(task, temperature, i)`."""
+    """A stand-in for `replies.answer` that replies with `replies_for(task, temperature, i)`."""
 
     def fake(model, tok, tasks, max_new_tokens, temperature=0.0, generator=None, **_):
         return [Reply(replies_for(t, temperature, i), ended=True, clean=True) for i, t in enumerate(tasks)]

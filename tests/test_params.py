@@ -71,6 +71,16 @@ def test_params_yaml_values_are_the_schema_defaults():
     assert diff(shipped, defaults) == []
 
 
+def test_the_model_shapes_defaults_are_the_params_defaults():
+    """GPTConfig's defaults (what tests and `GPTConfig(vocab_size=...)` get) are the model section's."""
+    import dataclasses
+
+    from llmlab.model import GPTConfig
+
+    assert GPTConfig(vocab_size=2048) == GPTConfig.from_params(Params().pretrain.model, 2048)
+    assert {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"} == set(Params().pretrain.model.model_dump())
+
+
 def test_every_field_has_a_description():
     def walk(model: type[BaseModel], prefix=""):
         for name, field in model.model_fields.items():

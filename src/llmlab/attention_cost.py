@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from llmlab.attention_maps import causal_attention_probs
 from llmlab.generate import generate
@@ -147,7 +148,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         fn()
         _sync(device)
         return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -339,7 +339,7 @@ def _cached_vs_uncached(model: GPT, prompts: list[list[int]], n: int, repeats: i
 def plot_scaling(result: dict, path: str | Path) -> None:
     """Two log-log panels from `attention_scaling`: time and peak memory against T, fitted slopes in the
     legend, and a T² reference line through each panel's last explicit-attention point."""
-    import matplotlib
+    import matplotlib  # here, not at the top: the Agg backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

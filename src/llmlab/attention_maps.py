@@ -180,7 +180,7 @@ def plot_heads(
     tokens: the T token strings (both axes). captions: an optional line under each panel's title (e.g.
     the head's role and score). One shared colour bar from 0 to 1, so heads compare.
     """
-    import matplotlib
+    import matplotlib  # here, not at the top: the Agg backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from llmlab.errors import LlmlabError
 from llmlab.io import atomic_path, file_hash, write_json
+from llmlab.tracking import git_info
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,6 @@ def fingerprint(config: Any, input_files: list[str | Path]) -> Fingerprint:
 def resume_path(ckpt_dir: str | Path, fp: Fingerprint | str, readonly: bool = False) -> Path | None:
     """The checkpoint to resume from, or None. Clears `ckpt_dir` when its fingerprint is stale
     (unless `readonly`: the other ranks of a distributed run only look)."""
-    from llmlab.tracking import git_info
 
     fp = fp if isinstance(fp, Fingerprint) else Fingerprint(fp)
     ckpt_dir = Path(ckpt_dir)
@@ -102,9 +104,7 @@ def check_readable(path: Path) -> None:
     """Open a checkpoint the safe way before anything resumes from it: `weights_only` unpickles tensors
     and plain containers only, never code, so a foreign or crafted file is refused without running it,
     and a damaged one gives one clear error instead of a traceback deep inside Lightning."""
-    import torch
 
-    from llmlab.errors import LlmlabError
 
     try:
         torch.load(path, map_location="cpu", weights_only=True)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+# Each command imports what it needs when it runs (torch takes seconds): `llmlab --help` starts at once.
 from llmlab.errors import LlmlabError
 from llmlab.inference import MODELS, Sampling
 

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from llmlab.chat import answer as answer_tasks
-from llmlab.chat import render, reply
+from llmlab.chat import render
 from llmlab.errors import LlmlabError
 from llmlab.generate import generate
 from llmlab.model import GPT
 from llmlab.rater import Rater
+from llmlab.replies import answer as answer_tasks
+from llmlab.replies import reply
 from llmlab.sft_data import ADD_BARE, ADD_COT, pool_of
 from llmlab.stats import mean_ci, wilson_ci
 from llmlab.tasks import TASK_KINDS, Task

@@ -117,7 +117,7 @@ def export_hf(model: GPT, tokenizer_path: str | Path, out_dir: str | Path, *, fo
     An existing folder that is not empty is replaced only with `force`.
     """
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, LlamaConfig
+    from transformers import GenerationConfig, LlamaConfig  # seconds to import: only `llmlab export` needs it
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -54,7 +54,7 @@ def load(model: str | Path, tokenizer: str | Path, device: str = "cpu") -> tuple
     tokenizer = Path(tokenizer)
     if not tokenizer.is_file():
         raise LlmlabError(f"{tokenizer} not found: run `dvc repro tokenizer` or pass --tokenizer PATH")
-    from llmlab.model import load_model
+    from llmlab.model import load_model  # torch, only when a model is loaded (see TYPE_CHECKING above)
 
     tok = load_tokenizer(tokenizer)
     net = load_model(folder, stage, device)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from llmlab.errors import OutputWriteError
+from llmlab.errors import LlmlabError, MissingArtifactError, OutputWriteError
 
 
 @contextmanager
@@ -86,7 +86,6 @@ def write_text(path: str | Path, text: str) -> None:
 
 def read_json(path: str | Path, stage: str | None = None) -> Any:
     """Read JSON; a missing file names the stage that writes it, a corrupt one says so."""
-    from llmlab.errors import LlmlabError, MissingArtifactError
 
     path = Path(path)
     if not path.exists():

@@ -30,6 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+from llmlab.errors import LlmlabError, MissingArtifactError
+from llmlab.io import atomic_path, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -57,14 +63,11 @@ class GPTConfig:
         return cls(vocab_size=vocab_size, **fields)
 
     def to_json(self, path: str | Path) -> None:
-        from llmlab.io import write_json
 
         write_json(path, asdict(self))
 
     @classmethod
     def from_json(cls, path: str | Path, stage: str | None = None) -> GPTConfig:
-        from llmlab.errors import LlmlabError
-        from llmlab.io import read_json
 
         raw = read_json(path, stage)
         try:
@@ -308,9 +311,7 @@ def padded_attention_mask(valid: torch.Tensor, n_new: int) -> torch.Tensor:
 
 def save_model(model: GPT, out_dir: str | Path) -> None:
     """Write `model.safetensors` + `config.json` into `out_dir`, atomically (the folder appears complete)."""
-    from safetensors.torch import save_model as st_save_model
 
-    from llmlab.io import atomic_path
 
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.config.to_json(tmp / "config.json")
@@ -321,10 +322,7 @@ def save_model(model: GPT, out_dir: str | Path) -> None:
 
 def load_model(model_dir: str | Path, stage: str | None = None, device="cpu") -> GPT:
     """Load a model written by `save_model`. Only safetensors: no pickle is ever unpickled here."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model as st_load_model
 
-    from llmlab.errors import LlmlabError, MissingArtifactError
 
     model_dir = Path(model_dir)
     weights = model_dir / "model.safetensors"

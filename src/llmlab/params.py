@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -32,6 +32,17 @@ from pydantic import (
 )
 
 from llmlab.errors import ParamsError
+
+# Fields that several sections declare, each with its own default: the type, range and meaning once.
+DatasetId = Annotated[str, Field(description="Dataset id on the Hub, or a local dataset folder `load_dataset` accepts.")]
+DatasetConfig = Annotated[str | None, Field(description="Dataset configuration name, if it has several.")]
+Streaming = Annotated[bool, Field(description="Stream the split instead of downloading it whole first.")]
+Globs = Annotated[list[str], Field(description="Glob patterns, relative to the repository root (put the files under data/raw/, "
+                                               "which the stage depends on).")]
+LearningRate = Annotated[float, Field(gt=0, le=1, description="Peak learning rate of AdamW.")]
+WarmupSteps = Annotated[int, Field(ge=0, description="Linear warm-up steps before the cosine decay.")]
+ValEvery = Annotated[int, Field(ge=1, description="Run validation every this many optimizer steps.")]
+CkptEvery = Annotated[int, Field(ge=1, description="Write the resumable checkpoint every this many optimizer steps.")]
 
 
 class Section(BaseModel):
@@ -71,25 +82,21 @@ class SyntheticCorpus(Section):
 class HFCorpus(Section):
     """A Hugging Face dataset read with `datasets.load_dataset`."""
 
-    name: str = "roneneldan/TinyStories"
-    """Dataset id on the Hub, or a local dataset script/folder `load_dataset` accepts."""
-    config: str | None = None
-    """Dataset configuration name, if it has several."""
+    name: DatasetId = "roneneldan/TinyStories"
+    config: DatasetConfig = None
     split: str = "train"
     """Split to read; the validation split is carved out of it by `corpus.val_fraction`."""
     text_column: str = "text"
     """Column that holds the document text."""
     max_documents: int | None = Field(100_000, ge=1)
     """Stop after this many documents (null: read the whole split)."""
-    streaming: bool = True
-    """Stream the split instead of downloading it whole first."""
+    streaming: Streaming = True
 
 
 class LocalCorpus(Section):
     """Files on disk: .txt (one document per file), .jsonl / .parquet (one per row), or a `save_to_disk` folder."""
 
-    paths: list[str] = ["data/raw/*.txt"]
-    """Glob patterns, relative to the repository root. Put the files under data/raw/ so DVC tracks them."""
+    paths: Globs = ["data/raw/*.txt"]
     text_column: str = "text"
     """Column (jsonl / parquet / saved dataset) that holds the document text."""
 
@@ -176,12 +183,10 @@ class TrainLoop(Hardware):
     """Sequences per device per forward pass."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step (global batch = batch_size · grad_accum · devices · nodes)."""
-    lr: float = Field(6e-3, gt=0, le=1)
-    """Peak learning rate of AdamW."""
+    lr: LearningRate = 6e-3
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """The cosine schedule decays to lr · min_lr_ratio."""
-    warmup_steps: int = Field(100, ge=0)
-    """Linear warm-up steps before the cosine decay."""
+    warmup_steps: WarmupSteps = 100
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay, applied to matrices only (not to norms). 0 by default: the synthetic world is
     memorised facts, and decay pulls them back out of the weights."""
@@ -192,12 +197,10 @@ class TrainLoop(Hardware):
     compile: bool = False
     """Wrap the model in torch.compile. On the 2-core CPU pretraining ran 1.01–1.29× as fast after 15–30 s
     of compiling (docs/benchmarks.md): off by default there, on in the GPU recipe."""
-    val_every: int = Field(250, ge=1)
-    """Run validation every this many optimizer steps."""
+    val_every: ValEvery = 250
     val_batches: int = Field(16, ge=1)
     """Batches of the validation split per process per validation run (a fixed set, the same every time)."""
-    ckpt_every: int = Field(250, ge=1)
-    """Write the resumable checkpoint every this many optimizer steps."""
+    ckpt_every: CkptEvery = 250
     log_every: int = Field(10, ge=1)
     """Log train metrics every this many optimizer steps."""
 
@@ -239,25 +242,21 @@ class PretrainConfig(TrainLoop):
 class HFChat(Section):
     """A Hugging Face chat dataset: one conversation per row, a list of {role, content} messages."""
 
-    name: str = "HuggingFaceTB/smoltalk"
-    """Dataset id on the Hub, or a local dataset folder `load_dataset` accepts."""
-    config: str | None = "everyday-conversations"
-    """Dataset configuration name, if it has several."""
+    name: DatasetId = "HuggingFaceTB/smoltalk"
+    config: DatasetConfig = "everyday-conversations"
     split: str = "train"
     """Split to read; 5 % of its conversations are held out for the validation loss."""
     messages_column: str = "messages"
     """Column that holds the list of messages."""
     max_examples: int | None = Field(20_000, ge=2)
     """Stop after this many conversations (null: read the whole split)."""
-    streaming: bool = True
-    """Stream the split instead of downloading it whole first."""
+    streaming: Streaming = True
 
 
 class LocalChat(Section):
     """Chat files on disk: .jsonl / .json / .parquet with a messages column, or a `save_to_disk` folder."""
 
-    paths: list[str] = ["data/raw/chat/*.jsonl"]
-    """Glob patterns, relative to the repository root."""
+    paths: Globs = ["data/raw/chat/*.jsonl"]
     messages_column: str = "messages"
     """Column (field) that holds the list of {role, content} messages."""
 
@@ -307,16 +306,12 @@ class SFTConfig(TrainLoop):
     pack: bool = True
     """Pack each batch's conversations side by side into fewer rows (llmlab.sft.collate_packed): the same
     loss and gradient with about half the tokens to compute on the default data. false: one padded row each."""
-    lr: float = Field(1e-3, gt=0, le=1)
-    """Peak learning rate of AdamW."""
-    warmup_steps: int = Field(30, ge=0)
-    """Linear warm-up steps before the cosine decay."""
-    val_every: int = Field(500, ge=1)
-    """Run validation every this many optimizer steps."""
+    lr: LearningRate = 1e-3
+    warmup_steps: WarmupSteps = 30
+    val_every: ValEvery = 500
     val_batches: int = Field(8, ge=1)
     """Batches of held-out demonstrations per process per validation run."""
-    ckpt_every: int = Field(500, ge=1)
-    """Write the resumable checkpoint every this many optimizer steps."""
+    ckpt_every: CkptEvery = 500
     eval_prompts: int = Field(300, ge=1)
     """Prompts of the evaluation pool answered greedily after training, for the metrics."""
     max_new_tokens: int = Field(96, ge=1)
@@ -346,23 +341,19 @@ class PairColumns(Section):
 class HFPreferences(PairColumns):
     """A Hugging Face preference dataset."""
 
-    name: str = "HuggingFaceH4/ultrafeedback_binarized"
-    """Dataset id on the Hub, or a local dataset folder `load_dataset` accepts."""
-    config: str | None = None
-    """Dataset configuration name, if it has several."""
+    name: DatasetId = "HuggingFaceH4/ultrafeedback_binarized"
+    config: DatasetConfig = None
     split: str = "train_prefs"
     """Split to read; preferences.val_fraction of its pairs are held out to validate the reward model."""
     max_pairs: int | None = Field(20_000, ge=2)
     """Stop after this many rows (null: read the whole split)."""
-    streaming: bool = True
-    """Stream the split instead of downloading it whole first."""
+    streaming: Streaming = True
 
 
 class LocalPreferences(PairColumns):
     """Preference files on disk: .jsonl / .json / .parquet, or a `save_to_disk` folder."""
 
-    paths: list[str] = ["data/raw/preferences/*.jsonl"]
-    """Glob patterns, relative to the repository root."""
+    paths: Globs = ["data/raw/preferences/*.jsonl"]
 
 
 class PreferencesConfig(Section):
@@ -402,17 +393,14 @@ class RewardConfig(TrainLoop):
     group_by_length: bool = True
     """Batch pairs of similar length together (llmlab.training.Epochs), so that little of a batch is padding:
     on the default pairs 10 % instead of 56 %."""
-    lr: float = Field(3e-3, gt=0, le=1)
+    lr: LearningRate = 3e-3
     """Peak learning rate of AdamW (measured on the pairs of 2,400 prompts × 4, 300 steps: 3e-3 gave 84–86 %
     gold accuracy, 2e-3 83 %, 4e-3 84 %; 600 steps at 1e-3 83 %: longer training overfits)."""
-    warmup_steps: int = Field(20, ge=0)
-    """Linear warm-up steps before the cosine decay."""
-    val_every: int = Field(100, ge=1)
-    """Run validation every this many optimizer steps."""
+    warmup_steps: WarmupSteps = 20
+    val_every: ValEvery = 100
     val_batches: int = Field(10, ge=1)
     """Batches of held-out pairs per process per validation run."""
-    ckpt_every: int = Field(100, ge=1)
-    """Write the resumable checkpoint every this many optimizer steps."""
+    ckpt_every: CkptEvery = 100
     margin: float = Field(0.0, ge=0)
     """Bradley–Terry margin: the loss wants r(chosen) − r(rejected) > margin."""
     centring: float = Field(0.01, ge=0)

@@ -57,11 +57,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from llmlab.chat import REPLY_LENGTH_RANK, parse_reply, render, reply
+from llmlab.chat import parse_reply, render
 from llmlab.errors import LlmlabError
 from llmlab.generate import generate
 from llmlab.model import GPT, padded_attention_mask
 from llmlab.rater import Rater, chat_metrics
+from llmlab.replies import REPLY_LENGTH_RANK, reply
 from llmlab.reward import RewardModel
 from llmlab.stats import mean_ci, paired_diff_ci, wilson_ci
 from llmlab.tasks import Task
@@ -453,7 +454,7 @@ def compare_with_sft(policy: GPT, ref: GPT, reward_model, tok, prompts: list, ra
     """SFT against PPO on held-out prompts: greedy replies scored by the reward model and (with a world)
     graded by the rater, each gain with its paired 95 % interval; and the KL of replies sampled as in training."""
     metrics: dict[str, float] = {"n_prompts": len(prompts)}
-    if rater:  # short replies batched together (see chat.answer); the order of the prompts is the report's
+    if rater:  # short replies batched together (see replies.answer); the order of the prompts is the report's
         prompts = sorted(prompts, key=lambda t: REPLY_LENGTH_RANK[t.kind])
     contexts = [context_of(t) for t in prompts]
     ids = [render(tok, c, add_generation_prompt=True).ids for c in contexts]

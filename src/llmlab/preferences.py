@@ -32,12 +32,13 @@ import pyarrow.parquet as pq
 import torch
 from tokenizers import Tokenizer
 
-from llmlab.chat import answer, check_messages
+from llmlab.chat import check_messages
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.io import atomic_path
 from llmlab.model import GPT
 from llmlab.params import PreferencesConfig
 from llmlab.rater import Rater
+from llmlab.replies import answer
 from llmlab.sft_data import prompt_pool
 from llmlab.sources import hf_rows, local_rows, require_usable
 from llmlab.world import World

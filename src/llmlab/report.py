@@ -13,6 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llmlab.attention_cost import plot_scaling
+from llmlab.attention_maps import plot_heads
+from llmlab.evaluation import rate_of
+from llmlab.stats import rate_diff_ci
+from llmlab.tokenizer import flat_metrics
+
 MODEL_NAMES = {"base": "base (pretrained)", "sft": "SFT", "ppo": "PPO (RLHF)"}
 
 
@@ -34,7 +40,6 @@ def avg(r: Mapping[str, float], digits: int = 2) -> str:
 def difference(higher: Mapping[str, float], lower: Mapping[str, float]) -> tuple[bool, str]:
     """Is `higher` really above `lower`? (shown, "difference +6.8 points [+0.9, +12.6]"): shown when the 95 %
     interval of the difference of the two rates (Newcombe) lies wholly above 0."""
-    from llmlab.stats import rate_diff_ci
 
     if not higher.get("n") or not lower.get("n"):
         return False, "no sample"
@@ -51,7 +56,6 @@ def compare(claim: str, higher: Mapping[str, float], lower: Mapping[str, float],
 
 def pooled(rates: list[Mapping[str, float]]) -> dict[str, float]:
     """Several rates' samples taken together, with the Wilson interval of the pooled rate."""
-    from llmlab.evaluation import rate_of
 
     return rate_of(sum(round(r["rate"] * r["n"]) for r in rates if r["n"]), sum(r["n"] for r in rates))
 
@@ -65,7 +69,6 @@ def verdict(shown: bool, what: str, numbers: str) -> str:
 def flat(d: Mapping[str, Any]) -> dict[str, float]:
     """Nested metrics -> flat MLflow names: {"suite": {"sft": {"accuracy": {"rate": 0.9}}}} -> {"suite/sft/accuracy/rate": 0.9}.
     MLflow refuses "=" in a name ("T=0.5" becomes "T_0.5"); nulls (no sample) are left out."""
-    from llmlab.tokenizer import flat_metrics
 
     return {k.replace("=", "_"): v for k, v in flat_metrics(d).items() if math.isfinite(v)}
 
@@ -101,13 +104,11 @@ def scaling_rows(result: Mapping[str, Any]) -> list[dict[str, float]]:
 def figures(folder: Path, m: Mapping, details: Mapping, loss: Mapping, calibration: list, iterations: list,
             weights, tokens: list[str]) -> dict[str, str]:
     """Draw every figure into `folder`; return {name: file name}."""
-    import matplotlib
+    import matplotlib  # here, not at the top: the Agg backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from llmlab.attention_cost import plot_scaling
-    from llmlab.attention_maps import plot_heads
 
     out: dict[str, str] = {}
 

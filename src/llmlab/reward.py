@@ -22,13 +22,17 @@ import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from llmlab.chat import encode_content, render, reply
+from llmlab.chat import encode_content, render
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.io import atomic_path, write_json
 from llmlab.model import GPT, GPTConfig
+from llmlab.replies import reply
 from llmlab.stats import wilson_ci
 from llmlab.tokenizer import END_ID, PAD_ID
 from llmlab.training import adamw_with_schedule
@@ -151,16 +155,13 @@ def score_sequences(model: RewardModel, seqs: list[list[int]], batch_size: int =
 
 def save_reward_model(model: RewardModel, out_dir, scale: float) -> None:
     """model.safetensors + config.json (the backbone's config, the offset and the scale)."""
-    from safetensors.torch import save_model
 
     with atomic_path(out_dir, is_dir=True) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
+        st_save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
         write_json(tmp / "config.json", {"backbone": asdict(model.backbone.config), "offset": model.offset, "scale": scale})
 
 
 def load_reward_model(model_dir, stage: str = "reward") -> RewardModel:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
 
     model_dir = Path(model_dir)
     weights = model_dir / "model.safetensors"
@@ -169,7 +170,7 @@ def load_reward_model(model_dir, stage: str = "reward") -> RewardModel:
     try:
         meta = json.loads((model_dir / "config.json").read_text())
         model = RewardModel(GPTConfig(**meta["backbone"]), offset=float(meta["offset"]))
-        load_model(model, str(weights))
+        st_load_model(model, str(weights))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         raise LlmlabError(f"{model_dir} is not a valid reward model: {str(e).splitlines()[0]} (re-create it with `dvc repro {stage}`)") from None
     return model.eval()

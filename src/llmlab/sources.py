@@ -69,7 +69,7 @@ def hf_rows(name: str, config: str | None, split: str, streaming: bool, columns:
     columns maps each wanted column to the params key that names it (for the error message), e.g.
     {"text": "corpus.hf.text_column"}. `offline_fix` is the way out an offline user is told about.
     """
-    import datasets
+    import datasets  # seconds to import: only hf sources need it
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import (
         GatedRepoError,

@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from rich.logging import RichHandler
+
 from llmlab.errors import LlmlabError
 from llmlab.params import Params, load_params, recording_reads
 
@@ -55,7 +57,6 @@ def run_stage(
 
 
 def setup_logging() -> None:
-    from rich.logging import RichHandler
 
     logging.basicConfig(
         level=logging.INFO,

@@ -16,12 +16,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import psutil
+import requests
+
+from llmlab import provenance
+from llmlab.errors import LlmlabError
+
+# mlflow and Lightning are imported where they are used: importing them takes seconds, and `git_info`
+# and the server check are used without them (by checkpoints, and before any work starts).
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT_ENV = "LLMLAB_EXPERIMENT"
@@ -44,9 +55,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """
     if not uri.startswith(("http://", "https://")):
         return
-    import requests
 
-    from llmlab.errors import LlmlabError
 
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
@@ -93,7 +102,6 @@ def _process_key(proc) -> str:
 
 def _dvc_process_key() -> str | None:
     """`host:pid:start` of the nearest ancestor `dvc repro` / `dvc exp run` process, if any."""
-    import psutil
 
     try:
         proc = psutil.Process().parent()
@@ -109,7 +117,6 @@ def _dvc_process_key() -> str | None:
 
 def _is_gone(key: str | None) -> bool:
     """Whether the process a `host:pid:start` key names has ended (False for another host's, or unknown)."""
-    import psutil
 
     host, _, rest = (key or "").partition(":")
     pid, _, start = rest.partition(":")
@@ -169,7 +176,6 @@ class StageRun:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         from mlflow.tracking import MlflowClient
 
-        from llmlab.errors import LlmlabError
 
         check_reachable(self.uri)
         try:
@@ -181,10 +187,8 @@ class StageRun:
         return self
 
     def _start(self) -> None:
-        import psutil
         from mlflow.entities import Param
 
-        from llmlab import provenance
 
         experiment_id = self._experiment_id()
         git = git_info()
@@ -307,7 +311,6 @@ class StageRun:
         status = "FINISHED" if exc_type is None else "FAILED"
         from mlflow import flush_async_logging
 
-        from llmlab import provenance
 
         if exc_type is None and self._dvc_paths:
             for key, value in provenance.hashes(self._dvc_paths[1], "dvc.outs").items():
@@ -330,7 +333,6 @@ def _first_line(e: BaseException) -> str:
 
 def _summary(items: list[str]) -> str:
     """'3 × 1 metric values, artifact a.json' — repeated items counted."""
-    from collections import Counter
 
     return ", ".join(f"{n} × {what}" if n > 1 else what for what, n in Counter(items).items())
 
@@ -346,7 +348,6 @@ def buffered_mlflow_logger(uri: str, run_id: str | None = None, experiment: str 
     nothing measurable. A failed flush (tracking server gone) is reported once and training goes on;
     with a `tracker` (the stage's StageRun) the failure is shared: after it, neither sends anything more.
     """
-    import re
 
     from lightning.pytorch.loggers import MLFlowLogger
     from lightning.pytorch.utilities import rank_zero_only

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from torch.utils.data import Dataset
+from torch.utils.data.distributed import DistributedSampler
 
-from llmlab.checkpoints import kept_checkpoint
+from llmlab.checkpoints import AtomicCheckpointIO, kept_checkpoint
 from llmlab.errors import LlmlabError
 from llmlab.io import write_text
 from llmlab.model import GPT, GPTConfig
@@ -91,7 +93,6 @@ def loader(dataset: Dataset, batch_size: int, trainer: L.Trainer, collate_fn=Non
     of a W-process run sees items [k·b·W, (k+1)·b·W), exactly those of a 1-process run with batch b·W."""
     sampler = None
     if trainer.world_size > 1:
-        from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, collate_fn=collate_fn)
@@ -162,9 +163,7 @@ class CausalLMModule(L.LightningModule):
 
 def build_trainer(cfg: PretrainConfig, ckpt_dir, logger, callbacks: list[L.Callback], total_steps: int) -> L.Trainer:
     """The Trainer of the pretrain stage (also used by benchmarks/, so that they measure the same thing)."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
 
-    from llmlab.checkpoints import AtomicCheckpointIO
 
     checkpointing = checkpoint_after_validation(
         cfg.val_every, dirpath=ckpt_dir, every_n_train_steps=cfg.ckpt_every, save_top_k=0, save_last=True,
@@ -207,7 +206,6 @@ def checkpoint_after_validation(val_every: int, **kwargs):
     curves of a resumed run one point short. Deferred, the checkpoint holds the point, and a run killed
     during validation resumes from the step before and validates again.
     """
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     class CheckpointAfterValidation(ModelCheckpoint):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
