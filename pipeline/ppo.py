@@ -15,7 +15,6 @@ import logging
 import os
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from llmlab import checkpoints
@@ -29,6 +28,8 @@ from llmlab.ppo import (
     check_replicas_agree,
     compare_with_sft,
     iteration,
+    iteration_line,
+    launch_fabric,
     replies_markdown,
     setup_models,
     summary_lines,
@@ -73,15 +74,8 @@ def main(args, params: Params) -> None:
         log.info("no synthetic world: prompts from the preference pairs, and no gold rater")
         pool = pair_contexts(Path(args.pairs), "train")[: cfg.n_prompts]
 
-    fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
-                      precision=cfg.precision, plugins=[checkpoints.AtomicCheckpointIO()])
-    fabric.launch()
+    fabric = launch_fabric(cfg)
     W, rank = fabric.world_size, fabric.global_rank
-    if cfg.rollout_batch_size % (W * cfg.minibatch_size):
-        raise LlmlabError(
-            f"ppo.rollout_batch_size ({cfg.rollout_batch_size}) must split into {W} processes × whole minibatches "
-            f"of ppo.minibatch_size ({cfg.minibatch_size})"
-        )
     fabric.seed_everything(params.seed, verbose=False)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -116,12 +110,7 @@ def main(args, params: Params) -> None:
             kl.update(metrics["objective/kl"], B)
             history.append({"iteration": it + 1, **metrics})
             run.log_metrics(metrics, step=it + 1)
-            log.info(
-                "iteration %d/%d · score %+.2f · kl %.2f · gold %s · clipfrac %.2f · %d/%d ended",
-                it + 1, cfg.iterations, metrics["objective/scores"], metrics["objective/kl"],
-                f"{metrics['gold/score']:+.2f}" if rater else "n/a", metrics["policy/clipfrac_avg"],
-                metrics["val/num_eos_tokens"], B,
-            )
+            log.info(iteration_line(metrics, it + 1, cfg.iterations, B))
             if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iterations:
                 state.update(iteration=it + 1, kl_coef=kl.value)
                 fabric.save(Path(args.checkpoints) / checkpoints.LAST, state)

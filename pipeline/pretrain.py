@@ -10,22 +10,26 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 from pathlib import Path
 
-import lightning as L
 import torch
 
-from llmlab import checkpoints
 from llmlab.errors import LlmlabError
 from llmlab.io import write_json, write_text
 from llmlab.mfu import matmul_peak_flops
 from llmlab.model import GPTConfig, save_model
 from llmlab.params import Params
-from llmlab.pretraining import FixedWindows, TokenWindows, document_starts, final_measurements, probes
+from llmlab.pretraining import (
+    FixedWindows,
+    TokenWindows,
+    document_starts,
+    final_measurements,
+    probes,
+    summary_line,
+)
 from llmlab.stage import run_stage
 from llmlab.tokenizer import load_tokenizer, open_split, read_token_meta
-from llmlab.tracking import StageRun, is_global_zero
+from llmlab.tracking import StageRun
 from llmlab.training import (
     Budget,
     CausalLMModule,
@@ -33,6 +37,8 @@ from llmlab.training import (
     Throughput,
     build_trainer,
     loader,
+    quiet_lightning_warnings,
+    resume_and_seed,
     resume_offset,
     uses_cuda,
     world_size,
@@ -72,15 +78,9 @@ def main(args, params: Params) -> None:
     except ValueError as e:
         raise LlmlabError(f"pretrain: {e}") from None
 
-    fp = checkpoints.fingerprint(
-        {"seed": params.seed, "pretrain": cfg.model_dump()},
-        [Path(args.tokens) / "meta.json", *(Path(args.tokens) / name for name in meta["shards"]["train"]), args.tokenizer],
-    )
-    # Lightning's DDP launcher re-runs this script in every other process once rank 0 calls fit(): by then
-    # rank 0 has cleaned stale checkpoints, and the others only read.
-    resume = checkpoints.resume_path(args.checkpoints, fp, readonly=not is_global_zero())
-    L.seed_everything(params.seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    resume = resume_and_seed(args.checkpoints, {"seed": params.seed, "pretrain": cfg.model_dump()},
+                             [Path(args.tokens) / "meta.json", *(Path(args.tokens) / n for n in meta["shards"]["train"]),
+                              args.tokenizer], params.seed)
 
     module = CausalLMModule(model_config, cfg, budget.total_steps)
     device_type = "cuda" if uses_cuda(cfg.accelerator) else "cpu"
@@ -128,17 +128,10 @@ def main(args, params: Params) -> None:
         run.log_metrics({k: v for k, v in (metrics | speed).items() if isinstance(v, int | float)}, step=int(trainer.global_step))
         for path in (args.metrics, Path(args.out) / "config.json", report, args.plots):
             run.log_artifact(path)
-        log.info(
-            "val loss %.3f (ppl %.1f) · fact recall %s · copy accuracy %s · %.0f tokens/s · MFU %.1f%%",
-            val_loss, math.exp(val_loss), f"{metrics['fact_recall']:.1%}" if "fact_recall" in metrics else "n/a (no synthetic world)",
-            f"{metrics['copy_accuracy']:.1%}" if "copy_accuracy" in metrics else "n/a",
-            speed["tokens_per_s"], 100 * speed["mfu"],
-        )
+        log.info(summary_line(metrics, speed))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # TokenWindows resumes mid-epoch by itself (see its docstring); Lightning cannot know and warns.
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    quiet_lightning_warnings()
     run_stage("pretrain", main, add_arguments)

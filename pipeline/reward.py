@@ -11,13 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 from pathlib import Path
 
-import lightning as L
-import torch
-
-from llmlab import checkpoints
 from llmlab.io import write_json, write_text
 from llmlab.model import load_model
 from llmlab.params import Params
@@ -33,8 +28,17 @@ from llmlab.reward import (
 )
 from llmlab.stage import run_stage
 from llmlab.tokenizer import load_tokenizer
-from llmlab.tracking import StageRun, is_global_zero
-from llmlab.training import CurveRecorder, Epochs, build_trainer, items_per_step, loader, resume_offset
+from llmlab.tracking import StageRun
+from llmlab.training import (
+    CurveRecorder,
+    Epochs,
+    build_trainer,
+    items_per_step,
+    loader,
+    quiet_lightning_warnings,
+    resume_and_seed,
+    resume_offset,
+)
 
 log = logging.getLogger("llmlab.reward")
 
@@ -62,13 +66,9 @@ def main(args, params: Params) -> None:
     train_base, val_set = PairDataset(tok, train_rows, T), PairDataset(tok, val_rows, T)
     per_step = items_per_step(cfg)
 
-    fp = checkpoints.fingerprint(
-        {"seed": params.seed, "reward": cfg.model_dump()},
-        [Path(args.pairs) / "train.parquet", Path(args.model) / "model.safetensors", args.tokenizer],
-    )
-    resume = checkpoints.resume_path(args.checkpoints, fp, readonly=not is_global_zero())
-    L.seed_everything(params.seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    resume = resume_and_seed(args.checkpoints, {"seed": params.seed, "reward": cfg.model_dump()},
+                             [Path(args.pairs) / "train.parquet", Path(args.model) / "model.safetensors", args.tokenizer],
+                             params.seed)
     module = RewardModule(sft.config, cfg, cfg.max_steps)
     module.model.backbone.load_state_dict(sft.state_dict())
     curves = CurveRecorder(cfg.log_every)
@@ -111,6 +111,5 @@ def main(args, params: Params) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    quiet_lightning_warnings()
     run_stage("reward", main, add_arguments)

@@ -11,13 +11,8 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 
-import lightning as L
-import torch
-
-from llmlab import checkpoints
 from llmlab.errors import LlmlabError
 from llmlab.io import write_json, write_text
 from llmlab.model import load_model, save_model
@@ -28,12 +23,13 @@ from llmlab.sft import (
     collate,
     collate_packed,
     graded_replies,
+    summary_line,
     training_conversations,
     ungraded_replies,
 )
 from llmlab.stage import run_stage
 from llmlab.tokenizer import load_tokenizer
-from llmlab.tracking import StageRun, is_global_zero
+from llmlab.tracking import StageRun
 from llmlab.training import (
     CausalLMModule,
     CurveRecorder,
@@ -41,6 +37,8 @@ from llmlab.training import (
     build_trainer,
     items_per_step,
     loader,
+    quiet_lightning_warnings,
+    resume_and_seed,
     resume_offset,
 )
 from llmlab.world import World
@@ -80,13 +78,9 @@ def main(args, params: Params) -> None:
             f"({train_base.no_answer + val_set.no_answer} left out); use shorter conversations or a longer context"
         )
     digest = hashlib.sha256(json.dumps(conversations, sort_keys=True).encode()).hexdigest()  # hf/local data can change
-    fp = checkpoints.fingerprint(
-        {"seed": params.seed, "sft": cfg.model_dump(), "data": digest},
-        [Path(args.model) / "model.safetensors", args.tokenizer, args.world, Path(args.corpus) / "train.parquet"],
-    )
-    resume = checkpoints.resume_path(args.checkpoints, fp, readonly=not is_global_zero())
-    L.seed_everything(params.seed, workers=True, verbose=False)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    resume = resume_and_seed(args.checkpoints, {"seed": params.seed, "sft": cfg.model_dump(), "data": digest},
+                             [Path(args.model) / "model.safetensors", args.tokenizer, args.world, Path(args.corpus) / "train.parquet"],
+                             params.seed)
     module = CausalLMModule(base.config, cfg, cfg.max_steps)
     module.model.load_state_dict(base.state_dict())
     curves = CurveRecorder(cfg.log_every)
@@ -127,18 +121,10 @@ def main(args, params: Params) -> None:
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=int(trainer.global_step))
         for path in (args.metrics, Path(args.out) / "config.json", report, args.plots):
             run.log_artifact(path)
-        if world.people:
-            log.info(
-                "val loss %.3f · format %.1f%% · fact accuracy %.1f%% (held-out people %.1f%%) · gold %.2f",
-                val_loss, 100 * metrics["format_adherence"], 100 * metrics.get("accuracy/fact", 0),
-                100 * metrics.get("accuracy_heldout_people", 0), metrics["gold_score_mean"],
-            )
-        else:
-            log.info("val loss %.3f on %d held-out conversations", val_loss, n_val)
+        log.info(summary_line(metrics, val_loss, n_val))
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    quiet_lightning_warnings()
     run_stage("sft", main, add_arguments)

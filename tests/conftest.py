@@ -67,7 +67,7 @@ def running_server(cmd: list[str], ready_url: str, env: dict[str, str], log: Pat
             try:
                 if requests.get(ready_url, timeout=1).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy starting up
                 pass
             try:
                 server.wait(timeout=0.25)  # the pause between polls, and a check that the server still runs

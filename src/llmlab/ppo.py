@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from llmlab.chat import parse_reply, render
+from llmlab.checkpoints import AtomicCheckpointIO
 from llmlab.errors import LlmlabError
 from llmlab.generate import generate
 from llmlab.model import GPT, padded_attention_mask
@@ -571,3 +572,25 @@ def summary_lines(metrics: dict[str, float]) -> list[str]:
     lines.append(f"reward model score {m['sft/reward_score_mean']:.2f} → {m['ppo/reward_score_mean']:.2f} (gain "
                  f"{m['reward_gain']:+.2f} ± {m['reward_gain_ci95']:.2f}, n={m['n_prompts']:.0f}) · KL to SFT {m['kl_to_sft']:.2f}")
     return lines
+
+
+def launch_fabric(cfg) -> L.Fabric:
+    """Lightning Fabric for the ppo section's accelerator, devices, strategy, nodes and precision, launched
+    (its processes started), with atomic checkpoint writes; the rollout must split into whole minibatches
+    on every process."""
+    fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
+                      precision=cfg.precision, plugins=[AtomicCheckpointIO()])
+    fabric.launch()
+    if cfg.rollout_batch_size % (fabric.world_size * cfg.minibatch_size):
+        raise LlmlabError(
+            f"ppo.rollout_batch_size ({cfg.rollout_batch_size}) must split into {fabric.world_size} processes × whole "
+            f"minibatches of ppo.minibatch_size ({cfg.minibatch_size})"
+        )
+    return fabric
+
+
+def iteration_line(m: dict[str, float], iteration: int, iterations: int, batch: int) -> str:
+    """One iteration's log line: the reward model's score, the KL, the gold score, clipping and ended replies."""
+    gold = f"{m['gold/score']:+.2f}" if "gold/score" in m else "n/a"
+    return (f"iteration {iteration}/{iterations} · score {m['objective/scores']:+.2f} · kl {m['objective/kl']:.2f} · "
+            f"gold {gold} · clipfrac {m['policy/clipfrac_avg']:.2f} · {m['val/num_eos_tokens']:.0f}/{batch} ended")

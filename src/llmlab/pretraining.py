@@ -124,3 +124,11 @@ def _samples_markdown(rows: list[dict]) -> str:
     for r in rows:
         lines += [f"**T={r['temperature']}** `{r['prompt']}` →", "", "```", r["completion"], "```", ""]
     return "\n".join(lines)
+
+
+def summary_line(metrics: dict, speed: dict) -> str:
+    """The stage's last log line: validation loss, fact recall, copy accuracy and speed."""
+    recall = f"{metrics['fact_recall']:.1%}" if "fact_recall" in metrics else "n/a (no synthetic world)"
+    copying = f"{metrics['copy_accuracy']:.1%}" if "copy_accuracy" in metrics else "n/a"
+    return (f"val loss {metrics['val_loss']:.3f} (ppl {metrics['val_perplexity']:.1f}) · fact recall {recall} · copy accuracy "
+            f"{copying} · {speed['tokens_per_s']:.0f} tokens/s · MFU {100 * speed['mfu']:.1f}%")

@@ -182,3 +182,12 @@ def ungraded_replies(model: GPT, tok: Tokenizer, held_out: list[list[dict]], max
     firsts = [c[:1] for c in held_out[:20]]
     rows = [{"prompt": m[0]["content"], "reply": r.text} for m, r in zip(firsts, reply(model, tok, firsts, max_new_tokens), strict=True)]
     return rows, [f"- `{r['prompt'][:200]}` → {r['reply']!r}" for r in rows]
+
+
+def summary_line(metrics: dict, val_loss: float, n_val: int) -> str:
+    """The stage's last log line: the validation loss, and with graded replies format, accuracy and gold."""
+    if "format_adherence" not in metrics:
+        return f"val loss {val_loss:.3f} on {n_val} held-out conversations"
+    return (f"val loss {val_loss:.3f} · format {100 * metrics['format_adherence']:.1f}% · fact accuracy "
+            f"{100 * metrics.get('accuracy/fact', 0):.1f}% (held-out people {100 * metrics.get('accuracy_heldout_people', 0):.1f}%) "
+            f"· gold {metrics['gold_score_mean']:.2f}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +21,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from llmlab.checkpoints import AtomicCheckpointIO, kept_checkpoint
+from llmlab.checkpoints import AtomicCheckpointIO, fingerprint, kept_checkpoint, resume_path
 from llmlab.errors import LlmlabError
 from llmlab.io import write_text
 from llmlab.model import GPT, GPTConfig
 from llmlab.params import PretrainConfig
+from llmlab.tracking import is_global_zero
 
 
 @dataclass(frozen=True)
@@ -397,3 +399,23 @@ class Epochs(Dataset):
         if epoch not in self._orders:
             self._orders[epoch] = self._order(epoch)
         return self.base[self._orders[epoch][k]]
+
+
+def resume_and_seed(ckpt_dir: str | Path, config: dict, inputs: list, seed: int) -> Path | None:
+    """The checkpoint to resume from: `checkpoints.resume_path` for this config and these input files (none
+    when either changed since it was written). Then every generator is seeded and deterministic algorithms
+    are asked for. Lightning's DDP launcher re-runs the stage script in every other process once rank 0
+    calls fit(): by then rank 0 has cleaned stale checkpoints, and the others only read."""
+    fp = fingerprint(config, inputs)
+    resume = resume_path(ckpt_dir, fp, readonly=not is_global_zero())
+    L.seed_everything(seed, workers=True, verbose=False)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return resume
+
+
+def quiet_lightning_warnings() -> None:
+    """Silence two Lightning warnings that are expected here: a resumed run continues mid-epoch by design
+    (`TokenWindows` and `Epochs` resume by themselves; Lightning cannot know and warns), and a deprecation
+    inside Lightning's own checkpoint code."""
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
