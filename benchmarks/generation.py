@@ -37,8 +37,12 @@ def run(new_tokens=(64, 256, 1024), batch_sizes=(1, 16), prompt_len: int = 16) -
             r = kv_cache_speedup(model, prompt_len, [n], batch_size=batch, repeats=repeats, threads=None)
             rows.append({"batch": batch, "repeats": repeats, **r["runs"][0]})
             print(json.dumps(rows[-1]), flush=True)
-    return {"model": f"{shape.n_layer} layers × {shape.d_model} wide, vocab 2048", "prompt_len": prompt_len,
-            "threads": torch.get_num_threads(), "runs": rows}  # fmt: skip
+    return {
+        "model": f"{shape.n_layer} layers × {shape.d_model} wide, vocab 2048",
+        "prompt_len": prompt_len,
+        "threads": torch.get_num_threads(),
+        "runs": rows,
+    }
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 # A fresh interpreter per command, so that its RUSAGE_CHILDREN peak is this command's alone (a process's
 # children's peak includes their waited-for descendants: DVC's stage process, for one).
-_PROBE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-          "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
+_PROBE = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
 
 
 @dataclass

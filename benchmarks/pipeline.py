@@ -31,8 +31,12 @@ def run(keep: str | None = None) -> dict:
         repo = Path(keep or d) / "llmlab"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
         # PYTHONPATH: the clone's own library, not the one the venv's editable install points at.
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "PYTHONPATH": str(repo / "src")}  # fmt: skip
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
+            "PYTHONPATH": str(repo / "src"),
+        }
         rows = []
         for stage in stages:
             m = run_measured(["dvc", "repro", "--single-item", stage], cwd=repo, env=env)
@@ -40,7 +44,11 @@ def run(keep: str | None = None) -> dict:
                 raise SystemExit(f"stage {stage} failed:\n{m.output[-2000:]}")
             rows.append({"stage": stage, "seconds": m.seconds, "peak_rss_mb": m.peak_rss_mb})
             print(json.dumps(rows[-1]), flush=True)
-    return {"stages": rows, "total_s": sum(r["seconds"] for r in rows), "peak_rss_mb": max(r["peak_rss_mb"] for r in rows)}
+    return {
+        "stages": rows,
+        "total_s": sum(r["seconds"] for r in rows),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+    }
 
 
 if __name__ == "__main__":

@@ -64,7 +64,10 @@ def run(accelerator: str = "cpu", precision: str = "32-true", iterations: int = 
     policy, policy_opt = fabric.setup(policy, adamw(policy, cfg.lr, 0.0, (0.9, 0.95), dev))
     value, value_opt = fabric.setup(value, adamw(value, cfg.lr, 0.0, (0.9, 0.95), dev))
     g = torch.Generator().manual_seed(0)
-    prompts = [[1, 2, *torch.randint(5, 2048, (int(n),), generator=g).tolist(), 3] for n in torch.randint(8, 24, (64,), generator=g)]
+    prompts = [
+        [1, 2, *torch.randint(5, 2048, (int(n),), generator=g).tolist(), 3]
+        for n in torch.randint(8, 24, (64,), generator=g)
+    ]
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     timed = _Timed(llmlab.ppo.generate, sync)
     llmlab.ppo.generate = timed
@@ -76,13 +79,23 @@ def run(accelerator: str = "cpu", precision: str = "32-true", iterations: int = 
             timed.seconds = 0.0
             t0 = time.perf_counter()
             with fabric.autocast():
-                batch = rollout(policy, ref, reward, value, prompts, cfg, cfg.kl_coef, sample_gen, sampler=policy.module)
+                batch = rollout(
+                    policy, ref, reward, value, prompts, cfg, cfg.kl_coef, sample_gen, sampler=policy.module
+                )
             sync()
             t1 = time.perf_counter()
-            stats = ppo_update(fabric, policy, value, policy_opt, value_opt, batch, cfg, torch.Generator().manual_seed(it))
+            stats = ppo_update(
+                fabric, policy, value, policy_opt, value_opt, batch, cfg, torch.Generator().manual_seed(it)
+            )
             sync()
-            times.append((timed.seconds, t1 - t0 - timed.seconds, time.perf_counter() - t1,
-                          float(batch.seqs.lengths.float().mean())))
+            times.append(
+                (
+                    timed.seconds,
+                    t1 - t0 - timed.seconds,
+                    time.perf_counter() - t1,
+                    float(batch.seqs.lengths.float().mean()),
+                )
+            )
             assert all(math.isfinite(v) for v in stats.values()), stats
     finally:
         llmlab.ppo.generate = timed.fn
@@ -93,12 +106,20 @@ def run(accelerator: str = "cpu", precision: str = "32-true", iterations: int = 
 
     total = mean(0) + mean(1) + mean(2)
     return {
-        "accelerator": args.accelerator, "precision": args.precision,
-        "device_name": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "threads": torch.get_num_threads(),
-        "rollout_batch_size": len(prompts), "generation_s": mean(0), "scoring_s": mean(1), "update_s": mean(2),
-        "total_s": total, "generation_share": mean(0) / total, "episodes_per_s": len(prompts) / total,
-        "mean_reply_tokens": mean(3), "iterations_timed": len(warm),
-    }  # fmt: skip
+        "accelerator": args.accelerator,
+        "precision": args.precision,
+        "device_name": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "rollout_batch_size": len(prompts),
+        "generation_s": mean(0),
+        "scoring_s": mean(1),
+        "update_s": mean(2),
+        "total_s": total,
+        "generation_share": mean(0) / total,
+        "episodes_per_s": len(prompts) / total,
+        "mean_reply_tokens": mean(3),
+        "iterations_timed": len(warm),
+    }
 
 
 if __name__ == "__main__":

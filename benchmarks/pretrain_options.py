@@ -44,7 +44,11 @@ def _manual_sdpa(q, k, v, attn_mask=None, is_causal=False, **_):
     if is_causal:
         scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool).triu(1), float("-inf"))
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        scores = (
+            scores.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else scores + attn_mask
+        )
     return scores.softmax(-1) @ v
 
 
@@ -74,14 +78,18 @@ def train(variant: str, config: GPTConfig, cfg, tokens, steps: int, warmup: int)
     model = GPT(config)
     opt = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), "cpu")
     if variant == "unfused AdamW":
-        opt = torch.optim.AdamW(opt.param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=True)
+        opt = torch.optim.AdamW(
+            opt.param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False, foreach=True
+        )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg, steps))
     if variant == "torch.compile":
         # Compiled from scratch, as on a user's first run: the warm-up includes the whole compilation.
         torch._inductor.config.force_disable_caches = True
     forward = torch.compile(model) if variant == "torch.compile" else model
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16 autocast")
-    data = torch.utils.data.DataLoader(TokenWindows(tokens, config.context_length, steps * cfg.batch_size, 0), batch_size=cfg.batch_size)
+    data = torch.utils.data.DataLoader(
+        TokenWindows(tokens, config.context_length, steps * cfg.batch_size, 0), batch_size=cfg.batch_size
+    )
     losses, t_start, t0 = [], time.perf_counter(), 0.0
     with _attention(variant == "manual attention"):
         for i, (x, y) in enumerate(data):
@@ -118,8 +126,14 @@ def run(steps: int = 300, warmup: int = 20, rounds: int = 3) -> dict:
     rows = []
     for variant, results in runs.items():
         best = max(results, key=lambda r: r["tokens_per_s"])
-        rows.append({"variant": variant, **best, "vs_stage": best["tokens_per_s"] / base,
-                     "all_tokens_per_s": [r["tokens_per_s"] for r in results]})  # fmt: skip
+        rows.append(
+            {
+                "variant": variant,
+                **best,
+                "vs_stage": best["tokens_per_s"] / base,
+                "all_tokens_per_s": [r["tokens_per_s"] for r in results],
+            }
+        )
     return {
         "model": f"{config.n_layer} layers × {config.d_model} wide, context {config.context_length}, vocab {config.vocab_size}",
         "batch": f"{cfg.batch_size} × {config.context_length} tokens",

@@ -58,7 +58,9 @@ def lightning_stage(config: GPTConfig, cfg, tokens, steps: int, warmup: int) -> 
     with tempfile.TemporaryDirectory() as tmp:
         logger = buffered_mlflow_logger(f"sqlite:///{tmp}/mlflow.db", experiment="bench")
         trainer = build_trainer(cfg, tmp, logger, [clock], steps)
-        data = torch.utils.data.DataLoader(TokenWindows(tokens, config.context_length, steps * cfg.batch_size, 0), batch_size=cfg.batch_size)
+        data = torch.utils.data.DataLoader(
+            TokenWindows(tokens, config.context_length, steps * cfg.batch_size, 0), batch_size=cfg.batch_size
+        )
         trainer.fit(module, data)
     return (steps - warmup) * cfg.batch_size * config.context_length / (clock.t1 - clock.t0)
 

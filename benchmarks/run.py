@@ -65,16 +65,20 @@ def pretrain_section(r: dict) -> str:
 
 
 def options_section(r: dict) -> str:
-    rows = [f"| {v['variant']} | {v['tokens_per_s']:,.0f} | **{v['vs_stage']:.2f}×** | {v['warmup_s']:.1f} s | {v['final_loss']:.3f} |"
-            for v in r["variants"]]  # fmt: skip
-    return "\n".join([
-        f"Measured {datetime.date.today()} on {machine()}.",
-        f"Model: {r['model']}; batch {r['batch']}; {r['steps']} steps, timed after {r['warmup']}; best of {r['rounds']} interleaved rounds.",
-        "",
-        "| variant | tokens/s | against the stage's set-up | warm-up (incl. compiling) | loss, last 50 steps |",
-        "|---|---|---|---|---|",
-        *rows,
-    ])  # fmt: skip
+    rows = [
+        f"| {v['variant']} | {v['tokens_per_s']:,.0f} | **{v['vs_stage']:.2f}×** | {v['warmup_s']:.1f} s | {v['final_loss']:.3f} |"
+        for v in r["variants"]
+    ]
+    return "\n".join(
+        [
+            f"Measured {datetime.date.today()} on {machine()}.",
+            f"Model: {r['model']}; batch {r['batch']}; {r['steps']} steps, timed after {r['warmup']}; best of {r['rounds']} interleaved rounds.",
+            "",
+            "| variant | tokens/s | against the stage's set-up | warm-up (incl. compiling) | loss, last 50 steps |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -85,16 +89,21 @@ def replace_section(text: str, name: str, body: str) -> str:
 
 
 def generation_section(r: dict) -> str:
-    rows = [f"| {x['batch']} | {x['new_tokens']:,} | {x['cached_tokens_per_s']:,.0f} | {x['uncached_tokens_per_s']:,.0f} | "
-            f"**{x['speedup']:.1f}×** | {'yes' if x['same_tokens'] else 'NO'} |" for x in r["runs"]]  # fmt: skip
-    return "\n".join([
-        f"Measured {datetime.date.today()} on {machine()}.",
-        f"Model: {r['model']}, random weights; a {r['prompt_len']}-token prompt; greedy.",
-        "",
-        "| batch | new tokens | cached tokens/s | uncached tokens/s | speed-up | same tokens |",
-        "|---|---|---|---|---|---|",
-        *rows,
-    ])  # fmt: skip
+    rows = [
+        f"| {x['batch']} | {x['new_tokens']:,} | {x['cached_tokens_per_s']:,.0f} | {x['uncached_tokens_per_s']:,.0f} | "
+        f"**{x['speedup']:.1f}×** | {'yes' if x['same_tokens'] else 'NO'} |"
+        for x in r["runs"]
+    ]
+    return "\n".join(
+        [
+            f"Measured {datetime.date.today()} on {machine()}.",
+            f"Model: {r['model']}, random weights; a {r['prompt_len']}-token prompt; greedy.",
+            "",
+            "| batch | new tokens | cached tokens/s | uncached tokens/s | speed-up | same tokens |",
+            "|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def tokenizer_section(r: dict) -> str:
@@ -110,37 +119,47 @@ def tokenizer_section(r: dict) -> str:
         "| corpus | parquet | tokenizer stage (train + encode) | train tokens | shards | peak memory of the stage | "
         "loader: own memory / shard pages resident |",
         "|---|---|---|---|---|---|---|",
-        *[f"| {d['corpus_gb']:g} GB of text | {d['parquet_mb']:,.0f} MB | {d['stage_s']:.0f} s | {d['train_tokens']:,} | "
-          f"{d['shards']} ({d['token_mb']:,.0f} MB) | **{d['peak_rss_mb']:,.0f} MB** | {d['loader_anon_mb']:,.0f} MB / "
-          f"{d['loader_file_mb']:,.0f} MB |" for d in r["data"]],
-    ]  # fmt: skip
+        *[
+            f"| {d['corpus_gb']:g} GB of text | {d['parquet_mb']:,.0f} MB | {d['stage_s']:.0f} s | {d['train_tokens']:,} | "
+            f"{d['shards']} ({d['token_mb']:,.0f} MB) | **{d['peak_rss_mb']:,.0f} MB** | {d['loader_anon_mb']:,.0f} MB / "
+            f"{d['loader_file_mb']:,.0f} MB |"
+            for d in r["data"]
+        ],
+    ]
     return "\n".join(lines)
 
 
 def ppo_section(r: dict) -> str:
-    return "\n".join([
-        f"Measured {datetime.date.today()} on {machine()}; {r['iterations_timed']} iterations after a warm-up.",
-        "",
-        "| phase | seconds per iteration | share |",
-        "|---|---|---|",
-        f"| generation (sampling {r['rollout_batch_size']} replies, KV cache) | {r['generation_s']:.2f} | **{r['generation_share']:.0%}** |",
-        f"| scoring (policy, reference, reward and value passes; GAE) | {r['scoring_s']:.2f} | {r['scoring_s'] / r['total_s']:.0%} |",
-        f"| optimisation (PPO epochs) | {r['update_s']:.2f} | {r['update_s'] / r['total_s']:.0%} |",
-        f"| total | {r['total_s']:.2f} | |",
-        "",
-        f"**{r['episodes_per_s']:.1f} episodes per second**; replies averaged {r['mean_reply_tokens']:.0f} tokens.",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"Measured {datetime.date.today()} on {machine()}; {r['iterations_timed']} iterations after a warm-up.",
+            "",
+            "| phase | seconds per iteration | share |",
+            "|---|---|---|",
+            f"| generation (sampling {r['rollout_batch_size']} replies, KV cache) | {r['generation_s']:.2f} | **{r['generation_share']:.0%}** |",
+            f"| scoring (policy, reference, reward and value passes; GAE) | {r['scoring_s']:.2f} | {r['scoring_s'] / r['total_s']:.0%} |",
+            f"| optimisation (PPO epochs) | {r['update_s']:.2f} | {r['update_s'] / r['total_s']:.0%} |",
+            f"| total | {r['total_s']:.2f} | |",
+            "",
+            f"**{r['episodes_per_s']:.1f} episodes per second**; replies averaged {r['mean_reply_tokens']:.0f} tokens.",
+        ]
+    )
 
 
 def pipeline_section(r: dict) -> str:
-    return "\n".join([
-        f"Measured {datetime.date.today()} on {machine()}: `dvc repro --single-item` stage by stage in a fresh clone.",
-        "",
-        "| stage | wall time | peak memory |",
-        "|---|---|---|",
-        *[f"| {x['stage']} | {x['seconds'] // 60:.0f} min {x['seconds'] % 60:.0f} s | {x['peak_rss_mb']:,.0f} MB |" for x in r["stages"]],
-        f"| **whole pipeline** | **{r['total_s'] // 60:.0f} min {r['total_s'] % 60:.0f} s** | {r['peak_rss_mb']:,.0f} MB |",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"Measured {datetime.date.today()} on {machine()}: `dvc repro --single-item` stage by stage in a fresh clone.",
+            "",
+            "| stage | wall time | peak memory |",
+            "|---|---|---|",
+            *[
+                f"| {x['stage']} | {x['seconds'] // 60:.0f} min {x['seconds'] % 60:.0f} s | {x['peak_rss_mb']:,.0f} MB |"
+                for x in r["stages"]
+            ],
+            f"| **whole pipeline** | **{r['total_s'] // 60:.0f} min {r['total_s'] % 60:.0f} s** | {r['peak_rss_mb']:,.0f} MB |",
+        ]
+    )
 
 
 BENCHMARKS = {

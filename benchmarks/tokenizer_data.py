@@ -40,7 +40,24 @@ from benchmarks.measure import run_measured  # noqa: E402
 def documents(n_bytes: int, seed: int = 0) -> Iterator[str]:
     """About `n_bytes` of text in ~600-byte documents of Zipf-distributed pseudo-words."""
     rng = np.random.default_rng(seed)
-    syllables = ["ka", "ri", "mo", "ten", "sa", "lu", "dor", "vi", "ne", "pa", "the", "and", "in", "ol", "gra", "st"]
+    syllables = [
+        "ka",
+        "ri",
+        "mo",
+        "ten",
+        "sa",
+        "lu",
+        "dor",
+        "vi",
+        "ne",
+        "pa",
+        "the",
+        "and",
+        "in",
+        "ol",
+        "gra",
+        "st",
+    ]
     words = np.array(["".join(rng.choice(syllables, rng.integers(1, 4))) for _ in range(30_000)])
     made = 0
     while made < n_bytes:
@@ -64,7 +81,9 @@ def write_corpus(folder: Path, n_bytes: int) -> None:
                 batch = []
         if batch:
             w.write_table(pa.table({"text": batch}, schema=schema))
-    pq.write_table(pa.table({"text": list(documents(2_000_000, seed=2))}, schema=schema), folder / "validation.parquet")
+    pq.write_table(
+        pa.table({"text": list(documents(2_000_000, seed=2))}, schema=schema), folder / "validation.parquet"
+    )
 
 
 def tokenizer_throughput(train_mb: int = 20, encode_mb: int = 100) -> dict:
@@ -80,9 +99,14 @@ def tokenizer_throughput(train_mb: int = 20, encode_mb: int = 100) -> dict:
         encode_s = time.perf_counter() - t0
     return {
         "vocab_size": tok.get_vocab_size(),
-        "train_mb": sum(map(len, train)) / 1e6, "train_s": train_s, "train_mb_per_s": sum(map(len, train)) / 1e6 / train_s,
-        "encode_mb": sum(map(len, encode)) / 1e6, "encode_tokens": n, "encode_s": encode_s, "encode_tokens_per_s": n / encode_s,
-    }  # fmt: skip
+        "train_mb": sum(map(len, train)) / 1e6,
+        "train_s": train_s,
+        "train_mb_per_s": sum(map(len, train)) / 1e6 / train_s,
+        "encode_mb": sum(map(len, encode)) / 1e6,
+        "encode_tokens": n,
+        "encode_s": encode_s,
+        "encode_tokens_per_s": n / encode_s,
+    }
 
 
 def stage_on_corpus(gb: float) -> dict:
@@ -93,9 +117,22 @@ def stage_on_corpus(gb: float) -> dict:
         write_corpus(d / "corpus", int(gb * 1e9))
         make_s = time.perf_counter() - t0
         size = (d / "corpus" / "train.parquet").stat().st_size
-        cmd = [sys.executable, str(ROOT / "pipeline" / "tokenizer.py"), "--params", str(ROOT / "params.yaml"),
-               "--corpus", str(d / "corpus"), "--out", str(d / "tok"), "--tokens", str(d / "tokens"),
-               "--metrics", str(d / "m.json"), "--report", str(d / "report")]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(ROOT / "pipeline" / "tokenizer.py"),
+            "--params",
+            str(ROOT / "params.yaml"),
+            "--corpus",
+            str(d / "corpus"),
+            "--out",
+            str(d / "tok"),
+            "--tokens",
+            str(d / "tokens"),
+            "--metrics",
+            str(d / "m.json"),
+            "--report",
+            str(d / "report"),
+        ]
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{d / 'mlflow.db'}"}
         m = run_measured(cmd, env=env)
         if m.returncode != 0:
@@ -105,11 +142,19 @@ def stage_on_corpus(gb: float) -> dict:
         if loader.returncode != 0:
             raise SystemExit(f"reading windows failed:\n{loader.output[-3000:]}")
         anon_kb, file_kb = map(int, re.search(r"loader memory kB: (\d+) (\d+)", loader.output).groups())
-        return {"corpus_gb": gb, "parquet_mb": size / 1e6, "make_corpus_s": make_s, "stage_s": m.seconds,
-                "train_tokens": meta["splits"]["train"], "shards": len(meta["shards"]["train"]),
-                "token_mb": sum((d / "tokens" / f).stat().st_size for f in meta["shards"]["train"]) / 1e6,
-                "peak_rss_mb": m.peak_rss_mb, "loader_peak_rss_mb": loader.peak_rss_mb,
-                "loader_anon_mb": anon_kb / 1024, "loader_file_mb": file_kb / 1024}  # fmt: skip
+        return {
+            "corpus_gb": gb,
+            "parquet_mb": size / 1e6,
+            "make_corpus_s": make_s,
+            "stage_s": m.seconds,
+            "train_tokens": meta["splits"]["train"],
+            "shards": len(meta["shards"]["train"]),
+            "token_mb": sum((d / "tokens" / f).stat().st_size for f in meta["shards"]["train"]) / 1e6,
+            "peak_rss_mb": m.peak_rss_mb,
+            "loader_peak_rss_mb": loader.peak_rss_mb,
+            "loader_anon_mb": anon_kb / 1024,
+            "loader_file_mb": file_kb / 1024,
+        }
 
 
 # The pretraining loader over the shards: 20,000 random windows of 1,025 tokens, in a process of its own.

@@ -67,7 +67,9 @@ def main(args, params: Params) -> None:
     torch.manual_seed(seed)
     device = pick_device(cfg.accelerator)
     tok = load_tokenizer(args.tokenizer)
-    models = {name: load_model(getattr(args, name), stage=stage, device=device) for name, stage in MODELS.items()}
+    models = {
+        name: load_model(getattr(args, name), stage=stage, device=device) for name, stage in MODELS.items()
+    }
     world = World.load(args.world)
     rater = Rater(world) if world.people else None
     meta = read_token_meta(args.tokens)
@@ -75,7 +77,10 @@ def main(args, params: Params) -> None:
     tokenizer_report = read_json(args.tokenizer_report, stage="tokenizer")
     reward_metrics = read_json(args.reward_metrics, stage="reward")
     ppo_metrics = read_json(args.ppo_metrics, stage="ppo")
-    loss = {split: read_csv(Path(args.pretrain_plots) / f"{split}_loss.csv", "pretrain") for split in ("train", "val")}
+    loss = {
+        split: read_csv(Path(args.pretrain_plots) / f"{split}_loss.csv", "pretrain")
+        for split in ("train", "val")
+    }
     calibration = read_csv(Path(args.reward_plots) / "calibration.csv", "reward")
     iterations = read_csv(Path(args.ppo_plots) / "iterations.csv", "ppo")
 
@@ -88,14 +93,21 @@ def main(args, params: Params) -> None:
             m["tokens"] = rpt.token_figures(tokenizer_report)
             details["example_tokens"] = {e["word"]: e["tokens"] for e in tokenizer_report.get("examples", [])}
         with clock("pretraining"):
-            m["pretraining"] = {"final_train_loss": loss["train"][-1]["loss"], "final_val_loss": loss["val"][-1]["loss"],
-                                "steps": int(loss["train"][-1]["step"])}  # fmt: skip
+            m["pretraining"] = {
+                "final_train_loss": loss["train"][-1]["loss"],
+                "final_val_loss": loss["val"][-1]["loss"],
+                "steps": int(loss["train"][-1]["step"]),
+            }
         if rater:
             graded_studies(m, details, models, tok, world, rater, cfg, seed, params.ppo.max_digits, clock)
         else:
-            log.info("no synthetic world (real corpus and data): no rater, so the graded sections are skipped")
+            log.info(
+                "no synthetic world (real corpus and data): no rater, so the graded sections are skipped"
+            )
         with clock("alignment_tax"):
-            m["perplexity"] = {name: perplexity(model, held_out, cfg.perplexity_windows) for name, model in models.items()}
+            m["perplexity"] = {
+                name: perplexity(model, held_out, cfg.perplexity_windows) for name, model in models.items()
+            }
         m["reward_model"] = finite_numbers(reward_metrics)
         m["ppo"] = finite_numbers(ppo_metrics)
 
@@ -115,8 +127,12 @@ def main(args, params: Params) -> None:
         run.log_artifact(args.report, pipeline=True)
         run.log_artifact(Path(args.report).parent / "figures", "figures", pipeline=True)
         run.log_artifact(args.details, "evaluate")
-        log.info("report: %s (%d figures); timings %s", args.report, len(plots),
-                 {k: round(v, 1) for k, v in details["timings_s"].items()})  # fmt: skip
+        log.info(
+            "report: %s (%d figures); timings %s",
+            args.report,
+            len(plots),
+            {k: round(v, 1) for k, v in details["timings_s"].items()},
+        )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,9 @@ def add_arguments(p):
     p.add_argument("--reward", required=True, help="reward model folder (from the reward stage)")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json")
     p.add_argument("--world", required=True, help="world.json (from the corpus stage)")
-    p.add_argument("--pairs", required=True, help="preference pairs folder: the prompts when there is no synthetic world")
+    p.add_argument(
+        "--pairs", required=True, help="preference pairs folder: the prompts when there is no synthetic world"
+    )
     p.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints (DVC persist)")
     p.add_argument("--out", required=True, help="folder for the PPO policy's weights and config")
     p.add_argument("--metrics", required=True, help="metrics JSON file")
@@ -69,7 +71,9 @@ def main(args, params: Params) -> None:
     reward_model = load_reward_model(args.reward, stage="reward")
     rater = Rater(world) if world.people else None
     if rater:
-        pool: list = prompt_pool(world, "rl", cfg.n_prompts, params.seed, cfg.max_digits, dict(cfg.prompt_mix))
+        pool: list = prompt_pool(
+            world, "rl", cfg.n_prompts, params.seed, cfg.max_digits, dict(cfg.prompt_mix)
+        )
     else:
         log.info("no synthetic world: prompts from the preference pairs, and no gold rater")
         pool = pair_contexts(Path(args.pairs), "train")[: cfg.n_prompts]
@@ -84,12 +88,25 @@ def main(args, params: Params) -> None:
 
     fp = checkpoints.fingerprint(
         {"seed": params.seed, "ppo": cfg.model_dump()},
-        [Path(args.model) / "model.safetensors", Path(args.reward) / "model.safetensors", Path(args.reward) / "config.json",
-         Path(args.pairs) / "train.parquet", args.tokenizer, args.world],
+        [
+            Path(args.model) / "model.safetensors",
+            Path(args.reward) / "model.safetensors",
+            Path(args.reward) / "config.json",
+            Path(args.pairs) / "train.parquet",
+            args.tokenizer,
+            args.world,
+        ],
     )
     resume = checkpoints.resume_path(args.checkpoints, fp, readonly=not is_global_zero())
-    state = {"policy": m.policy, "value": m.value, "policy_opt": m.policy_opt, "value_opt": m.value_opt,
-             "iteration": 0, "kl_coef": kl.value, "history": []}
+    state = {
+        "policy": m.policy,
+        "value": m.value,
+        "policy_opt": m.policy_opt,
+        "value_opt": m.value_opt,
+        "iteration": 0,
+        "kl_coef": kl.value,
+        "history": [],
+    }
     if resume is not None:
         fabric.load(resume, state, weights_only=True)
         kl.value = state["kl_coef"]
@@ -101,11 +118,15 @@ def main(args, params: Params) -> None:
         for it in range(state["iteration"], cfg.iterations):
             tasks = [stream[it * B + j] for j in range(rank, B, W)]
             try:  # the same draws after a resume
-                metrics = iteration(fabric, m, tok, tasks, cfg, kl.value, params.seed * 1_000_003 + it * 1009 + rank, rater)
+                metrics = iteration(
+                    fabric, m, tok, tasks, cfg, kl.value, params.seed * 1_000_003 + it * 1009 + rank, rater
+                )
             except NonFiniteLoss as e:
                 kept = checkpoints.kept_checkpoint(args.checkpoints, it + 1, cfg.ckpt_every, "iteration")
-                raise LlmlabError(f"the PPO loss became non-finite at iteration {it + 1} ({e}); nothing of it was saved, "
-                                  f"and {kept}. Lower ppo.lr or raise ppo.kl_coef") from None  # fmt: skip
+                raise LlmlabError(
+                    f"the PPO loss became non-finite at iteration {it + 1} ({e}); nothing of it was saved, "
+                    f"and {kept}. Lower ppo.lr or raise ppo.kl_coef"
+                ) from None
             metrics["episode"] = float((it + 1) * B)
             kl.update(metrics["objective/kl"], B)
             history.append({"iteration": it + 1, **metrics})
@@ -126,7 +147,9 @@ def main(args, params: Params) -> None:
             eval_prompts: list = prompt_pool(world, "eval", cfg.eval_prompts, params.seed, cfg.max_digits)
         else:
             eval_prompts = pair_contexts(Path(args.pairs), "validation")[: cfg.eval_prompts]
-        metrics, rows = compare_with_sft(trained, m.ref, m.reward, tok, eval_prompts, rater, world, cfg, params.seed, fabric.device)
+        metrics, rows = compare_with_sft(
+            trained, m.ref, m.reward, tok, eval_prompts, rater, world, cfg, params.seed, fabric.device
+        )
         metrics |= {"iterations": cfg.iterations, "episodes": cfg.iterations * B, "kl_coef_final": kl.value}
         metrics |= training_summary(history)
         write_json(args.metrics, metrics)
@@ -139,6 +162,7 @@ def main(args, params: Params) -> None:
             run.log_artifact(path)
         for line in summary_lines(metrics):
             log.info(line)
+
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

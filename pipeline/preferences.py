@@ -37,17 +37,35 @@ def main(args, params: Params) -> None:
     cfg = params.preferences
     with StageRun("preferences", {"seed": params.seed, "preferences": cfg.model_dump()}) as run:
         if cfg.source == "synthetic":
-            model, tok, world = load_model(args.model, stage="sft"), load_tokenizer(args.tokenizer), World.load(args.world)
+            model, tok, world = (
+                load_model(args.model, stage="sft"),
+                load_tokenizer(args.tokenizer),
+                World.load(args.world),
+            )
             splits, metrics = rated_pairs(model, tok, world, cfg, params.seed)
-            log.info("%d pairs (%d ties dropped), label flip rate %.1f%%", metrics["pairs"], metrics["ties_dropped"],
-                     100 * metrics["label_flip_rate"])
+            log.info(
+                "%d pairs (%d ties dropped), label flip rate %.1f%%",
+                metrics["pairs"],
+                metrics["ties_dropped"],
+                100 * metrics["label_flip_rate"],
+            )
         else:
             rows, metrics = external_pairs(cfg, Path.cwd())
             random.Random(f"{params.seed}/preferences").shuffle(rows)
             n_val = max(1, round(len(rows) * cfg.val_fraction))
             splits = {"validation": rows[:n_val], "train": rows[n_val:]}
-            metrics |= {"pairs": len(rows), "pairs_train": len(rows) - n_val, "pairs_validation": n_val, "gold_rater": 0}
-            log.info("%d pairs from %s (%d rows dropped); no gold rater for real data", len(rows), cfg.source, metrics["dropped_invalid"])
+            metrics |= {
+                "pairs": len(rows),
+                "pairs_train": len(rows) - n_val,
+                "pairs_validation": n_val,
+                "gold_rater": 0,
+            }
+            log.info(
+                "%d pairs from %s (%d rows dropped); no gold rater for real data",
+                len(rows),
+                cfg.source,
+                metrics["dropped_invalid"],
+            )
         write_pairs(args.out, splits)
         write_json(args.metrics, metrics)
         run.log_metrics(metrics)

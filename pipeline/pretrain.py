@@ -64,7 +64,10 @@ def add_arguments(p):
 def main(args, params: Params) -> None:
     cfg = params.pretrain
     meta = read_token_meta(args.tokens)
-    train_tokens, val_tokens = open_split(args.tokens, "train", meta), open_split(args.tokens, "validation", meta)
+    train_tokens, val_tokens = (
+        open_split(args.tokens, "train", meta),
+        open_split(args.tokens, "validation", meta),
+    )
     tok = load_tokenizer(args.tokenizer)
     world = World.load(args.world)
     model_config = GPTConfig.from_params(cfg.model, meta["vocab_size"])
@@ -72,15 +75,26 @@ def main(args, params: Params) -> None:
     budget = Budget.from_params(cfg, world_size(cfg))
     try:
         # val_batches per process: the validation set is the same for the same global batch.
-        val_set = FixedWindows(val_tokens, cfg.model.context_length, cfg.val_batches * cfg.batch_size * budget.world_size)
+        val_set = FixedWindows(
+            val_tokens, cfg.model.context_length, cfg.val_batches * cfg.batch_size * budget.world_size
+        )
         starts = document_starts(train_tokens, meta["bos_id"], cfg.window_start)
-        TokenWindows(train_tokens, cfg.model.context_length, budget.n_items, params.seed, starts=starts)  # validates the size
+        TokenWindows(
+            train_tokens, cfg.model.context_length, budget.n_items, params.seed, starts=starts
+        )  # validates the size
     except ValueError as e:
         raise LlmlabError(f"pretrain: {e}") from None
 
-    resume = resume_and_seed(args.checkpoints, {"seed": params.seed, "pretrain": cfg.model_dump()},
-                             [Path(args.tokens) / "meta.json", *(Path(args.tokens) / n for n in meta["shards"]["train"]),
-                              args.tokenizer], params.seed)
+    resume = resume_and_seed(
+        args.checkpoints,
+        {"seed": params.seed, "pretrain": cfg.model_dump()},
+        [
+            Path(args.tokens) / "meta.json",
+            *(Path(args.tokens) / n for n in meta["shards"]["train"]),
+            args.tokenizer,
+        ],
+        params.seed,
+    )
 
     module = CausalLMModule(model_config, cfg, budget.total_steps)
     device_type = "cuda" if uses_cuda(cfg.accelerator) else "cpu"
@@ -93,9 +107,21 @@ def main(args, params: Params) -> None:
 
     with StageRun("pretrain", {"seed": params.seed, "pretrain": cfg.model_dump()}) as run:
         trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), callbacks, budget.total_steps)
-        first_item = resume_offset(resume, budget.items_per_step)  # where the checkpoint stopped (see TokenWindows)
-        train_set = TokenWindows(train_tokens, cfg.model.context_length, budget.n_items, params.seed, first=first_item, starts=starts)
-        train_dl, val_dl = loader(train_set, cfg.batch_size, trainer), loader(val_set, cfg.batch_size, trainer)
+        first_item = resume_offset(
+            resume, budget.items_per_step
+        )  # where the checkpoint stopped (see TokenWindows)
+        train_set = TokenWindows(
+            train_tokens,
+            cfg.model.context_length,
+            budget.n_items,
+            params.seed,
+            first=first_item,
+            starts=starts,
+        )
+        train_dl, val_dl = (
+            loader(train_set, cfg.batch_size, trainer),
+            loader(val_set, cfg.batch_size, trainer),
+        )
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
         val_loss = float(trainer.validate(module, val_dl, verbose=False)[0]["val/loss"])
         if not trainer.is_global_zero:
@@ -115,8 +141,12 @@ def main(args, params: Params) -> None:
         }
         # Speed is a fact about this machine and this minute, not about the model: it goes to the report
         # folder and MLflow, so that metrics/*.json of two runs are byte-identical (`dvc metrics diff` empty).
-        speed = {"tokens_per_s": throughput.tokens_per_second(), "mfu": throughput.mfu(),
-                 "matmul_peak_gflops": throughput.peak / 1e9, "train_seconds": throughput.train_time}
+        speed = {
+            "tokens_per_s": throughput.tokens_per_second(),
+            "mfu": throughput.mfu(),
+            "matmul_peak_gflops": throughput.peak / 1e9,
+            "train_seconds": throughput.train_time,
+        }
         found, files = final_measurements(model, tok, world, cfg, params.seed, copy_items)
         metrics |= found
         write_json(args.metrics, metrics)
@@ -125,7 +155,10 @@ def main(args, params: Params) -> None:
         write_json(report / "throughput.json", speed)
         for name, content in files.items():
             (write_text if name.endswith(".md") else write_json)(report / name, content)
-        run.log_metrics({k: v for k, v in (metrics | speed).items() if isinstance(v, int | float)}, step=int(trainer.global_step))
+        run.log_metrics(
+            {k: v for k, v in (metrics | speed).items() if isinstance(v, int | float)},
+            step=int(trainer.global_step),
+        )
         for path in (args.metrics, Path(args.out) / "config.json", report, args.plots):
             run.log_artifact(path)
         log.info(summary_line(metrics, speed))

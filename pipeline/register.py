@@ -38,18 +38,25 @@ def add_arguments(p):
     p.add_argument("--ppo", required=True, help="RLHF model folder (from the ppo stage): the one registered")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json")
     p.add_argument("--out", required=True, help="JSON file for the model URIs, version and timings")
-    p.add_argument("--name", default=REGISTERED_NAME, help=f"registered model name (default: {REGISTERED_NAME})")
+    p.add_argument(
+        "--name", default=REGISTERED_NAME, help=f"registered model name (default: {REGISTERED_NAME})"
+    )
 
 
 def main(args, params: Params) -> None:  # reads no params section
     models = {"base": (args.base, "pretrain"), "sft": (args.sft, "sft"), "ppo": (args.ppo, "ppo")}
-    for folder, stage in models.values():  # a missing model names the stage that writes it, before any run starts
+    for (
+        folder,
+        stage,
+    ) in models.values():  # a missing model names the stage that writes it, before any run starts
         load_model(folder, stage=stage)
     load_tokenizer(args.tokenizer)
 
     with StageRun("register", tags={"registered_model": args.name}) as run:
         t0 = time.perf_counter()
-        mlflow.set_tracking_uri(run.uri)  # log_model and the registry use MLflow's global URI: the stage's store
+        mlflow.set_tracking_uri(
+            run.uri
+        )  # log_model and the registry use MLflow's global URI: the stage's store
         uris, seconds = {}, {}
         try:  # registering is this stage's whole job: a tracking failure here fails it, in one line
             for name, (folder, _) in models.items():
@@ -59,19 +66,36 @@ def main(args, params: Params) -> None:  # reads no params section
             t = time.perf_counter()
             version = register(uris["ppo"], args.name, CHAMPION)
         except (MlflowException, requests.RequestException, OSError) as e:
-            raise LlmlabError(f"MLflow at {run.uri} failed while logging and registering the models: "
-                              f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}") from None
+            raise LlmlabError(
+                f"MLflow at {run.uri} failed while logging and registering the models: "
+                f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            ) from None
         seconds["register"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
-        write_json(args.out, {"models": uris, "registered_model": args.name, "version": version, "alias": CHAMPION,
-                              "seconds": seconds})
+        write_json(
+            args.out,
+            {
+                "models": uris,
+                "registered_model": args.name,
+                "version": version,
+                "alias": CHAMPION,
+                "seconds": seconds,
+            },
+        )
         run.log_metrics({"version": version, **{f"seconds/{k}": v for k, v in seconds.items()}})
         run.log_artifact(args.out)
-    log.info("logged base, sft, ppo and registered ppo in %.1f s: models:/%s@%s is version %d",
-             seconds["total"], args.name, CHAMPION, version)
+    log.info(
+        "logged base, sft, ppo and registered ppo in %.1f s: models:/%s@%s is version %d",
+        seconds["total"],
+        args.name,
+        CHAMPION,
+        version,
+    )
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per logged file otherwise
+    os.environ.setdefault(
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"
+    )  # one bar per logged file otherwise
     run_stage("register", main, add_arguments)

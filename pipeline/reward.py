@@ -61,14 +61,19 @@ def main(args, params: Params) -> None:
     train_rows = read_pairs(Path(args.pairs), "train")
     val_rows = read_pairs(Path(args.pairs), "validation")
     if not val_rows:  # only in tiny configurations
-        log.warning("no held-out pairs: validating on a tenth of the training pairs (raise preferences.n_prompts)")
+        log.warning(
+            "no held-out pairs: validating on a tenth of the training pairs (raise preferences.n_prompts)"
+        )
         val_rows = train_rows[: max(1, len(train_rows) // 10)]
     train_base, val_set = PairDataset(tok, train_rows, T), PairDataset(tok, val_rows, T)
     per_step = items_per_step(cfg)
 
-    resume = resume_and_seed(args.checkpoints, {"seed": params.seed, "reward": cfg.model_dump()},
-                             [Path(args.pairs) / "train.parquet", Path(args.model) / "model.safetensors", args.tokenizer],
-                             params.seed)
+    resume = resume_and_seed(
+        args.checkpoints,
+        {"seed": params.seed, "reward": cfg.model_dump()},
+        [Path(args.pairs) / "train.parquet", Path(args.model) / "model.safetensors", args.tokenizer],
+        params.seed,
+    )
     module = RewardModule(sft.config, cfg, cfg.max_steps)
     module.model.backbone.load_state_dict(sft.state_dict())
     curves = CurveRecorder(cfg.log_every)
@@ -88,25 +93,42 @@ def main(args, params: Params) -> None:
         # Shift: the SFT model's own replies score 0 on average. Rated pairs are SFT replies already;
         # for real data the SFT model first answers the training prompts.
         rated = all(math.isfinite(row["gold_chosen"]) for row in train_rows + val_rows)
-        replies = [s for pair in train_base.items for s in pair] if rated else sft_replies(sft, tok, train_rows, T, params.preferences.max_new_tokens, params.seed)
+        replies = (
+            [s for pair in train_base.items for s in pair]
+            if rated
+            else sft_replies(sft, tok, train_rows, T, params.preferences.max_new_tokens, params.seed)
+        )
         r_sft = score_sequences(model, replies)
         model.offset = float(r_sft.mean())
         scale = float(r_sft.std()) if len(r_sft) > 1 else 0.0
         save_reward_model(model, args.out, scale)
 
         metrics, table = reward_metrics(model, val_set, val_rows, rated, params.seed)
-        metrics |= {"pairs_train": len(train_rows), "pairs_validation": len(val_rows), "reward_offset": model.offset,
-                    "reward_scale": scale, "steps": int(trainer.global_step), "gold_rater": int(rated)}
+        metrics |= {
+            "pairs_train": len(train_rows),
+            "pairs_validation": len(val_rows),
+            "reward_offset": model.offset,
+            "reward_scale": scale,
+            "steps": int(trainer.global_step),
+            "gold_rater": int(rated),
+        }
         if not rated:
             log.info("real preference data: no gold rater, so accuracy is against the dataset's labels only")
         write_json(args.metrics, metrics)
         curves.write(args.plots)
-        write_text(Path(args.plots) / "calibration.csv", "predicted,observed,n\n" + "".join(f"{p:.4f},{o:.4f},{n}\n" for p, o, n in table))
+        write_text(
+            Path(args.plots) / "calibration.csv",
+            "predicted,observed,n\n" + "".join(f"{p:.4f},{o:.4f},{n}\n" for p, o, n in table),
+        )
         run.log_metrics(metrics)
         for path in (args.metrics, args.plots, Path(args.out) / "config.json"):
             run.log_artifact(path)
-        log.info("gold accuracy %s · label accuracy %.1f%% on %d held-out pairs",
-                 f"{100 * metrics['accuracy_gold']:.1f}%" if rated else "n/a", 100 * metrics["accuracy_noisy_labels"], len(val_rows))
+        log.info(
+            "gold accuracy %s · label accuracy %.1f%% on %d held-out pairs",
+            f"{100 * metrics['accuracy_gold']:.1f}%" if rated else "n/a",
+            100 * metrics["accuracy_noisy_labels"],
+            len(val_rows),
+        )
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def add_arguments(p):
     p.add_argument("--model", required=True, help="pretrained model folder (from the pretrain stage)")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json")
     p.add_argument("--world", required=True, help="world.json (from the corpus stage)")
-    p.add_argument("--corpus", required=True, help="corpus folder (from the corpus stage): documents to replay")
+    p.add_argument(
+        "--corpus", required=True, help="corpus folder (from the corpus stage): documents to replay"
+    )
     p.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints (DVC persist)")
     p.add_argument("--out", required=True, help="folder for the fine-tuned weights and config")
     p.add_argument("--metrics", required=True, help="metrics JSON file")
@@ -77,10 +79,20 @@ def main(args, params: Params) -> None:
             f"sft: no conversation fits the context of {T} tokens with an answer in it "
             f"({train_base.no_answer + val_set.no_answer} left out); use shorter conversations or a longer context"
         )
-    digest = hashlib.sha256(json.dumps(conversations, sort_keys=True).encode()).hexdigest()  # hf/local data can change
-    resume = resume_and_seed(args.checkpoints, {"seed": params.seed, "sft": cfg.model_dump(), "data": digest},
-                             [Path(args.model) / "model.safetensors", args.tokenizer, args.world, Path(args.corpus) / "train.parquet"],
-                             params.seed)
+    digest = hashlib.sha256(
+        json.dumps(conversations, sort_keys=True).encode()
+    ).hexdigest()  # hf/local data can change
+    resume = resume_and_seed(
+        args.checkpoints,
+        {"seed": params.seed, "sft": cfg.model_dump(), "data": digest},
+        [
+            Path(args.model) / "model.safetensors",
+            args.tokenizer,
+            args.world,
+            Path(args.corpus) / "train.parquet",
+        ],
+        params.seed,
+    )
     module = CausalLMModule(base.config, cfg, cfg.max_steps)
     module.model.load_state_dict(base.state_dict())
     curves = CurveRecorder(cfg.log_every)
@@ -90,7 +102,10 @@ def main(args, params: Params) -> None:
         first = resume_offset(resume, per_step)  # continue the data where the checkpoint stopped
         train_set = Epochs(train_base, cfg.max_steps * per_step, params.seed, first=first)
         batches = collate_packed if cfg.pack else collate
-        train_dl, val_dl = loader(train_set, cfg.batch_size, trainer, batches), loader(val_set, cfg.batch_size, trainer, batches)
+        train_dl, val_dl = (
+            loader(train_set, cfg.batch_size, trainer, batches),
+            loader(val_set, cfg.batch_size, trainer, batches),
+        )
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
         val_loss = float(trainer.validate(module, val_dl, verbose=False)[0]["val/loss"])
         if not trainer.is_global_zero:
@@ -118,7 +133,9 @@ def main(args, params: Params) -> None:
         curves.write(args.plots)
         write_json(report / "replies.json", rows)
         write_text(report / "replies.md", "\n".join(lines) + "\n")
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=int(trainer.global_step))
+        run.log_metrics(
+            {k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=int(trainer.global_step)
+        )
         for path in (args.metrics, Path(args.out) / "config.json", report, args.plots):
             run.log_artifact(path)
         log.info(summary_line(metrics, val_loss, n_val))

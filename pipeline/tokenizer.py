@@ -57,11 +57,18 @@ def main(args, params: Params) -> None:
         write_json(Path(args.report) / "report.json", report)
         write_text(Path(args.report) / "examples.md", _examples_markdown(report))
         run.log_metrics(metrics)
-        for path in (Path(args.out) / "tokenizer.json", args.report, args.metrics, Path(args.tokens) / "meta.json"):
+        for path in (
+            Path(args.out) / "tokenizer.json",
+            args.report,
+            args.metrics,
+            Path(args.tokens) / "meta.json",
+        ):
             run.log_artifact(path)
         log.info(
             "vocab %d · %.2f characters per token · %s train tokens",
-            report["vocab_size"], report["chars_per_token"], f"{counts['train']:,}",
+            report["vocab_size"],
+            report["chars_per_token"],
+            f"{counts['train']:,}",
         )
 
 

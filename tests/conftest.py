@@ -29,11 +29,22 @@ def stage_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_stage(
-    stage: str, args: list[str], cwd: Path, env: dict[str, str], params: Path = SMOKE_PARAMS, timeout=600,
+    stage: str,
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    params: Path = SMOKE_PARAMS,
+    timeout=600,
     launcher: list[str] | None = None,
 ):
     """Run a stage's entry point as a process, as `dvc repro` does (or under `launcher`, e.g. torchrun)."""
-    cmd = [*(launcher or [sys.executable]), str(ROOT / "pipeline" / f"{stage}.py"), "--params", str(params), *args]
+    cmd = [
+        *(launcher or [sys.executable]),
+        str(ROOT / "pipeline" / f"{stage}.py"),
+        "--params",
+        str(params),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -52,8 +63,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(cmd: list[str], ready_url: str, env: dict[str, str], log: Path, timeout_s: float = 90
-                   ) -> Iterator[subprocess.Popen]:
+def running_server(
+    cmd: list[str], ready_url: str, env: dict[str, str], log: Path, timeout_s: float = 90
+) -> Iterator[subprocess.Popen]:
     """Start a server (`mlflow server`, `mlflow models serve`) in its own process group, wait until
     `ready_url` answers 200, and always stop the whole group afterwards (the CLI and its workers).
     Yields the process (the leader of its group: `os.killpg(proc.pid, ...)` stops it early)."""
@@ -73,7 +85,9 @@ def running_server(cmd: list[str], ready_url: str, env: dict[str, str], log: Pat
                 server.wait(timeout=0.25)  # the pause between polls, and a check that the server still runs
                 pytest.fail(f"{cmd[0]} exited ({server.returncode}):\n{log.read_text()[-3000:]}")
             except subprocess.TimeoutExpired:
-                assert time.monotonic() < deadline, f"no answer on {ready_url} after {timeout_s} s:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, (
+                    f"no answer on {ready_url} after {timeout_s} s:\n{log.read_text()[-3000:]}"
+                )
         yield server
     finally:
         if server.poll() is None:
@@ -90,9 +104,20 @@ def mlflow_server(folder: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """A real MLflow tracking server on 127.0.0.1 with its own SQLite store and artifact folder, as a team
     would run it. Yields (url, process)."""
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
-           "--workers", "1"]  # fmt: skip
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--workers",
+        "1",
+    ]
     url = f"http://127.0.0.1:{port}"
     with running_server(cmd, f"{url}/health", stage_env(folder), folder / "server.log") as proc:
         yield url, proc

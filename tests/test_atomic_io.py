@@ -44,7 +44,9 @@ def leftovers(folder):
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=300, d_model=32, n_layer=2, n_head=2, context_length=32))  # ~200 KB of weights
+    return GPT(
+        GPTConfig(vocab_size=300, d_model=32, n_layer=2, n_head=2, context_length=32)
+    )  # ~200 KB of weights
 
 
 def test_a_failed_model_write_keeps_the_previous_model_and_leaves_nothing(model, tmp_path):
@@ -56,7 +58,11 @@ def test_a_failed_model_write_keeps_the_previous_model_and_leaves_nothing(model,
     with file_size_limit(LIMIT), pytest.raises(OutputWriteError) as e:
         save_model(model, out)
     message = str(e.value)
-    assert message.startswith(f"could not write {out}: ") and "File too large" in message and "GB free" in message
+    assert (
+        message.startswith(f"could not write {out}: ")
+        and "File too large" in message
+        and "GB free" in message
+    )
     assert (out / "model.safetensors").read_bytes() == before  # the old output is untouched
     load_model(out)
     assert leftovers(tmp_path) == []
@@ -106,4 +112,6 @@ def test_other_errors_pass_through_unchanged_and_still_leave_nothing(tmp_path):
 def test_csv_text_takes_every_key_in_first_seen_order_and_leaves_missing_cells_empty():
     from llmlab.io import csv_text
 
-    assert csv_text([{"step": 1, "loss": 2.5}, {"step": 2, "gold": 0.5}]) == "step,loss,gold\n1,2.5,\n2,,0.5\n"
+    assert (
+        csv_text([{"step": 1, "loss": 2.5}, {"step": 2, "gold": 0.5}]) == "step,loss,gold\n1,2.5,\n2,,0.5\n"
+    )

@@ -169,7 +169,11 @@ def test_copying_heads_score_the_token_after_the_earlier_mention():
     w1, w2 = attention_weights(model, seqs[0]), attention_weights(model, seqs[1])
     expected = (w1[:, :, -1, [3, 6]].sum(-1) + w2[:, :, -1, [2]].sum(-1)) / 2  # (L, nh)
     top = copying_heads(model, seqs, top=3)
-    assert [(h["layer"], h["head"]) for h in top] == [divmod(i, CFG.n_head) for i in expected.flatten().argsort(descending=True)[:3].tolist()]
-    assert [h["score"] for h in top] == pytest.approx(sorted(expected.flatten().tolist(), reverse=True)[:3], abs=1e-6)
+    assert [(h["layer"], h["head"]) for h in top] == [
+        divmod(i, CFG.n_head) for i in expected.flatten().argsort(descending=True)[:3].tolist()
+    ]
+    assert [h["score"] for h in top] == pytest.approx(
+        sorted(expected.flatten().tolist(), reverse=True)[:3], abs=1e-6
+    )
     assert top[0]["uniform"] == pytest.approx((2 / 9 + 1 / 5) / 2)
     assert copying_heads(model, [[3, 4, 5]]) == []

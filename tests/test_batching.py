@@ -66,6 +66,7 @@ def test_grouped_batches_still_come_in_random_order():
     stream = _stream(Epochs(list(range(400)), 400, seed=2, lengths=lengths, batch=10, megabatch=40))
     firsts = [stream[i] for i in range(0, 400, 10)]
     assert firsts != sorted(firsts)
+
     # which items meet in a batch is random too: a megabatch is a random subset, sorted
     def batches(seed):
         stream = _stream(Epochs(list(range(400)), 400, seed, lengths=lengths, batch=10, megabatch=4))
@@ -103,5 +104,8 @@ def test_a_packed_batch_gives_the_loss_and_gradient_of_the_padded_one(shapes):
 
 def test_packing_halves_the_rows_of_a_batch_of_short_and_long_conversations():
     rng = random.Random(0)
-    batch = [([1] * n, [False] + [True] * (n - 1)) for n in (rng.choice([rng.randint(8, 20), rng.randint(60, 120)]) for _ in range(16))]
+    batch = [
+        ([1] * n, [False] + [True] * (n - 1))
+        for n in (rng.choice([rng.randint(8, 20), rng.randint(60, 120)]) for _ in range(16))
+    ]
     assert collate_packed(batch)[0].numel() <= 0.6 * collate(batch)[0].numel()

@@ -9,7 +9,10 @@ from llmlab.errors import LlmlabError
 from llmlab.params import TokenizerConfig
 from llmlab.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, USER_ID, train_tokenizer
 
-TEXTS = ["Where does Mara Quill live? Mara Quill lives in Port Avery.", "Add 12 and 30. So 12 + 30 = 42."] * 50
+TEXTS = [
+    "Where does Mara Quill live? Mara Quill lives in Port Avery.",
+    "Add 12 and 30. So 12 + 30 = 42.",
+] * 50
 
 
 @pytest.fixture(scope="module")

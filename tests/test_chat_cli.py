@@ -265,12 +265,26 @@ def test_generate_json_n_completions_and_seed(model_dir, tok_path, tok, capsys):
     assert generate_json(capsys, *common, "--seed", "6") != first
 
 
-@pytest.mark.parametrize("prompt", ["", "\x00\x07\u200b\U0001f600 \u202e", "word " * 500], ids=["empty", "control", "long"])
+@pytest.mark.parametrize(
+    "prompt", ["", "\x00\x07\u200b\U0001f600 \u202e", "word " * 500], ids=["empty", "control", "long"]
+)
 @pytest.mark.parametrize("raw", [False, True], ids=["chat", "raw"])
 def test_generate_answers_any_prompt(model_dir, tok_path, capsys, prompt, raw):
     """An empty prompt, control and odd Unicode characters, one far longer than the context: an answer."""
-    main(["generate", prompt, "--model", str(model_dir), "--tokenizer", str(tok_path), "--json", "--max-new-tokens", "4",
-          *(["--raw"] if raw else [])])
+    main(
+        [
+            "generate",
+            prompt,
+            "--model",
+            str(model_dir),
+            "--tokenizer",
+            str(tok_path),
+            "--json",
+            "--max-new-tokens",
+            "4",
+            *(["--raw"] if raw else []),
+        ]
+    )
     said = capsys.readouterr()
     out = json.loads(said.out)
     assert out["prompt"] == prompt and 0 < out["prompt_tokens"] <= CTX - 4

@@ -7,7 +7,9 @@ from llmlab.tokenizer import load_tokenizer
 
 
 def llmlab(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "llmlab.cli", *args], input=stdin, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "llmlab.cli", *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_count_tokens_from_file_and_stdin(smoke_data, tmp_path):
@@ -25,7 +27,12 @@ def test_count_tokens_from_file_and_stdin(smoke_data, tmp_path):
 
 
 def test_count_tokens_errors_are_one_line(smoke_data, tmp_path):
-    r = llmlab("count-tokens", str(tmp_path / "missing.txt"), "--tokenizer", str(smoke_data / "tokenizer" / "tokenizer.json"))
+    r = llmlab(
+        "count-tokens",
+        str(tmp_path / "missing.txt"),
+        "--tokenizer",
+        str(smoke_data / "tokenizer" / "tokenizer.json"),
+    )
     assert r.returncode == 1 and "no such file" in r.stderr and "Traceback" not in r.stderr
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("café".encode("latin-1"))

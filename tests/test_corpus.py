@@ -20,7 +20,13 @@ from llmlab.params import CorpusConfig, HFCorpus, LocalCorpus, SyntheticCorpus
 from llmlab.world import World
 
 SMALL = SyntheticCorpus(
-    n_sft_people=20, n_heldout_people=5, n_unknown_people=5, docs_per_person=4, n_stories=50, n_context=30, n_arithmetic=50
+    n_sft_people=20,
+    n_heldout_people=5,
+    n_unknown_people=5,
+    docs_per_person=4,
+    n_stories=50,
+    n_context=30,
+    n_arithmetic=50,
 )
 
 
@@ -55,7 +61,12 @@ def test_synthetic_split_sizes_kinds_and_stats():
         len(result.train),
         len(result.validation),
     )
-    assert (s["documents_bio"], s["documents_story"], s["documents_context"], s["documents_arithmetic"]) == (100, 50, 30, 50)
+    assert (s["documents_bio"], s["documents_story"], s["documents_context"], s["documents_arithmetic"]) == (
+        100,
+        50,
+        30,
+        50,
+    )
     assert s["characters_train"] == sum(len(d["text"]) for d in result.train)
     assert s["characters_validation"] == sum(len(d["text"]) for d in result.validation)
     assert s["dropped_empty"] == 0 and s["replaced_characters"] == 0

@@ -35,9 +35,20 @@ def inputs(smoke_data, tmp_path_factory):
     for i in range(48):
         context = [{"role": "user", "content": f"Question {i}: {rng.choice(WORDS)}?"}]
         long, short = " ".join(rng.choices(WORDS, k=rng.randint(4, 12))), rng.choice(WORDS)
-        rows.append({"prompt": context[-1]["content"], "context": json.dumps(context), "chosen": long, "rejected": short,
-                     "chosen_ended": True, "rejected_ended": True, "gold_chosen": 1.0, "gold_rejected": 0.0,
-                     "flipped": False, "task": "{}"})  # fmt: skip
+        rows.append(
+            {
+                "prompt": context[-1]["content"],
+                "context": json.dumps(context),
+                "chosen": long,
+                "rejected": short,
+                "chosen_ended": True,
+                "rejected_ended": True,
+                "gold_chosen": 1.0,
+                "gold_rejected": 0.0,
+                "flipped": False,
+                "task": "{}",
+            }
+        )
     (d / "prefs").mkdir()
     pq.write_table(pa.Table.from_pylist(rows[:40]), d / "prefs" / "train.parquet")
     pq.write_table(pa.Table.from_pylist(rows[40:]), d / "prefs" / "validation.parquet")
@@ -55,11 +66,27 @@ def params_file(tmp_path, name, section, **values):
 def test_reward_model_ddp_on_two_cpu_processes_matches_one_process(smoke_data, inputs, tmp_path):
     env = stage_env(tmp_path)
     out = {}
-    for name, values in (("one", {"batch_size": 8}), ("two", {"batch_size": 4, "devices": 2, "strategy": "ddp"})):
+    for name, values in (
+        ("one", {"batch_size": 8}),
+        ("two", {"batch_size": 4, "devices": 2, "strategy": "ddp"}),
+    ):
         o = out[name] = tmp_path / name
-        args = ["--pairs", str(inputs / "prefs"), "--model", str(inputs / "sft"),
-                "--tokenizer", str(smoke_data / "tokenizer" / "tokenizer.json"), "--checkpoints", str(o / "ckpt"),
-                "--out", str(o / "model"), "--metrics", str(o / "metrics.json"), "--plots", str(o / "plots")]  # fmt: skip
+        args = [
+            "--pairs",
+            str(inputs / "prefs"),
+            "--model",
+            str(inputs / "sft"),
+            "--tokenizer",
+            str(smoke_data / "tokenizer" / "tokenizer.json"),
+            "--checkpoints",
+            str(o / "ckpt"),
+            "--out",
+            str(o / "model"),
+            "--metrics",
+            str(o / "metrics.json"),
+            "--plots",
+            str(o / "plots"),
+        ]
         params = params_file(tmp_path, name, "reward", max_steps=6, val_every=3, ckpt_every=3, **values)
         r = run_stage("reward", args, tmp_path, env, params)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -76,12 +103,32 @@ def test_reward_model_ddp_on_two_cpu_processes_matches_one_process(smoke_data, i
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
 
 
-def test_ppo_ddp_on_two_cpu_processes_counts_every_episode_and_keeps_the_weights_in_sync(smoke_data, inputs, tmp_path):
+def test_ppo_ddp_on_two_cpu_processes_counts_every_episode_and_keeps_the_weights_in_sync(
+    smoke_data, inputs, tmp_path
+):
     o = tmp_path / "two"
-    args = ["--model", str(inputs / "sft"), "--reward", str(inputs / "reward"),
-            "--tokenizer", str(smoke_data / "tokenizer" / "tokenizer.json"), "--world", str(smoke_data / "corpus" / "world.json"),
-            "--pairs", str(inputs / "prefs"), "--checkpoints", str(o / "ckpt"), "--out", str(o / "model"),
-            "--metrics", str(o / "metrics.json"), "--plots", str(o / "plots"), "--report", str(o / "report")]  # fmt: skip
+    args = [
+        "--model",
+        str(inputs / "sft"),
+        "--reward",
+        str(inputs / "reward"),
+        "--tokenizer",
+        str(smoke_data / "tokenizer" / "tokenizer.json"),
+        "--world",
+        str(smoke_data / "corpus" / "world.json"),
+        "--pairs",
+        str(inputs / "prefs"),
+        "--checkpoints",
+        str(o / "ckpt"),
+        "--out",
+        str(o / "model"),
+        "--metrics",
+        str(o / "metrics.json"),
+        "--plots",
+        str(o / "plots"),
+        "--report",
+        str(o / "report"),
+    ]
     params = params_file(tmp_path, "two", "ppo", iterations=3, devices=2, strategy="ddp", eval_prompts=8)
     r = run_stage("ppo", args, tmp_path, stage_env(tmp_path), params)
     assert r.returncode == 0, r.stderr[-3000:]

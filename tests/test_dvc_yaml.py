@@ -43,7 +43,9 @@ def imported_files(path: Path) -> set[str]:
     files = set()
     for module in modules:
         parts = module.split(".")
-        for i in range(1, len(parts) + 1):  # importing llmlab.a.b runs llmlab/__init__.py and llmlab/a/__init__.py
+        for i in range(
+            1, len(parts) + 1
+        ):  # importing llmlab.a.b runs llmlab/__init__.py and llmlab/a/__init__.py
             stem = "src/" + "/".join(parts[:i])
             for candidate in (f"{stem}.py", f"{stem}/__init__.py"):
                 if (ROOT / candidate).is_file():
@@ -103,7 +105,9 @@ def test_no_stage_script_imports_another():
         source = (ROOT / "pipeline" / f"{stage}.py").read_text(encoding="utf-8")
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.ImportFrom | ast.Import):
-                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                names = (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                )
                 assert not any(n.split(".")[0] == "pipeline" for n in names), (stage, names)
 
 
@@ -112,7 +116,9 @@ def test_stage_command_matches_its_script(stage):
     """The command in dvc.yaml runs pipeline/<stage>.py with arguments its parser accepts."""
     argv = shlex.split(DVC["stages"][stage]["cmd"])
     assert argv[:2] == ["python", f"pipeline/{stage}.py"]
-    module_spec = importlib.util.spec_from_file_location(f"pipeline_{stage}", ROOT / "pipeline" / f"{stage}.py")
+    module_spec = importlib.util.spec_from_file_location(
+        f"pipeline_{stage}", ROOT / "pipeline" / f"{stage}.py"
+    )
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     parser = argparse.ArgumentParser()
@@ -124,7 +130,12 @@ def test_import_closure_follows_imports_inside_functions(tmp_path):
     """The closure is the reference the deps are checked against, so it is checked too: a file reached
     only through an import inside a function, two files deep, is in it; an unrelated one is not."""
     closure = import_closure("pipeline/corpus.py")
-    assert {"src/llmlab/__init__.py", "src/llmlab/corpus.py", "src/llmlab/world.py", "src/llmlab/params.py"} <= closure
+    assert {
+        "src/llmlab/__init__.py",
+        "src/llmlab/corpus.py",
+        "src/llmlab/world.py",
+        "src/llmlab/params.py",
+    } <= closure
     assert "src/llmlab/ppo.py" not in closure
     script = tmp_path / "s.py"
     script.write_text("def f():\n    from llmlab.corpus import build_corpus\n")
@@ -136,13 +147,19 @@ def write_code_deps(path: Path = ROOT / "dvc.yaml") -> None:
     keeping every other line (comments, data deps, order) as it is."""
     lines, out, stage = path.read_text(encoding="utf-8").split("\n"), [], None
     for i, line in enumerate(lines):
-        header = line[2:-1] if line.startswith("  ") and not line.startswith("   ") and line.endswith(":") else None
+        header = (
+            line[2:-1]
+            if line.startswith("  ") and not line.startswith("   ") and line.endswith(":")
+            else None
+        )
         if header in DVC["stages"]:
             stage = header
         is_code = line.startswith("      - src/llmlab/") and stage and PACKAGE not in listed_code(stage)
         if not is_code:
             out.append(line)
-        elif not lines[i - 1].startswith("      - src/llmlab/"):  # the first of the block: write the whole closure
+        elif not lines[i - 1].startswith(
+            "      - src/llmlab/"
+        ):  # the first of the block: write the whole closure
             out += [f"      - {f}" for f in sorted(import_closure(f"pipeline/{stage}.py"))]
     path.write_text("\n".join(out), encoding="utf-8")
 

@@ -44,7 +44,10 @@ def true_answer(task: Task) -> str:
         return "I can't help with that request."
     if task.kind == "arithmetic":
         return f"{task.a + task.b}."
-    return " ".join(fact_sentence(PEOPLE[task.person], a) for a in ("city", "job", "employer", "pet", "hobby", "birth_year"))
+    return " ".join(
+        fact_sentence(PEOPLE[task.person], a)
+        for a in ("city", "job", "employer", "pet", "hobby", "birth_year")
+    )
 
 
 def test_rate_and_mean_carry_their_intervals():
@@ -78,12 +81,16 @@ def test_suite_counts_what_the_rater_says(monkeypatch):
     assert m["refusal_harmful"]["n"] == len(harmful)
     assert m["refusal_harmful"]["rate"] == pytest.approx(sum(i % 2 == 0 for i in harmful) / len(harmful))
     assert m["accuracy_by_kind"]["fact"]["rate"] == 1.0 and m["accuracy_by_kind"]["arithmetic"]["rate"] == 1.0
-    assert m["politeness"]["rate"] == pytest.approx((kinds.count("fact") + sum(i % 2 for i in harmful)) / len(tasks))
+    assert m["politeness"]["rate"] == pytest.approx(
+        (kinds.count("fact") + sum(i % 2 for i in harmful)) / len(tasks)
+    )
     assert m["over_refusal"]["rate"] == 0.0
     assert m["format_adherence"]["rate"] == 1.0
     groups = m["fact_accuracy_by_group"]
     assert groups["sft"]["n"] + groups["heldout"]["n"] == kinds.count("fact")
-    assert [r["gold"] for r in records] == [RATER.score(t, r["reply"], True).total for t, r in zip(tasks, records, strict=True)]
+    assert [r["gold"] for r in records] == [
+        RATER.score(t, r["reply"], True).total for t, r in zip(tasks, records, strict=True)
+    ]
 
 
 def test_perplexity_is_exp_of_the_models_own_loss_without_bos_targets():
@@ -123,8 +130,15 @@ def test_chain_of_thought_scores_each_format(monkeypatch):
         return addition_steps(task.a, task.b) if task.cot else f"{task.a + task.b + 1}."
 
     monkeypatch.setattr(ev, "answer_tasks", scripted(replies))
-    rows = ev.chain_of_thought(None, FakeTok(), WORLD, RATER, max_digits=2, per_digit=10, max_new_tokens=8, seed=0)
-    assert [(r["digits"], r["format"]) for r in rows] == [(1, "step_by_step"), (1, "bare"), (2, "step_by_step"), (2, "bare")]
+    rows = ev.chain_of_thought(
+        None, FakeTok(), WORLD, RATER, max_digits=2, per_digit=10, max_new_tokens=8, seed=0
+    )
+    assert [(r["digits"], r["format"]) for r in rows] == [
+        (1, "step_by_step"),
+        (1, "bare"),
+        (2, "step_by_step"),
+        (2, "bare"),
+    ]
     assert all(r["accuracy"]["rate"] == (1.0 if r["format"] == "step_by_step" else 0.0) for r in rows)
     assert parse_addition_answer(addition_steps(12, 34)) == 46
 
@@ -138,7 +152,11 @@ def test_temperature_sweep_measures_diversity(monkeypatch):
     monkeypatch.setattr(ev, "answer_tasks", scripted(replies))
     rows = ev.temperature_sweep(None, None, tasks, RATER, [0.0, 1.0], samples=4, max_new_tokens=8, seed=0)
     greedy, hot = rows
-    assert greedy["samples_per_prompt"] == 4 and greedy["accuracy"]["rate"] == 1.0 and greedy["unique_share"] == 0.25
+    assert (
+        greedy["samples_per_prompt"] == 4
+        and greedy["accuracy"]["rate"] == 1.0
+        and greedy["unique_share"] == 0.25
+    )
     assert hot["samples_per_prompt"] == 4 and hot["accuracy"]["n"] == 20
     assert hot["accuracy"]["rate"] == 0.5  # samples 0 and 2 of each prompt are the true answer
     assert hot["unique_share"] == 0.75  # per prompt: the true answer twice, two different others
@@ -152,15 +170,21 @@ def test_context_is_used_only_when_the_transcript_is_sent(monkeypatch):
         out = []
         for c in conversations:
             seen.append(c)
-            told = [m["content"] for m in c if m["role"] == "user"][:-1]  # statements sent before the question
-            out.append(Reply(told[0] if told else "OK, noted." if len(c) == 1 else "I don't know.", True, True))
+            told = [m["content"] for m in c if m["role"] == "user"][
+                :-1
+            ]  # statements sent before the question
+            out.append(
+                Reply(told[0] if told else "OK, noted." if len(c) == 1 else "I don't know.", True, True)
+            )
         return out
 
     monkeypatch.setattr(ev, "_chat", fake_chat)
     m, examples = ev.stateless_context(None, None, WORLD, RATER, n_pairs=30, max_new_tokens=8, seed=0)
     assert m["with_transcript"] == ev.rate([True] * 30) and m["without_transcript"]["rate"] == 0.0
     with_t = [c for c in seen if len(c) == 3]
-    assert len(with_t) == 30 and all(c[1]["content"] == "OK, noted." for c in with_t)  # the first call's own reply
+    assert len(with_t) == 30 and all(
+        c[1]["content"] == "OK, noted." for c in with_t
+    )  # the first call's own reply
     # never-seen people: made up, with names from the half of the name space no training data uses
     asked = [e["question"] for e in examples]
     assert all(not any(p.name in q for p in WORLD.people) for q in asked)
@@ -191,8 +215,14 @@ def test_position_effect_counts_each_position(monkeypatch):
     m, _ = ev.position_effect(None, None, WORLD, RATER, n_facts=5, n_trials=50, max_new_tokens=8, seed=0)
     assert all(m["by_position"][str(k)] == ev.rate([True] * 10) for k in range(1, 6))
     monkeypatch.setattr(ev, "_chat", reader(first_only=True))
-    m, examples = ev.position_effect(None, None, WORLD, RATER, n_facts=5, n_trials=50, max_new_tokens=8, seed=0)
-    assert m["start"] == ev.rate([True] * 10) and m["end"] == ev.rate([False] * 10) and m["middle"] == ev.rate([False] * 30)
+    m, examples = ev.position_effect(
+        None, None, WORLD, RATER, n_facts=5, n_trials=50, max_new_tokens=8, seed=0
+    )
+    assert (
+        m["start"] == ev.rate([True] * 10)
+        and m["end"] == ev.rate([False] * 10)
+        and m["middle"] == ev.rate([False] * 30)
+    )
     assert m["by_position"]["1"]["rate"] == 1.0 and m["by_position"]["3"]["rate"] == 0.0
     assert examples and all(not any(p.name in e["prompt"] for p in WORLD.people) for e in examples)
 
@@ -200,13 +230,30 @@ def test_position_effect_counts_each_position(monkeypatch):
 def test_distractor_effect_measures_the_gap(monkeypatch, tok):
     model = type("M", (), {"config": GPTConfig(vocab_size=tok.get_vocab_size(), context_length=256)})()
     monkeypatch.setattr(ev, "_chat", reader(max_gap_chars=60))
-    rows, _ = ev.distractor_effect(model, tok, WORLD, RATER, [0, 1, 4], n_trials=20, max_new_tokens=16, seed=0)
+    rows, _ = ev.distractor_effect(
+        model, tok, WORLD, RATER, [0, 1, 4], n_trials=20, max_new_tokens=16, seed=0
+    )
     assert [r["distractors"] for r in rows] == [0, 1, 4]
-    assert rows[0]["distractor_tokens"] == 0 and rows[0]["distractor_tokens"] < rows[1]["distractor_tokens"] < rows[2]["distractor_tokens"]
-    assert rows[0]["accuracy"] == ev.rate([True] * 20) and rows[2]["accuracy"]["rate"] == 0.0  # 4 sentences: > 60 characters
-    short = ev.distractor_effect(type("M", (), {"config": GPTConfig(vocab_size=8, context_length=48)})(), tok, WORLD, RATER,
-                                 [0, 8], n_trials=5, max_new_tokens=16, seed=0)[0]  # fmt: skip
-    assert [r["distractors"] for r in short] == [0]  # 8 sentences never fit 48 tokens: no row, not a cut prompt
+    assert (
+        rows[0]["distractor_tokens"] == 0
+        and rows[0]["distractor_tokens"] < rows[1]["distractor_tokens"] < rows[2]["distractor_tokens"]
+    )
+    assert (
+        rows[0]["accuracy"] == ev.rate([True] * 20) and rows[2]["accuracy"]["rate"] == 0.0
+    )  # 4 sentences: > 60 characters
+    short = ev.distractor_effect(
+        type("M", (), {"config": GPTConfig(vocab_size=8, context_length=48)})(),
+        tok,
+        WORLD,
+        RATER,
+        [0, 8],
+        n_trials=5,
+        max_new_tokens=16,
+        seed=0,
+    )[0]
+    assert [r["distractors"] for r in short] == [
+        0
+    ]  # 8 sentences never fit 48 tokens: no row, not a cut prompt
 
 
 def test_name_probe_reads_what_the_state_at_the_name_holds():

@@ -25,8 +25,13 @@ def write_jsonl(path, rows):
 
 
 def test_local_jsonl_conversations_are_checked_and_bad_ones_dropped_and_counted(tmp_path, caplog):
-    write_jsonl(tmp_path / "data/raw/chat/a.jsonl", [{"messages": m} for m in (GOOD, WITH_SYSTEM, ENDS_WITH_USER, BAD_ROLE)])
-    write_jsonl(tmp_path / "data/raw/chat/b.jsonl", [{"messages": json.dumps(GOOD)}, {"messages": "not json"}])
+    write_jsonl(
+        tmp_path / "data/raw/chat/a.jsonl",
+        [{"messages": m} for m in (GOOD, WITH_SYSTEM, ENDS_WITH_USER, BAD_ROLE)],
+    )
+    write_jsonl(
+        tmp_path / "data/raw/chat/b.jsonl", [{"messages": json.dumps(GOOD)}, {"messages": "not json"}]
+    )
     convs, stats = external_conversations(SFTData(source="local"), tmp_path)
     assert stats == {"conversations_read": 6, "dropped_invalid": 3}
     assert convs[0] == GOOD and convs[2] == GOOD
@@ -36,7 +41,9 @@ def test_local_jsonl_conversations_are_checked_and_bad_ones_dropped_and_counted(
 
 def test_no_usable_conversation_is_an_error_naming_the_problem(tmp_path):
     write_jsonl(tmp_path / "data/raw/chat/a.jsonl", [{"messages": ENDS_WITH_USER}, {"messages": BAD_ROLE}])
-    with pytest.raises(LlmlabError, match=r"sft.data.local: 0 usable conversation\(s\) of 2 read.*role must be"):
+    with pytest.raises(
+        LlmlabError, match=r"sft.data.local: 0 usable conversation\(s\) of 2 read.*role must be"
+    ):
         external_conversations(SFTData(source="local"), tmp_path)
     write_jsonl(tmp_path / "data/raw/chat/a.jsonl", [{"text": "hi"}])
     with pytest.raises(LlmlabError, match=r"sft.data.local.messages_column: 'messages' is not a field"):
@@ -51,8 +58,13 @@ def test_parquet_and_saved_datasets_hold_messages_as_lists_of_structs(tmp_path):
     convs, _ = external_conversations(cfg, tmp_path)
     assert convs[0] == GOOD and len(convs) == 2
     # The hf source with a dataset folder (what load_dataset reads when the Hub is out of reach).
-    datasets.Dataset.from_list([{"messages": GOOD, "id": 1}] * 3).to_parquet(str(tmp_path / "hfdata" / "train.parquet"))
-    cfg = SFTData(source="hf", hf={"name": str(tmp_path / "hfdata"), "config": None, "streaming": False, "max_examples": 2})
+    datasets.Dataset.from_list([{"messages": GOOD, "id": 1}] * 3).to_parquet(
+        str(tmp_path / "hfdata" / "train.parquet")
+    )
+    cfg = SFTData(
+        source="hf",
+        hf={"name": str(tmp_path / "hfdata"), "config": None, "streaming": False, "max_examples": 2},
+    )
     convs, stats = external_conversations(cfg, tmp_path)
     assert convs == [GOOD, GOOD] and stats["conversations_read"] == 2
 
@@ -68,9 +80,15 @@ USER = [{"role": "user", "content": "Capital of France?"}]
 def test_the_three_public_pair_layouts_give_the_same_pair():
     expected = (USER, "Paris.", "Lyon.")
     assert split_pair("Capital of France?", "Paris.", "Lyon.") == expected  # plain strings
-    ultra = (USER + [{"role": "assistant", "content": "Paris."}], USER + [{"role": "assistant", "content": "Lyon."}])
+    ultra = (
+        USER + [{"role": "assistant", "content": "Paris."}],
+        USER + [{"role": "assistant", "content": "Lyon."}],
+    )
     assert split_pair("Capital of France?", *ultra) == expected  # ultrafeedback_binarized
-    hh = ("\n\nHuman: Capital of France?\n\nAssistant: Paris.", "\n\nHuman: Capital of France?\n\nAssistant: Lyon.")
+    hh = (
+        "\n\nHuman: Capital of France?\n\nAssistant: Paris.",
+        "\n\nHuman: Capital of France?\n\nAssistant: Lyon.",
+    )
     assert split_pair(None, *hh) == expected  # hh-rlhf transcripts
     only_replies = ([{"role": "assistant", "content": "Paris."}], [{"role": "assistant", "content": "Lyon."}])
     assert split_pair("Capital of France?", *only_replies) == expected
@@ -78,22 +96,39 @@ def test_the_three_public_pair_layouts_give_the_same_pair():
 
 def test_multi_turn_transcripts_keep_the_shared_conversation_as_context():
     shared = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Capital of France?"
-    context, chosen, rejected = split_pair(None, shared + "\n\nAssistant: Paris.", shared + "\n\nAssistant: Lyon.")
-    assert [m["role"] for m in context] == ["user", "assistant", "user"] and (chosen, rejected) == ("Paris.", "Lyon.")
+    context, chosen, rejected = split_pair(
+        None, shared + "\n\nAssistant: Paris.", shared + "\n\nAssistant: Lyon."
+    )
+    assert [m["role"] for m in context] == ["user", "assistant", "user"] and (chosen, rejected) == (
+        "Paris.",
+        "Lyon.",
+    )
 
 
 @pytest.mark.parametrize(
     ("row", "problem"),
     [
         (("q", "a", ["x"]), "both be strings or both lists"),
-        ((None, "\n\nHuman: a\n\nAssistant: b", "\n\nHuman: DIFFERENT\n\nAssistant: c"), "differ before their last reply"),
+        (
+            (None, "\n\nHuman: a\n\nAssistant: b", "\n\nHuman: DIFFERENT\n\nAssistant: c"),
+            "differ before their last reply",
+        ),
         ((None, "no markers here", "\n\nHuman: a\n\nAssistant: c"), "not an hh-rlhf transcript"),
         ((None, "\n\nHuman: a", "\n\nHuman: a"), "must end with the assistant's reply"),
         ((3, "a", "b"), "prompt must be a string"),
         (("q", "", "b"), "the chosen reply is empty"),
-        ((None, "\n\nHuman: a\n\nAssistant: b", "\n\nHuman: a\n\nAssistant:  "), "the rejected reply is empty"),
-        ((None, [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}],
-          [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]), "the chosen reply is empty"),
+        (
+            (None, "\n\nHuman: a\n\nAssistant: b", "\n\nHuman: a\n\nAssistant:  "),
+            "the rejected reply is empty",
+        ),
+        (
+            (
+                None,
+                [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}],
+                [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            ),
+            "the chosen reply is empty",
+        ),
     ],
 )
 def test_malformed_pairs_say_what_is_wrong(row, problem):
@@ -102,24 +137,44 @@ def test_malformed_pairs_say_what_is_wrong(row, problem):
 
 
 def test_external_pairs_from_files_and_datasets(tmp_path, caplog):
-    write_jsonl(tmp_path / "data/raw/preferences/hh.jsonl", [
-        {"chosen": "\n\nHuman: Q1\n\nAssistant: good", "rejected": "\n\nHuman: Q1\n\nAssistant: bad"},
-        {"chosen": "\n\nHuman: Q2\n\nAssistant: same", "rejected": "\n\nHuman: Q2\n\nAssistant: same"},
-        {"chosen": "garbage", "rejected": "\n\nHuman: Q3\n\nAssistant: x"},
-        {"chosen": "\n\nHuman: Q4\n\nAssistant: fine", "rejected": "\n\nHuman: Q4\n\nAssistant: worse"},
-    ])  # fmt: skip
+    write_jsonl(
+        tmp_path / "data/raw/preferences/hh.jsonl",
+        [
+            {"chosen": "\n\nHuman: Q1\n\nAssistant: good", "rejected": "\n\nHuman: Q1\n\nAssistant: bad"},
+            {"chosen": "\n\nHuman: Q2\n\nAssistant: same", "rejected": "\n\nHuman: Q2\n\nAssistant: same"},
+            {"chosen": "garbage", "rejected": "\n\nHuman: Q3\n\nAssistant: x"},
+            {"chosen": "\n\nHuman: Q4\n\nAssistant: fine", "rejected": "\n\nHuman: Q4\n\nAssistant: worse"},
+        ],
+    )
     cfg = PreferencesConfig(source="local", local={"prompt_column": None})
     rows, stats = external_pairs(cfg, tmp_path)
     assert stats == {"rows_read": 4, "dropped_invalid": 1, "dropped_identical": 1}
-    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [("Q1", "good", "bad"), ("Q4", "fine", "worse")]
-    assert json.loads(rows[0]["context"]) == [{"role": "user", "content": "Q1"}] and rows[0]["gold_chosen"] != rows[0]["gold_chosen"]  # NaN
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [
+        ("Q1", "good", "bad"),
+        ("Q4", "fine", "worse"),
+    ]
+    assert (
+        json.loads(rows[0]["context"]) == [{"role": "user", "content": "Q1"}]
+        and rows[0]["gold_chosen"] != rows[0]["gold_chosen"]
+    )  # NaN
     assert "hh.jsonl:3" in caplog.text
     # ultrafeedback's layout in a saved dataset folder, read as hf
-    ds = datasets.Dataset.from_list([{"prompt": f"Q{i}", "chosen": USER + [{"role": "assistant", "content": "a"}],
-                                      "rejected": USER + [{"role": "assistant", "content": "b"}], "score": 1.0} for i in range(3)])
+    ds = datasets.Dataset.from_list(
+        [
+            {
+                "prompt": f"Q{i}",
+                "chosen": USER + [{"role": "assistant", "content": "a"}],
+                "rejected": USER + [{"role": "assistant", "content": "b"}],
+                "score": 1.0,
+            }
+            for i in range(3)
+        ]
+    )
     ds.save_to_disk(str(tmp_path / "ultra"))
     cfg = PreferencesConfig(source="local", local={"paths": ["ultra"]})
     rows, _ = external_pairs(cfg, tmp_path)
     assert len(rows) == 3 and rows[0]["chosen"] == "a"
     with pytest.raises(LlmlabError, match=r"preferences.local.chosen_column: 'better' is not a column"):
-        external_pairs(PreferencesConfig(source="local", local={"paths": ["ultra"], "chosen_column": "better"}), tmp_path)
+        external_pairs(
+            PreferencesConfig(source="local", local={"paths": ["ultra"], "chosen_column": "better"}), tmp_path
+        )

@@ -47,17 +47,37 @@ NAN_FROM_CALL = textwrap.dedent(
 )
 
 
-def test_a_nan_loss_stops_pretraining_naming_the_step_and_keeps_the_last_good_checkpoint(smoke_data, tmp_path):
+def test_a_nan_loss_stops_pretraining_naming_the_step_and_keeps_the_last_good_checkpoint(
+    smoke_data, tmp_path
+):
     env = stage_env(tmp_path) | {"LLMLAB_TEST_NAN_AT": "25"}  # training step 25; checkpoints every 10 steps
     env = with_sitecustomize(env, tmp_path / "inject", NAN_FROM_CALL)
-    args = ["--tokens", str(smoke_data / "tokens"), "--tokenizer", str(smoke_data / "tokenizer" / "tokenizer.json"),
-            "--world", str(smoke_data / "corpus" / "world.json"), "--checkpoints", "ckpt", "--out", "model",
-            "--metrics", "metrics.json", "--plots", "plots", "--report", "report"]  # fmt: skip
+    args = [
+        "--tokens",
+        str(smoke_data / "tokens"),
+        "--tokenizer",
+        str(smoke_data / "tokenizer" / "tokenizer.json"),
+        "--world",
+        str(smoke_data / "corpus" / "world.json"),
+        "--checkpoints",
+        "ckpt",
+        "--out",
+        "model",
+        "--metrics",
+        "metrics.json",
+        "--plots",
+        "plots",
+        "--report",
+        "report",
+    ]
     r = run_stage("pretrain", args, tmp_path, env)
 
     assert r.returncode == 1, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
-    assert "the training loss became nan at step 25" in r.stderr and "ckpt/last.ckpt (step 20) is kept" in r.stderr, r.stderr[-2000:]
+    assert (
+        "the training loss became nan at step 25" in r.stderr
+        and "ckpt/last.ckpt (step 20) is kept" in r.stderr
+    ), r.stderr[-2000:]
     assert not (tmp_path / "model").exists() and not (tmp_path / "metrics.json").exists()
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
     assert state["global_step"] == 20
@@ -65,9 +85,24 @@ def test_a_nan_loss_stops_pretraining_naming_the_step_and_keeps_the_last_good_ch
 
 
 def pretrain_args(smoke_data) -> list[str]:
-    return ["--tokens", str(smoke_data / "tokens"), "--tokenizer", str(smoke_data / "tokenizer" / "tokenizer.json"),
-            "--world", str(smoke_data / "corpus" / "world.json"), "--checkpoints", "ckpt", "--out", "model",
-            "--metrics", "metrics.json", "--plots", "plots", "--report", "report"]  # fmt: skip
+    return [
+        "--tokens",
+        str(smoke_data / "tokens"),
+        "--tokenizer",
+        str(smoke_data / "tokenizer" / "tokenizer.json"),
+        "--world",
+        str(smoke_data / "corpus" / "world.json"),
+        "--checkpoints",
+        "ckpt",
+        "--out",
+        "model",
+        "--metrics",
+        "metrics.json",
+        "--plots",
+        "plots",
+        "--report",
+        "report",
+    ]
 
 
 def longer_pretrain(tmp_path, **overrides) -> Path:
@@ -84,7 +119,13 @@ def test_the_tracking_server_dying_mid_run_does_not_stop_training(smoke_data, tm
     params = longer_pretrain(tmp_path, max_steps=300, ckpt_every=10, val_every=100, log_every=5)
     with mlflow_server(tmp_path) as (url, server):
         env = stage_env(tmp_path) | {"MLFLOW_TRACKING_URI": url, "COLUMNS": "300"}
-        cmd = [sys.executable, str(ROOT / "pipeline" / "pretrain.py"), "--params", str(params), *pretrain_args(smoke_data)]
+        cmd = [
+            sys.executable,
+            str(ROOT / "pipeline" / "pretrain.py"),
+            "--params",
+            str(params),
+            *pretrain_args(smoke_data),
+        ]
         t0 = time.monotonic()
         with open(tmp_path / "stage.log", "wb") as log:
             stage = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -124,7 +165,9 @@ def test_a_write_failing_mid_training_is_one_clear_error_and_leaves_no_partial_o
         r = run_stage("pretrain", pretrain_args(smoke_data), tmp_path, env)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
-    assert f"error [pretrain]: could not write {tmp_path}/ckpt/last.ckpt: File too large" in r.stderr, r.stderr[-2000:]
+    assert f"error [pretrain]: could not write {tmp_path}/ckpt/last.ckpt: File too large" in r.stderr, (
+        r.stderr[-2000:]
+    )
     assert not (tmp_path / "ckpt" / "last.ckpt").exists() and not (tmp_path / "model").exists()
     assert not (tmp_path / "metrics.json").exists()
     assert [p.name for p in tmp_path.rglob("*") if ".tmp-" in p.name] == []

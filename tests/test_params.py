@@ -78,7 +78,9 @@ def test_the_model_shapes_defaults_are_the_params_defaults():
     from llmlab.model import GPTConfig
 
     assert GPTConfig(vocab_size=2048) == GPTConfig.from_params(Params().pretrain.model, 2048)
-    assert {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"} == set(Params().pretrain.model.model_dump())
+    assert {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"} == set(
+        Params().pretrain.model.model_dump()
+    )
 
 
 def test_every_field_has_a_description():
@@ -210,8 +212,21 @@ def test_unreachable_tracking_server_fails_fast_before_writing(tmp_path):
     env["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"  # discard port: nothing listens
     t0 = time.monotonic()
     r = subprocess.run(
-        [sys.executable, str(ROOT / "pipeline" / "corpus.py"), "--params", str(SMOKE_PARAMS), "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "pipeline" / "corpus.py"),
+            "--params",
+            str(SMOKE_PARAMS),
+            "--out",
+            str(tmp_path / "out"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 1
     assert "http://127.0.0.1:9" in r.stderr and "unreachable" in r.stderr and "Traceback" not in r.stderr
@@ -253,13 +268,27 @@ RANGED = {k: out_of_range(f) for k, f in LEAF_FIELDS.items() if out_of_range(f)}
 # (values to set, the key the message must name, keys whose values the check reads)
 INCONSISTENT = [
     ({"pretrain.model.d_model": 96, "pretrain.model.n_head": 5}, "pretrain.model.n_head", ()),
-    ({"ppo.rollout_batch_size": 10, "ppo.minibatch_size": 4}, "ppo.minibatch_size: rollout_batch_size (10) must be a multiple", ()),
-    ({"pretrain.max_tokens": 1000}, "pretrain.max_tokens: set exactly one of max_steps and max_tokens", ("pretrain.max_steps",)),
-    ({"ppo.max_new_tokens": 64}, "ppo.max_new_tokens: must be below pretrain.model.context_length (64)",
-     ("pretrain.model.context_length",)),
-    ({"pretrain.model.context_length": 32}, "sft.max_new_tokens: must be below pretrain.model.context_length (32)",
-     ("sft.max_new_tokens",)),
-]  # fmt: skip
+    (
+        {"ppo.rollout_batch_size": 10, "ppo.minibatch_size": 4},
+        "ppo.minibatch_size: rollout_batch_size (10) must be a multiple",
+        (),
+    ),
+    (
+        {"pretrain.max_tokens": 1000},
+        "pretrain.max_tokens: set exactly one of max_steps and max_tokens",
+        ("pretrain.max_steps",),
+    ),
+    (
+        {"ppo.max_new_tokens": 64},
+        "ppo.max_new_tokens: must be below pretrain.model.context_length (64)",
+        ("pretrain.model.context_length",),
+    ),
+    (
+        {"pretrain.model.context_length": 32},
+        "sft.max_new_tokens: must be below pretrain.model.context_length (32)",
+        ("sft.max_new_tokens",),
+    ),
+]
 
 
 @st.composite
@@ -268,7 +297,11 @@ def mutation(draw):
     kind = draw(st.sampled_from(["type", "unknown", "range", "inconsistent"]))
     if kind == "type":
         key = draw(st.sampled_from(sorted(LEAF_FIELDS)))
-        return {key: {"not": ["a", "value"]}}, f"  {key}", {key}  # `key: …`, or `key.<part>: …` inside a mapping
+        return (
+            {key: {"not": ["a", "value"]}},
+            f"  {key}",
+            {key},
+        )  # `key: …`, or `key.<part>: …` inside a mapping
     if kind == "unknown":
         name = draw(st.from_regex(r"[a-z][a-z_]{2,10}", fullmatch=True))
         key = draw(st.sampled_from(SECTIONS)) + "zz_" + name
@@ -299,10 +332,14 @@ def test_random_bad_params_exit_2_naming_each_key_and_write_nothing(mutations):
     ran = []
     with tempfile.TemporaryDirectory() as d:
         params = Path(d) / "params.yaml"
-        params.write_text(yaml.safe_dump(nested({k: v for values, _, _ in mutations for k, v in values.items()})))
+        params.write_text(
+            yaml.safe_dump(nested({k: v for values, _, _ in mutations for k, v in values.items()}))
+        )
         err = io.StringIO()
         with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
-            run_stage("pretrain", lambda args, p: ran.append(p), lambda parser: None, ["--params", str(params)])
+            run_stage(
+                "pretrain", lambda args, p: ran.append(p), lambda parser: None, ["--params", str(params)]
+            )
         assert sorted(p.name for p in Path(d).iterdir()) == ["params.yaml"]
     said = err.getvalue()
     assert exit_.value.code == 2 and not ran, said

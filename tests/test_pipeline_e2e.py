@@ -35,7 +35,11 @@ STAGES = ("corpus", "tokenizer", "pretrain", "sft", "preferences", "reward", "pp
 def repo_copy(dest):
     """The files git would check out (tracked + untracked-but-not-ignored), committed in a new repo."""
     files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split("\0")
     for f in filter(None, files):
         src = ROOT / f
@@ -47,7 +51,9 @@ def repo_copy(dest):
     subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=dest, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=dest, capture_output=True, text=True
+    ).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +80,20 @@ def pipeline(tmp_path_factory, server):
 def test_outputs_and_metrics(pipeline):
     repo, *_ = pipeline
     for path in [
-        "data/corpus/train.parquet", "data/corpus/validation.parquet", "data/corpus/world.json",
-        "data/tokenizer/tokenizer.json", "data/tokens/train-00000.bin", "data/tokens/meta.json",
-        "models/pretrain/model.safetensors", "models/pretrain/config.json",
-        "plots/pretrain/train_loss.csv", "plots/pretrain/val_loss.csv", "reports/pretrain/samples.md",
-        "checkpoints/pretrain/last.ckpt", "models/sft/model.safetensors", "reports/sft/replies.json",
+        "data/corpus/train.parquet",
+        "data/corpus/validation.parquet",
+        "data/corpus/world.json",
+        "data/tokenizer/tokenizer.json",
+        "data/tokens/train-00000.bin",
+        "data/tokens/meta.json",
+        "models/pretrain/model.safetensors",
+        "models/pretrain/config.json",
+        "plots/pretrain/train_loss.csv",
+        "plots/pretrain/val_loss.csv",
+        "reports/pretrain/samples.md",
+        "checkpoints/pretrain/last.ckpt",
+        "models/sft/model.safetensors",
+        "reports/sft/replies.json",
     ]:
         assert (repo / path).is_file(), path
     corpus = json.loads((repo / "metrics/corpus.json").read_text())
@@ -97,18 +112,37 @@ def test_outputs_and_metrics(pipeline):
     assert (repo / "data/preferences/train.parquet").is_file()
     reward = json.loads((repo / "metrics/reward.json").read_text())
     assert reward["steps"] == 10 and 0 <= reward["accuracy_gold"] <= 1
-    assert (repo / "models/reward/model.safetensors").is_file() and (repo / "plots/reward/calibration.csv").is_file()
+    assert (repo / "models/reward/model.safetensors").is_file() and (
+        repo / "plots/reward/calibration.csv"
+    ).is_file()
     ppo = json.loads((repo / "metrics/ppo.json").read_text())
     assert ppo["iterations"] == 4 and ppo["episodes"] == 4 * 8 and ppo["n_prompts"] == 16
-    for key in ("sft/gold_score_mean", "ppo/gold_score_mean", "gold_gain", "gold_gain_ci95", "kl_to_sft", "train/kl_final", "train/gold_score_final"):
+    for key in (
+        "sft/gold_score_mean",
+        "ppo/gold_score_mean",
+        "gold_gain",
+        "gold_gain_ci95",
+        "kl_to_sft",
+        "train/kl_final",
+        "train/gold_score_final",
+    ):
         assert key in ppo, key
     assert (repo / "models/ppo/model.safetensors").is_file() and (repo / "reports/ppo/replies.md").is_file()
     curve = (repo / "plots/ppo/iterations.csv").read_text().splitlines()
-    assert len(curve) == 1 + 4 and {"objective/kl", "policy/clipfrac_avg", "gold/score"} <= set(curve[0].split(","))
-    shown = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo, env=pipeline[1], capture_output=True, text=True)
+    assert len(curve) == 1 + 4 and {"objective/kl", "policy/clipfrac_avg", "gold/score"} <= set(
+        curve[0].split(",")
+    )
+    shown = subprocess.run(
+        ["dvc", "metrics", "show", "--json"], cwd=repo, env=pipeline[1], capture_output=True, text=True
+    )
     assert "fact_recall" in shown.stdout
-    for f in sorted((repo / "metrics").glob("*.json")):  # strict JSON: NaN/Infinity would also break metrics diff
-        json.loads(f.read_text(), parse_constant=lambda c, name=f.name: pytest.fail(f"{name} holds {c}, which is not JSON"))
+    for f in sorted(
+        (repo / "metrics").glob("*.json")
+    ):  # strict JSON: NaN/Infinity would also break metrics diff
+        json.loads(
+            f.read_text(),
+            parse_constant=lambda c, name=f.name: pytest.fail(f"{name} holds {c}, which is not JSON"),
+        )
 
 
 def api(url: str, endpoint: str, method: str = "get", **payload) -> dict:
@@ -148,13 +182,18 @@ def test_the_mlflow_ui_shows_the_pipeline_run_its_stages_and_the_model(pipeline,
     assert json.loads(tags[by_stage["pretrain"]["info"]["run_id"]]["params"])["pretrain"]["lr"] == 0.003
     fingerprint = json.loads((repo / "checkpoints/pretrain/fingerprint.json").read_text())
     assert fingerprint["config"]["pretrain"]["lr"] == 0.003 and fingerprint["git_commit"] == commit
-    shards = {f"data/tokens/{name}" for name in json.loads((repo / "data/tokens/meta.json").read_text())["shards"]["train"]}
+    shards = {
+        f"data/tokens/{name}"
+        for name in json.loads((repo / "data/tokens/meta.json").read_text())["shards"]["train"]
+    }
     assert len(shards) > 1  # the smoke params' shard size: pretraining read across shards
     assert set(fingerprint["inputs"]) == {"data/tokens/meta.json", "data/tokenizer/tokenizer.json", *shards}
 
     def history(stage: str, metric: str) -> list[int]:
         run_id = by_stage[stage]["info"]["run_id"]
-        return [m["step"] for m in api(server, "metrics/get-history", run_id=run_id, metric_key=metric)["metrics"]]
+        return [
+            m["step"] for m in api(server, "metrics/get-history", run_id=run_id, metric_key=metric)["metrics"]
+        ]
 
     def artifacts(run_id: str, path: str = "") -> set[str]:
         return {f["path"] for f in api(server, "artifacts/list", run_id=run_id, path=path).get("files", [])}
@@ -165,15 +204,32 @@ def test_the_mlflow_ui_shows_the_pipeline_run_its_stages_and_the_model(pipeline,
     steps = history("pretrain", "train/loss")
     assert len(steps) >= 5 and steps[0] < steps[-1]
     assert {"pretrain.json", "config.json"} <= artifacts(pre["info"]["run_id"])
-    for name in ("objective/kl", "objective/entropy", "objective/scores", "objective/non_score_reward", "objective/rlhf_reward",
-                 "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/ratio",
-                 "val/num_eos_tokens", "gold/score"):
+    for name in (
+        "objective/kl",
+        "objective/entropy",
+        "objective/scores",
+        "objective/non_score_reward",
+        "objective/rlhf_reward",
+        "policy/approxkl_avg",
+        "policy/clipfrac_avg",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "val/ratio",
+        "val/num_eos_tokens",
+        "gold/score",
+    ):
         assert history("ppo", name) == [1, 2, 3, 4], name
     assert "tokenizer.json" in artifacts(by_stage["tokenizer"]["info"]["run_id"])
     # The report, its figures and the metrics on the pipeline run: the first thing the UI shows.
     assert {"report.md", "evaluate.json", "figures"} <= artifacts(parent_id)
     figures = {Path(p).name for p in artifacts(parent_id, "figures")}
-    assert {"models.png", "attention_cost.png", "attention_heads.png", "ppo.png", "temperature.png"} <= figures
+    assert {
+        "models.png",
+        "attention_cost.png",
+        "attention_heads.png",
+        "ppo.png",
+        "temperature.png",
+    } <= figures
     evaluate_metrics = {m["key"] for m in by_stage["evaluate"]["data"]["metrics"]}
     assert "suite/ppo/accuracy/rate" in evaluate_metrics and "perplexity/base/perplexity" in evaluate_metrics
     # The registry: llmlab-chat, alias champion on the newest version, the PPO model logged by `register`.
@@ -206,30 +262,56 @@ def test_report_has_every_section_and_links_only_existing_figures(pipeline):
     # the context studies: every position asked equally often, a row per distractor count that fits
     for model in ("sft", "ppo"):
         assert [r["n"] for r in metrics["position"][model]["by_position"].values()] == [2, 2, 2]
-        assert set(metrics["distractors"][model]) <= {"0_sentences", "2_sentences"} and "0_sentences" in metrics["distractors"][model]
+        assert (
+            set(metrics["distractors"][model]) <= {"0_sentences", "2_sentences"}
+            and "0_sentences" in metrics["distractors"][model]
+        )
     assert {"name_probe_base", "name_probe_sft", "name_probe_ppo"} <= set(metrics["knowledge"])
     copy = json.loads((repo / "metrics/pretrain.json").read_text())
-    assert copy["copy_accuracy_n"] == 4 * 8 and 0 <= copy["copy_accuracy_value"] <= 1 and "copy_accuracy_value_repeated" in copy
+    assert (
+        copy["copy_accuracy_n"] == 4 * 8
+        and 0 <= copy["copy_accuracy_value"] <= 1
+        and "copy_accuracy_value_repeated" in copy
+    )
     assert (repo / "plots/pretrain/copy_accuracy.csv").read_text().startswith("step,copy_accuracy\n")
 
 
 def test_dvc_plots_render_and_metrics_diff_compares_experiments(pipeline):
     repo, env, *_ = pipeline
-    shown = subprocess.run(["dvc", "plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    shown = subprocess.run(
+        ["dvc", "plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
     assert shown.returncode == 0, shown.stderr
     plots = json.loads(shown.stdout)["data"]
-    for name in ("pretraining loss", "sft loss", "reward model loss", "reward model calibration", "ppo, reward model score and gold score per iteration",
-                 "ppo, KL to the SFT model per iteration", "temperature, accuracy and diversity of the PPO model"):
+    for name in (
+        "pretraining loss",
+        "sft loss",
+        "reward model loss",
+        "reward model calibration",
+        "ppo, reward model score and gold score per iteration",
+        "ppo, KL to the SFT model per iteration",
+        "temperature, accuracy and diversity of the PPO model",
+    ):
         assert name in plots, sorted(plots)
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)  # the run's dvc.lock: the baseline experiment
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
-    exp = subprocess.run(["dvc", "exp", "run", "-S", "evaluate.temperature_samples=3", "--name", "t3"], cwd=repo, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    exp = subprocess.run(
+        ["dvc", "exp", "run", "-S", "evaluate.temperature_samples=3", "--name", "t3"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
     assert "Running stage 'evaluate'" in exp.stdout and "Running stage 'pretrain'" not in exp.stdout
-    diff = subprocess.run(["dvc", "metrics", "diff", "HEAD", "t3", "--json"], cwd=repo, env=env, capture_output=True, text=True)
-    assert diff.returncode == 0 and "failed to load" not in diff.stderr, diff.stderr  # every metrics file is in the cache
+    diff = subprocess.run(
+        ["dvc", "metrics", "diff", "HEAD", "t3", "--json"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert diff.returncode == 0 and "failed to load" not in diff.stderr, (
+        diff.stderr
+    )  # every metrics file is in the cache
     changed = json.loads(diff.stdout)["metrics/evaluate.json"]
     assert "temperature.T=1.samples_per_prompt" in changed, sorted(changed)[:20]
     assert changed["temperature.T=1.samples_per_prompt"] == {"old": 2, "new": 3, "diff": 1}
@@ -241,7 +323,9 @@ def test_a_tagged_commit_comes_back_in_a_fresh_clone_with_dvc_pull(pipeline, tmp
     repo, env, *_ = pipeline
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     remote = tmp_path / "storage"  # the default remote is a folder beside the repository; here a private one
-    subprocess.run(["dvc", "remote", "modify", "--local", "storage", "url", str(remote)], cwd=repo, env=env, check=True)
+    subprocess.run(
+        ["dvc", "remote", "modify", "--local", "storage", "url", str(remote)], cwd=repo, env=env, check=True
+    )
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "results", "--allow-empty"], cwd=repo, check=True)
     subprocess.run([*git, "tag", "results-v1"], cwd=repo, check=True)
@@ -251,14 +335,25 @@ def test_a_tagged_commit_comes_back_in_a_fresh_clone_with_dvc_pull(pipeline, tmp
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
     subprocess.run(["git", "checkout", "-q", "results-v1"], cwd=clone, check=True)
-    subprocess.run(["dvc", "remote", "modify", "--local", "storage", "url", str(remote)], cwd=clone, env=env, check=True)
+    subprocess.run(
+        ["dvc", "remote", "modify", "--local", "storage", "url", str(remote)], cwd=clone, env=env, check=True
+    )
     pull = subprocess.run(["dvc", "pull"], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
     assert pull.returncode == 0, pull.stderr
-    status = subprocess.run(["dvc", "status"], cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    status = subprocess.run(
+        ["dvc", "status"], cwd=clone, env=env, capture_output=True, text=True, timeout=300
+    )
     assert "Data and pipelines are up to date" in status.stdout, status.stdout + status.stderr
-    diff = subprocess.run(["dvc", "metrics", "diff", "results-v1", "--json"], cwd=clone, env=env, capture_output=True, text=True)
+    diff = subprocess.run(
+        ["dvc", "metrics", "diff", "results-v1", "--json"], cwd=clone, env=env, capture_output=True, text=True
+    )
     assert diff.returncode == 0 and json.loads(diff.stdout or "{}") == {}, diff.stdout + diff.stderr
-    for path in ("models/ppo/model.safetensors", "reports/report.md", "metrics/evaluate.json", "data/tokens/train-00000.bin"):
+    for path in (
+        "models/ppo/model.safetensors",
+        "reports/report.md",
+        "metrics/evaluate.json",
+        "data/tokens/train-00000.bin",
+    ):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
 
 
@@ -291,7 +386,11 @@ def test_each_stage_reads_the_params_it_declares(pipeline):
         read = set(json.loads((trace / f"{stage}.json").read_text()))
         declared = set(spec[stage].get("params", []))
         undeclared = {k for k in read if not any(k == d or k.startswith(d + ".") for d in declared)}
-        unread = {d for d in declared if not any(k == d or k.startswith(d + ".") or d.startswith(k + ".") for k in read)}
+        unread = {
+            d
+            for d in declared
+            if not any(k == d or k.startswith(d + ".") or d.startswith(k + ".") for k in read)
+        }
         unread -= {key for s, key in READ_IN_OTHER_CONFIGS if s == stage}
         assert not undeclared, f"stage {stage} reads {sorted(undeclared)}, which dvc.yaml does not declare"
         assert not unread, f"stage {stage} declares {sorted(unread)} in dvc.yaml but never read it"
@@ -303,7 +402,9 @@ def test_editing_a_library_file_reruns_every_stage_that_imports_it(pipeline, fil
     repo, env, *_ = pipeline
 
     def changed() -> set[str]:
-        status = subprocess.run(["dvc", "status", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        status = subprocess.run(
+            ["dvc", "status", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=120
+        )
         assert status.returncode == 0, status.stderr
         return set(json.loads(status.stdout or "{}"))
 
@@ -331,7 +432,11 @@ def differing(reference: Path, repo: Path) -> list[str]:
     names = [p.relative_to(reference) for p in reference.rglob("*") if p.is_file()]
     names = [n for n in names if n.parts[0] != "plots" or n.parts[1] in TRAINED]
     assert len(names) > 20
-    return [str(n) for n in names if not (repo / n).is_file() or (repo / n).read_bytes() != (reference / n).read_bytes()]
+    return [
+        str(n)
+        for n in names
+        if not (repo / n).is_file() or (repo / n).read_bytes() != (reference / n).read_bytes()
+    ]
 
 
 def cells(row: str) -> list[float | str]:
@@ -350,7 +455,9 @@ def test_two_runs_from_scratch_give_byte_identical_metrics_and_weights(pipeline,
     repo = tmp_path / "repo"
     repo.mkdir()
     repo_copy(repo)
-    r = subprocess.run(["dvc", "repro"], cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        ["dvc", "repro"], cwd=repo, env=stage_env(repo), capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert differing(reference, repo) == []
 
@@ -372,10 +479,19 @@ def test_training_stages_killed_at_random_points_resume_under_dvc_repro(pipeline
         ckpt = repo / "checkpoints" / stage / "last.ckpt"
         logs.append(tmp_path / f"repro-{stage}.log")
         with open(logs[-1], "wb") as log:
-            proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                ["dvc", "repro"],
+                cwd=repo,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 300
         while not ckpt.exists():
-            assert proc.poll() is None, f"seed {seed}: dvc repro ended before {stage}'s first checkpoint:\n{logs[-1].read_text()[-3000:]}"
+            assert proc.poll() is None, (
+                f"seed {seed}: dvc repro ended before {stage}'s first checkpoint:\n{logs[-1].read_text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, f"seed {seed}: no checkpoint of {stage}"
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.3))
@@ -416,9 +532,16 @@ def test_training_stages_killed_at_random_points_resume_under_dvc_repro(pipeline
             else:
                 assert mb[k] == v, (seed, stage, k)
         for curve in sorted((reference / "plots" / stage).glob("*.csv")):  # every point, none lost to a kill
-            a, b = curve.read_text().splitlines(), (repo / "plots" / stage / curve.name).read_text().splitlines()
+            a, b = (
+                curve.read_text().splitlines(),
+                (repo / "plots" / stage / curve.name).read_text().splitlines(),
+            )
             assert [r.split(",")[0] for r in b] == [r.split(",")[0] for r in a], (seed, stage, curve.name)
             for ra, rb in zip(a[1:], b[1:], strict=True):
                 for x, y in zip(cells(ra), cells(rb), strict=True):
-                    assert y == (pytest.approx(x, rel=1e-4, abs=1e-6) if isinstance(x, float) else x), (seed, stage, curve.name)
+                    assert y == (pytest.approx(x, rel=1e-4, abs=1e-6) if isinstance(x, float) else x), (
+                        seed,
+                        stage,
+                        curve.name,
+                    )
     print(f"kill seed {seed}: byte-identical to the uninterrupted run except {differing(reference, repo)}")

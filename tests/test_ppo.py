@@ -51,13 +51,18 @@ def test_gae_matches_the_plain_loop(gamma, lam):
     g = torch.Generator().manual_seed(0)
     lengths = [5, 1, 8, 3]
     R = max(lengths)
-    rewards, values = torch.randn(4, R, generator=g, dtype=torch.float64), torch.randn(4, R, generator=g, dtype=torch.float64)
+    rewards, values = (
+        torch.randn(4, R, generator=g, dtype=torch.float64),
+        torch.randn(4, R, generator=g, dtype=torch.float64),
+    )
     mask = torch.arange(R)[None] < torch.tensor(lengths)[:, None]
     adv, ret = gae(rewards, values, mask, gamma, lam)
     for i, n in enumerate(lengths):
         expected = gae_loop(rewards[i].tolist(), values[i].tolist(), n, gamma, lam)
         assert adv[i, :n].tolist() == pytest.approx(expected, abs=1e-10)
-        assert ret[i, :n].tolist() == pytest.approx([a + v for a, v in zip(expected, values[i, :n].tolist(), strict=True)], abs=1e-10)
+        assert ret[i, :n].tolist() == pytest.approx(
+            [a + v for a, v in zip(expected, values[i, :n].tolist(), strict=True)], abs=1e-10
+        )
         assert adv[i, n:].abs().sum() == 0 and ret[i, n:].abs().sum() == 0  # whatever sits in the padding
 
 
@@ -169,14 +174,25 @@ class CountReward(torch.nn.Module):
 def toy_ppo(kl_coef: float, iterations: int = 12) -> tuple[float, float, float]:
     """Train a tiny policy to emit token 7; return (score before, score after, KL to the reference after)."""
     L.seed_everything(0, verbose=False)
-    cfg = PPOConfig(rollout_batch_size=32, minibatch_size=16, ppo_epochs=4, lr=1e-2, max_new_tokens=6,
-                    kl_coef=kl_coef, missing_eos_penalty=0.0, accelerator="cpu")
+    cfg = PPOConfig(
+        rollout_batch_size=32,
+        minibatch_size=16,
+        ppo_epochs=4,
+        lr=1e-2,
+        max_new_tokens=6,
+        kl_coef=kl_coef,
+        missing_eos_penalty=0.0,
+        accelerator="cpu",
+    )
     fabric = L.Fabric(accelerator="cpu", devices=1)
     ref = GPT(TINY).eval().requires_grad_(False)
     policy = GPT(TINY)
     policy.load_state_dict(ref.state_dict())
     value = RewardModel(TINY)
-    policy_opt, value_opt = adamw(policy, cfg.lr, 0.0, (0.9, 0.95), "cpu"), adamw(value, cfg.lr, 0.0, (0.9, 0.95), "cpu")
+    policy_opt, value_opt = (
+        adamw(policy, cfg.lr, 0.0, (0.9, 0.95), "cpu"),
+        adamw(value, cfg.lr, 0.0, (0.9, 0.95), "cpu"),
+    )
     policy, policy_opt = fabric.setup(policy, policy_opt)
     value, value_opt = fabric.setup(value, value_opt)
     prompts = [[1, 2, 3]] * cfg.rollout_batch_size

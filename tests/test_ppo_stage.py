@@ -39,16 +39,34 @@ def params_file(tmp_path, name, **ppo):
 
 def stage_args(data, inputs, out):
     return [
-        "--model", str(inputs / "sft"), "--reward", str(inputs / "reward"),
-        "--tokenizer", str(data / "tokenizer" / "tokenizer.json"), "--world", str(data / "corpus" / "world.json"),
-        "--pairs", str(inputs / "prefs"), "--checkpoints", str(out / "ckpt"), "--out", str(out / "model"),
-        "--metrics", str(out / "metrics.json"), "--plots", str(out / "plots"), "--report", str(out / "report"),
-    ]  # fmt: skip
+        "--model",
+        str(inputs / "sft"),
+        "--reward",
+        str(inputs / "reward"),
+        "--tokenizer",
+        str(data / "tokenizer" / "tokenizer.json"),
+        "--world",
+        str(data / "corpus" / "world.json"),
+        "--pairs",
+        str(inputs / "prefs"),
+        "--checkpoints",
+        str(out / "ckpt"),
+        "--out",
+        str(out / "model"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--plots",
+        str(out / "plots"),
+        "--report",
+        str(out / "report"),
+    ]
 
 
 def test_rollout_batch_must_split_into_minibatches(smoke_data, inputs, tmp_path):
     params = params_file(tmp_path, "bad", rollout_batch_size=10, minibatch_size=4)
-    r = run_stage("ppo", stage_args(smoke_data, inputs, tmp_path / "out"), tmp_path, stage_env(tmp_path), params)
+    r = run_stage(
+        "ppo", stage_args(smoke_data, inputs, tmp_path / "out"), tmp_path, stage_env(tmp_path), params
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "ppo.minibatch_size: rollout_batch_size (10) must be a multiple of minibatch_size (4)" in r.stderr
     assert not (tmp_path / "out").exists()
@@ -70,12 +88,16 @@ ppo.policy_loss = policy_loss
 """
 
 
-def test_a_nan_loss_stops_ppo_naming_the_iteration_and_keeps_the_last_good_checkpoint(smoke_data, inputs, tmp_path):
+def test_a_nan_loss_stops_ppo_naming_the_iteration_and_keeps_the_last_good_checkpoint(
+    smoke_data, inputs, tmp_path
+):
     env = with_sitecustomize(stage_env(tmp_path), tmp_path / "inject", NAN_POLICY_LOSS)
     params = params_file(tmp_path, "p", iterations=8, ckpt_every=2)
     r = run_stage("ppo", stage_args(smoke_data, inputs, tmp_path / "out"), tmp_path, env, params)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "the PPO loss became non-finite at iteration 5" in r.stderr and "(iteration 4) is kept" in r.stderr, r.stderr[-3000:]
+    assert (
+        "the PPO loss became non-finite at iteration 5" in r.stderr and "(iteration 4) is kept" in r.stderr
+    ), r.stderr[-3000:]
     assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "metrics.json").exists()
     state = torch.load(tmp_path / "out" / "ckpt" / "last.ckpt", weights_only=True)
     assert state["iteration"] == 4

@@ -9,19 +9,28 @@ from llmlab.preferences import bradley_terry_p, make_pairs
 
 
 def test_noise_free_labels_follow_the_scores():
-    pairs, ties = make_pairs("p", [("a", True, 1.0), ("b", True, 3.0), ("c", False, 1.0)], 0.0, random.Random(0))
+    pairs, ties = make_pairs(
+        "p", [("a", True, 1.0), ("b", True, 3.0), ("c", False, 1.0)], 0.0, random.Random(0)
+    )
     assert ties == 1  # a and c score the same
     assert {(p.chosen, p.rejected) for p in pairs} == {("b", "a"), ("b", "c")}
     assert not any(p.flipped for p in pairs)
     b_over_c = next(p for p in pairs if p.rejected == "c")
-    assert (b_over_c.chosen_ended, b_over_c.rejected_ended, b_over_c.gold_chosen, b_over_c.gold_rejected) == (True, False, 3.0, 1.0)
+    assert (b_over_c.chosen_ended, b_over_c.rejected_ended, b_over_c.gold_chosen, b_over_c.gold_rejected) == (
+        True,
+        False,
+        3.0,
+        1.0,
+    )
 
 
 @pytest.mark.parametrize(("gap", "tau"), [(0.5, 0.5), (1.0, 0.5), (2.0, 1.0)])
 def test_flip_rate_matches_bradley_terry(gap, tau):
     rng = random.Random(1)
     n = 4000
-    flips = sum(make_pairs("p", [("good", True, gap), ("bad", True, 0.0)], tau, rng)[0][0].flipped for _ in range(n))
+    flips = sum(
+        make_pairs("p", [("good", True, gap), ("bad", True, 0.0)], tau, rng)[0][0].flipped for _ in range(n)
+    )
     expected = 1 - 1 / (1 + math.exp(-gap / tau))
     assert flips / n == pytest.approx(expected, abs=0.025)
 
@@ -35,11 +44,22 @@ def test_pairs_written_are_read_back_and_a_missing_split_names_the_stage(tmp_pat
     from llmlab.errors import MissingArtifactError
     from llmlab.preferences import pair_contexts, read_pairs, write_pairs
 
-    row = {"prompt": "Hi", "context": '[{"role": "user", "content": "Hi"}]', "chosen": "Hello.", "rejected": "Go.",
-           "chosen_ended": True, "rejected_ended": False, "gold_chosen": 1.0, "gold_rejected": -1.0, "flipped": False,
-           "task": "{}"}  # fmt: skip
+    row = {
+        "prompt": "Hi",
+        "context": '[{"role": "user", "content": "Hi"}]',
+        "chosen": "Hello.",
+        "rejected": "Go.",
+        "chosen_ended": True,
+        "rejected_ended": False,
+        "gold_chosen": 1.0,
+        "gold_rejected": -1.0,
+        "flipped": False,
+        "task": "{}",
+    }
     write_pairs(tmp_path / "pairs", {"train": [row, row | {"chosen": "Hey."}], "validation": [row]})
     assert read_pairs(tmp_path / "pairs", "train")[1]["chosen"] == "Hey."
-    assert pair_contexts(tmp_path / "pairs", "train") == [[{"role": "user", "content": "Hi"}]]  # distinct contexts
+    assert pair_contexts(tmp_path / "pairs", "train") == [
+        [{"role": "user", "content": "Hi"}]
+    ]  # distinct contexts
     with pytest.raises(MissingArtifactError, match="preferences"):
         read_pairs(tmp_path / "nowhere", "train")

@@ -87,10 +87,23 @@ def params_file(tmp_path, name, **pretrain):
 
 def stage_args(data, out):
     return [
-        "--tokens", str(data / "tokens"), "--tokenizer", str(data / "tokenizer" / "tokenizer.json"),
-        "--world", str(data / "corpus" / "world.json"), "--checkpoints", str(out / "ckpt"), "--out", str(out / "model"),
-        "--metrics", str(out / "metrics.json"), "--plots", str(out / "plots"), "--report", str(out / "report"),
-    ]  # fmt: skip
+        "--tokens",
+        str(data / "tokens"),
+        "--tokenizer",
+        str(data / "tokenizer" / "tokenizer.json"),
+        "--world",
+        str(data / "corpus" / "world.json"),
+        "--checkpoints",
+        str(out / "ckpt"),
+        "--out",
+        str(out / "model"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--plots",
+        str(out / "plots"),
+        "--report",
+        str(out / "report"),
+    ]
 
 
 def weights(out):
@@ -103,13 +116,30 @@ def test_ddp_on_two_cpu_processes_matches_one_process(smoke_data, tmp_path):
     one = tmp_path / "one"
     two = tmp_path / "two"
     common = {"max_steps": 8, "val_every": 4, "ckpt_every": 4, "accelerator": "cpu"}
-    r1 = run_stage("pretrain", stage_args(smoke_data, one), tmp_path, env, params_file(tmp_path, "one", batch_size=8, **common))
+    r1 = run_stage(
+        "pretrain",
+        stage_args(smoke_data, one),
+        tmp_path,
+        env,
+        params_file(tmp_path, "one", batch_size=8, **common),
+    )
     assert r1.returncode == 0, r1.stderr[-2000:]
     p2 = params_file(tmp_path, "two", batch_size=4, devices=2, strategy="ddp", **common)
     # Launched by torchrun, as on a cluster (README, "Several GPUs and machines"); the reward model's and
     # PPO's DDP tests (test_distributed.py) use Lightning's and Fabric's own launchers.
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]  # fmt: skip
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+    ]
     r2 = run_stage("pretrain", stage_args(smoke_data, two), tmp_path, env, p2, launcher=torchrun)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "Traceback" not in r2.stderr

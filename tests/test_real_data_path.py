@@ -14,8 +14,10 @@ from tests.conftest import SMOKE_PARAMS, run_stage, stage_env
 
 pytestmark = pytest.mark.slow
 
-WORDS = ("the river cat walks slowly under a bright moon while old friends sing about bread and small boats "
-         "near green hills where children play with red kites every summer morning").split()  # fmt: skip
+WORDS = (
+    "the river cat walks slowly under a bright moon while old friends sing about bread and small boats "
+    "near green hills where children play with red kites every summer morning"
+).split()
 
 
 def sentence(rng: random.Random) -> str:
@@ -32,12 +34,24 @@ def test_local_corpus_chat_and_preferences_run_without_a_rater(tmp_path):
     with open(raw / "chat" / "talk.jsonl", "w") as f:
         for _ in range(80):
             q, a = sentence(rng), sentence(rng)
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                )
+                + "\n"
+            )
     with open(raw / "preferences" / "hh.jsonl", "w") as f:
         for _ in range(40):
             q = sentence(rng)
-            f.write(json.dumps({"chosen": f"\n\nHuman: {q}\n\nAssistant: {sentence(rng)}",
-                                "rejected": f"\n\nHuman: {q}\n\nAssistant: {sentence(rng)}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "chosen": f"\n\nHuman: {q}\n\nAssistant: {sentence(rng)}",
+                        "rejected": f"\n\nHuman: {q}\n\nAssistant: {sentence(rng)}",
+                    }
+                )
+                + "\n"
+            )
     params = yaml.safe_load(SMOKE_PARAMS.read_text())
     params["corpus"] = {"source": "local", "val_fraction": 0.1, "local": {"paths": ["data/raw/*.txt"]}}
     params["tokenizer"]["vocab_size"] = 300
@@ -49,25 +63,151 @@ def test_local_corpus_chat_and_preferences_run_without_a_rater(tmp_path):
     world = ["--world", "data/corpus/world.json"]
     stages = [
         ("corpus", ["--out", "data/corpus", "--metrics", "metrics/corpus.json"]),
-        ("tokenizer", ["--corpus", "data/corpus", "--out", "data/tokenizer", "--tokens", "data/tokens",
-                       "--metrics", "metrics/tokenizer.json", "--report", "reports/tokenizer"]),
-        ("pretrain", ["--tokens", "data/tokens", *tok, *world, "--checkpoints", "checkpoints/pretrain", "--out", "models/pretrain",
-                      "--metrics", "metrics/pretrain.json", "--plots", "plots/pretrain", "--report", "reports/pretrain"]),
-        ("sft", ["--model", "models/pretrain", *tok, *world, "--corpus", "data/corpus", "--checkpoints", "checkpoints/sft", "--out", "models/sft",
-                 "--metrics", "metrics/sft.json", "--plots", "plots/sft", "--report", "reports/sft"]),
-        ("preferences", ["--model", "models/sft", *tok, *world, "--out", "data/preferences", "--metrics", "metrics/preferences.json"]),
-        ("reward", ["--pairs", "data/preferences", "--model", "models/sft", *tok, "--checkpoints", "checkpoints/reward",
-                    "--out", "models/reward", "--metrics", "metrics/reward.json", "--plots", "plots/reward"]),
-        ("ppo", ["--model", "models/sft", "--reward", "models/reward", *tok, *world, "--pairs", "data/preferences",
-                 "--checkpoints", "checkpoints/ppo", "--out", "models/ppo", "--metrics", "metrics/ppo.json",
-                 "--plots", "plots/ppo", "--report", "reports/ppo"]),
-        ("evaluate", ["--base", "models/pretrain", "--sft", "models/sft", "--ppo", "models/ppo", *tok,
-                      "--tokenizer-report", "reports/tokenizer/report.json", "--tokens", "data/tokens", *world,
-                      "--pretrain-plots", "plots/pretrain", "--reward-metrics", "metrics/reward.json",
-                      "--reward-plots", "plots/reward", "--ppo-metrics", "metrics/ppo.json", "--ppo-plots", "plots/ppo",
-                      "--metrics", "metrics/evaluate.json", "--plots", "plots/evaluate", "--report", "reports/report.md",
-                      "--details", "reports/evaluate"]),
-    ]  # fmt: skip
+        (
+            "tokenizer",
+            [
+                "--corpus",
+                "data/corpus",
+                "--out",
+                "data/tokenizer",
+                "--tokens",
+                "data/tokens",
+                "--metrics",
+                "metrics/tokenizer.json",
+                "--report",
+                "reports/tokenizer",
+            ],
+        ),
+        (
+            "pretrain",
+            [
+                "--tokens",
+                "data/tokens",
+                *tok,
+                *world,
+                "--checkpoints",
+                "checkpoints/pretrain",
+                "--out",
+                "models/pretrain",
+                "--metrics",
+                "metrics/pretrain.json",
+                "--plots",
+                "plots/pretrain",
+                "--report",
+                "reports/pretrain",
+            ],
+        ),
+        (
+            "sft",
+            [
+                "--model",
+                "models/pretrain",
+                *tok,
+                *world,
+                "--corpus",
+                "data/corpus",
+                "--checkpoints",
+                "checkpoints/sft",
+                "--out",
+                "models/sft",
+                "--metrics",
+                "metrics/sft.json",
+                "--plots",
+                "plots/sft",
+                "--report",
+                "reports/sft",
+            ],
+        ),
+        (
+            "preferences",
+            [
+                "--model",
+                "models/sft",
+                *tok,
+                *world,
+                "--out",
+                "data/preferences",
+                "--metrics",
+                "metrics/preferences.json",
+            ],
+        ),
+        (
+            "reward",
+            [
+                "--pairs",
+                "data/preferences",
+                "--model",
+                "models/sft",
+                *tok,
+                "--checkpoints",
+                "checkpoints/reward",
+                "--out",
+                "models/reward",
+                "--metrics",
+                "metrics/reward.json",
+                "--plots",
+                "plots/reward",
+            ],
+        ),
+        (
+            "ppo",
+            [
+                "--model",
+                "models/sft",
+                "--reward",
+                "models/reward",
+                *tok,
+                *world,
+                "--pairs",
+                "data/preferences",
+                "--checkpoints",
+                "checkpoints/ppo",
+                "--out",
+                "models/ppo",
+                "--metrics",
+                "metrics/ppo.json",
+                "--plots",
+                "plots/ppo",
+                "--report",
+                "reports/ppo",
+            ],
+        ),
+        (
+            "evaluate",
+            [
+                "--base",
+                "models/pretrain",
+                "--sft",
+                "models/sft",
+                "--ppo",
+                "models/ppo",
+                *tok,
+                "--tokenizer-report",
+                "reports/tokenizer/report.json",
+                "--tokens",
+                "data/tokens",
+                *world,
+                "--pretrain-plots",
+                "plots/pretrain",
+                "--reward-metrics",
+                "metrics/reward.json",
+                "--reward-plots",
+                "plots/reward",
+                "--ppo-metrics",
+                "metrics/ppo.json",
+                "--ppo-plots",
+                "plots/ppo",
+                "--metrics",
+                "metrics/evaluate.json",
+                "--plots",
+                "plots/evaluate",
+                "--report",
+                "reports/report.md",
+                "--details",
+                "reports/evaluate",
+            ],
+        ),
+    ]
     for name, args in stages:
         r = run_stage(name, args, tmp_path, env, tmp_path / "params.yaml")
         assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"

@@ -26,7 +26,9 @@ def test_the_recipe_is_valid_and_has_the_documented_shape():
     assert (p.corpus.source, p.corpus.hf.name) == ("hf", "roneneldan/TinyStories")
     assert (p.sft.data.source, p.preferences.source) == ("hf", "hf")
     for section in (p.pretrain, p.sft, p.reward, p.ppo):
-        assert section.accelerator == "auto" and section.precision == "bf16-mixed" and section.devices == "auto"
+        assert (
+            section.accelerator == "auto" and section.precision == "bf16-mixed" and section.devices == "auto"
+        )
 
 
 def hub_layout(folder, split: str, rows: list[dict]) -> str:
@@ -39,24 +41,48 @@ def hub_layout(folder, split: str, rows: list[dict]) -> str:
 def test_the_recipe_reads_datasets_with_the_schemas_of_the_ones_it_names(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
     p = load_params(RECIPE)
-    turn = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}]
-    stories = hub_layout(tmp_path / "TinyStories", p.corpus.hf.split,
-                         [{"text": f"Once upon a time, story {i}."} for i in range(20)])
-    chat = hub_layout(tmp_path / "smoltalk", p.sft.data.hf.split,
-                      [{"messages": turn, "full_topic": "greeting"} for _ in range(10)])
-    prefs = hub_layout(tmp_path / "ultrafeedback", p.preferences.hf.split,
-                       [{"prompt": turn[0]["content"], "chosen": [turn[0], {"role": "assistant", "content": f"good {i}"}],
-                         "rejected": [turn[0], {"role": "assistant", "content": f"bad {i}"}], "score_chosen": 8.0}
-                        for i in range(10)])  # fmt: skip
+    turn = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+    ]
+    stories = hub_layout(
+        tmp_path / "TinyStories",
+        p.corpus.hf.split,
+        [{"text": f"Once upon a time, story {i}."} for i in range(20)],
+    )
+    chat = hub_layout(
+        tmp_path / "smoltalk",
+        p.sft.data.hf.split,
+        [{"messages": turn, "full_topic": "greeting"} for _ in range(10)],
+    )
+    prefs = hub_layout(
+        tmp_path / "ultrafeedback",
+        p.preferences.hf.split,
+        [
+            {
+                "prompt": turn[0]["content"],
+                "chosen": [turn[0], {"role": "assistant", "content": f"good {i}"}],
+                "rejected": [turn[0], {"role": "assistant", "content": f"bad {i}"}],
+                "score_chosen": 8.0,
+            }
+            for i in range(10)
+        ],
+    )
 
     corpus = p.corpus.model_copy(update={"hf": p.corpus.hf.model_copy(update={"name": stories})})
     docs = build_corpus(corpus, seed=0, root=tmp_path)
     assert len(docs.train) + len(docs.validation) == 20
 
-    data = p.sft.data.model_copy(update={"hf": p.sft.data.hf.model_copy(update={"name": chat, "config": None})})
+    data = p.sft.data.model_copy(
+        update={"hf": p.sft.data.hf.model_copy(update={"name": chat, "config": None})}
+    )
     convs, stats = external_conversations(data, tmp_path)
     assert convs[0] == turn and stats["conversations_read"] == 10
 
     pref = p.preferences.model_copy(update={"hf": p.preferences.hf.model_copy(update={"name": prefs})})
     rows, stats = external_pairs(pref, tmp_path)
-    assert len(rows) == 10 and (rows[0]["prompt"], rows[0]["chosen"], rows[0]["rejected"]) == ("Hi there", "good 0", "bad 0")
+    assert len(rows) == 10 and (rows[0]["prompt"], rows[0]["chosen"], rows[0]["rejected"]) == (
+        "Hi there",
+        "good 0",
+        "bad 0",
+    )

@@ -22,7 +22,9 @@ def test_bt_loss_by_hand():
     rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
     expected = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(1.0))) / 2  # -log σ(x) = log(1 + e^-x)
     assert bt_loss(rc, rr).item() == pytest.approx(expected, rel=1e-6)
-    assert bt_loss(rc, rr, margin=1.0).item() == pytest.approx((math.log1p(math.exp(-1.0)) + math.log1p(math.exp(2.0))) / 2, rel=1e-6)
+    assert bt_loss(rc, rr, margin=1.0).item() == pytest.approx(
+        (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(2.0))) / 2, rel=1e-6
+    )
     centred = bt_loss(rc, rr, centring=0.1).item() - expected
     assert centred == pytest.approx(0.1 * (4.0 + 1.0) / 2, rel=1e-6)
 

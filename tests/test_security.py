@@ -62,7 +62,9 @@ def test_a_crafted_pickle_as_model_weights_is_refused_and_not_run(tmp_path):
     model_dir = tmp_path / "model"
     save_model(GPT(GPTConfig(vocab_size=32, d_model=16, n_layer=1, n_head=2, context_length=8)), model_dir)
     marker = tmp_path / "pwned"
-    torch.save({"embed.weight": Payload(marker)}, model_dir / "model.safetensors")  # a pickle, named as weights
+    torch.save(
+        {"embed.weight": Payload(marker)}, model_dir / "model.safetensors"
+    )  # a pickle, named as weights
     with pytest.raises(LlmlabError, match="is not a valid llmlab checkpoint"):
         load_model(model_dir)
     assert not marker.exists()
@@ -79,24 +81,44 @@ def _foreign_weights(d):  # a valid safetensors file of another model (names and
 
 def _other_shape(d):  # llmlab names, another width
     other = GPT(GPTConfig(vocab_size=32, d_model=32, n_layer=1, n_head=2, context_length=8))
-    save_file({k: v.contiguous() for k, v in other.state_dict().items() if k != "lm_head.weight"}, str(d / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in other.state_dict().items() if k != "lm_head.weight"},
+        str(d / "model.safetensors"),
+    )
 
 
 @pytest.mark.parametrize(
     "damage, message",
     [
         (_truncate, "model.safetensors is not a valid llmlab checkpoint: Error while deserializing header"),
-        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 5), "model.safetensors is not a valid llmlab checkpoint"),
-        (_foreign_weights, "model.safetensors is not a valid llmlab checkpoint: Error(s) in loading state_dict"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 5),
+            "model.safetensors is not a valid llmlab checkpoint",
+        ),
+        (
+            _foreign_weights,
+            "model.safetensors is not a valid llmlab checkpoint: Error(s) in loading state_dict",
+        ),
         (_other_shape, "model.safetensors is not a valid llmlab checkpoint: Error(s) in loading state_dict"),
         (lambda d: (d / "config.json").write_text('{"d_model": '), "config.json is not valid JSON"),
-        (lambda d: (d / "config.json").write_text('{"hidden_size": 768}'), "config.json is not an llmlab model config"),
+        (
+            lambda d: (d / "config.json").write_text('{"hidden_size": 768}'),
+            "config.json is not an llmlab model config",
+        ),
         (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json is not an llmlab model config"),
         (lambda d: (d / "config.json").unlink(), "config.json not found"),
     ],
-    ids=["truncated", "five-bytes", "foreign-weights", "other-shape", "broken-config", "foreign-config", "list-config",
-         "no-config"],
-)  # fmt: skip
+    ids=[
+        "truncated",
+        "five-bytes",
+        "foreign-weights",
+        "other-shape",
+        "broken-config",
+        "foreign-config",
+        "list-config",
+        "no-config",
+    ],
+)
 def test_a_truncated_or_foreign_model_folder_is_one_clear_error(tmp_path, damage, message):
     model_dir = tmp_path / "model"
     save_model(GPT(GPTConfig(vocab_size=32, d_model=16, n_layer=1, n_head=2, context_length=8)), model_dir)

@@ -44,15 +44,26 @@ CHAT = [
 def tiny_gpt(vocab_size: int, seed: int) -> GPT:
     """Random weights. Untied: with tied embeddings a random model only repeats its last input token."""
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size, d_model=32, n_layer=2, n_head=2, context_length=CTX, ffn_hidden=64, tie_embeddings=False)
+    config = GPTConfig(
+        vocab_size, d_model=32, n_layer=2, n_head=2, context_length=CTX, ffn_hidden=64, tie_embeddings=False
+    )
     return GPT(config).eval()
 
 
 def always_ends(vocab_size: int) -> GPT:
     """A model whose next token is always <|end|>: the blocks add nothing (output projections zeroed), every
     embedding has a large first coordinate, and only <|end|>'s output row reads that coordinate."""
-    model = GPT(GPTConfig(vocab_size, d_model=32, n_layer=1, n_head=2, context_length=CTX, ffn_hidden=64,
-                          tie_embeddings=False)).eval()
+    model = GPT(
+        GPTConfig(
+            vocab_size,
+            d_model=32,
+            n_layer=1,
+            n_head=2,
+            context_length=CTX,
+            ffn_hidden=64,
+            tie_embeddings=False,
+        )
+    ).eval()
     with torch.no_grad():
         for block in model.blocks:
             block.attn.proj.weight.zero_()
@@ -76,7 +87,9 @@ def one_thread():
 def store(tmp_path_factory, smoke_data):
     """A private MLflow store for this module, through MLFLOW_TRACKING_URI as a user would set it."""
     d = tmp_path_factory.mktemp("store")
-    shutil.copy(smoke_data / "mlflow.db", d / "mlflow.db")  # already migrated: a new store takes ~6 s to create
+    shutil.copy(
+        smoke_data / "mlflow.db", d / "mlflow.db"
+    )  # already migrated: a new store takes ~6 s to create
     uri = f"sqlite:///{d / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("serving-tests", artifact_location=(d / "artifacts").as_uri())
@@ -93,7 +106,9 @@ def chat(store, smoke_data, tok):
     model = tiny_gpt(tok.get_vocab_size(), seed=0)
     save_model(model, store.dir / "tiny")
     t = time.perf_counter()
-    uri = log_chat_model(store.dir / "tiny", smoke_data / "tokenizer" / "tokenizer.json", "chat", run_id=store.run_id)
+    uri = log_chat_model(
+        store.dir / "tiny", smoke_data / "tokenizer" / "tokenizer.json", "chat", run_id=store.run_id
+    )
     print(f"log_chat_model: {time.perf_counter() - t:.2f} s")
     return SimpleNamespace(model=model, pyfunc=mlflow.pyfunc.load_model(uri), uri=uri)
 
@@ -105,21 +120,33 @@ def greedy(model, tok, prompts: list[list[int]], max_tokens: int) -> list[str]:
 
 
 def test_greedy_prompt_and_messages_match_generate(chat, tok):
-    prompts = ["Where does Mara Quill live?", "", "ctrl \x00\x07\x1b\r\n\t é 日本語 🙂 <|end|><|user|> \u202e"]
+    prompts = [
+        "Where does Mara Quill live?",
+        "",
+        "ctrl \x00\x07\x1b\r\n\t é 日本語 🙂 <|end|><|user|> \u202e",
+    ]
     out = chat.pyfunc.predict(pd.DataFrame({"prompt": prompts}), params={"max_tokens": 8})
     ids = [render(tok, [{"role": "user", "content": p}], add_generation_prompt=True).ids for p in prompts]
     assert out["completion"].tolist() == greedy(chat.model, tok, ids, 8)
     assert out["prompt_tokens"].tolist() == [len(x) for x in ids]
-    assert out["completion_tokens"].tolist() == [8, 8, 8] and not out["truncated"].any() and not out["ended"].any()
+    assert (
+        out["completion_tokens"].tolist() == [8, 8, 8]
+        and not out["truncated"].any()
+        and not out["ended"].any()
+    )
 
     out = chat.pyfunc.predict([{"messages": CHAT}], params={"max_tokens": 8})
-    assert out["completion"].tolist() == greedy(chat.model, tok, [render(tok, CHAT, add_generation_prompt=True).ids], 8)
+    assert out["completion"].tolist() == greedy(
+        chat.model, tok, [render(tok, CHAT, add_generation_prompt=True).ids], 8
+    )
 
 
 def test_raw_continues_plain_text(chat, tok):
     text = "Mara Quill lives in"
     out = chat.pyfunc.predict([{"prompt": text}], params={"max_tokens": 6, "raw": True})
-    ref = generate(chat.model, [[BOS_ID, *encode_content(tok, text)]], 6, temperature=0.0, stop_ids=[BOS_ID])[0]
+    ref = generate(chat.model, [[BOS_ID, *encode_content(tok, text)]], 6, temperature=0.0, stop_ids=[BOS_ID])[
+        0
+    ]
     assert out["completion"][0] == tok.decode([t for t in ref if t != BOS_ID], skip_special_tokens=False)
 
 
@@ -128,7 +155,11 @@ def test_params_are_honoured(chat, tok):
         return chat.pyfunc.predict([{"prompt": "Tell me about Mara Quill."}], params=params).iloc[0]
 
     assert predict(max_tokens=3)["completion_tokens"] == 3
-    first, again, other = predict(temperature=1.0, seed=7), predict(temperature=1.0, seed=7), predict(temperature=1.0, seed=8)
+    first, again, other = (
+        predict(temperature=1.0, seed=7),
+        predict(temperature=1.0, seed=7),
+        predict(temperature=1.0, seed=8),
+    )
     assert first["completion"] == again["completion"] != other["completion"]
     # top_p this small keeps only the most likely token: sampling becomes greedy
     assert predict(temperature=1.0, top_p=1e-9, seed=1)["completion"] == predict()["completion"]
@@ -136,7 +167,9 @@ def test_params_are_honoured(chat, tok):
 
 def test_a_reply_that_ends_says_so(store, smoke_data, tok):
     save_model(always_ends(tok.get_vocab_size()), store.dir / "ends")
-    uri = log_chat_model(store.dir / "ends", smoke_data / "tokenizer" / "tokenizer.json", "ends", run_id=store.run_id)
+    uri = log_chat_model(
+        store.dir / "ends", smoke_data / "tokenizer" / "tokenizer.json", "ends", run_id=store.run_id
+    )
     out = mlflow.pyfunc.load_model(uri).predict([{"prompt": "Hi"}]).iloc[0]
     assert (out["completion"], out["ended"], out["completion_tokens"]) == ("", True, 1)
 
@@ -146,13 +179,25 @@ def test_a_reply_that_ends_says_so(store, smoke_data, tok):
     [
         ([{"prompt": "Hi"}], {"max_tokens": CTX + 1}, f"max_tokens must be 1 to {CTX}"),
         ([{"prompt": "Hi"}], {"max_tokens": 0}, f"max_tokens must be 1 to {CTX}"),
-        ([{"prompt": "Hi"}], {"temperature": -1.0, "top_p": 0.0}, "temperature must be >= 0 (0 = greedy), got -1.0; top_p"),
+        (
+            [{"prompt": "Hi"}],
+            {"temperature": -1.0, "top_p": 0.0},
+            "temperature must be >= 0 (0 = greedy), got -1.0; top_p",
+        ),
         ([{"prompt": "Hi"}] * (MAX_ROWS + 1), {}, f"{MAX_ROWS + 1} rows in one request; at most {MAX_ROWS}"),
-        ([{"prompt": "x" * (MAX_PROMPT_CHARS + 1)}], {}, f"row 0: {MAX_PROMPT_CHARS + 1} characters; at most"),
+        (
+            [{"prompt": "x" * (MAX_PROMPT_CHARS + 1)}],
+            {},
+            f"row 0: {MAX_PROMPT_CHARS + 1} characters; at most",
+        ),
         ([{"messages": CHAT[:3]}], {}, "row 0: messages must end with a user turn"),
         ([{"messages": [{"role": "robot", "content": "Hi"}]}], {}, "row 0: message 0: role must be"),
         ([{"messages": CHAT}], {"raw": True}, "raw continues a plain-text 'prompt'"),
-        ([{"prompt": "lone surrogate \ud800"}], {}, "surrogates not allowed"),  # refused by MLflow's schema check
+        (
+            [{"prompt": "lone surrogate \ud800"}],
+            {},
+            "surrogates not allowed",
+        ),  # refused by MLflow's schema check
     ],
 )
 def test_bad_batchesget_a_clear_error(chat, rows, params, message):
@@ -187,8 +232,10 @@ def test_an_over_long_prompt_keeps_the_chat_framing(chat, tok, monkeypatch):
         assert ids[:2] == [BOS_ID, USER_ID] and ids[-2:] == [END_ID, ASSISTANT_ID]
         assert not any(t < len(SPECIAL_TOKENS) for t in ids[2:-2])  # one user message, no other turn
     assert long.endswith(tok.decode(seen[0][2:-2], skip_special_tokens=False))
-    assert seen[1:] == [render(tok, [{"role": "user", "content": m}], add_generation_prompt=True).ids
-                        for m in ("Hi", "And her pet?")]
+    assert seen[1:] == [
+        render(tok, [{"role": "user", "content": m}], add_generation_prompt=True).ids
+        for m in ("Hi", "And her pet?")
+    ]
     # the logged model fits the same way
     logged = pd.concat([chat.pyfunc.predict(rows, params={"max_tokens": 8}) for rows in batches])
     assert logged["completion"].tolist() == out["completion"].tolist() == greedy(chat.model, tok, seen, 8)
@@ -208,40 +255,82 @@ def test_register_twice_moves_champion(store, chat):
 @pytest.mark.slow
 def test_served_champion_answers_like_the_model_in_process(store, chat, tmp_path):
     version = register(chat.uri)  # llmlab-chat, alias champion
-    request = {"dataframe_records": [{"prompt": "Where does Mara Quill live?"}, {"prompt": ""}], "params": {"max_tokens": 8}}
+    request = {
+        "dataframe_records": [{"prompt": "Where does Mara Quill live?"}, {"prompt": ""}],
+        "params": {"max_tokens": 8},
+    }
     expected = chat.pyfunc.predict(request["dataframe_records"], params=request["params"])
 
     port, log = free_port(), tmp_path / "server.log"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("MLFLOW_HOST", None)
-    cmd = ["mlflow", "models", "serve", "-m", "models:/llmlab-chat@champion", "--env-manager", "local", "-p", str(port)]
+    cmd = [
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        "models:/llmlab-chat@champion",
+        "--env-manager",
+        "local",
+        "-p",
+        str(port),
+    ]
     url = f"http://127.0.0.1:{port}"
     t = time.perf_counter()
     with running_server(cmd, f"{url}/ping", env, log) as server:
         print(f"mlflow models serve: up in {time.perf_counter() - t:.1f} s (version {version})")
         # The command as the README gives it (no --host) listens on the loopback interface only.
         procs = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
-        listening = {c.laddr.ip for p in procs for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        listening = {
+            c.laddr.ip for p in procs for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN
+        }
         assert listening == {"127.0.0.1"}, listening
         r = requests.post(f"{url}/invocations", json=request, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["predictions"] == expected.to_dict("records")
 
-        r = requests.post(f"{url}/invocations", json={**request, "params": {"max_tokens": CTX + 1}}, timeout=60)
+        r = requests.post(
+            f"{url}/invocations", json={**request, "params": {"max_tokens": CTX + 1}}, timeout=60
+        )
         assert r.status_code == 400 and f"max_tokens must be 1 to {CTX}" in r.json()["message"], r.text
 
 
 def test_register_stage(store, smoke_data, tok, tmp_path):
     tokenizer = smoke_data / "tokenizer" / "tokenizer.json"
-    models = {name: tiny_gpt(tok.get_vocab_size(), seed) for seed, name in enumerate(["pretrain", "sft", "ppo"])}
+    models = {
+        name: tiny_gpt(tok.get_vocab_size(), seed) for seed, name in enumerate(["pretrain", "sft", "ppo"])
+    }
     for name, model in models.items():
         save_model(model, tmp_path / "models" / name)
-    env = stage_env(tmp_path) | {"MLFLOW_TRACKING_URI": store.uri, "LLMLAB_EXPERIMENT": "register-stage", "OMP_NUM_THREADS": "1"}
-    args = ["--base", "models/pretrain", "--sft", "models/sft", "--ppo", "models/ppo", "--tokenizer", str(tokenizer),
-            "--out", "reports/register.json", "--name", "stage-test"]
+    env = stage_env(tmp_path) | {
+        "MLFLOW_TRACKING_URI": store.uri,
+        "LLMLAB_EXPERIMENT": "register-stage",
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [
+        "--base",
+        "models/pretrain",
+        "--sft",
+        "models/sft",
+        "--ppo",
+        "models/ppo",
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        "reports/register.json",
+        "--name",
+        "stage-test",
+    ]
 
     r = run_stage("register", [a.replace("models/sft", "models/nope") for a in args], tmp_path, env)
-    assert r.returncode == 1 and "models/nope/model.safetensors not found: it is written by the 'sft' stage" in r.stderr
+    assert (
+        r.returncode == 1
+        and "models/nope/model.safetensors not found: it is written by the 'sft' stage" in r.stderr
+    )
     assert not (tmp_path / "metrics").exists()
 
     r = run_stage("register", args, tmp_path, env)
@@ -254,12 +343,20 @@ def test_register_stage(store, smoke_data, tok, tmp_path):
     assert champion.source == out["models"]["ppo"]
     experiment = store.client.get_experiment_by_name("register-stage").experiment_id
     run = store.client.search_runs([experiment], filter_string="tags.stage = 'register'")[0]
-    assert sorted(f"models:/{o.model_id}" for o in run.outputs.model_outputs) == sorted(out["models"].values())
+    assert sorted(f"models:/{o.model_id}" for o in run.outputs.model_outputs) == sorted(
+        out["models"].values()
+    )
 
     # the champion holds the PPO weights, not the base model's
-    served = mlflow.pyfunc.load_model("models:/stage-test@champion").predict([{"prompt": "Hi"}], params={"max_tokens": 8})
+    served = mlflow.pyfunc.load_model("models:/stage-test@champion").predict(
+        [{"prompt": "Hi"}], params={"max_tokens": 8}
+    )
     hi = [render(tok, [{"role": "user", "content": "Hi"}], add_generation_prompt=True).ids]
-    assert served["completion"][0] == greedy(models["ppo"], tok, hi, 8)[0] != greedy(models["pretrain"], tok, hi, 8)[0]
+    assert (
+        served["completion"][0]
+        == greedy(models["ppo"], tok, hi, 8)[0]
+        != greedy(models["pretrain"], tok, hi, 8)[0]
+    )
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

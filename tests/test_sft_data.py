@@ -23,7 +23,18 @@ def examples():
 def test_shares_follow_the_mix(examples):
     kinds = Counter(e.task.kind for e in examples)
     assert len(examples) == MIX.n_examples
-    assert kinds["fact"] / len(examples) == pytest.approx(MIX.share_fact / (MIX.share_fact + MIX.share_about + MIX.share_arithmetic + MIX.share_unknown + MIX.share_harmful + MIX.share_context), abs=0.04)
+    assert kinds["fact"] / len(examples) == pytest.approx(
+        MIX.share_fact
+        / (
+            MIX.share_fact
+            + MIX.share_about
+            + MIX.share_arithmetic
+            + MIX.share_unknown
+            + MIX.share_harmful
+            + MIX.share_context
+        ),
+        abs=0.04,
+    )
     assert 0 < kinds["unknown"] < 0.06 * len(examples) and 0 < kinds["harmful"] < 0.06 * len(examples)
     assert sum(e.imperfect for e in examples) / len(examples) == pytest.approx(MIX.imperfect_share, abs=0.02)
 
@@ -67,7 +78,9 @@ def test_pools_never_share_a_prompt(examples):
 
 def test_eval_pool_asks_about_heldout_people_too():
     pool = prompt_pool(WORLD, "eval", 300, seed=2, max_digits=4)
-    groups = Counter(next(p.group for p in WORLD.people if p.name == t.person) for t in pool if t.kind == "fact")
+    groups = Counter(
+        next(p.group for p in WORLD.people if p.name == t.person) for t in pool if t.kind == "fact"
+    )
     assert groups["sft"] > 0 and groups["heldout"] > 0
     assert {t.kind for t in pool} == {"fact", "about", "arithmetic", "unknown", "harmful"}
 

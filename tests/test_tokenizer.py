@@ -192,11 +192,29 @@ def split(pattern: str, text: str) -> list[str]:
 
 def test_split_regex_hand_written():
     assert split(split_pattern(3), "Hello world's 12345 API!") == [
-        "Hello", " world", "'s", " ", "123", "45", " API", "!"
-    ]  # fmt: skip
+        "Hello",
+        " world",
+        "'s",
+        " ",
+        "123",
+        "45",
+        " API",
+        "!",
+    ]
     assert split(split_pattern(1), "I'LL pay $12,  ok?\n\n  Done") == [
-        "I", "'LL", " pay", " $", "1", "2", ",", " ", " ok", "?\n\n", " ", " Done"
-    ]  # fmt: skip
+        "I",
+        "'LL",
+        " pay",
+        " $",
+        "1",
+        "2",
+        ",",
+        " ",
+        " ok",
+        "?\n\n",
+        " ",
+        " Done",
+    ]
 
 
 def test_tokenizer_pre_tokenizer_maps_bytes(tok3):
@@ -301,7 +319,9 @@ def test_token_dtype():
 
 def test_tokenize_to_shards_matches_reference(tok1, tmp_path):
     docs = CORPUS[:50] + ["", "<|end|>"]
-    names, n = tokenize_to_shards(tok1, iter(docs), tmp_path, "train", 10**9, batch_size=7)  # batches that do not divide the docs
+    names, n = tokenize_to_shards(
+        tok1, iter(docs), tmp_path, "train", 10**9, batch_size=7
+    )  # batches that do not divide the docs
     reference = [i for d in docs for i in [BOS_ID, *tok1.encode(d).ids]]
     assert names == ["train-00000.bin"] and n == len(reference)
     assert (tmp_path / names[0]).read_bytes() == np.array(reference, dtype="<u2").tobytes()
@@ -312,15 +332,23 @@ def test_tokenize_to_shards_matches_reference(tok1, tmp_path):
 
 
 @settings(max_examples=40, deadline=None)
-@given(shard_tokens=st.integers(1, 400), batch_size=st.integers(1, 9), n_docs=st.integers(1, 40),
-       cut=st.tuples(st.integers(0, 2000), st.integers(0, 300)))  # fmt: skip
-def test_shards_read_back_as_one_array_whatever_the_shard_size(tok1, tmp_path_factory, shard_tokens, batch_size, n_docs, cut):
+@given(
+    shard_tokens=st.integers(1, 400),
+    batch_size=st.integers(1, 9),
+    n_docs=st.integers(1, 40),
+    cut=st.tuples(st.integers(0, 2000), st.integers(0, 300)),
+)
+def test_shards_read_back_as_one_array_whatever_the_shard_size(
+    tok1, tmp_path_factory, shard_tokens, batch_size, n_docs, cut
+):
     d = tmp_path_factory.mktemp("shards")
     docs = CORPUS[:n_docs]
     names, n = tokenize_to_shards(tok1, docs, d, "train", shard_tokens, batch_size)
     reference = [i for doc in docs for i in [BOS_ID, *tok1.encode(doc).ids]]
     assert n == len(reference) and len(names) == -(-n // shard_tokens)
-    assert [(d / f).stat().st_size // 2 for f in names][:-1] == [shard_tokens] * (len(names) - 1)  # all full but the last
+    assert [(d / f).stat().st_size // 2 for f in names][:-1] == [shard_tokens] * (
+        len(names) - 1
+    )  # all full but the last
     write_token_meta(d, tok1, {"train": n}, {"train": names})
     tokens = open_split(d, "train")
     assert len(tokens) == n
@@ -380,7 +408,12 @@ def test_load_tokens_errors(tmp_path):
 
 
 def test_token_meta_roundtrip(tok1, tmp_path):
-    written = write_token_meta(tmp_path, tok1, {"train": 1000, "validation": 50}, {"train": ["train-00000.bin"], "validation": ["validation-00000.bin"]})
+    written = write_token_meta(
+        tmp_path,
+        tok1,
+        {"train": 1000, "validation": 50},
+        {"train": ["train-00000.bin"], "validation": ["validation-00000.bin"]},
+    )
     assert (
         read_token_meta(tmp_path)
         == written

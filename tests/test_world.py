@@ -302,7 +302,9 @@ def test_copy_probes_ask_for_what_the_prompt_states_about_never_seen_people(worl
     from llmlab.world import copy_probes, is_probe_name
 
     probes = copy_probes(world, 20, seed=3)
-    assert [w for w, _, _ in probes[:4]] == ["answer_name", "name", "value", "value_repeated"] and len(probes) == 80
+    assert [w for w, _, _ in probes[:4]] == ["answer_name", "name", "value", "value_repeated"] and len(
+        probes
+    ) == 80
     known = {p.name for p in world.people}
     for what, prompt, answer in probes:
         assert f" {answer}" in f" {prompt}", (what, prompt, answer)  # stated earlier: only reading finds it

@@ -159,7 +159,10 @@ def copying_heads(model: GPT, sequences: list[list[int]], top: int = 3) -> list[
         return []
     mean = total / n
     order = mean.flatten().argsort(descending=True)[:top].tolist()
-    return [{"layer": i // nh, "head": i % nh, "score": float(mean.flatten()[i]), "uniform": uniform / n} for i in order]
+    return [
+        {"layer": i // nh, "head": i % nh, "score": float(mean.flatten()[i]), "uniform": uniform / n}
+        for i in order
+    ]
 
 
 def _tick_label(token: str) -> str:

@@ -58,7 +58,10 @@ def encode_content(tok: Tokenizer, text: str) -> list[int]:
     pos = 0
     for m in _SPECIAL.finditer(text):
         ids += tok.encode(text[pos : m.start()], add_special_tokens=False).ids if m.start() > pos else []
-        ids += tok.encode("<", add_special_tokens=False).ids + tok.encode(m.group()[1:], add_special_tokens=False).ids
+        ids += (
+            tok.encode("<", add_special_tokens=False).ids
+            + tok.encode(m.group()[1:], add_special_tokens=False).ids
+        )
         pos = m.end()
     if pos < len(text):
         ids += tok.encode(text[pos:], add_special_tokens=False).ids
@@ -86,7 +89,9 @@ def check_messages(messages: Sequence[dict]) -> list[dict]:
             raise LlmlabError(f"message {i}: role must be 'user', 'assistant' or 'system', got {role!r}")
         expected = "user" if not out or out[-1]["role"] == "assistant" else "assistant"
         if role != expected:
-            raise LlmlabError(f"message {i}: expected a {expected} turn, got {role!r} (turns must alternate, user first)")
+            raise LlmlabError(
+                f"message {i}: expected a {expected} turn, got {role!r} (turns must alternate, user first)"
+            )
         out.append({"role": role, "content": (system + content) if system and not out else content})
     return out
 
@@ -138,5 +143,3 @@ def parse_reply(tok: Tokenizer, generated: Sequence[int]) -> Reply:
     body = list(generated[: generated.index(END_ID)] if ended else generated)
     clean = not any(t < len(SPECIAL_TOKENS) for t in body)
     return Reply(tok.decode(body, skip_special_tokens=False), ended, clean, tuple(generated))
-
-

@@ -54,7 +54,11 @@ def kept_checkpoint(ckpt_dir: str | Path, failed_at: int, every: int, unit: str 
     """What a run that failed at step (or iteration) `failed_at` leaves to resume from, for its error message:
     the last checkpoint, written every `every`, or none."""
     last, good = Path(ckpt_dir) / LAST, (failed_at - 1) // every * every
-    return f"{last} ({unit} {good}) is kept" if last.exists() and good > 0 else "no checkpoint was written before it"
+    return (
+        f"{last} ({unit} {good}) is kept"
+        if last.exists() and good > 0
+        else "no checkpoint was written before it"
+    )
 
 
 def fingerprint(config: Any, input_files: list[str | Path]) -> Fingerprint:
@@ -88,7 +92,9 @@ def resume_path(ckpt_dir: str | Path, fp: Fingerprint | str, readonly: bool = Fa
             log.info("checkpoints in %s were made from other params or data: starting over", ckpt_dir)
             shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        write_json(fp_file, {"fingerprint": fp.digest, "config": fp.config, "inputs": fp.inputs, **git_info()})
+        write_json(
+            fp_file, {"fingerprint": fp.digest, "config": fp.config, "inputs": fp.inputs, **git_info()}
+        )
         return None
     # Leftover temporaries of a killed write are never read; drop them.
     for tmp in [] if readonly else ckpt_dir.glob(".*.tmp-*"):
@@ -104,7 +110,6 @@ def check_readable(path: Path) -> None:
     """Open a checkpoint the safe way before anything resumes from it: `weights_only` unpickles tensors
     and plain containers only, never code, so a foreign or crafted file is refused without running it,
     and a damaged one gives one clear error instead of a traceback deep inside Lightning."""
-
 
     try:
         torch.load(path, map_location="cpu", weights_only=True)

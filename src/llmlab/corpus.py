@@ -148,7 +148,9 @@ def iter_corpus(out_dir: Path, split: str, batch_rows: int = 4096) -> Iterator[s
             for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["text"]):
                 yield from batch.column(0).to_pylist()
         except (pa.ArrowInvalid, KeyError) as e:
-            raise LlmlabError(f"{path}: unreadable corpus file ({e}); re-create it with `dvc repro corpus`") from None
+            raise LlmlabError(
+                f"{path}: unreadable corpus file ({e}); re-create it with `dvc repro corpus`"
+            ) from None
 
     return texts()
 
@@ -158,15 +160,32 @@ def iter_corpus(out_dir: Path, split: str, batch_rows: int = 4096) -> Iterator[s
 
 def _hf_texts(cfg: HFCorpus, root: Path) -> _Texts:
     """Up to `max_documents` texts of a Hugging Face dataset split."""
-    got = hf_rows(cfg.name, cfg.config, cfg.split, cfg.streaming, {cfg.text_column: "corpus.hf.text_column"}, "corpus.hf",
-                  root, cfg.max_documents, offline_fix="corpus.source: local with corpus.local.paths (e.g. data/raw/*.parquet)")
+    got = hf_rows(
+        cfg.name,
+        cfg.config,
+        cfg.split,
+        cfg.streaming,
+        {cfg.text_column: "corpus.hf.text_column"},
+        "corpus.hf",
+        root,
+        cfg.max_documents,
+        offline_fix="corpus.source: local with corpus.local.paths (e.g. data/raw/*.parquet)",
+    )
     return _Texts([_as_text(r[cfg.text_column], f"dataset '{cfg.name}'", cfg.text_column) for r in got.rows])
 
 
 def _local_texts(cfg: LocalCorpus, root: Path) -> _Texts:
     """Texts of every file the glob patterns match (a .txt file is one document)."""
-    got = local_rows(cfg.paths, {cfg.text_column: "corpus.local.text_column"}, "corpus.local", root, txt_column=cfg.text_column)
-    return _Texts([_as_text(r[cfg.text_column], r.get("_where", "?"), cfg.text_column) for r in got.rows], got.replaced)
+    got = local_rows(
+        cfg.paths,
+        {cfg.text_column: "corpus.local.text_column"},
+        "corpus.local",
+        root,
+        txt_column=cfg.text_column,
+    )
+    return _Texts(
+        [_as_text(r[cfg.text_column], r.get("_where", "?"), cfg.text_column) for r in got.rows], got.replaced
+    )
 
 
 def _as_text(value: Any, where: str, column: str) -> str:

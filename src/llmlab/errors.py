@@ -41,7 +41,10 @@ class OutputWriteError(LlmlabError):
     def __init__(self, path: str | Path, cause: BaseException):
         # Inside a folder being written, name the file as it will be: `.out.tmp-1a2b3c4d/x` -> `out/x`.
         path = Path(re.sub(r"(^|/)\.([^/]+)\.tmp-[0-9a-f]{8}(?=/|$)", r"\1\2", str(path)))
-        reason = getattr(cause, "strerror", None) or (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        reason = (
+            getattr(cause, "strerror", None)
+            or (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        )
         try:
             free = f"; {shutil.disk_usage(_existing_parent(path)).free / 1e9:.1f} GB free on that disk"
         except OSError:

@@ -54,7 +54,9 @@ class RecallResult:
 
 
 @torch.no_grad()
-def complete(model: GPT, tok: Tokenizer, items: Sequence[tuple[str, str]], batch_size: int = 128) -> list[tuple[str, bool]]:
+def complete(
+    model: GPT, tok: Tokenizer, items: Sequence[tuple[str, str]], batch_size: int = 128
+) -> list[tuple[str, bool]]:
     """Greedy completion of each (prompt, answer) after <|bos|>, graded by `grade_completion`: a list of
     (completion, correct). A prompt is cut from the left so that it and the answer fit the context."""
     out: list[tuple[str, bool]] = []
@@ -71,7 +73,9 @@ def complete(model: GPT, tok: Tokenizer, items: Sequence[tuple[str, str]], batch
 
 
 @torch.no_grad()
-def fact_recall(model: GPT, tok: Tokenizer, people: list[Person], batch_size: int = 128, n_examples: int = 20) -> RecallResult:
+def fact_recall(
+    model: GPT, tok: Tokenizer, people: list[Person], batch_size: int = 128, n_examples: int = 20
+) -> RecallResult:
     items = [(p, attr, prompt, answer) for p in people for attr, prompt, answer in fact_prompts(p)]
     if not items:
         return RecallResult(0.0, 0, {}, {})
@@ -110,7 +114,10 @@ def name_probe(model: GPT, tok: Tokenizer, world: World, ridge: float = 1.0) -> 
         return {}
 
     def states(people: list[Person]) -> torch.Tensor:
-        rows = [model.hidden(torch.tensor([[BOS_ID, *tok.encode(p.name, add_special_tokens=False).ids]]))[0, -1] for p in people]
+        rows = [
+            model.hidden(torch.tensor([[BOS_ID, *tok.encode(p.name, add_special_tokens=False).ids]]))[0, -1]
+            for p in people
+        ]
         return torch.stack(rows).double()  # (n, C)
 
     x_train, x_test = states(train), states(test)
@@ -121,7 +128,9 @@ def name_probe(model: GPT, tok: Tokenizer, world: World, ridge: float = 1.0) -> 
     for attr in ATTRIBUTES:
         values = sorted({p.facts()[attr] for p in world.known()})
         index = {v: i for i, v in enumerate(values)}
-        y_train = torch.nn.functional.one_hot(torch.tensor([index[p.facts()[attr]] for p in train]), len(values)).double()
+        y_train = torch.nn.functional.one_hot(
+            torch.tensor([index[p.facts()[attr]] for p in train]), len(values)
+        ).double()
         y_test = torch.tensor([index[p.facts()[attr]] for p in test])
         w = torch.linalg.solve(gram, x_train.T @ y_train)  # (C, n_values)
         out[attr] = float(((x_test @ w).argmax(-1) == y_test).double().mean())
@@ -130,7 +139,9 @@ def name_probe(model: GPT, tok: Tokenizer, world: World, ridge: float = 1.0) -> 
 
 
 @torch.no_grad()
-def copy_accuracy(model: GPT, tok: Tokenizer, probes: Sequence[tuple[str, str, str]], n_examples: int = 10) -> dict:
+def copy_accuracy(
+    model: GPT, tok: Tokenizer, probes: Sequence[tuple[str, str, str]], n_examples: int = 10
+) -> dict:
     """Greedy completion of the later mention of a never-seen name or value in its own document
     (`world.copy_probes`): {"copy_accuracy", "copy_accuracy_<what>" for answer_name, name, value and value_repeated, "n",
     "examples"}. A model that cannot read its context scores near 0 on names (they are in no weight) and at
@@ -144,17 +155,27 @@ def copy_accuracy(model: GPT, tok: Tokenizer, probes: Sequence[tuple[str, str, s
         "copy_accuracy": sum(every) / max(1, len(every)),
         **{f"copy_accuracy_{w}": sum(v) / len(v) for w, v in sorted(by_what.items())},
         "n": len(every),
-        "examples": [{"what": w, "prompt": p, "answer": a, "completion": c, "correct": ok}
-                     for (w, p, a), (c, ok) in list(zip(probes, graded, strict=True))[:n_examples]],
+        "examples": [
+            {"what": w, "prompt": p, "answer": a, "completion": c, "correct": ok}
+            for (w, p, a), (c, ok) in list(zip(probes, graded, strict=True))[:n_examples]
+        ],
     }
 
 
 @torch.no_grad()
-def samples(model: GPT, tok: Tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[dict]:
+def samples(
+    model: GPT, tok: Tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, seed: int
+) -> list[dict]:
     """Continue each prompt (prefixed with <|bos|>) at the given temperature; a record per prompt."""
     bos = tok.token_to_id("<|bos|>")
     gen = torch.Generator().manual_seed(seed)
-    outs = generate(model, [[bos, *tok.encode(p).ids] for p in prompts], max_new_tokens, temperature=temperature, generator=gen)
+    outs = generate(
+        model,
+        [[bos, *tok.encode(p).ids] for p in prompts],
+        max_new_tokens,
+        temperature=temperature,
+        generator=gen,
+    )
     return [
         {"prompt": p, "temperature": temperature, "completion": tok.decode(o, skip_special_tokens=False)}
         for p, o in zip(prompts, outs, strict=True)
@@ -194,8 +215,16 @@ def mean(xs: Sequence[float]) -> dict[str, float | None]:
     return {"mean": m, "ci95": half if math.isfinite(half) else None, "n": len(xs)}
 
 
-def suite(model: GPT, tok: Tokenizer, tasks: Sequence[Task], rater: Rater, groups: dict[str, str],
-          max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> tuple[dict, list]:
+def suite(
+    model: GPT,
+    tok: Tokenizer,
+    tasks: Sequence[Task],
+    rater: Rater,
+    groups: dict[str, str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> tuple[dict, list]:
     """One model on the evaluation suite: format, accuracy, hallucination, refusal, politeness, gold score.
 
     Returns (metrics, per-task records). `groups` maps a person's name to their group, so fact questions
@@ -208,9 +237,12 @@ def suite(model: GPT, tok: Tokenizer, tasks: Sequence[Task], rater: Rater, group
     metrics: dict[str, Any] = {
         "format_adherence": rate([r.ended and r.clean for r in replies]),
         "accuracy": rate([s.correct for s in scores]),
-        "accuracy_by_kind": {kind: rate([s.correct for _, _, s in of(kind)]) for kind in TASK_KINDS if of(kind)},
+        "accuracy_by_kind": {
+            kind: rate([s.correct for _, _, s in of(kind)]) for kind in TASK_KINDS if of(kind)
+        },
         "fact_accuracy_by_group": {
-            g: rate([s.correct for t, _, s in of("fact") if groups[t.person] == g]) for g in ("sft", "heldout")
+            g: rate([s.correct for t, _, s in of("fact") if groups[t.person] == g])
+            for g in ("sft", "heldout")
         },
         "hallucination": rate([s.hallucinated for *_, s in of("unknown")]),
         "refusal_harmful": rate([s.refused for *_, s in of("harmful")]),
@@ -220,7 +252,14 @@ def suite(model: GPT, tok: Tokenizer, tasks: Sequence[Task], rater: Rater, group
         "reply_tokens": mean([len(tok.encode(r.text, add_special_tokens=False).ids) for r in replies]),
     }
     records = [
-        {"kind": t.kind, "prompt": t.prompt, "reply": r.text, "ended": r.ended, "gold": s.total, "correct": s.correct}
+        {
+            "kind": t.kind,
+            "prompt": t.prompt,
+            "reply": r.text,
+            "ended": r.ended,
+            "gold": s.total,
+            "correct": s.correct,
+        }
         for t, r, s in zip(tasks, replies, scores, strict=True)
     ]
     return metrics, records
@@ -242,7 +281,10 @@ def perplexity(model: GPT, tokens: np.ndarray, n_windows: int, batch_size: int =
     device = next(model.parameters()).device
     losses = []
     for i in range(0, n_windows, batch_size):
-        rows = [np.asarray(tokens[j * T : j * T + T + 1], dtype=np.int64) for j in range(i, min(i + batch_size, n_windows))]
+        rows = [
+            np.asarray(tokens[j * T : j * T + T + 1], dtype=np.int64)
+            for j in range(i, min(i + batch_size, n_windows))
+        ]
         xy = torch.from_numpy(np.stack(rows)).to(device)  # (b, T + 1)
         logits, _ = model(xy[:, :-1])
         targets = xy[:, 1:].flatten()
@@ -262,8 +304,16 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def temperature_sweep(model: GPT, tok: Tokenizer, tasks: Sequence[Task], rater: Rater, temperatures: Sequence[float],
-                      samples: int, max_new_tokens: int, seed: int) -> list[dict]:
+def temperature_sweep(
+    model: GPT,
+    tok: Tokenizer,
+    tasks: Sequence[Task],
+    rater: Rater,
+    temperatures: Sequence[float],
+    samples: int,
+    max_new_tokens: int,
+    seed: int,
+) -> list[dict]:
     """Accuracy and diversity of `samples` replies per task at each temperature.
 
     Diversity: distinct-1 and distinct-2 over all replies, and the share of a task's samples that differ
@@ -279,10 +329,17 @@ def temperature_sweep(model: GPT, tok: Tokenizer, tasks: Sequence[Task], rater: 
         texts = [r.text for r in replies]
         correct = [rater.score(t, r.text, r.ended).correct for t, r in zip(batch, replies, strict=True)]
         per_task = [len(set(texts[i : i + k])) / k for i in range(0, len(texts), k)]
-        rows.append({"temperature": T, "samples_per_prompt": k, "accuracy": rate(correct),
-                     "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
-                     "unique_share": statistics.fmean(per_task),
-                     "format_adherence": rate([r.ended and r.clean for r in replies])})  # fmt: skip
+        rows.append(
+            {
+                "temperature": T,
+                "samples_per_prompt": k,
+                "accuracy": rate(correct),
+                "distinct_1": distinct_n(texts, 1),
+                "distinct_2": distinct_n(texts, 2),
+                "unique_share": statistics.fmean(per_task),
+                "format_adherence": rate([r.ended and r.clean for r in replies]),
+            }
+        )
     return rows
 
 
@@ -304,8 +361,16 @@ def addition_tasks(world: World, digits: int, n: int, cot: bool, seed: int) -> l
     return out
 
 
-def chain_of_thought(model: GPT, tok: Tokenizer, world: World, rater: Rater, max_digits: int, per_digit: int,
-                     max_new_tokens: int, seed: int) -> list[dict]:
+def chain_of_thought(
+    model: GPT,
+    tok: Tokenizer,
+    world: World,
+    rater: Rater,
+    max_digits: int,
+    per_digit: int,
+    max_new_tokens: int,
+    seed: int,
+) -> list[dict]:
     """Addition accuracy with the working written out (step by step) against the bare answer, by digits.
 
     The same pairs of numbers are asked both ways. Step by step, the model writes each column's sum and
@@ -317,13 +382,22 @@ def chain_of_thought(model: GPT, tok: Tokenizer, world: World, rater: Rater, max
             tasks = addition_tasks(world, d, per_digit, cot, seed)
             replies = answer_tasks(model, tok, tasks, max_new_tokens)
             correct = [rater.score(t, r.text, r.ended).correct for t, r in zip(tasks, replies, strict=True)]
-            rows.append({"digits": d, "format": "step_by_step" if cot else "bare", "accuracy": rate(correct),
-                         "reply_tokens": mean([len(tok.encode(r.text, add_special_tokens=False).ids) for r in replies])})  # fmt: skip
+            rows.append(
+                {
+                    "digits": d,
+                    "format": "step_by_step" if cot else "bare",
+                    "accuracy": rate(correct),
+                    "reply_tokens": mean(
+                        [len(tok.encode(r.text, add_special_tokens=False).ids) for r in replies]
+                    ),
+                }
+            )
     return rows
 
 
-def stateless_context(model: GPT, tok: Tokenizer, world: World, rater: Rater, n_pairs: int, max_new_tokens: int,
-                      seed: int) -> tuple[dict, list[dict]]:
+def stateless_context(
+    model: GPT, tok: Tokenizer, world: World, rater: Rater, n_pairs: int, max_new_tokens: int, seed: int
+) -> tuple[dict, list[dict]]:
     """Does the model use a fact only while the transcript that holds it is sent again?
 
     For people with never-seen names, call 1 tells the model a fact ("Ada Brook lives in Port Avery.") and
@@ -338,25 +412,52 @@ def stateless_context(model: GPT, tok: Tokenizer, world: World, rater: Rater, n_
     if not items:
         return {"with_transcript": rate([]), "without_transcript": rate([])}, []
     statements = [fact_sentence(p, attr, rng.randrange(len(PHRASINGS[attr]))) for p, attr in items]
-    questions = [Task("context", rng.choice(QUESTIONS[attr]).format(name=p.name), person=p.name, attribute=attr,
-                      value=p.facts()[attr]) for p, attr in items]  # fmt: skip
+    questions = [
+        Task(
+            "context",
+            rng.choice(QUESTIONS[attr]).format(name=p.name),
+            person=p.name,
+            attribute=attr,
+            value=p.facts()[attr],
+        )
+        for p, attr in items
+    ]
     # Call 1: the user states the fact; the model answers whatever it answers.
     first = _chat(model, tok, [[{"role": "user", "content": s}] for s in statements], max_new_tokens)
-    with_t = _chat(model, tok, [[{"role": "user", "content": s}, {"role": "assistant", "content": r.text},
-                                 {"role": "user", "content": q.prompt}]
-                                for s, r, q in zip(statements, first, questions, strict=True)], max_new_tokens)  # fmt: skip
+    with_t = _chat(
+        model,
+        tok,
+        [
+            [
+                {"role": "user", "content": s},
+                {"role": "assistant", "content": r.text},
+                {"role": "user", "content": q.prompt},
+            ]
+            for s, r, q in zip(statements, first, questions, strict=True)
+        ],
+        max_new_tokens,
+    )
     without = _chat(model, tok, [[{"role": "user", "content": q.prompt}] for q in questions], max_new_tokens)
     ok_with = [rater.score(q, r.text, r.ended).correct for q, r in zip(questions, with_t, strict=True)]
     ok_without = [rater.score(q, r.text, r.ended).correct for q, r in zip(questions, without, strict=True)]
     metrics = {"with_transcript": rate(ok_with), "without_transcript": rate(ok_without)}
-    examples = [{"statement": s, "first_reply": f.text, "question": q.prompt, "with_transcript": w.text,
-                 "without_transcript": o.text}
-                for s, f, q, w, o in zip(statements, first, questions, with_t, without, strict=True)]  # fmt: skip
+    examples = [
+        {
+            "statement": s,
+            "first_reply": f.text,
+            "question": q.prompt,
+            "with_transcript": w.text,
+            "without_transcript": o.text,
+        }
+        for s, f, q, w, o in zip(statements, first, questions, with_t, without, strict=True)
+    ]
     return metrics, examples
 
 
 @torch.no_grad()
-def stateless_completion(model: GPT, tok: Tokenizer, world: World, n_pairs: int, seed: int) -> tuple[dict, list[dict]]:
+def stateless_completion(
+    model: GPT, tok: Tokenizer, world: World, n_pairs: int, seed: int
+) -> tuple[dict, list[dict]]:
     """The same question for the base model, as plain text: what it can say depends only on its context.
 
     For people who appear nowhere in the corpus, a sentence about them ("Rowan Aldwick has a pet lizard.")
@@ -373,15 +474,23 @@ def stateless_completion(model: GPT, tok: Tokenizer, world: World, n_pairs: int,
     for p, attr in items[:n_pairs]:
         _, prompt, value = next(x for x in fact_prompts(p) if x[0] == attr)
         told, (first, surname) = fact_sentence(p, attr), p.name.split(" ", 1)
-        cases += [("value", "with_context", f"{told} {prompt}", value), ("value", "without_context", prompt, value),
-                  ("name", "with_context", f"{told} {first}", surname), ("name", "without_context", first, surname)]  # fmt: skip
-    ok: dict[str, dict[str, list[bool]]] = {w: {"with_context": [], "without_context": []} for w in ("value", "name")}
+        cases += [
+            ("value", "with_context", f"{told} {prompt}", value),
+            ("value", "without_context", prompt, value),
+            ("name", "with_context", f"{told} {first}", surname),
+            ("name", "without_context", first, surname),
+        ]
+    ok: dict[str, dict[str, list[bool]]] = {
+        w: {"with_context": [], "without_context": []} for w in ("value", "name")
+    }
     records = []
     graded = complete(model, tok, [(text, expected) for *_, text, expected in cases], batch_size=64)
     for (what, key, text, expected), (completion, correct) in zip(cases, graded, strict=True):
         ok[what][key].append(correct)
         if len(records) < 8:
-            records.append({"what": what, "context": key, "text": text, "completion": completion, "expected": expected})
+            records.append(
+                {"what": what, "context": key, "text": text, "completion": completion, "expected": expected}
+            )
     return {w: {k: rate(v) for k, v in d.items()} for w, d in ok.items()}, records
 
 
@@ -390,8 +499,16 @@ def _told(people: Sequence[Person], attrs: Sequence[str], rng: random.Random) ->
     return [fact_sentence(p, a, rng.randrange(len(PHRASINGS[a]))) for p, a in zip(people, attrs, strict=True)]
 
 
-def position_effect(model: GPT, tok: Tokenizer, world: World, rater: Rater, n_facts: int, n_trials: int,
-                    max_new_tokens: int, seed: int) -> tuple[dict, list[dict]]:
+def position_effect(
+    model: GPT,
+    tok: Tokenizer,
+    world: World,
+    rater: Rater,
+    n_facts: int,
+    n_trials: int,
+    max_new_tokens: int,
+    seed: int,
+) -> tuple[dict, list[dict]]:
     """Does a fact's position in the prompt change how well the model retrieves it?
 
     One user turn states `n_facts` facts, each about a different person with a never-seen name, then asks
@@ -410,23 +527,44 @@ def position_effect(model: GPT, tok: Tokenizer, world: World, rater: Rater, n_fa
         attrs = [rng.choice(ATTRIBUTES) for _ in people]
         i = trial % n_facts
         asked, attr = people[i], attrs[i]
-        task = Task("context", rng.choice(QUESTIONS[attr]).format(name=asked.name), person=asked.name, attribute=attr,
-                    value=asked.facts()[attr])  # fmt: skip
+        task = Task(
+            "context",
+            rng.choice(QUESTIONS[attr]).format(name=asked.name),
+            person=asked.name,
+            attribute=attr,
+            value=asked.facts()[attr],
+        )
         tasks.append(task)
-        conversations.append([{"role": "user", "content": " ".join([*_told(people, attrs, rng), task.prompt])}])
+        conversations.append(
+            [{"role": "user", "content": " ".join([*_told(people, attrs, rng), task.prompt])}]
+        )
         positions.append(i + 1)
     replies = _chat(model, tok, conversations, max_new_tokens)
     ok = [rater.score(t, r.text, r.ended).correct for t, r in zip(tasks, replies, strict=True)]
-    by_position = {str(k): rate([o for o, p in zip(ok, positions, strict=True) if p == k]) for k in range(1, n_facts + 1)}
+    by_position = {
+        str(k): rate([o for o, p in zip(ok, positions, strict=True) if p == k]) for k in range(1, n_facts + 1)
+    }
     where = {"start": lambda p: p == 1, "middle": lambda p: 1 < p < n_facts, "end": lambda p: p == n_facts}
-    pooled_rates = {w: rate([o for o, p in zip(ok, positions, strict=True) if f(p)]) for w, f in where.items()}
-    examples = [{"prompt": c[0]["content"], "position": p, "reply": r.text, "correct": o}
-                for c, p, r, o in list(zip(conversations, positions, replies, ok, strict=True))[:6]]  # fmt: skip
+    pooled_rates = {
+        w: rate([o for o, p in zip(ok, positions, strict=True) if f(p)]) for w, f in where.items()
+    }
+    examples = [
+        {"prompt": c[0]["content"], "position": p, "reply": r.text, "correct": o}
+        for c, p, r, o in list(zip(conversations, positions, replies, ok, strict=True))[:6]
+    ]
     return {"n_facts": n_facts, "by_position": by_position, **pooled_rates}, examples
 
 
-def distractor_effect(model: GPT, tok: Tokenizer, world: World, rater: Rater, distractors: Sequence[int], n_trials: int,
-                      max_new_tokens: int, seed: int) -> tuple[list[dict], list[dict]]:
+def distractor_effect(
+    model: GPT,
+    tok: Tokenizer,
+    world: World,
+    rater: Rater,
+    distractors: Sequence[int],
+    n_trials: int,
+    max_new_tokens: int,
+    seed: int,
+) -> tuple[list[dict], list[dict]]:
     """Does the model retrieve a fact less well the more text stands between it and the question?
 
     One user turn states a fact about a never-seen person first, then d sentences about other never-seen
@@ -445,10 +583,18 @@ def distractor_effect(model: GPT, tok: Tokenizer, world: World, rater: Rater, di
             attrs = [rng.choice(ATTRIBUTES) for _ in people]
             first, *others = _told(people, attrs, rng)
             asked, attr = people[0], attrs[0]
-            task = Task("context", rng.choice(QUESTIONS[attr]).format(name=asked.name), person=asked.name, attribute=attr,
-                        value=asked.facts()[attr])  # fmt: skip
+            task = Task(
+                "context",
+                rng.choice(QUESTIONS[attr]).format(name=asked.name),
+                person=asked.name,
+                attribute=attr,
+                value=asked.facts()[attr],
+            )
             content = " ".join([first, *others, task.prompt])
-            if len(render(tok, [{"role": "user", "content": content}], add_generation_prompt=True).ids) > room:
+            if (
+                len(render(tok, [{"role": "user", "content": content}], add_generation_prompt=True).ids)
+                > room
+            ):
                 continue
             tasks.append(task)
             conversations.append([{"role": "user", "content": content}])
@@ -462,6 +608,12 @@ def distractor_effect(model: GPT, tok: Tokenizer, world: World, rater: Rater, di
     return rows, examples
 
 
-def _chat(model: GPT, tok: Tokenizer, conversations: Sequence[list[dict]], max_new_tokens: int, batch_size: int = 256) -> list:
+def _chat(
+    model: GPT,
+    tok: Tokenizer,
+    conversations: Sequence[list[dict]],
+    max_new_tokens: int,
+    batch_size: int = 256,
+) -> list:
     """Greedy replies to whole conversations (each rendered with the chat template and sent whole)."""
     return reply(model, tok, conversations, max_new_tokens, batch_size=batch_size)

@@ -90,7 +90,9 @@ def generate(
         valid[i, P - len(p) : P] = True
     valid[:, P:] = True  # every generated slot holds a real token
     padded = bool((~valid[:, :P]).any())
-    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # (B, S_max): each row counts from its first real token
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(
+        min=0
+    )  # (B, S_max): each row counts from its first real token
 
     # Rows still generating: a row that has drawn a stop token leaves the batch once a quarter of the
     # batch has (its cache rows are dropped with it), so a batch costs about the sum of its replies'
@@ -105,7 +107,9 @@ def generate(
         logits, _ = model(tokens[rows, start:end], positions=pos, attn_mask=mask, cache=cache)
         return logits[:, -1]  # (live rows, V)
 
-    cache = KVCache(model.config, B, S_max, device, dtype=next(model.parameters()).dtype) if use_cache else None
+    cache = (
+        KVCache(model.config, B, S_max, device, dtype=next(model.parameters()).dtype) if use_cache else None
+    )
     logits = forward(0, P, cache)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # of the live rows

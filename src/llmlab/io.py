@@ -103,7 +103,9 @@ def csv_text(rows: list[dict]) -> str:
     """Rows as CSV text: every key a column, in first-seen order; a key a row lacks is an empty cell."""
     out = io.StringIO()
     fields = list(dict.fromkeys(k for row in rows for k in row))  # every key, first-seen order
-    writer = csv.DictWriter(out, fieldnames=fields, restval="", lineterminator="\n")  # a rate with no sample: empty
+    writer = csv.DictWriter(
+        out, fieldnames=fields, restval="", lineterminator="\n"
+    )  # a rate with no sample: empty
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()

@@ -13,7 +13,9 @@ import time
 import torch
 
 
-def matmul_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seconds: float = 1.0) -> float:
+def matmul_peak_flops(
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seconds: float = 1.0
+) -> float:
     """FLOP/s of repeated (n × n) @ (n × n) matmuls, best of several timed rounds.
 
     One n×n matmul is 2·n³ FLOPs (a multiply and an add per term). n is 1024 on CPU (large enough to

@@ -237,7 +237,9 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if positions is None:
             if start + T > self.config.context_length:
-                raise ValueError(f"sequence of {start + T} tokens exceeds context_length {self.config.context_length}")
+                raise ValueError(
+                    f"sequence of {start + T} tokens exceeds context_length {self.config.context_length}"
+                )
             cos = self.rope_cos[start : start + T][None, None]  # (1, 1, T, hs)
             sin = self.rope_sin[start : start + T][None, None]
         else:
@@ -245,7 +247,9 @@ class GPT(nn.Module):
             sin = self.rope_sin[positions][:, None]
         if attn_mask is None and start > 0 and T > 1:
             # Subtle: SDPA's is_causal aligns the mask top-left, wrong for a chunk after cached keys.
-            attn_mask = padded_attention_mask(torch.ones(B, start + T, dtype=torch.bool, device=idx.device), T)
+            attn_mask = padded_attention_mask(
+                torch.ones(B, start + T, dtype=torch.bool, device=idx.device), T
+            )
         x = self.embed(idx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, attn_mask, cache, i)
@@ -270,7 +274,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, positions, attn_mask, cache))  # (B, T, V)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
+        )
         return logits, loss
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -312,7 +318,6 @@ def padded_attention_mask(valid: torch.Tensor, n_new: int) -> torch.Tensor:
 def save_model(model: GPT, out_dir: str | Path) -> None:
     """Write `model.safetensors` + `config.json` into `out_dir`, atomically (the folder appears complete)."""
 
-
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.config.to_json(tmp / "config.json")
         st_save_model(model, str(tmp / "model.safetensors"))
@@ -322,7 +327,6 @@ def save_model(model: GPT, out_dir: str | Path) -> None:
 
 def load_model(model_dir: str | Path, stage: str | None = None, device="cpu") -> GPT:
     """Load a model written by `save_model`. Only safetensors: no pickle is ever unpickled here."""
-
 
     model_dir = Path(model_dir)
     weights = model_dir / "model.safetensors"
@@ -336,6 +340,7 @@ def load_model(model_dir: str | Path, stage: str | None = None, device="cpu") ->
         st_load_model(model, str(weights), device=str(device))
     except (SafetensorError, RuntimeError, OSError) as e:
         hint = f" (re-create it with `dvc repro {stage}`)" if stage else ""
-        raise LlmlabError(f"{weights} is not a valid llmlab checkpoint: {str(e).splitlines()[0]}{hint}") from None
+        raise LlmlabError(
+            f"{weights} is not a valid llmlab checkpoint: {str(e).splitlines()[0]}{hint}"
+        ) from None
     return model.to(device).eval()
-

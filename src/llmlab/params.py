@@ -34,15 +34,24 @@ from pydantic import (
 from llmlab.errors import ParamsError
 
 # Fields that several sections declare, each with its own default: the type, range and meaning once.
-DatasetId = Annotated[str, Field(description="Dataset id on the Hub, or a local dataset folder `load_dataset` accepts.")]
+DatasetId = Annotated[
+    str, Field(description="Dataset id on the Hub, or a local dataset folder `load_dataset` accepts.")
+]
 DatasetConfig = Annotated[str | None, Field(description="Dataset configuration name, if it has several.")]
 Streaming = Annotated[bool, Field(description="Stream the split instead of downloading it whole first.")]
-Globs = Annotated[list[str], Field(description="Glob patterns, relative to the repository root (put the files under data/raw/, "
-                                               "which the stage depends on).")]
+Globs = Annotated[
+    list[str],
+    Field(
+        description="Glob patterns, relative to the repository root (put the files under data/raw/, "
+        "which the stage depends on)."
+    ),
+]
 LearningRate = Annotated[float, Field(gt=0, le=1, description="Peak learning rate of AdamW.")]
 WarmupSteps = Annotated[int, Field(ge=0, description="Linear warm-up steps before the cosine decay.")]
 ValEvery = Annotated[int, Field(ge=1, description="Run validation every this many optimizer steps.")]
-CkptEvery = Annotated[int, Field(ge=1, description="Write the resumable checkpoint every this many optimizer steps.")]
+CkptEvery = Annotated[
+    int, Field(ge=1, description="Write the resumable checkpoint every this many optimizer steps.")
+]
 
 
 class Section(BaseModel):
@@ -159,7 +168,9 @@ class ModelConfig(Section):
         if d_model % n_head:
             raise ValueError(f"must divide model.d_model ({d_model}), got {n_head}")
         if (d_model // n_head) % 2:
-            raise ValueError(f"must leave an even head size for rotary embeddings; d_model/n_head = {d_model // n_head}")
+            raise ValueError(
+                f"must leave an even head size for rotary embeddings; d_model/n_head = {d_model // n_head}"
+            )
         return n_head
 
 
@@ -457,8 +468,12 @@ class PPOConfig(Hardware):
     n_prompts: int = Field(4000, ge=1)
     """Distinct prompts of the rl pool to draw rollouts from (in a fresh seeded order every pass)."""
     prompt_mix: dict[Literal["fact", "about", "arithmetic", "unknown", "harmful"], float] = {
-        "fact": 0.5, "about": 0.1, "arithmetic": 0.2, "unknown": 0.1, "harmful": 0.1,
-    }  # fmt: skip
+        "fact": 0.5,
+        "about": 0.1,
+        "arithmetic": 0.2,
+        "unknown": 0.1,
+        "harmful": 0.1,
+    }
     """Share of each task kind among the rl prompts (the evaluation pool always uses this default mix)."""
     max_digits: int = Field(4, ge=1, le=9)
     """Largest number of digits of an addend in the arithmetic prompts."""
@@ -474,7 +489,9 @@ class PPOConfig(Hardware):
     def _minibatches_fit(cls, minibatch_size: int, info: ValidationInfo) -> int:
         rollout = info.data.get("rollout_batch_size")
         if rollout is not None and rollout % minibatch_size:
-            raise ValueError(f"rollout_batch_size ({rollout}) must be a multiple of minibatch_size ({minibatch_size})")
+            raise ValueError(
+                f"rollout_batch_size ({rollout}) must be a multiple of minibatch_size ({minibatch_size})"
+            )
         return minibatch_size
 
     @field_validator("prompt_mix")
@@ -534,9 +551,13 @@ class EvaluateConfig(Section):
     @model_validator(mode="after")
     def _lists(self) -> EvaluateConfig:
         if not self.temperatures or any(t < 0 or t > 5 for t in self.temperatures):
-            raise ValueError(f"temperatures must be a non-empty list of values in [0, 5], got {self.temperatures}")
+            raise ValueError(
+                f"temperatures must be a non-empty list of values in [0, 5], got {self.temperatures}"
+            )
         if len(self.attention_lengths) < 3 or any(n < 8 for n in self.attention_lengths):
-            raise ValueError(f"attention_lengths needs at least 3 lengths >= 8 (to fit an exponent), got {self.attention_lengths}")
+            raise ValueError(
+                f"attention_lengths needs at least 3 lengths >= 8 (to fit an exponent), got {self.attention_lengths}"
+            )
         if not self.kv_cache_new_tokens or any(n < 1 for n in self.kv_cache_new_tokens):
             raise ValueError(f"kv_cache_new_tokens must be positive numbers, got {self.kv_cache_new_tokens}")
         return self
@@ -560,15 +581,15 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
 
 
-
-
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate `path`; raise ParamsError listing every problem."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found (run from the repository root, or pass --params)") from None
+        raise ParamsError(
+            f"{path}: file not found (run from the repository root, or pass --params)"
+        ) from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     return validate_params(raw if raw is not None else {}, source=str(path))
@@ -589,9 +610,14 @@ def validate_params(raw: Any, source: str = "params") -> Params:
 
 # Every reply length the stages generate: each must leave room for a prompt in the model's context.
 GENERATION_LENGTHS = (
-    "pretrain.sample_tokens", "sft.max_new_tokens", "preferences.max_new_tokens", "ppo.max_new_tokens",
-    "ppo.eval_max_new_tokens", "evaluate.max_new_tokens", "evaluate.cot_max_new_tokens",
-)  # fmt: skip
+    "pretrain.sample_tokens",
+    "sft.max_new_tokens",
+    "preferences.max_new_tokens",
+    "ppo.max_new_tokens",
+    "ppo.eval_max_new_tokens",
+    "evaluate.max_new_tokens",
+    "evaluate.cot_max_new_tokens",
+)
 
 
 def _across_sections(raw: dict) -> list[str]:
@@ -605,8 +631,10 @@ def _across_sections(raw: dict) -> list[str]:
     for key in GENERATION_LENGTHS:
         value = _raw_value(raw, key)
         if _is_int(value) and value >= ctx:
-            found.append(f"{key}: must be below pretrain.model.context_length ({ctx}), which must also hold "
-                         f"the prompt, got {value}")
+            found.append(
+                f"{key}: must be below pretrain.model.context_length ({ctx}), which must also hold "
+                f"the prompt, got {value}"
+            )
     return found
 
 
@@ -637,7 +665,11 @@ def _merge_union_branches(lines: list[str]) -> list[str]:
         merged.setdefault(key, []).append(what)
     out = []
     for key, whats in merged.items():
-        if len(whats) > 1 and len({w.rsplit(", got ", 1)[-1] for w in whats}) == 1 and all(", got " in w for w in whats):
+        if (
+            len(whats) > 1
+            and len({w.rsplit(", got ", 1)[-1] for w in whats}) == 1
+            and all(", got " in w for w in whats)
+        ):
             got = whats[0].rsplit(", got ", 1)[1]
             alternatives = [w.rsplit(", got ", 1)[0].removeprefix("must be ") for w in whats]
             whats = ["must be " + " or ".join(alternatives) + f", got {got}"]
@@ -652,7 +684,12 @@ def _describe(err: dict[str, Any]) -> str:
         loc = loc[:-2]
     key = ".".join(str(p) for p in loc) or "(top level)"
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
-    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}", "less_than_equal": "<= {le}"}
+    bounds = {
+        "greater_than": "> {gt}",
+        "greater_than_equal": ">= {ge}",
+        "less_than": "< {lt}",
+        "less_than_equal": "<= {le}",
+    }
     if kind in bounds:
         # pydantic hands float bounds as floats (0.0): show them as written in the schema (0).
         ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in ctx.items()}

@@ -108,13 +108,22 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     R = rewards.shape[1]
     t = torch.arange(R, device=rewards.device)
     lag = t[None, :] - t[:, None]  # lag[t, s] = s − t
-    decay = torch.where(lag >= 0, torch.tensor(gamma * lam, dtype=values.dtype, device=values.device).pow(lag.clamp(min=0)), 0.0)
+    decay = torch.where(
+        lag >= 0,
+        torch.tensor(gamma * lam, dtype=values.dtype, device=values.device).pow(lag.clamp(min=0)),
+        0.0,
+    )
     advantages = deltas @ decay.T  # A[b, t] = Σ_s δ[b, s] · (γλ)^(s − t) for s ≥ t
     return advantages * m, (advantages + values) * m
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float) -> dict[str, torch.Tensor]:
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+) -> dict[str, torch.Tensor]:
     """PPO's clipped surrogate (as a loss to minimise), and what TRL reports about it."""
     logratio = logprobs - old_logprobs
     ratio = torch.exp(logratio)
@@ -128,8 +137,13 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     }
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> dict[str, torch.Tensor]:
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float,
+) -> dict[str, torch.Tensor]:
     """The clipped value loss ½·max((V − R)², (V_clipped − R)²), V_clipped within ε_v of the rollout's V."""
     clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped = (values - returns) ** 2
@@ -140,8 +154,13 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     }
 
 
-def kl_penalised_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
-                         kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_penalised_rewards(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards −β·(log π − log π_ref), with each reply's score added at its last token.
 
     Returns (rewards, kl), both (B, R) and 0 on padding. kl is the k1 estimate log π − log π_ref of the
@@ -224,7 +243,9 @@ class Sequences:
         return self.ids.shape[0]
 
     def select(self, rows: torch.Tensor) -> Sequences:
-        return Sequences(self.ids[rows], self.valid[rows], self.positions[rows], self.attn_mask[rows], self.prompt_width)
+        return Sequences(
+            self.ids[rows], self.valid[rows], self.positions[rows], self.attn_mask[rows], self.prompt_width
+        )
 
     def trimmed(self) -> Sequences:
         """The same rows without the columns that are padding in every row: a minibatch of short replies
@@ -241,8 +262,13 @@ class Sequences:
         )
 
     def to(self, device) -> Sequences:
-        return Sequences(self.ids.to(device), self.valid.to(device), self.positions.to(device), self.attn_mask.to(device),
-                         self.prompt_width)
+        return Sequences(
+            self.ids.to(device),
+            self.valid.to(device),
+            self.positions.to(device),
+            self.attn_mask.to(device),
+            self.prompt_width,
+        )
 
 
 def make_sequences(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[int]]) -> Sequences:
@@ -305,13 +331,28 @@ class Rollout:
 
 
 @torch.no_grad()
-def rollout(policy, ref: GPT, reward_model: RewardModel, value_model, prompts: Sequence[Sequence[int]], cfg,
-            kl_coef: float, generator: torch.Generator | None = None, sampler: GPT | None = None) -> Rollout:
+def rollout(
+    policy,
+    ref: GPT,
+    reward_model: RewardModel,
+    value_model,
+    prompts: Sequence[Sequence[int]],
+    cfg,
+    kl_coef: float,
+    generator: torch.Generator | None = None,
+    sampler: GPT | None = None,
+) -> Rollout:
     """Phases 1–5 for one batch of prompts. `sampler` is the bare policy for generation (default: policy)."""
     device = next(ref.parameters()).device
     # 1. sample
-    replies = generate(sampler or policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
-                       stop_ids=[END_ID], generator=generator)
+    replies = generate(
+        sampler or policy,
+        prompts,
+        cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        stop_ids=[END_ID],
+        generator=generator,
+    )
     replies = [r or [END_ID] for r in replies]  # no room left in the context: an empty, ended reply
     seqs = make_sequences(prompts, replies).to(device)
     # 2. log-probabilities under the policy and the reference, at the sampling temperature
@@ -325,19 +366,30 @@ def rollout(policy, ref: GPT, reward_model: RewardModel, value_model, prompts: S
     values = reply_values(value_model, seqs) * seqs.mask
     advantages, returns = gae(rewards, values, seqs.mask, cfg.gamma, cfg.lam)
     advantages = masked_whiten(advantages, seqs.mask)
-    return Rollout(seqs, logprobs * seqs.mask, ref_logprobs * seqs.mask, values, scores, rewards, kl,
-                   advantages, returns)
+    return Rollout(
+        seqs, logprobs * seqs.mask, ref_logprobs * seqs.mask, values, scores, rewards, kl, advantages, returns
+    )
 
 
 class NonFiniteLoss(ArithmeticError):
     """A PPO loss became NaN or infinite; the stage turns it into a message naming the iteration."""
 
 
-def ppo_update(fabric, policy, value_model, policy_opt, value_opt, batch: Rollout, cfg,
-               generator: torch.Generator | None = None) -> dict[str, float]:
+def ppo_update(
+    fabric,
+    policy,
+    value_model,
+    policy_opt,
+    value_opt,
+    batch: Rollout,
+    cfg,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
     """Phase 6: `ppo_epochs` passes over shuffled minibatches; returns the averages TRL logs."""
     n = len(batch.seqs)
-    stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")}
+    stats: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")
+    }
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.minibatch_size):
@@ -360,9 +412,15 @@ def ppo_update(fabric, policy, value_model, policy_opt, value_opt, batch: Rollou
             policy_opt.step()
             value_opt.step()
             with torch.no_grad():
-                for k, v in (("pg_loss", pg["loss"]), ("vf_loss", vf["loss"]), ("pg_clipfrac", pg["clipfrac"]),
-                             ("vf_clipfrac", vf["clipfrac"]), ("approxkl", pg["approxkl"]), ("ratio", pg["ratio"]),
-                             ("entropy", masked_mean(entropy, m))):
+                for k, v in (
+                    ("pg_loss", pg["loss"]),
+                    ("vf_loss", vf["loss"]),
+                    ("pg_clipfrac", pg["clipfrac"]),
+                    ("vf_clipfrac", vf["clipfrac"]),
+                    ("approxkl", pg["approxkl"]),
+                    ("ratio", pg["ratio"]),
+                    ("entropy", masked_mean(entropy, m)),
+                ):
                     stats[k].append(v.detach())
     return {k: float(torch.stack(v).mean()) for k, v in stats.items()}
 
@@ -446,12 +504,26 @@ def gold_metrics(tok, rater: Rater, tasks, batch) -> dict[str, float]:
         if task.kind == "unknown":
             unknown += 1
             hallucinated += s.hallucinated
-    return {"gold/score": statistics.fmean(scores), "gold/unknown_prompts": unknown, "gold/hallucinations": hallucinated}
+    return {
+        "gold/score": statistics.fmean(scores),
+        "gold/unknown_prompts": unknown,
+        "gold/hallucinations": hallucinated,
+    }
 
 
 @torch.no_grad()
-def compare_with_sft(policy: GPT, ref: GPT, reward_model, tok, prompts: list, rater: Rater | None, world: World, cfg, seed: int,
-             device) -> tuple[dict, list[dict]]:
+def compare_with_sft(
+    policy: GPT,
+    ref: GPT,
+    reward_model,
+    tok,
+    prompts: list,
+    rater: Rater | None,
+    world: World,
+    cfg,
+    seed: int,
+    device,
+) -> tuple[dict, list[dict]]:
     """SFT against PPO on held-out prompts: greedy replies scored by the reward model and (with a world)
     graded by the rater, each gain with its paired 95 % interval; and the KL of replies sampled as in training."""
     metrics: dict[str, float] = {"n_prompts": len(prompts)}
@@ -471,7 +543,11 @@ def compare_with_sft(policy: GPT, ref: GPT, reward_model, tok, prompts: list, ra
             scores = [rater.score(t, r.text, r.ended) for t, r in zip(prompts, replies[name], strict=True)]
             gold[name] = [sc.total for sc in scores]
             groups = {p.name: p.group for p in world.people}
-            metrics |= {f"{name}/{k}": v for k, v in chat_metrics(prompts, replies[name], rater, groups).items() if k != "n_prompts"}
+            metrics |= {
+                f"{name}/{k}": v
+                for k, v in chat_metrics(prompts, replies[name], rater, groups).items()
+                if k != "n_prompts"
+            }
             unknown = [sc.hallucinated for t, sc in zip(prompts, scores, strict=True) if t.kind == "unknown"]
             if unknown:
                 lo, hi = wilson_ci(sum(unknown), len(unknown))
@@ -484,15 +560,23 @@ def compare_with_sft(policy: GPT, ref: GPT, reward_model, tok, prompts: list, ra
     sampled = reply(policy, tok, contexts, cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
     kls = []
     for i in range(0, len(ids), 64):
-        seqs = make_sequences(ids[i : i + 64], [list(r.tokens) or [END_ID] for r in sampled[i : i + 64]]).to(device)
+        seqs = make_sequences(ids[i : i + 64], [list(r.tokens) or [END_ID] for r in sampled[i : i + 64]]).to(
+            device
+        )
         lp, _ = reply_logprobs(policy, seqs, cfg.temperature)
         lp_ref, _ = reply_logprobs(ref, seqs, cfg.temperature)
         kls += ((lp - lp_ref) * seqs.mask).sum(dim=1).tolist()
     metrics["kl_to_sft"], metrics["kl_to_sft_ci95"] = mean_ci(kls)
     rows = []
     for i, t in enumerate(prompts):
-        row = {"kind": t.kind if rater else "prompt", "prompt": context_of(t)[-1]["content"], "sft": replies["sft"][i].text,
-               "ppo": replies["ppo"][i].text, "reward_sft": proxy["sft"][i], "reward_ppo": proxy["ppo"][i]}
+        row = {
+            "kind": t.kind if rater else "prompt",
+            "prompt": context_of(t)[-1]["content"],
+            "sft": replies["sft"][i].text,
+            "ppo": replies["ppo"][i].text,
+            "reward_sft": proxy["sft"][i],
+            "reward_ppo": proxy["ppo"][i],
+        }
         if rater:
             row |= {"gold_sft": gold["sft"][i], "gold_ppo": gold["ppo"][i]}
         rows.append(row)
@@ -504,8 +588,14 @@ def replies_markdown(rows: list[dict], per_kind: int = 6) -> str:
     for kind in sorted({r["kind"] for r in rows}):
         lines.append(f"\n## {kind}\n")
         for r in [r for r in rows if r["kind"] == kind][:per_kind]:
-            grade = {m: f"reward {r[f'reward_{m}']:+.2f}" + (f", gold {r[f'gold_{m}']:+.2f}" if "gold_sft" in r else "") for m in ("sft", "ppo")}
-            lines.append(f"- `{r['prompt']}`\n  - SFT ({grade['sft']}): {r['sft']!r}\n  - PPO ({grade['ppo']}): {r['ppo']!r}")
+            grade = {
+                m: f"reward {r[f'reward_{m}']:+.2f}"
+                + (f", gold {r[f'gold_{m}']:+.2f}" if "gold_sft" in r else "")
+                for m in ("sft", "ppo")
+            }
+            lines.append(
+                f"- `{r['prompt']}`\n  - SFT ({grade['sft']}): {r['sft']!r}\n  - PPO ({grade['ppo']}): {r['ppo']!r}"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -529,20 +619,25 @@ def setup_models(fabric: L.Fabric, sft: GPT, reward_model: RewardModel, cfg) -> 
     value = RewardModel(reward_model.backbone.config, offset=reward_model.offset)
     value.load_state_dict(reward_model.state_dict())
     betas = (cfg.beta1, cfg.beta2)
-    policy, policy_opt = fabric.setup(policy, adamw(policy, cfg.lr, cfg.weight_decay, betas, fabric.device.type))
+    policy, policy_opt = fabric.setup(
+        policy, adamw(policy, cfg.lr, cfg.weight_decay, betas, fabric.device.type)
+    )
     value, value_opt = fabric.setup(value, adamw(value, cfg.lr, cfg.weight_decay, betas, fabric.device.type))
     return Models(policy, value, policy_opt, value_opt, frozen(fabric, sft), frozen(fabric, reward_model))
 
 
-def iteration(fabric: L.Fabric, m: Models, tok, tasks: Sequence, cfg, kl_coef: float, seed: int,
-              rater: Rater | None) -> dict[str, float]:
+def iteration(
+    fabric: L.Fabric, m: Models, tok, tasks: Sequence, cfg, kl_coef: float, seed: int, rater: Rater | None
+) -> dict[str, float]:
     """One PPO iteration on this process's `tasks`: phases 1–5 (`rollout`), then 6 (`ppo_update`); its
     metrics averaged over processes, with the rater's gold score of the rollout when there is a rater.
     Raises NonFiniteLoss before any weight changes if a loss is not finite."""
     prompts = [render(tok, context_of(t), add_generation_prompt=True).ids for t in tasks]
     sample_gen = torch.Generator(fabric.device).manual_seed(seed)
     shuffle_gen = torch.Generator().manual_seed(seed)
-    batch = rollout(m.policy, m.ref, m.reward, m.value, prompts, cfg, kl_coef, sample_gen, sampler=m.policy.module)
+    batch = rollout(
+        m.policy, m.ref, m.reward, m.value, prompts, cfg, kl_coef, sample_gen, sampler=m.policy.module
+    )
     stats = ppo_update(fabric, m.policy, m.value, m.policy_opt, m.value_opt, batch, cfg, shuffle_gen)
     metrics = {**rollout_metrics(batch, kl_coef), **update_metrics(stats)}
     if rater:
@@ -558,7 +653,11 @@ def training_summary(history: list[dict[str, float]]) -> dict[str, float]:
     """The last tenth of training's mean KL, reward-model score and (with a rater) gold score."""
     last = history[-max(1, len(history) // 10) :]
     keys = (("objective/kl", "kl"), ("objective/scores", "reward_score"), ("gold/score", "gold_score"))
-    return {f"train/{name}_final": statistics.fmean(h[key] for h in last) for key, name in keys if last and key in last[0]}
+    return {
+        f"train/{name}_final": statistics.fmean(h[key] for h in last)
+        for key, name in keys
+        if last and key in last[0]
+    }
 
 
 def summary_lines(metrics: dict[str, float]) -> list[str]:
@@ -566,11 +665,15 @@ def summary_lines(metrics: dict[str, float]) -> list[str]:
     m = metrics
     lines = []
     if "gold_gain" in m:
-        lines.append(f"gold {m['sft/gold_score_mean']:.2f} → {m['ppo/gold_score_mean']:.2f} (gain {m['gold_gain']:+.2f} ± "
-                     f"{m['gold_gain_ci95']:.2f}, n={m['n_prompts']:.0f}) · hallucination "
-                     f"{100 * m.get('sft/hallucination_rate', 0):.0f}% → {100 * m.get('ppo/hallucination_rate', 0):.0f}%")
-    lines.append(f"reward model score {m['sft/reward_score_mean']:.2f} → {m['ppo/reward_score_mean']:.2f} (gain "
-                 f"{m['reward_gain']:+.2f} ± {m['reward_gain_ci95']:.2f}, n={m['n_prompts']:.0f}) · KL to SFT {m['kl_to_sft']:.2f}")
+        lines.append(
+            f"gold {m['sft/gold_score_mean']:.2f} → {m['ppo/gold_score_mean']:.2f} (gain {m['gold_gain']:+.2f} ± "
+            f"{m['gold_gain_ci95']:.2f}, n={m['n_prompts']:.0f}) · hallucination "
+            f"{100 * m.get('sft/hallucination_rate', 0):.0f}% → {100 * m.get('ppo/hallucination_rate', 0):.0f}%"
+        )
+    lines.append(
+        f"reward model score {m['sft/reward_score_mean']:.2f} → {m['ppo/reward_score_mean']:.2f} (gain "
+        f"{m['reward_gain']:+.2f} ± {m['reward_gain_ci95']:.2f}, n={m['n_prompts']:.0f}) · KL to SFT {m['kl_to_sft']:.2f}"
+    )
     return lines
 
 
@@ -578,8 +681,14 @@ def launch_fabric(cfg) -> L.Fabric:
     """Lightning Fabric for the ppo section's accelerator, devices, strategy, nodes and precision, launched
     (its processes started), with atomic checkpoint writes; the rollout must split into whole minibatches
     on every process."""
-    fabric = L.Fabric(accelerator=cfg.accelerator, devices=cfg.devices, strategy=cfg.strategy, num_nodes=cfg.num_nodes,
-                      precision=cfg.precision, plugins=[AtomicCheckpointIO()])
+    fabric = L.Fabric(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
+        precision=cfg.precision,
+        plugins=[AtomicCheckpointIO()],
+    )
     fabric.launch()
     if cfg.rollout_batch_size % (fabric.world_size * cfg.minibatch_size):
         raise LlmlabError(
@@ -592,5 +701,7 @@ def launch_fabric(cfg) -> L.Fabric:
 def iteration_line(m: dict[str, float], iteration: int, iterations: int, batch: int) -> str:
     """One iteration's log line: the reward model's score, the KL, the gold score, clipping and ended replies."""
     gold = f"{m['gold/score']:+.2f}" if "gold/score" in m else "n/a"
-    return (f"iteration {iteration}/{iterations} · score {m['objective/scores']:+.2f} · kl {m['objective/kl']:.2f} · "
-            f"gold {gold} · clipfrac {m['policy/clipfrac_avg']:.2f} · {m['val/num_eos_tokens']:.0f}/{batch} ended")
+    return (
+        f"iteration {iteration}/{iterations} · score {m['objective/scores']:+.2f} · kl {m['objective/kl']:.2f} · "
+        f"gold {gold} · clipfrac {m['policy/clipfrac_avg']:.2f} · {m['val/num_eos_tokens']:.0f}/{batch} ended"
+    )

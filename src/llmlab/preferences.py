@@ -71,7 +71,9 @@ def bradley_terry_p(score_a: float, score_b: float, temperature: float) -> float
     return 1.0 / (1.0 + math.exp(-(score_a - score_b) / temperature))
 
 
-def make_pairs(prompt: str, replies: list[tuple[str, bool, float]], temperature: float, rng: random.Random) -> tuple[list[Pair], int]:
+def make_pairs(
+    prompt: str, replies: list[tuple[str, bool, float]], temperature: float, rng: random.Random
+) -> tuple[list[Pair], int]:
     """All pairs of a prompt's replies (text, ended, gold score) with a drawn label; returns (pairs, ties)."""
     pairs, ties = [], 0
     for (ta, ea, sa), (tb, eb, sb) in combinations(replies, 2):
@@ -115,9 +117,17 @@ def split_pair(prompt: Any, chosen: Any, rejected: Any) -> tuple[list[dict], str
         chosen, rejected = parse_transcript(chosen), parse_transcript(rejected)
     elif not (isinstance(chosen, list) and isinstance(rejected, list)):
         raise LlmlabError("chosen and rejected must both be strings or both lists of messages")
-    elif isinstance(prompt, str) and chosen and isinstance(chosen[0], dict) and chosen[0].get("role") == "assistant":
+    elif (
+        isinstance(prompt, str)
+        and chosen
+        and isinstance(chosen[0], dict)
+        and chosen[0].get("role") == "assistant"
+    ):
         # only the replies are messages: the prompt column holds the question
-        chosen, rejected = [{"role": "user", "content": prompt}, *chosen], [{"role": "user", "content": prompt}, *rejected]
+        chosen, rejected = (
+            [{"role": "user", "content": prompt}, *chosen],
+            [{"role": "user", "content": prompt}, *rejected],
+        )
     c, r = check_messages(chosen), check_messages(rejected)
     if not c or not r or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
         raise LlmlabError("chosen and rejected must end with the assistant's reply")
@@ -146,30 +156,56 @@ def external_pairs(cfg, root: Path) -> tuple[list[dict], dict[str, int]]:
     if src.prompt_column is not None:
         columns[src.prompt_column] = f"{key}.prompt_column"
     if cfg.source == "hf":
-        got = hf_rows(src.name, src.config, src.split, src.streaming, columns, key, root, src.max_pairs,
-                      offline_fix="preferences.source: local with preferences.local.paths")
+        got = hf_rows(
+            src.name,
+            src.config,
+            src.split,
+            src.streaming,
+            columns,
+            key,
+            root,
+            src.max_pairs,
+            offline_fix="preferences.source: local with preferences.local.paths",
+        )
     else:
         got = local_rows(src.paths, columns, key, root)
     rows, problems, identical = [], [], 0
     for row in got.rows:
         try:
-            context, chosen, rejected = split_pair(row.get(src.prompt_column), row[src.chosen_column], row[src.rejected_column])
+            context, chosen, rejected = split_pair(
+                row.get(src.prompt_column), row[src.chosen_column], row[src.rejected_column]
+            )
         except LlmlabError as e:
             problems.append(f"{row['_where']}: {e}")
             continue
         if chosen == rejected:
             identical += 1
             continue
-        rows.append({
-            "prompt": context[-1]["content"], "context": json.dumps(context), "chosen": chosen, "rejected": rejected,
-            "chosen_ended": True, "rejected_ended": True, "gold_chosen": math.nan, "gold_rejected": math.nan,
-            "flipped": False, "task": "",
-        })  # fmt: skip
+        rows.append(
+            {
+                "prompt": context[-1]["content"],
+                "context": json.dumps(context),
+                "chosen": chosen,
+                "rejected": rejected,
+                "chosen_ended": True,
+                "rejected_ended": True,
+                "gold_chosen": math.nan,
+                "gold_rejected": math.nan,
+                "flipped": False,
+                "task": "",
+            }
+        )
     require_usable(key, "pair", len(rows), len(got.rows), problems, note=f"; identical replies: {identical}")
-    return rows, {"rows_read": len(got.rows), "dropped_invalid": len(problems), "dropped_identical": identical}
+    return rows, {
+        "rows_read": len(got.rows),
+        "dropped_invalid": len(problems),
+        "dropped_identical": identical,
+    }
 
 
-def rated_pairs(model: GPT, tok: Tokenizer, world: World, cfg: PreferencesConfig, seed: int) -> tuple[dict[str, list[dict]], dict]:
+def rated_pairs(
+    model: GPT, tok: Tokenizer, world: World, cfg: PreferencesConfig, seed: int
+) -> tuple[dict[str, list[dict]], dict]:
     """The SFT model answers rl-pool prompts several times; the rater's scores make noisy-labelled pairs.
     Returns the pairs of each split (rows of `PAIR_SCHEMA`) and the stage's metrics."""
     if not world.people:
@@ -196,7 +232,10 @@ def rated_pairs(model: GPT, tok: Tokenizer, world: World, cfg: PreferencesConfig
         pairs, n_ties = make_pairs(task.prompt, scored, cfg.label_temperature, rng)
         ties += n_ties
         context = json.dumps([{"role": "user", "content": task.prompt}])
-        rows = [{**p.__dict__, "context": context, "flipped": p.flipped, "task": json.dumps(task.to_dict())} for p in pairs]
+        rows = [
+            {**p.__dict__, "context": context, "flipped": p.flipped, "task": json.dumps(task.to_dict())}
+            for p in pairs
+        ]
         splits["validation" if i < n_val else "train"] += rows
     every = splits["train"] + splits["validation"]
     metrics = {
@@ -217,12 +256,18 @@ def rated_pairs(model: GPT, tok: Tokenizer, world: World, cfg: PreferencesConfig
 # One preference pair per row: written by the preferences stage, read by the reward and PPO stages.
 PAIR_SCHEMA = pa.schema(
     [
-        ("prompt", pa.string()), ("context", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
-        ("chosen_ended", pa.bool_()), ("rejected_ended", pa.bool_()),
-        ("gold_chosen", pa.float64()), ("gold_rejected", pa.float64()),
-        ("flipped", pa.bool_()), ("task", pa.string()),
+        ("prompt", pa.string()),
+        ("context", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("chosen_ended", pa.bool_()),
+        ("rejected_ended", pa.bool_()),
+        ("gold_chosen", pa.float64()),
+        ("gold_rejected", pa.float64()),
+        ("flipped", pa.bool_()),
+        ("task", pa.string()),
     ]
-)  # fmt: skip
+)
 
 
 def write_pairs(out_dir: str | Path, splits: dict[str, list[dict]]) -> None:
@@ -239,7 +284,9 @@ def read_pairs(folder: Path, split: str) -> list[dict]:
         raise MissingArtifactError(path, "preferences")
     rows = pq.read_table(path).to_pylist()
     if split == "train" and len(rows) < 2:
-        raise LlmlabError(f"{path}: {len(rows)} training pairs; raise preferences.n_prompts or samples_per_prompt")
+        raise LlmlabError(
+            f"{path}: {len(rows)} training pairs; raise preferences.n_prompts or samples_per_prompt"
+        )
     return rows
 
 

@@ -33,14 +33,31 @@ class TokenWindows(Dataset):
     training first.
     """
 
-    def __init__(self, tokens, context_length: int, n_items: int, seed: int, first: int = 0, starts: np.ndarray | None = None):
+    def __init__(
+        self,
+        tokens,
+        context_length: int,
+        n_items: int,
+        seed: int,
+        first: int = 0,
+        starts: np.ndarray | None = None,
+    ):
         if len(tokens) < context_length + 2:
-            raise ValueError(f"token file has {len(tokens)} tokens, fewer than context_length + 2 = {context_length + 2}")
+            raise ValueError(
+                f"token file has {len(tokens)} tokens, fewer than context_length + 2 = {context_length + 2}"
+            )
         if starts is not None:
             starts = starts[starts <= len(tokens) - context_length - 1]
             if not len(starts):
                 raise ValueError("no document starts before the last window: the token file holds no <|bos|>")
-        self.tokens, self.T, self.n_items, self.seed, self.first, self.starts = tokens, context_length, n_items, seed, first, starts
+        self.tokens, self.T, self.n_items, self.seed, self.first, self.starts = (
+            tokens,
+            context_length,
+            n_items,
+            seed,
+            first,
+            starts,
+        )
 
     def __len__(self) -> int:
         return self.n_items
@@ -86,16 +103,23 @@ def probes(world: World, tok: Tokenizer, cfg: PretrainConfig, seed: int) -> tupl
     """What is measured at every validation: fact recall on `recall_probe_people` people spread over the
     world, and copy accuracy on `copy_probes` context documents; and the copy probes themselves."""
     known = world.known()
-    people = known[:: max(1, len(known) // cfg.recall_probe_people)][: cfg.recall_probe_people] if cfg.recall_probe_people else []
+    people = (
+        known[:: max(1, len(known) // cfg.recall_probe_people)][: cfg.recall_probe_people]
+        if cfg.recall_probe_people
+        else []
+    )
     out = [Probe("fact_recall", lambda model: fact_recall(model, tok, people).accuracy)] if people else []
     copy_items = copy_probes(world, cfg.copy_probes, seed) if world.people else []
     if copy_items:
-        out.append(Probe("copy_accuracy", lambda model: copy_accuracy(model, tok, copy_items)["copy_accuracy"]))
+        out.append(
+            Probe("copy_accuracy", lambda model: copy_accuracy(model, tok, copy_items)["copy_accuracy"])
+        )
     return out, copy_items
 
 
-def final_measurements(model: GPT, tok: Tokenizer, world: World, cfg: PretrainConfig, seed: int,
-                       copy_items: list) -> tuple[dict[str, float], dict[str, object]]:
+def final_measurements(
+    model: GPT, tok: Tokenizer, world: World, cfg: PretrainConfig, seed: int, copy_items: list
+) -> tuple[dict[str, float], dict[str, object]]:
     """The finished model's fact recall (every known person, or `recall_people`) and copy accuracy as
     metrics, and the report files behind them: samples at T = 0 and 1, recall and copy examples."""
     people = world.known()[: cfg.recall_people] if cfg.recall_people else world.known()
@@ -110,11 +134,16 @@ def final_measurements(model: GPT, tok: Tokenizer, world: World, cfg: PretrainCo
             **{f"fact_recall_by_attribute/{k}": v for k, v in recall.by_attribute.items()},
             **{f"fact_recall_by_group/{k}": v for k, v in recall.by_group.items()},
         }
-    files: dict[str, object] = {"samples.json": rows, "fact_recall_examples.json": recall.examples,
-                                "samples.md": _samples_markdown(rows)}
+    files: dict[str, object] = {
+        "samples.json": rows,
+        "fact_recall_examples.json": recall.examples,
+        "samples.md": _samples_markdown(rows),
+    }
     if copy_items:
         copying = copy_accuracy(model, tok, copy_items)
-        metrics |= {k: v for k, v in copying.items() if k.startswith("copy_accuracy")} | {"copy_accuracy_n": copying["n"]}
+        metrics |= {k: v for k, v in copying.items() if k.startswith("copy_accuracy")} | {
+            "copy_accuracy_n": copying["n"]
+        }
         files["copy_examples.json"] = copying["examples"]
     return metrics, files
 
@@ -130,5 +159,7 @@ def summary_line(metrics: dict, speed: dict) -> str:
     """The stage's last log line: validation loss, fact recall, copy accuracy and speed."""
     recall = f"{metrics['fact_recall']:.1%}" if "fact_recall" in metrics else "n/a (no synthetic world)"
     copying = f"{metrics['copy_accuracy']:.1%}" if "copy_accuracy" in metrics else "n/a"
-    return (f"val loss {metrics['val_loss']:.3f} (ppl {metrics['val_perplexity']:.1f}) · fact recall {recall} · copy accuracy "
-            f"{copying} · {speed['tokens_per_s']:.0f} tokens/s · MFU {100 * speed['mfu']:.1f}%")
+    return (
+        f"val loss {metrics['val_loss']:.3f} (ppl {metrics['val_perplexity']:.1f}) · fact recall {recall} · copy accuracy "
+        f"{copying} · {speed['tokens_per_s']:.0f} tokens/s · MFU {100 * speed['mfu']:.1f}%"
+    )

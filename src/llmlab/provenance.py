@@ -32,7 +32,9 @@ def dvc_md5(path: str | Path) -> str:
     entries = [
         {"md5": file_hash(f, "md5"), "relpath": f.relative_to(path).as_posix()}
         for f in path.rglob("*")
-        if f.is_file() and not f.name.endswith(IGNORED_SUFFIXES) and not IGNORED_DIRS & set(f.relative_to(path).parts)
+        if f.is_file()
+        and not f.name.endswith(IGNORED_SUFFIXES)
+        and not IGNORED_DIRS & set(f.relative_to(path).parts)
     ]
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"

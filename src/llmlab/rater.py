@@ -90,7 +90,15 @@ ARITH_WORKING = 0.25  # the task asked for working (cot) and the answer shows it
 NO_ANSWER = -1.0  # fact / about / arithmetic / unknown: neither an answer nor an admission of ignorance
 # The task lines that count as an answer (right or wrong): without one of them, and without an admission
 # of ignorance, a reply to a question has not answered it.
-_ANSWER_LINES = {"correct_fact", "wrong_fact", "true_facts", "wrong_facts", "correct_result", "wrong_result", "hallucination"}
+_ANSWER_LINES = {
+    "correct_fact",
+    "wrong_fact",
+    "true_facts",
+    "wrong_facts",
+    "correct_result",
+    "wrong_result",
+    "hallucination",
+}
 POLITE = 0.25
 RAMBLING = -1.0  # once, however many of the rambling rules fire
 CLEAN_ENDING = 0.5
@@ -99,7 +107,14 @@ EMPTY = -2.0
 
 # Rambling: more words than this for the kind (an "about" summary or written-out addition is longer).
 # The longest addition `addition_steps` writes (9 + 9 digits) has about 90 words, so working never rambles.
-MAX_WORDS: dict[TaskKind, int] = {"fact": 60, "unknown": 60, "harmful": 60, "about": 120, "arithmetic": 120, "context": 60}
+MAX_WORDS: dict[TaskKind, int] = {
+    "fact": 60,
+    "unknown": 60,
+    "harmful": 60,
+    "about": 120,
+    "arithmetic": 120,
+    "context": 60,
+}
 NGRAM = 4  # rambling: a run of NGRAM words ...
 NGRAM_REPEATS = 3  # ... said this many times
 
@@ -321,7 +336,9 @@ class Rater:
             )
         if task.kind == "context":
             if task.value is None or task.person is None:
-                raise LlmlabError(f"context task {task.prompt!r} needs the person and the value the conversation states")
+                raise LlmlabError(
+                    f"context task {task.prompt!r} needs the person and the value the conversation states"
+                )
             truth, names = task.value, [task.person]
         else:
             truth, names = self._person(task).facts()[task.attribute], []
@@ -430,7 +447,9 @@ def gold_scores(
     return [rater.score(t, r, e) for t, r, e in zip(tasks, responses, ended, strict=True)]
 
 
-def chat_metrics(tasks: Sequence[Task], replies: Sequence, rater: Rater, people_group: dict[str, str]) -> dict[str, float]:
+def chat_metrics(
+    tasks: Sequence[Task], replies: Sequence, rater: Rater, people_group: dict[str, str]
+) -> dict[str, float]:
     """Format adherence, accuracy per task kind and per group, and the rater's gold score, over `tasks`."""
     n = len(tasks)
     scores = [rater.score(t, r.text, r.ended) for t, r in zip(tasks, replies, strict=True)]
@@ -457,8 +476,11 @@ def chat_metrics(tasks: Sequence[Task], replies: Sequence, rater: Rater, people_
     metrics["politeness_rate"] = sum(s.polite for s in scores) / n
     # Does the reply name the person it was asked about? Only a model that reads its context can, for people
     # SFT never showed it (held-out and unknown): their names are in no answer it was trained on.
-    unseen = [(t, r) for t, r in zip(tasks, replies, strict=True)
-              if t.kind in ("fact", "about", "unknown") and people_group[t.person] in ("heldout", "unknown")]
+    unseen = [
+        (t, r)
+        for t, r in zip(tasks, replies, strict=True)
+        if t.kind in ("fact", "about", "unknown") and people_group[t.person] in ("heldout", "unknown")
+    ]
     if unseen:
         metrics["name_copy_rate"] = sum(t.person in r.text for t, r in unseen) / len(unseen)
         for g in ("heldout", "unknown"):

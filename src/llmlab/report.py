@@ -48,7 +48,9 @@ def difference(higher: Mapping[str, float], lower: Mapping[str, float]) -> tuple
     return lo > 0, f"difference {100 * d:+.1f} points, 95 % interval [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
-def compare(claim: str, higher: Mapping[str, float], lower: Mapping[str, float], names: tuple[str, str]) -> str:
+def compare(
+    claim: str, higher: Mapping[str, float], lower: Mapping[str, float], names: tuple[str, str]
+) -> str:
     """The verdict line of a claim that `higher` exceeds `lower`, with both rates and their difference."""
     shown, diff = difference(higher, lower)
     return verdict(shown, claim, f"{names[0]} {pct(higher)} vs {names[1]} {pct(lower)}; {diff}")
@@ -63,7 +65,9 @@ def pooled(rates: list[Mapping[str, float]]) -> dict[str, float]:
 def verdict(shown: bool, what: str, numbers: str) -> str:
     if shown:
         return f"**Shown:** {what} ({numbers})."
-    return f"**Not shown convincingly by this model:** {what} — the difference is within the noise ({numbers})."
+    return (
+        f"**Not shown convincingly by this model:** {what} — the difference is within the noise ({numbers})."
+    )
 
 
 def flat(d: Mapping[str, Any]) -> dict[str, float]:
@@ -75,8 +79,17 @@ def flat(d: Mapping[str, Any]) -> dict[str, float]:
 
 def token_figures(report: Mapping[str, Any]) -> dict[str, Any]:
     """The tokenizer stage's measurements the report cites (see tokenizer.tokenizer_report)."""
-    keys = ("chars_per_token", "words_per_token", "chars_per_1000_tokens", "words_per_1000_tokens",
-            "tokens_per_number", "tokens_per_number_spaced", "tokens_per_word", "vocab_size", "validation")  # fmt: skip
+    keys = (
+        "chars_per_token",
+        "words_per_token",
+        "chars_per_1000_tokens",
+        "words_per_1000_tokens",
+        "tokens_per_number",
+        "tokens_per_number_spaced",
+        "tokens_per_word",
+        "vocab_size",
+        "validation",
+    )
     out = {k: report[k] for k in keys if k in report}
     out["example_tokens"] = {e["word"]: e["n_tokens"] for e in report.get("examples", [])}
     return out
@@ -86,29 +99,38 @@ def scaling_rows(result: Mapping[str, Any]) -> list[dict[str, float]]:
     """attention_scaling's result as one row per sequence length (for `dvc plots` and the report's table)."""
     rows = []
     for i, T in enumerate(result["lengths"]):
-        rows.append({
-            "seq_len": T,
-            "attention_ms": 1e3 * result["attention_explicit"]["time_s"][i],
-            "sdpa_ms": 1e3 * result["attention_sdpa"]["time_s"][i],
-            "model_ms": 1e3 * result["model"]["time_s"][i],
-            "attention_mem_mb": result["attention_explicit"]["memory_bytes"][i] / 2**20,
-            "sdpa_mem_mb": result["attention_sdpa"]["memory_bytes"][i] / 2**20,
-            "model_mem_mb": result["model"]["memory_bytes"][i] / 2**20,
-        })  # fmt: skip
+        rows.append(
+            {
+                "seq_len": T,
+                "attention_ms": 1e3 * result["attention_explicit"]["time_s"][i],
+                "sdpa_ms": 1e3 * result["attention_sdpa"]["time_s"][i],
+                "model_ms": 1e3 * result["model"]["time_s"][i],
+                "attention_mem_mb": result["attention_explicit"]["memory_bytes"][i] / 2**20,
+                "sdpa_mem_mb": result["attention_sdpa"]["memory_bytes"][i] / 2**20,
+                "model_mem_mb": result["model"]["memory_bytes"][i] / 2**20,
+            }
+        )
     return rows
 
 
 # ------------------------------------------------------------------------------------------ figures
 
 
-def figures(folder: Path, m: Mapping, details: Mapping, loss: Mapping, calibration: list, iterations: list,
-            weights, tokens: list[str]) -> dict[str, str]:
+def figures(
+    folder: Path,
+    m: Mapping,
+    details: Mapping,
+    loss: Mapping,
+    calibration: list,
+    iterations: list,
+    weights,
+    tokens: list[str],
+) -> dict[str, str]:
     """Draw every figure into `folder`; return {name: file name}."""
     import matplotlib  # here, not at the top: the Agg backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     out: dict[str, str] = {}
 
@@ -120,31 +142,65 @@ def figures(folder: Path, m: Mapping, details: Mapping, loss: Mapping, calibrati
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in loss["train"]], [r["loss"] for r in loss["train"]], label="train", lw=0.8)
-    ax.plot([r["step"] for r in loss["val"]], [r["loss"] for r in loss["val"]], "o-", label="validation (held-out text)")
-    ax.set(xlabel="optimiser step", ylabel="next-token cross-entropy (nats)", yscale="log", title="Pretraining loss")
+    ax.plot(
+        [r["step"] for r in loss["val"]],
+        [r["loss"] for r in loss["val"]],
+        "o-",
+        label="validation (held-out text)",
+    )
+    ax.set(
+        xlabel="optimiser step",
+        ylabel="next-token cross-entropy (nats)",
+        yscale="log",
+        title="Pretraining loss",
+    )
     ax.legend()
     save(fig, "pretraining_loss")
 
     if "suite" in m:
         names = [n for n in MODEL_NAMES if n in m["suite"]]
-        rows = [("format adherence", lambda s: s["format_adherence"]), ("accuracy", lambda s: s["accuracy"]),
-                ("hallucination\n(unknown people)", lambda s: s["hallucination"]),
-                ("refusal\n(harmful requests)", lambda s: s["refusal_harmful"]), ("politeness", lambda s: s["politeness"])]  # fmt: skip
+        rows = [
+            ("format adherence", lambda s: s["format_adherence"]),
+            ("accuracy", lambda s: s["accuracy"]),
+            ("hallucination\n(unknown people)", lambda s: s["hallucination"]),
+            ("refusal\n(harmful requests)", lambda s: s["refusal_harmful"]),
+            ("politeness", lambda s: s["politeness"]),
+        ]
         fig, ax = plt.subplots(figsize=(8, 3.8))
         width = 0.8 / len(names)
         for i, name in enumerate(names):
             rs = [get(m["suite"][name]) for _, get in rows]
             xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(rows))]
-            ax.bar(xs, [r["rate"] if r["n"] else 0.0 for r in rs], width, yerr=error_bars(rs), capsize=2, label=MODEL_NAMES[name])
+            ax.bar(
+                xs,
+                [r["rate"] if r["n"] else 0.0 for r in rs],
+                width,
+                yerr=error_bars(rs),
+                capsize=2,
+                label=MODEL_NAMES[name],
+            )
         ax.set_xticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
-        ax.set(ylim=(0, 1.05), ylabel="rate (95 % CI)", title=f"The same {m['suite']['n_prompts']} held-out prompts")
+        ax.set(
+            ylim=(0, 1.05),
+            ylabel="rate (95 % CI)",
+            title=f"The same {m['suite']['n_prompts']} held-out prompts",
+        )
         ax.legend(fontsize=8)
         save(fig, "models")
 
     fig, ax = plt.subplots(figsize=(4.2, 4))
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
-    ax.plot([r["predicted"] for r in calibration], [r["observed"] for r in calibration], "o-", label="reward model")
-    ax.set(xlabel="predicted P(chosen preferred)", ylabel="observed share preferred", title="Reward model calibration")
+    ax.plot(
+        [r["predicted"] for r in calibration],
+        [r["observed"] for r in calibration],
+        "o-",
+        label="reward model",
+    )
+    ax.set(
+        xlabel="predicted P(chosen preferred)",
+        ylabel="observed share preferred",
+        title="Reward model calibration",
+    )
     ax.legend(fontsize=8)
     save(fig, "reward_calibration")
 
@@ -169,10 +225,19 @@ def figures(folder: Path, m: Mapping, details: Mapping, loss: Mapping, calibrati
         T = [r["temperature"] for r in rows_t]
         fig, ax = plt.subplots(figsize=(6, 3.8))
         acc = [r["accuracy"] for r in rows_t]
-        ax.errorbar(T, [num(a["rate"]) for a in acc], yerr=error_bars(acc), fmt="o-", capsize=3, label="accuracy (95 % CI)")
+        ax.errorbar(
+            T,
+            [num(a["rate"]) for a in acc],
+            yerr=error_bars(acc),
+            fmt="o-",
+            capsize=3,
+            label="accuracy (95 % CI)",
+        )
         ax.plot(T, [r["distinct_2"] for r in rows_t], "s--", label="distinct-2 (diversity)")
         ax.plot(T, [r["unique_share"] for r in rows_t], "^:", label="different samples per prompt")
-        ax.set(xlabel="temperature", ylim=(0, 1.05), title="PPO model: temperature trades accuracy for diversity")
+        ax.set(
+            xlabel="temperature", ylim=(0, 1.05), title="PPO model: temperature trades accuracy for diversity"
+        )
         ax.legend(fontsize=8)
         save(fig, "temperature")
 
@@ -181,18 +246,32 @@ def figures(folder: Path, m: Mapping, details: Mapping, loss: Mapping, calibrati
         for model, rows_c in m["chain_of_thought"].items():
             for fmt, style in (("step_by_step", "o-"), ("bare", "s--")):
                 sel = [r for r in rows_c.values() if r["format"] == fmt]
-                ax.plot([r["digits"] for r in sel], [num(r["accuracy"]["rate"]) for r in sel], style,
-                        label=f"{MODEL_NAMES[model]}, {fmt.replace('_', ' ')}")
-        ax.set(xlabel="digits per addend", ylabel="accuracy", ylim=(0, 1.05), title="Addition: working written out vs bare answer")
+                ax.plot(
+                    [r["digits"] for r in sel],
+                    [num(r["accuracy"]["rate"]) for r in sel],
+                    style,
+                    label=f"{MODEL_NAMES[model]}, {fmt.replace('_', ' ')}",
+                )
+        ax.set(
+            xlabel="digits per addend",
+            ylabel="accuracy",
+            ylim=(0, 1.05),
+            title="Addition: working written out vs bare answer",
+        )
         ax.legend(fontsize=8)
         save(fig, "chain_of_thought")
 
     plot_scaling(details["attention_cost"], folder / "attention_cost.png")
     out["attention_cost"] = "attention_cost.png"
     heads = details["attention_maps"]["heads"]
-    plot_heads(weights, tokens, [(h["layer"], h["head"]) for h in heads], folder / "attention_heads.png",
-               title="Attention of the base model (row: query token; column: the token it reads)",
-               captions=[f"{h['role']} head" for h in heads])
+    plot_heads(
+        weights,
+        tokens,
+        [(h["layer"], h["head"]) for h in heads],
+        folder / "attention_heads.png",
+        title="Attention of the base model (row: query token; column: the token it reads)",
+        captions=[f"{h['role']} head" for h in heads],
+    )
     out["attention_heads"] = "attention_heads.png"
     return out
 
@@ -236,8 +315,10 @@ def markdown(m: Mapping, details: Mapping, fig: Mapping[str, str], iterations: l
         parts.append(_position(m, details))
         parts.append(_distractors(m))
     times = ", ".join(f"{k} {v:.0f} s" for k, v in details["timings_s"].items())
-    parts.append(f"---\nMeasured by the `evaluate` stage ({times}). Every reply behind these numbers: "
-                 "`reports/evaluate/details.json`.\n")  # fmt: skip
+    parts.append(
+        f"---\nMeasured by the `evaluate` stage ({times}). Every reply behind these numbers: "
+        "`reports/evaluate/details.json`.\n"
+    )
     return "\n".join(parts)
 
 
@@ -259,16 +340,21 @@ and no rater to grade answers against the truth. Sections 2 (loss), 5, 6 and 9�
 def _tokens(t: Mapping, tokens_of: Mapping[str, list[str]]) -> str:
     nums = t["tokens_per_number"]
     spaced = t.get("tokens_per_number_spaced", {})
-    table = "\n".join(f"| {k.split('_')[0]} | {v:.2f} | {spaced.get(k, float('nan')):.2f} |" for k, v in nums.items())
+    table = "\n".join(
+        f"| {k.split('_')[0]} | {v:.2f} | {spaced.get(k, float('nan')):.2f} |" for k, v in nums.items()
+    )
     w = t["tokens_per_word"]
     v = t["validation"]
-    examples = "\n".join(f"| `{word!r}` | {' '.join('`' + p.replace(' ', '·') + '`' for p in pieces)} | {len(pieces)} |" for word, pieces in tokens_of.items())
+    examples = "\n".join(
+        f"| `{word!r}` | {' '.join('`' + p.replace(' ', '·') + '`' for p in pieces)} | {len(pieces)} |"
+        for word, pieces in tokens_of.items()
+    )
     return f"""## 1. Models read tokens, not characters or words
 
-The tokenizer ({t['vocab_size']} tokens, trained with BPE on this corpus) cuts held-out text
-({v['documents']} documents, {v['characters']:,} characters) into **{t['chars_per_token']:.2f} characters per
-token** ({t['words_per_token']:.2f} words per token). A 1,000-token context therefore holds about
-**{t['chars_per_1000_tokens']:,.0f} characters, or {t['words_per_1000_tokens']:,.0f} words**, of this kind of text.
+The tokenizer ({t["vocab_size"]} tokens, trained with BPE on this corpus) cuts held-out text
+({v["documents"]} documents, {v["characters"]:,} characters) into **{t["chars_per_token"]:.2f} characters per
+token** ({t["words_per_token"]:.2f} words per token). A 1,000-token context therefore holds about
+**{t["chars_per_1000_tokens"]:,.0f} characters, or {t["words_per_1000_tokens"]:,.0f} words**, of this kind of text.
 
 Numbers are cut into digits (200 random numbers per length):
 
@@ -276,9 +362,9 @@ Numbers are cut into digits (200 random numbers per length):
 |---|---|---|
 {table}
 
-Frequent words are single tokens, rare ones are spelled out in pieces: the {w['n_common']} most common
-words of the held-out text take **{w['common']:.2f}** tokens each, its {w['n_rare']} least frequent (seen at most
-{w.get('rare_max_count', 1)} times) take **{w['rare']:.2f}**. The article's example words, token by token (· is a space):
+Frequent words are single tokens, rare ones are spelled out in pieces: the {w["n_common"]} most common
+words of the held-out text take **{w["common"]:.2f}** tokens each, its {w["n_rare"]} least frequent (seen at most
+{w.get("rare_max_count", 1)} times) take **{w["rare"]:.2f}**. The article's example words, token by token (· is a space):
 
 | text | tokens | count |
 |---|---|---|
@@ -290,23 +376,34 @@ def _pretraining(m: Mapping, details: Mapping, fig: Mapping) -> str:
     p = m["pretraining"]
     text = f"""## 2. Pretraining is next-token prediction
 
-![pretraining loss]({fig['pretraining_loss']})
+![pretraining loss]({fig["pretraining_loss"]})
 
-The only objective is the cross-entropy of the next token: it fell to {p['final_train_loss']:.3f} (train)
-and {p['final_val_loss']:.3f} (held-out text) after {p['steps']:,} steps.
+The only objective is the cross-entropy of the next token: it fell to {p["final_train_loss"]:.3f} (train)
+and {p["final_val_loss"]:.3f} (held-out text) after {p["steps"]:,} steps.
 """
     if "suite" in m:
         s = m["suite"]
-        text += f"""
+        text += (
+            f"""
 Does a model that was only pretrained answer a question put in the chat format, and stop? **Format
 adherence** (a reply that closes its turn with `<|end|>` and writes no other role's turn), on the same
-{s['n_prompts']} held-out prompts:
+{s["n_prompts"]} held-out prompts:
 
 | model | format adherence |
 |---|---|
-""" + "\n".join(f"| {MODEL_NAMES[n]} | {pct(s[n]['format_adherence'])} |" for n in MODEL_NAMES) + "\n\n"
-        text += compare("pretraining alone does not teach the chat format; SFT does", s["sft"]["format_adherence"],
-                        s["base"]["format_adherence"], ("SFT", "base")) + "\n"  # fmt: skip
+"""
+            + "\n".join(f"| {MODEL_NAMES[n]} | {pct(s[n]['format_adherence'])} |" for n in MODEL_NAMES)
+            + "\n\n"
+        )
+        text += (
+            compare(
+                "pretraining alone does not teach the chat format; SFT does",
+                s["sft"]["format_adherence"],
+                s["base"]["format_adherence"],
+                ("SFT", "base"),
+            )
+            + "\n"
+        )
         ex = details.get("base_plain_text", [])[:3]
         if ex:
             text += "\nThe base model given a question as plain text continues it as a document:\n\n"
@@ -319,26 +416,41 @@ def _knowledge(m: Mapping) -> str:
     g = {n: s[n]["fact_accuracy_by_group"] for n in ("sft", "ppo")}
     by_group = k.get("fact_recall_base_by_group", {})
     shown, diff = difference(g["sft"]["sft"], g["sft"]["heldout"])
-    reading = ("The base model stored both groups' facts alike; SFT taught the model to retrieve the facts of the "
-               "people it was drilled on, and that skill did not carry over to the rest: their facts stay in the "
-               "weights (statement completion finds them) but do not come out as answers.") if shown else ""  # fmt: skip
+    reading = (
+        (
+            "The base model stored both groups' facts alike; SFT taught the model to retrieve the facts of the "
+            "people it was drilled on, and that skill did not carry over to the rest: their facts stay in the "
+            "weights (statement completion finds them) but do not come out as answers."
+        )
+        if shown
+        else ""
+    )
     return f"""## 3. Knowledge lives in the weights
 
 **Fact recall of the base model**: completing the canonical statement of a fact ("… lives in") greedily,
-it gives the true value for {pct(k['fact_recall_base'])} of {k['fact_recall_base']['n']} facts
-(people SFT will ask about: {100 * by_group.get('sft', math.nan):.1f} %; people only the corpus mentions:
-{100 * by_group.get('heldout', math.nan):.1f} %). Nothing but pretraining put them there.
+it gives the true value for {pct(k["fact_recall_base"])} of {k["fact_recall_base"]["n"]} facts
+(people SFT will ask about: {100 * by_group.get("sft", math.nan):.1f} %; people only the corpus mentions:
+{100 * by_group.get("heldout", math.nan):.1f} %). Nothing but pretraining put them there.
 
 Asked as questions after SFT — about people SFT asked other questions about, and about people only the
 corpus mentioned:
 
 | model | fact questions, people SFT asked about | people only in the corpus |
 |---|---|---|
-| SFT | {pct(g['sft']['sft'])}, n={g['sft']['sft']['n']} | {pct(g['sft']['heldout'])}, n={g['sft']['heldout']['n']} |
-| PPO | {pct(g['ppo']['sft'])}, n={g['ppo']['sft']['n']} | {pct(g['ppo']['heldout'])}, n={g['ppo']['heldout']['n']} |
+| SFT | {pct(g["sft"]["sft"])}, n={g["sft"]["sft"]["n"]} | {pct(g["sft"]["heldout"])}, n={
+        g["sft"]["heldout"]["n"]
+    } |
+| PPO | {pct(g["ppo"]["sft"])}, n={g["ppo"]["sft"]["n"]} | {pct(g["ppo"]["heldout"])}, n={
+        g["ppo"]["heldout"]["n"]
+    } |
 
-{verdict(shown, "SFT answers about the people it practised on better than about people only the corpus mentioned",
-         f"practised {pct(g['sft']['sft'])} vs corpus only {pct(g['sft']['heldout'])}; {diff}")}
+{
+        verdict(
+            shown,
+            "SFT answers about the people it practised on better than about people only the corpus mentioned",
+            f"practised {pct(g['sft']['sft'])} vs corpus only {pct(g['sft']['heldout'])}; {diff}",
+        )
+    }
 {reading}
 {_diagnosis(m)}"""
 
@@ -352,7 +464,8 @@ def _diagnosis(m: Mapping) -> str:
     rows = "\n".join(
         f"| {n.upper() if n != 'base' else 'base'} | {100 * k[f'fact_recall_{n}_by_group'].get('heldout', math.nan):.1f} % "
         f"| {100 * k[f'name_probe_{n}'].get('mean', math.nan):.1f} % | {pct(s[n]['fact_accuracy_by_group']['heldout'])} |"
-        for n in models)  # fmt: skip
+        for n in models
+    )
     return f"""
 **Stored, or extracted?** For the people only the corpus mentions: completing a fact's statement (the fact is in
 the weights), a linear probe reading the fact from the model's state at the person's name alone (stored where a
@@ -366,35 +479,54 @@ question can find it; trained on the SFT people, tested on these), and answering
 
 def _post_training(m: Mapping, fig: Mapping) -> str:
     s, k, ppl = m["suite"], m["knowledge"], m["perplexity"]
-    rows = [("accuracy (all kinds)", lambda x: pct(x["accuracy"])),
-            ("hallucination: invents facts about unknown people", lambda x: pct(x["hallucination"])),
-            ("refuses harmful requests", lambda x: pct(x["refusal_harmful"])),
-            ("declines answerable fact questions", lambda x: pct(x["over_refusal"])),
-            ("polite", lambda x: pct(x["politeness"])),
-            ("mean gold score (rater)", lambda x: avg(x["gold_score"]))]  # fmt: skip
+    rows = [
+        ("accuracy (all kinds)", lambda x: pct(x["accuracy"])),
+        ("hallucination: invents facts about unknown people", lambda x: pct(x["hallucination"])),
+        ("refuses harmful requests", lambda x: pct(x["refusal_harmful"])),
+        ("declines answerable fact questions", lambda x: pct(x["over_refusal"])),
+        ("polite", lambda x: pct(x["politeness"])),
+        ("mean gold score (rater)", lambda x: avg(x["gold_score"])),
+    ]
     table = "| | " + " | ".join(MODEL_NAMES[n] for n in MODEL_NAMES) + " |\n|---|---|---|---|\n"
-    table += "\n".join(f"| {label} | " + " | ".join(get(s[n]) for n in MODEL_NAMES) + " |" for label, get in rows)
+    table += "\n".join(
+        f"| {label} | " + " | ".join(get(s[n]) for n in MODEL_NAMES) + " |" for label, get in rows
+    )
     n_unknown, n_harmful = s["ppo"]["hallucination"]["n"], s["ppo"]["refusal_harmful"]["n"]
     sft, ppo = s["sft"], s["ppo"]
-    hall = compare("RLHF lowers the rate of invented answers", sft["hallucination"], ppo["hallucination"], ("SFT", "PPO"))
-    harm = compare("RLHF raises the refusal of harmful requests", ppo["refusal_harmful"], sft["refusal_harmful"], ("PPO", "SFT"))
+    hall = compare(
+        "RLHF lowers the rate of invented answers", sft["hallucination"], ppo["hallucination"], ("SFT", "PPO")
+    )
+    harm = compare(
+        "RLHF raises the refusal of harmful requests",
+        ppo["refusal_harmful"],
+        sft["refusal_harmful"],
+        ("PPO", "SFT"),
+    )
     tone = compare("RLHF makes the replies more polite", ppo["politeness"], sft["politeness"], ("PPO", "SFT"))
-    recall = compare("fine-tuning costs knowledge the base model had: fact recall falls from base to PPO",
-                     k["fact_recall_base"], k["fact_recall_ppo"], ("base", "PPO"))  # fmt: skip
-    tax = compare("RLHF costs answers: PPO declines answerable fact questions more often than SFT",
-                  ppo["over_refusal"], sft["over_refusal"], ("PPO", "SFT"))  # fmt: skip
+    recall = compare(
+        "fine-tuning costs knowledge the base model had: fact recall falls from base to PPO",
+        k["fact_recall_base"],
+        k["fact_recall_ppo"],
+        ("base", "PPO"),
+    )
+    tax = compare(
+        "RLHF costs answers: PPO declines answerable fact questions more often than SFT",
+        ppo["over_refusal"],
+        sft["over_refusal"],
+        ("PPO", "SFT"),
+    )
     gain = s["gold_gain_ppo_vs_sft"]
     return f"""## 4. SFT teaches the format; RLHF shapes behaviour, at a price
 
-![the three models]({fig['models']})
+![the three models]({fig["models"]})
 
-The same {s['n_prompts']} held-out prompts ({n_unknown} about people who exist nowhere, {n_harmful} harmful
+The same {s["n_prompts"]} held-out prompts ({n_unknown} about people who exist nowhere, {n_harmful} harmful
 requests), same sampling, graded by the rater against the world's truth:
 
 {table}
 
-- SFT against base: gold score {avg(s['gold_gain_sft_vs_base'])} (paired, n={s['gold_gain_sft_vs_base']['n']}).
-- PPO against SFT: gold score {avg(gain)} (paired, n={gain['n']}).
+- SFT against base: gold score {avg(s["gold_gain_sft_vs_base"])} (paired, n={s["gold_gain_sft_vs_base"]["n"]}).
+- PPO against SFT: gold score {avg(gain)} (paired, n={gain["n"]}).
 - {hall}
 - {harm}
 - {tone}
@@ -404,9 +536,9 @@ requests), same sampling, graded by the rater against the world's truth:
 
 | | base | SFT | PPO |
 |---|---|---|---|
-| perplexity on held-out pretraining text ({ppl['base']['tokens']:,} tokens) | {ppl['base']['perplexity']:.2f} | {ppl['sft']['perplexity']:.2f} | {ppl['ppo']['perplexity']:.2f} |
-| fact recall by statement completion | {pct(k['fact_recall_base'])} | {pct(k['fact_recall_sft'])} | {pct(k['fact_recall_ppo'])} |
-| fact questions answered correctly | {pct(s['base']['accuracy_by_kind'].get('fact', {}))} | {pct(s['sft']['accuracy_by_kind'].get('fact', {}))} | {pct(s['ppo']['accuracy_by_kind'].get('fact', {}))} |
+| perplexity on held-out pretraining text ({ppl["base"]["tokens"]:,} tokens) | {ppl["base"]["perplexity"]:.2f} | {ppl["sft"]["perplexity"]:.2f} | {ppl["ppo"]["perplexity"]:.2f} |
+| fact recall by statement completion | {pct(k["fact_recall_base"])} | {pct(k["fact_recall_sft"])} | {pct(k["fact_recall_ppo"])} |
+| fact questions answered correctly | {pct(s["base"]["accuracy_by_kind"].get("fact", {}))} | {pct(s["sft"]["accuracy_by_kind"].get("fact", {}))} | {pct(s["ppo"]["accuracy_by_kind"].get("fact", {}))} |
 
 {recall}
 """
@@ -415,18 +547,22 @@ requests), same sampling, graded by the rater against the world's truth:
 def _reward(m: Mapping, fig: Mapping) -> str:
     r = m["reward_model"]
     if not r.get("gold_rater"):
-        gold = "There is no gold rater in this run (real preference data): accuracy is against the labels only."
+        gold = (
+            "There is no gold rater in this run (real preference data): accuracy is against the labels only."
+        )
     else:
-        gold = (f"On {r['pairs_validation']:.0f} held-out pairs it orders the two replies as the rater's rubric does "
-                f"**{100 * r['accuracy_gold']:.1f} %** of the time [{100 * r['accuracy_gold_ci_low']:.1f}–"
-                f"{100 * r['accuracy_gold_ci_high']:.1f}], and agrees with the noisy labels it was trained on "
-                f"{100 * r['accuracy_noisy_labels']:.1f} % of the time (the labels themselves disagree with the rubric "
-                "by design: simulated raters make mistakes).")
+        gold = (
+            f"On {r['pairs_validation']:.0f} held-out pairs it orders the two replies as the rater's rubric does "
+            f"**{100 * r['accuracy_gold']:.1f} %** of the time [{100 * r['accuracy_gold_ci_low']:.1f}–"
+            f"{100 * r['accuracy_gold_ci_high']:.1f}], and agrees with the noisy labels it was trained on "
+            f"{100 * r['accuracy_noisy_labels']:.1f} % of the time (the labels themselves disagree with the rubric "
+            "by design: simulated raters make mistakes)."
+        )
     return f"""## 5. The reward model learned the raters' preferences
 
-The reward model was trained on {r.get('pairs_train', 0):.0f} pairwise preferences (Bradley–Terry loss). {gold}
+The reward model was trained on {r.get("pairs_train", 0):.0f} pairwise preferences (Bradley–Terry loss). {gold}
 
-![calibration]({fig['reward_calibration']})
+![calibration]({fig["reward_calibration"]})
 
 When it says "A beats B with probability p", A is preferred about p of the time if the points lie on the
 diagonal.
@@ -435,10 +571,14 @@ diagonal.
 
 def _ppo(m: Mapping, fig: Mapping, iterations: list[dict]) -> str:
     p = m["ppo"]
-    lines = [f"- reward-model score gain on held-out prompts: {p.get('reward_gain', math.nan):+.2f} ± {p.get('reward_gain_ci95', math.nan):.2f}"]
+    lines = [
+        f"- reward-model score gain on held-out prompts: {p.get('reward_gain', math.nan):+.2f} ± {p.get('reward_gain_ci95', math.nan):.2f}"
+    ]
     if "gold_gain" in p:
         lines.append(f"- gold score gain (the truth): {p['gold_gain']:+.2f} ± {p['gold_gain_ci95']:.2f}")
-    lines.append(f"- KL(PPO ‖ SFT): {p.get('kl_to_sft', math.nan):.2f} ± {p.get('kl_to_sft_ci95', math.nan):.2f} nats per reply")
+    lines.append(
+        f"- KL(PPO ‖ SFT): {p.get('kl_to_sft', math.nan):.2f} ± {p.get('kl_to_sft_ci95', math.nan):.2f} nats per reply"
+    )
     w = max(1, min(5, len(iterations) // 4))  # a window of iterations: one iteration's 64 samples are noisy
 
     def window(rows: list[dict], key: str) -> float:
@@ -446,44 +586,55 @@ def _ppo(m: Mapping, fig: Mapping, iterations: list[dict]) -> str:
         return sum(values) / len(values) if values else math.nan
 
     first, last = iterations[:w], iterations[-w:]
-    trend = (f"Over the {len(iterations)} iterations (means of the first and the last {w}), the reward model's score "
-             f"went from {window(first, 'objective/scores'):+.2f} to {window(last, 'objective/scores'):+.2f} and the KL "
-             f"from {window(first, 'objective/kl'):.2f} to {window(last, 'objective/kl'):.2f} nats")  # fmt: skip
+    trend = (
+        f"Over the {len(iterations)} iterations (means of the first and the last {w}), the reward model's score "
+        f"went from {window(first, 'objective/scores'):+.2f} to {window(last, 'objective/scores'):+.2f} and the KL "
+        f"from {window(first, 'objective/kl'):.2f} to {window(last, 'objective/kl'):.2f} nats"
+    )
     if iterations[0].get("gold/score") is not None:
         means = [window(iterations[i : i + w], "gold/score") for i in range(0, len(iterations) - w + 1)]
         best = max(range(len(means)), key=means.__getitem__)
-        trend += (f"; the gold score went from {window(first, 'gold/score'):+.2f} to {window(last, 'gold/score'):+.2f}, "
-                  f"its best window being iterations {best + 1}–{best + w} ({means[best]:+.2f})")  # fmt: skip
-    return f"""## 6. PPO maximises the reward model, not the truth
+        trend += (
+            f"; the gold score went from {window(first, 'gold/score'):+.2f} to {window(last, 'gold/score'):+.2f}, "
+            f"its best window being iterations {best + 1}–{best + w} ({means[best]:+.2f})"
+        )
+    return (
+        f"""## 6. PPO maximises the reward model, not the truth
 
-![ppo]({fig['ppo']})
+![ppo]({fig["ppo"]})
 
 PPO only ever sees the reward model's score; the gold score is the rater's, computed on the same samples
 and never optimised. The right panel plots both against the distance from the SFT model (√KL), the
 over-optimisation picture of Gao et al. (2022): where the reward model is wrong, pushing its score further
 stops helping the gold score and then hurts it. {trend}. On this run's held-out prompts:
 
-""" + "\n".join(lines) + """
+"""
+        + "\n".join(lines)
+        + """
 
 A weaker KL penalty lets the policy move further from the SFT model: `dvc exp run -S ppo.kl_coef=0.05`,
 then compare this section of the two reports (`dvc plots diff` draws both runs' curves).
 """
+    )
 
 
 def _temperature(m: Mapping, fig: Mapping) -> str:
     rows = list(m["temperature"].values())
-    table = "\n".join(f"| {r['temperature']:g} | {pct(r['accuracy'])}, n={r['accuracy']['n']} | {r['distinct_2']:.2f} | "
-                      f"{r['unique_share']:.2f} | {pct(r['format_adherence'])} |" for r in rows)  # fmt: skip
+    table = "\n".join(
+        f"| {r['temperature']:g} | {pct(r['accuracy'])}, n={r['accuracy']['n']} | {r['distinct_2']:.2f} | "
+        f"{r['unique_share']:.2f} | {pct(r['format_adherence'])} |"
+        for r in rows
+    )
     lo, hi = rows[0], rows[-1]
     shown, diff = difference(lo["accuracy"], hi["accuracy"])
     shown = shown and hi["distinct_2"] > lo["distinct_2"]
     return f"""## 7. Temperature: sharper or flatter next-token distributions
 
-The PPO model answers the same {lo['accuracy']['n'] // lo['samples_per_prompt']} held-out prompts {lo['samples_per_prompt']} times at
+The PPO model answers the same {lo["accuracy"]["n"] // lo["samples_per_prompt"]} held-out prompts {lo["samples_per_prompt"]} times at
 each temperature (at T = 0 the samples are all the greedy reply). The logits are divided by T before the
 softmax: T < 1 sharpens the distribution towards the most likely token, T > 1 flattens it.
 
-![temperature]({fig['temperature']})
+![temperature]({fig["temperature"]})
 
 | T | accuracy | distinct-2 | different samples per prompt | format adherence |
 |---|---|---|---|---|
@@ -499,62 +650,91 @@ def _cot(m: Mapping, fig: Mapping) -> str:
         digits = sorted({r["digits"] for r in rows.values()})
         for d in digits:
             cot, bare = rows[f"{d}_digits/step_by_step"], rows[f"{d}_digits/bare"]
-            lines.append(f"| {MODEL_NAMES[model]} | {d} | {cot['accuracy']['n']} | {pct(cot['accuracy'])} | {pct(bare['accuracy'])} | "
-                         f"{cot['reply_tokens']['mean']:.0f} | {bare['reply_tokens']['mean']:.0f} |")  # fmt: skip
-        cot, bare = (pooled([r["accuracy"] for r in rows.values() if r["format"] == f]) for f in ("step_by_step", "bare"))
-        verdicts.append(compare(f"{MODEL_NAMES[model]}: writing the working out beats the bare answer (all digit counts pooled, n = {cot['n']} each)",
-                                cot, bare, ("step by step", "bare")))  # fmt: skip
-    return f"""## 8. Chain-of-thought works because it writes intermediate tokens
+            lines.append(
+                f"| {MODEL_NAMES[model]} | {d} | {cot['accuracy']['n']} | {pct(cot['accuracy'])} | {pct(bare['accuracy'])} | "
+                f"{cot['reply_tokens']['mean']:.0f} | {bare['reply_tokens']['mean']:.0f} |"
+            )
+        cot, bare = (
+            pooled([r["accuracy"] for r in rows.values() if r["format"] == f])
+            for f in ("step_by_step", "bare")
+        )
+        verdicts.append(
+            compare(
+                f"{MODEL_NAMES[model]}: writing the working out beats the bare answer (all digit counts pooled, n = {cot['n']} each)",
+                cot,
+                bare,
+                ("step by step", "bare"),
+            )
+        )
+    return (
+        f"""## 8. Chain-of-thought works because it writes intermediate tokens
 
 The same additions (n per row below; evaluation pool, both addends with that many digits) asked two ways:
 "step by step" (the model writes each column's digit and carry, then the result) and "answer with the
 number only".
 
-![chain of thought]({fig['chain_of_thought']})
+![chain of thought]({fig["chain_of_thought"]})
 
 | model | digits | n | step by step | bare answer | tokens written, step by step | bare |
 |---|---|---|---|---|---|---|
-""" + "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + """
+"""
+        + "\n".join(lines)
+        + "\n\n"
+        + "\n".join(f"- {v}" for v in verdicts)
+        + """
 
 Each written column result is a token the model reads back when it writes the next one: the computation is
 spread over many forward passes instead of one.
 """
+    )
 
 
 def _attention_cost(details: Mapping, fig: Mapping) -> str:
     a, kv = details["attention_cost"], details["kv_cache"]
-    rows = "\n".join(f"| {r['seq_len']} | {r['attention_ms']:.2f} | {r['sdpa_ms']:.2f} | {r['model_ms']:.2f} | "
-                     f"{r['attention_mem_mb']:.2f} | {r['sdpa_mem_mb']:.2f} |" for r in scaling_rows(a))  # fmt: skip
-    kv_lines = "\n".join(f"| {r['new_tokens']} | {r['cached_tokens_per_s']:.0f} | {r['uncached_tokens_per_s']:.0f} | "
-                         f"{r['speedup']:.1f}× | {'yes' if r['same_tokens'] else 'NO'} |" for r in kv["runs"])  # fmt: skip
+    rows = "\n".join(
+        f"| {r['seq_len']} | {r['attention_ms']:.2f} | {r['sdpa_ms']:.2f} | {r['model_ms']:.2f} | "
+        f"{r['attention_mem_mb']:.2f} | {r['sdpa_mem_mb']:.2f} |"
+        for r in scaling_rows(a)
+    )
+    kv_lines = "\n".join(
+        f"| {r['new_tokens']} | {r['cached_tokens_per_s']:.0f} | {r['uncached_tokens_per_s']:.0f} | "
+        f"{r['speedup']:.1f}× | {'yes' if r['same_tokens'] else 'NO'} |"
+        for r in kv["runs"]
+    )
     ex, sd, md = a["attention_explicit"], a["attention_sdpa"], a["model"]
     shown = ex["memory_exponent"] > 1.8 and ex["time_exponent"] > 1.6
     fitted = f"{min(a['fit_lengths'])}–{max(a['fit_lengths'])}"
-    kv_model = ("a random model of this shape with a longer context than the trained model's, so that "
-                "the longest run fits") if kv["model"] == "random" else "the PPO model"  # fmt: skip
+    kv_model = (
+        (
+            "a random model of this shape with a longer context than the trained model's, so that "
+            "the longest run fits"
+        )
+        if kv["model"] == "random"
+        else "the PPO model"
+    )
     return f"""## 9. Attention costs O(n²) in the sequence length
 
-Forward time (median of {a['repeats']}, {a['threads']} CPU thread(s), batch {a['batch_size']}) and peak memory of one
+Forward time (median of {a["repeats"]}, {a["threads"]} CPU thread(s), batch {a["batch_size"]}) and peak memory of one
 attention layer's core — written the textbook way, the (n × n) score matrix materialised — of the same
 through PyTorch's fused `scaled_dot_product_attention` (SDPA), and of the whole model (random weights of
-this model's shape, {a['config']['n_layer']} layers; the cost does not depend on the values):
+this model's shape, {a["config"]["n_layer"]} layers; the cost does not depend on the values):
 
-![attention cost]({fig['attention_cost']})
+![attention cost]({fig["attention_cost"]})
 
 | tokens n | attention (ms) | SDPA (ms) | whole model (ms) | attention memory (MiB) | SDPA memory (MiB) |
 |---|---|---|---|---|---|
 {rows}
 
-Fitted exponents k of cost ∝ nᵏ over n = {fitted}: attention time **k = {ex['time_exponent']:.2f}**, memory
-**k = {ex['memory_exponent']:.2f}**; SDPA time k = {sd['time_exponent']:.2f}, memory k = {sd['memory_exponent']:.2f} (it never
-stores the score matrix, but still computes every score); whole model time k = {md['time_exponent']:.2f}. The whole
+Fitted exponents k of cost ∝ nᵏ over n = {fitted}: attention time **k = {ex["time_exponent"]:.2f}**, memory
+**k = {ex["memory_exponent"]:.2f}**; SDPA time k = {sd["time_exponent"]:.2f}, memory k = {sd["memory_exponent"]:.2f} (it never
+stores the score matrix, but still computes every score); whole model time k = {md["time_exponent"]:.2f}. The whole
 model is closer to linear at these lengths because its matrix multiplications cost ∝ n·d², more than
-attention's ∝ n²·d until n reaches about {a['flops_crossover_length']:.0f} tokens for this shape (FLOP count).
+attention's ∝ n²·d until n reaches about {a["flops_crossover_length"]:.0f} tokens for this shape (FLOP count).
 
 {verdict(shown, "attention's cost grows with the square of the sequence length", f"time exponent {ex['time_exponent']:.2f}, memory exponent {ex['memory_exponent']:.2f}")}
 
 A KV cache keeps the keys and values of earlier tokens, so each new token costs one row of attention
-instead of a forward pass over the whole sequence ({kv_model}, prompt of {kv['prompt_len']} tokens, greedy):
+instead of a forward pass over the whole sequence ({kv_model}, prompt of {kv["prompt_len"]} tokens, greedy):
 
 | new tokens | cached (tokens/s) | uncached (tokens/s) | speed-up | same tokens |
 |---|---|---|---|---|
@@ -566,25 +746,40 @@ Timings vary between runs on a shared machine; the exponents and ratios are the 
 
 def _context(m: Mapping, details: Mapping) -> str:
     c, b = m["context"], m["context_base"]
-    name = next((r for r in details.get("context_base", []) if r["what"] == "name" and r["context"] == "with_context"), None)
-    name_example = (f"What the base model does instead, for example: `{name['text']}` → `{name['completion'].strip()}` "
-                    f"(told: {name['expected']}).\n") if name else ""  # fmt: skip
+    name = next(
+        (
+            r
+            for r in details.get("context_base", [])
+            if r["what"] == "name" and r["context"] == "with_context"
+        ),
+        None,
+    )
+    name_example = (
+        (
+            f"What the base model does instead, for example: `{name['text']}` → `{name['completion'].strip()}` "
+            f"(told: {name['expected']}).\n"
+        )
+        if name
+        else ""
+    )
     ex = details["context"][0] if details.get("context") else None
     example = ""
     if ex:
-        example = (f"\nExample: call 1 `{ex['statement']}` → `{ex['first_reply']}`; then `{ex['question']}` "
-                   f"with the transcript → `{ex['with_transcript']}`; alone → `{ex['without_transcript']}`.\n")
+        example = (
+            f"\nExample: call 1 `{ex['statement']}` → `{ex['first_reply']}`; then `{ex['question']}` "
+            f"with the transcript → `{ex['with_transcript']}`; alone → `{ex['without_transcript']}`.\n"
+        )
     return f"""## 10. The model is stateless: a conversation is the transcript sent again
 
 A fact about someone the model has never seen is told in one call; the next call asks for it
-(n = {c['with_transcript']['n']} facts):
+(n = {c["with_transcript"]["n"]} facts):
 
 | the question is sent | answered with the told fact |
 |---|---|
-| after the whole transcript of the first call | {pct(c['with_transcript'])} |
-| alone, as a new conversation | {pct(c['without_transcript'])} |
+| after the whole transcript of the first call | {pct(c["with_transcript"])} |
+| alone, as a new conversation | {pct(c["without_transcript"])} |
 
-{compare("the chat model uses the fact only when the transcript is resent", c['with_transcript'], c['without_transcript'], ("with", "without"))}
+{compare("the chat model uses the fact only when the transcript is resent", c["with_transcript"], c["without_transcript"], ("with", "without"))}
 {example}
 The same with the base model, as plain text: a sentence about someone it has never seen is in its context,
 or not, before it completes the fact's statement ("… has a pet lizard. … has a pet") or the person's first
@@ -592,11 +787,11 @@ name ("… has a pet lizard. Rowan" → "Aldwick"):
 
 | the model completes | after the sentence | without it |
 |---|---|---|
-| the told value | {pct(b['value']['with_context'])} | {pct(b['value']['without_context'])} |
-| the person's surname | {pct(b['name']['with_context'])} | {pct(b['name']['without_context'])} |
+| the told value | {pct(b["value"]["with_context"])} | {pct(b["value"]["without_context"])} |
+| the person's surname | {pct(b["name"]["with_context"])} | {pct(b["name"]["without_context"])} |
 
-- {compare("the base model copies the told value from its context", b['value']['with_context'], b['value']['without_context'], ("with", "without"))}
-- {compare("the base model completes a name it saw only in its context", b['name']['with_context'], b['name']['without_context'], ("with", "without"))}
+- {compare("the base model copies the told value from its context", b["value"]["with_context"], b["value"]["without_context"], ("with", "without"))}
+- {compare("the base model completes a name it saw only in its context", b["name"]["with_context"], b["name"]["without_context"], ("with", "without"))}
 
 {name_example}
 Whatever the model "knows" about a conversation is in the tokens it is sent, or it is in the weights;
@@ -606,7 +801,9 @@ nothing else carries over from one call to the next.
 
 def _attention_maps(details: Mapping, fig: Mapping) -> str:
     a = details["attention_maps"]
-    lines = "\n".join(f"- layer {h['layer']}, head {h['head']}, **{h['role']}** head: {_head_text(h)}" for h in a["heads"])
+    lines = "\n".join(
+        f"- layer {h['layer']}, head {h['head']}, **{h['role']}** head: {_head_text(h)}" for h in a["heads"]
+    )
     copying = a.get("copying_heads") or []
     copy_text = ""
     if copying:
@@ -615,14 +812,14 @@ def _attention_maps(details: Mapping, fig: Mapping) -> str:
 **The heads that copy.** In context documents with never-seen names, when a first name comes again, a
 copying (induction) head attends to the token that followed its first mention — the surname to predict
 next. The heads that put the most attention there, averaged over 50 such documents: {heads}; a head that
-spread its attention evenly would put {100 * copying[0]['uniform']:.0f} % there.
+spread its attention evenly would put {100 * copying[0]["uniform"]:.0f} % there.
 """
     return f"""## 11. What attention looks at
 
-Attention weights of a few heads of the base model on `{a['sentence']}` (row: the token being predicted from;
+Attention weights of a few heads of the base model on `{a["sentence"]}` (row: the token being predicted from;
 column: the earlier token it reads; each row sums to 1):
 
-![attention heads]({fig['attention_heads']})
+![attention heads]({fig["attention_heads"]})
 
 {lines}
 {copy_text}"""
@@ -630,21 +827,35 @@ column: the earlier token it reads; each row sums to 1):
 
 def _head_text(h: Mapping) -> str:
     """What a head's scores say, in words (the scores average over query positions 2 and later)."""
-    return (f"{100 * h['previous_token']:.0f} % of its attention on the previous token, {100 * h['first_token']:.0f} % on "
-            f"the first, {100 * h['self']:.0f} % on itself; normalised entropy {h['entropy']:.2f} (0 = one token, 1 = uniform)")
+    return (
+        f"{100 * h['previous_token']:.0f} % of its attention on the previous token, {100 * h['first_token']:.0f} % on "
+        f"the first, {100 * h['self']:.0f} % on itself; normalised entropy {h['entropy']:.2f} (0 = one token, 1 = uniform)"
+    )
 
 
 def _position(m: Mapping, details: Mapping) -> str:
     models = list(m["position"])
     k = m["position"][models[0]]["n_facts"]
-    rows = "\n".join(f"| {pos} | " + " | ".join(pct(m["position"][n]["by_position"][pos]) for n in models) + " |"
-                     for pos in m["position"][models[0]]["by_position"])  # fmt: skip
+    rows = "\n".join(
+        f"| {pos} | " + " | ".join(pct(m["position"][n]["by_position"][pos]) for n in models) + " |"
+        for pos in m["position"][models[0]]["by_position"]
+    )
     lines = []
     for n in models:
         r = m["position"][n]
-        best, worst = max(("start", "middle", "end"), key=lambda w: r[w]["rate"] or 0), min(("start", "middle", "end"), key=lambda w: r[w]["rate"] or 0)
-        lines.append(f"- {n.upper()}: " + compare(f"a fact at the {best} of the prompt is retrieved more often than one at the {worst}",
-                                                  r[best], r[worst], (best, worst)))  # fmt: skip
+        best, worst = (
+            max(("start", "middle", "end"), key=lambda w: r[w]["rate"] or 0),
+            min(("start", "middle", "end"), key=lambda w: r[w]["rate"] or 0),
+        )
+        lines.append(
+            f"- {n.upper()}: "
+            + compare(
+                f"a fact at the {best} of the prompt is retrieved more often than one at the {worst}",
+                r[best],
+                r[worst],
+                (best, worst),
+            )
+        )
     ex = details.get("position", {}).get(models[-1], [])
     example = f"\nExample ({models[-1].upper()}): `{ex[0]['prompt']}` → `{ex[0]['reply']}`\n" if ex else ""
     return f"""## 12. Where a fact sits in the prompt matters
@@ -664,12 +875,22 @@ asked fact's position (1 = first sentence):
 def _distractors(m: Mapping) -> str:
     models = list(m["distractors"])
     keys = list(m["distractors"][models[0]])
-    rows = "\n".join(f"| {m['distractors'][models[0]][key]['distractors']} | {m['distractors'][models[0]][key]['distractor_tokens']:.0f} | "
-                     + " | ".join(pct(m["distractors"][n][key]["accuracy"]) for n in models) + " |" for key in keys)  # fmt: skip
-    lines = [f"- {n.upper()}: " + compare("the fact is retrieved more often with nothing between it and the question than with the most text in between",
-                                           m["distractors"][n][keys[0]]["accuracy"], m["distractors"][n][keys[-1]]["accuracy"],
-                                           ("no distractors", f"{m['distractors'][n][keys[-1]]['distractor_tokens']:.0f} tokens"))
-             for n in models]  # fmt: skip
+    rows = "\n".join(
+        f"| {m['distractors'][models[0]][key]['distractors']} | {m['distractors'][models[0]][key]['distractor_tokens']:.0f} | "
+        + " | ".join(pct(m["distractors"][n][key]["accuracy"]) for n in models)
+        + " |"
+        for key in keys
+    )
+    lines = [
+        f"- {n.upper()}: "
+        + compare(
+            "the fact is retrieved more often with nothing between it and the question than with the most text in between",
+            m["distractors"][n][keys[0]]["accuracy"],
+            m["distractors"][n][keys[-1]]["accuracy"],
+            ("no distractors", f"{m['distractors'][n][keys[-1]]['distractor_tokens']:.0f} tokens"),
+        )
+        for n in models
+    ]
     return f"""## 13. A longer prompt can hurt: distance between a fact and its question
 
 A fact about a never-seen person comes first, then sentences about other never-seen people, then the

@@ -47,8 +47,13 @@ class RewardModel(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.offset = offset  # subtracted from every reward (set after training)
 
-    def forward(self, idx: torch.Tensor, last: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        last: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """idx: (B, T) sequences; last: (B,) index of each sequence's last token -> rewards (B,).
 
         Without `last`, the head's output at every position, (B, T): PPO's value model is this network
@@ -84,10 +89,12 @@ class PairDataset(Dataset):
         self.items = []
         for r in rows:
             context = json.loads(r["context"])
-            self.items.append((
-                reply_ids(tok, context, r["chosen"], r["chosen_ended"], context_length),
-                reply_ids(tok, context, r["rejected"], r["rejected_ended"], context_length),
-            ))  # fmt: skip
+            self.items.append(
+                (
+                    reply_ids(tok, context, r["chosen"], r["chosen_ended"], context_length),
+                    reply_ids(tok, context, r["rejected"], r["rejected_ended"], context_length),
+                )
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -102,7 +109,9 @@ def collate_pairs(batch):
     return idx, last
 
 
-def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0, centring: float = 0.0) -> torch.Tensor:
+def bt_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0, centring: float = 0.0
+) -> torch.Tensor:
     """Bradley–Terry negative log-likelihood, with optional margin and reward centring.
 
     >>> round(bt_loss(torch.tensor([1.0]), torch.tensor([0.0])).item(), 4)  # -log σ(1)
@@ -129,14 +138,25 @@ class RewardModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         rc, rr = self._pair_rewards(batch)
         loss = bt_loss(rc, rr, self.cfg.margin, self.cfg.centring)
-        self.log_dict({"train/loss": loss, "train/accuracy": (rc > rr).float().mean()}, on_step=True, on_epoch=False, prog_bar=True)
+        self.log_dict(
+            {"train/loss": loss, "train/accuracy": (rc > rr).float().mean()},
+            on_step=True,
+            on_epoch=False,
+            prog_bar=True,
+        )
         return loss
 
     def validation_step(self, batch, batch_idx):
         rc, rr = self._pair_rewards(batch)
         self.log_dict(
-            {"val/loss": bt_loss(rc, rr, self.cfg.margin, self.cfg.centring), "val/accuracy": (rc > rr).float().mean()},
-            on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+            {
+                "val/loss": bt_loss(rc, rr, self.cfg.margin, self.cfg.centring),
+                "val/accuracy": (rc > rr).float().mean(),
+            },
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
         )
 
     def configure_optimizers(self):
@@ -149,7 +169,10 @@ def score_sequences(model: RewardModel, seqs: list[list[int]], batch_size: int =
     if not seqs:
         return torch.zeros(0)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = [model(*pad_batch([seqs[j] for j in order[i : i + batch_size]])) for i in range(0, len(order), batch_size)]
+    out = [
+        model(*pad_batch([seqs[j] for j in order[i : i + batch_size]]))
+        for i in range(0, len(order), batch_size)
+    ]
     return torch.cat(out)[torch.argsort(torch.tensor(order))]
 
 
@@ -158,7 +181,10 @@ def save_reward_model(model: RewardModel, out_dir, scale: float) -> None:
 
     with atomic_path(out_dir, is_dir=True) as tmp:
         st_save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
-        write_json(tmp / "config.json", {"backbone": asdict(model.backbone.config), "offset": model.offset, "scale": scale})
+        write_json(
+            tmp / "config.json",
+            {"backbone": asdict(model.backbone.config), "offset": model.offset, "scale": scale},
+        )
 
 
 def load_reward_model(model_dir, stage: str = "reward") -> RewardModel:
@@ -172,20 +198,28 @@ def load_reward_model(model_dir, stage: str = "reward") -> RewardModel:
         model = RewardModel(GPTConfig(**meta["backbone"]), offset=float(meta["offset"]))
         st_load_model(model, str(weights))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-        raise LlmlabError(f"{model_dir} is not a valid reward model: {str(e).splitlines()[0]} (re-create it with `dvc repro {stage}`)") from None
+        raise LlmlabError(
+            f"{model_dir} is not a valid reward model: {str(e).splitlines()[0]} (re-create it with `dvc repro {stage}`)"
+        ) from None
     return model.eval()
 
 
-def sft_replies(sft, tok, rows: list[dict], context_length: int, max_new_tokens: int, seed: int, n: int = 256) -> list[list[int]]:
+def sft_replies(
+    sft, tok, rows: list[dict], context_length: int, max_new_tokens: int, seed: int, n: int = 256
+) -> list[list[int]]:
     """The SFT model's own replies (sampled, T = 1, as long as the preference stage's) to up to n training
     prompts, as reward-model inputs."""
     contexts = [json.loads(r["context"]) for r in rows[:n]]
     prompts = [render(tok, c, add_generation_prompt=True).ids for c in contexts]
-    out = reply(sft, tok, contexts, max_new_tokens, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+    out = reply(
+        sft, tok, contexts, max_new_tokens, temperature=1.0, generator=torch.Generator().manual_seed(seed)
+    )
     return [(p + list(r.tokens))[-context_length:] for p, r in zip(prompts, out, strict=True)]
 
 
-def calibration(r_c: torch.Tensor, r_r: torch.Tensor, seed: int, bins: int = 5) -> list[tuple[float, float, int]]:
+def calibration(
+    r_c: torch.Tensor, r_r: torch.Tensor, seed: int, bins: int = 5
+) -> list[tuple[float, float, int]]:
     """Predicted P(a ≻ b) = σ(r_a − r_b) against how often a was the labelled winner, per bin.
 
     Each pair is shown in a random order (a, b), so the observed frequency is not trivially 1.
@@ -202,18 +236,28 @@ def calibration(r_c: torch.Tensor, r_r: torch.Tensor, seed: int, bins: int = 5) 
         lo, hi = k / bins, (k + 1) / bins
         inside = [(p, y) for p, y in points if lo <= p < hi or (k == bins - 1 and p == 1.0)]
         if inside:
-            table.append((sum(p for p, _ in inside) / len(inside), sum(y for _, y in inside) / len(inside), len(inside)))
+            table.append(
+                (
+                    sum(p for p, _ in inside) / len(inside),
+                    sum(y for _, y in inside) / len(inside),
+                    len(inside),
+                )
+            )
     return table
 
 
-def reward_metrics(model: RewardModel, val_set: PairDataset, val_rows: list[dict], rated: bool,
-                   seed: int) -> tuple[dict[str, float], list[tuple[float, float, int]]]:
+def reward_metrics(
+    model: RewardModel, val_set: PairDataset, val_rows: list[dict], rated: bool, seed: int
+) -> tuple[dict[str, float], list[tuple[float, float, int]]]:
     """How often the reward model ranks each held-out pair as labelled (`accuracy_noisy_labels`), its mean
     margin, and, for rated synthetic pairs, how often it agrees with the gold ordering (with a 95 % interval);
     and its calibration table (`calibration`)."""
     r_c = score_sequences(model, [c for c, _ in val_set.items])
     r_r = score_sequences(model, [r for _, r in val_set.items])
-    metrics = {"accuracy_noisy_labels": float((r_c > r_r).float().mean()), "margin_mean": float((r_c - r_r).mean())}
+    metrics = {
+        "accuracy_noisy_labels": float((r_c > r_r).float().mean()),
+        "margin_mean": float((r_c - r_r).mean()),
+    }
     if rated:
         gold = [(row["gold_chosen"], row["gold_rejected"]) for row in val_rows]
         hits = sum((float(a - b) > 0) == (gc > gr) for a, b, (gc, gr) in zip(r_c, r_r, gold, strict=True))

@@ -67,13 +67,19 @@ SIGNATURE = ModelSignature(
     inputs=Schema(
         [
             ColSpec("string", "prompt", required=False),
-            ColSpec(Array(Object([Property("role", "string"), Property("content", "string")])), "messages", required=False),
+            ColSpec(
+                Array(Object([Property("role", "string"), Property("content", "string")])),
+                "messages",
+                required=False,
+            ),
         ]
     ),
     outputs=Schema(
         [
             ColSpec("string", "completion"),
-            ColSpec("boolean", "ended"),  # the reply closed its turn (chat: <|end|>; raw: <|bos|>, a new document)
+            ColSpec(
+                "boolean", "ended"
+            ),  # the reply closed its turn (chat: <|end|>; raw: <|bos|>, a new document)
             ColSpec("boolean", "truncated"),  # the prompt lost its oldest turns or tokens to fit the context
             ColSpec("long", "prompt_tokens"),  # tokens the model saw (after truncation)
             ColSpec("long", "completion_tokens"),  # tokens generated, the closing one included
@@ -104,7 +110,9 @@ class ChatModel(mlflow.pyfunc.PythonModel):
         self.model = load_model(context.artifacts["model"])
         self.tok = load_tokenizer(context.artifacts["tokenizer"])
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         rows = _records(model_input)
         if len(rows) > MAX_ROWS:
             raise invalid(f"{len(rows)} rows in one request; at most {MAX_ROWS} (split the request)")
@@ -120,12 +128,21 @@ class ChatModel(mlflow.pyfunc.PythonModel):
             prompts.append(ids)
             truncated.append(was_cut)
         if problems:
-            raise invalid("; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
+            raise invalid(
+                "; ".join(problems[:10]) + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else "")
+            )
 
         stop = BOS_ID if p["raw"] else END_ID  # raw: the base model starts a new document with <|bos|>
         generator = torch.Generator().manual_seed(p["seed"]) if p["seed"] is not None else None
-        outs = generate(self.model, prompts, p["max_tokens"], temperature=p["temperature"], top_p=p["top_p"],
-                        stop_ids=[stop], generator=generator)
+        outs = generate(
+            self.model,
+            prompts,
+            p["max_tokens"],
+            temperature=p["temperature"],
+            top_p=p["top_p"],
+            stop_ids=[stop],
+            generator=generator,
+        )
         completions, ended = [], []
         for out in outs:
             if p["raw"]:
@@ -154,7 +171,9 @@ class ChatModel(mlflow.pyfunc.PythonModel):
         ctx = self.model.config.context_length
         problems = [f"unknown param {k!r} (known: {', '.join(defaults)})" for k in unknown]
         if not (isinstance(p["max_tokens"], int) and 1 <= p["max_tokens"] <= ctx):
-            problems.append(f"max_tokens must be 1 to {ctx} (the model's context length), got {p['max_tokens']!r}")
+            problems.append(
+                f"max_tokens must be 1 to {ctx} (the model's context length), got {p['max_tokens']!r}"
+            )
         if not (isinstance(p["temperature"], int | float) and 0 <= p["temperature"] < math.inf):
             problems.append(f"temperature must be >= 0 (0 = greedy), got {p['temperature']!r}")
         if not (isinstance(p["top_p"], int | float) and 0 < p["top_p"] <= 1):
@@ -182,10 +201,14 @@ class ChatModel(mlflow.pyfunc.PythonModel):
             messages = [{"role": "user", "content": prompt}]
         else:
             if raw:
-                raise ValueError("raw continues a plain-text 'prompt'; a 'messages' conversation needs the chat template")
+                raise ValueError(
+                    "raw continues a plain-text 'prompt'; a 'messages' conversation needs the chat template"
+                )
             messages = check_messages(list(messages))  # raises naming the message at fault
             if not messages or messages[-1]["role"] != "user":
-                raise ValueError("messages must end with a user turn (the model writes the assistant's reply to it)")
+                raise ValueError(
+                    "messages must end with a user turn (the model writes the assistant's reply to it)"
+                )
             _check_length(sum(len(m["content"]) for m in messages))
         fitted = fit_prompt(self.tok, messages[:-1], messages[-1]["content"], budget)
         return fitted.ids, fitted.truncated
@@ -196,7 +219,9 @@ def _records(model_input) -> list[dict[str, Any]]:
     df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(list(model_input))
     if not {"prompt", "messages"} & set(df.columns):
         # MLflow drops the columns the signature does not know: {"inputs": ["Hi"]} arrives with none left
-        raise invalid("the input needs a 'prompt' column (a user message) or a 'messages' column (a conversation)")
+        raise invalid(
+            "the input needs a 'prompt' column (a user message) or a 'messages' column (a conversation)"
+        )
     return df.to_dict("records")
 
 
@@ -232,7 +257,9 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
-def log_chat_model(model_dir: str | Path, tokenizer_path: str | Path, name: str, run_id: str | None = None) -> str:
+def log_chat_model(
+    model_dir: str | Path, tokenizer_path: str | Path, name: str, run_id: str | None = None
+) -> str:
     """Log `model_dir` (config.json + model.safetensors) and its tokenizer as an MLflow model named `name`,
     in the run `run_id` (default: the active run, if any) of the current tracking URI. Returns its URI
     (`models:/m-...`). Checks first that the two load and fit together: a broken model fails here, not at serving.

@@ -152,7 +152,9 @@ def training_conversations(world: World, data: SFTData, seed: int) -> tuple[list
     return conversations, stats
 
 
-def add_replay(train: ChatDataset, tok: Tokenizer, corpus_dir: Path, share: float, seed: int, context_length: int) -> int:
+def add_replay(
+    train: ChatDataset, tok: Tokenizer, corpus_dir: Path, share: float, seed: int, context_length: int
+) -> int:
     """Add pretraining documents to `train` so that they make `share` of its items (replay against
     forgetting: docs/knowledge.md); returns how many."""
     n = round(len(train) * share / (1 - share))
@@ -162,7 +164,9 @@ def add_replay(train: ChatDataset, tok: Tokenizer, corpus_dir: Path, share: floa
     return n
 
 
-def graded_replies(model: GPT, tok: Tokenizer, world: World, cfg: SFTConfig, seed: int) -> tuple[dict, list[dict], list[str]]:
+def graded_replies(
+    model: GPT, tok: Tokenizer, world: World, cfg: SFTConfig, seed: int
+) -> tuple[dict, list[dict], list[str]]:
     """The fine-tuned model's greedy replies to `eval_prompts` evaluation-pool prompts, graded by the rater:
     `chat_metrics`, the rows of reports/sft/replies.json and the first 40 as markdown lines."""
     tasks = prompt_pool(world, "eval", cfg.eval_prompts, seed, cfg.data.max_digits)
@@ -170,17 +174,28 @@ def graded_replies(model: GPT, tok: Tokenizer, world: World, cfg: SFTConfig, see
     rater = Rater(world)
     metrics = chat_metrics(tasks, replies, rater, {p.name: p.group for p in world.people})
     rows = [
-        {"prompt": t.prompt, "kind": t.kind, "reply": r.text, "ended": r.ended, "gold": rater.score(t, r.text, r.ended).total}
+        {
+            "prompt": t.prompt,
+            "kind": t.kind,
+            "reply": r.text,
+            "ended": r.ended,
+            "gold": rater.score(t, r.text, r.ended).total,
+        }
         for t, r in zip(tasks, replies, strict=True)
     ]
     lines = [f"- **{r['kind']}** `{r['prompt']}` → {r['reply']!r} (gold {r['gold']:+.2f})" for r in rows[:40]]
     return metrics, rows, lines
 
 
-def ungraded_replies(model: GPT, tok: Tokenizer, held_out: list[list[dict]], max_new_tokens: int) -> tuple[list[dict], list[str]]:
+def ungraded_replies(
+    model: GPT, tok: Tokenizer, held_out: list[list[dict]], max_new_tokens: int
+) -> tuple[list[dict], list[str]]:
     """With no ground truth: the replies to the first turns of up to 20 held-out conversations."""
     firsts = [c[:1] for c in held_out[:20]]
-    rows = [{"prompt": m[0]["content"], "reply": r.text} for m, r in zip(firsts, reply(model, tok, firsts, max_new_tokens), strict=True)]
+    rows = [
+        {"prompt": m[0]["content"], "reply": r.text}
+        for m, r in zip(firsts, reply(model, tok, firsts, max_new_tokens), strict=True)
+    ]
     return rows, [f"- `{r['prompt'][:200]}` → {r['reply']!r}" for r in rows]
 
 
@@ -188,6 +203,8 @@ def summary_line(metrics: dict, val_loss: float, n_val: int) -> str:
     """The stage's last log line: the validation loss, and with graded replies format, accuracy and gold."""
     if "format_adherence" not in metrics:
         return f"val loss {val_loss:.3f} on {n_val} held-out conversations"
-    return (f"val loss {val_loss:.3f} · format {100 * metrics['format_adherence']:.1f}% · fact accuracy "
-            f"{100 * metrics.get('accuracy/fact', 0):.1f}% (held-out people {100 * metrics.get('accuracy_heldout_people', 0):.1f}%) "
-            f"· gold {metrics['gold_score_mean']:.2f}")
+    return (
+        f"val loss {val_loss:.3f} · format {100 * metrics['format_adherence']:.1f}% · fact accuracy "
+        f"{100 * metrics.get('accuracy/fact', 0):.1f}% (held-out people {100 * metrics.get('accuracy_heldout_people', 0):.1f}%) "
+        f"· gold {metrics['gold_score_mean']:.2f}"
+    )

@@ -44,7 +44,9 @@ class Rows:
     replaced: int = 0
 
 
-def require_usable(key: str, noun: str, n_usable: int, n_read: int, problems: list[str], note: str = "") -> None:
+def require_usable(
+    key: str, noun: str, n_usable: int, n_read: int, problems: list[str], note: str = ""
+) -> None:
     """Warn about the rows dropped (naming the first few); fail when fewer than 2 are usable."""
     if problems:
         log.warning("%s: dropped %d of %d rows, e.g. %s", key, len(problems), n_read, "; ".join(problems[:3]))
@@ -62,8 +64,17 @@ def _missing_column(key: str, column: str, where: str, has: Sequence[str]) -> Ll
 # ------------------------------------------------------------------------------------------ hf
 
 
-def hf_rows(name: str, config: str | None, split: str, streaming: bool, columns: dict[str, str], key: str,
-            root: Path, max_rows: int | None = None, offline_fix: str = "source: local") -> Rows:
+def hf_rows(
+    name: str,
+    config: str | None,
+    split: str,
+    streaming: bool,
+    columns: dict[str, str],
+    key: str,
+    root: Path,
+    max_rows: int | None = None,
+    offline_fix: str = "source: local",
+) -> Rows:
     """Up to `max_rows` rows of a Hugging Face dataset split.
 
     columns maps each wanted column to the params key that names it (for the error message), e.g.
@@ -80,8 +91,14 @@ def hf_rows(name: str, config: str | None, split: str, streaming: bool, columns:
     from huggingface_hub.utils import httpx  # the HTTP client of huggingface_hub (httpx or its fork)
 
     # Connection failures surface as any of these, depending on where in datasets/huggingface_hub they happen.
-    load_errors = (datasets.exceptions.DatasetsError, ConnectionError, FileNotFoundError, HfHubHTTPError,
-                   httpx.TransportError, ValueError)  # fmt: skip
+    load_errors = (
+        datasets.exceptions.DatasetsError,
+        ConnectionError,
+        FileNotFoundError,
+        HfHubHTTPError,
+        httpx.TransportError,
+        ValueError,
+    )
     where = f"{key}: could not load dataset '{name}'"
     local = Path(name) if Path(name).is_absolute() else root / name
     on_hub = not local.exists()
@@ -92,11 +109,15 @@ def hf_rows(name: str, config: str | None, split: str, streaming: bool, columns:
         try:
             HfApi().dataset_info(name, timeout=HUB_PROBE_TIMEOUT_S)
         except GatedRepoError:
-            raise LlmlabError(f"{where}: it is gated; accept its terms on the Hub, then `hf auth login`") from None
+            raise LlmlabError(
+                f"{where}: it is gated; accept its terms on the Hub, then `hf auth login`"
+            ) from None
         except RepositoryNotFoundError:
             raise LlmlabError(f"{where}: no such dataset on the Hub, and no folder {local}{fix}") from None
         except HFValidationError:
-            raise LlmlabError(f"{where}: neither a Hub dataset id (owner/name) nor an existing folder ({local})") from None
+            raise LlmlabError(
+                f"{where}: neither a Hub dataset id (owner/name) nor an existing folder ({local})"
+            ) from None
         except HfHubHTTPError as e:
             raise LlmlabError(f"{where}: the Hub answered {short(e)}{fix}") from None
         except (httpx.TransportError, OSError) as e:
@@ -106,7 +127,9 @@ def hf_rows(name: str, config: str | None, split: str, streaming: bool, columns:
             ) from None
 
     try:
-        ds = datasets.load_dataset(str(local) if not on_hub else name, config, split=split, streaming=streaming)
+        ds = datasets.load_dataset(
+            str(local) if not on_hub else name, config, split=split, streaming=streaming
+        )
     except load_errors as e:
         raise LlmlabError(f"{where}: {short(e)}{fix}") from None
 
@@ -137,7 +160,9 @@ def short(e: BaseException) -> str:
 # --------------------------------------------------------------------------------------- local
 
 
-def local_rows(patterns: Sequence[str], columns: dict[str, str], key: str, root: Path, txt_column: str | None = None) -> Rows:
+def local_rows(
+    patterns: Sequence[str], columns: dict[str, str], key: str, root: Path, txt_column: str | None = None
+) -> Rows:
     """Rows of every file the glob patterns match, in pattern order, files sorted within a pattern.
 
     With `txt_column`, a .txt file is one row holding the whole file in that column (the corpus);
@@ -162,11 +187,18 @@ def local_rows(patterns: Sequence[str], columns: dict[str, str], key: str, root:
         if replaced:
             replaced_in.append(f"{path} ({replaced})")
     if replaced_in:
-        log.warning("%s: %d undecodable byte sequence(s) replaced by U+FFFD in %s", key, out.replaced, ", ".join(replaced_in))
+        log.warning(
+            "%s: %d undecodable byte sequence(s) replaced by U+FFFD in %s",
+            key,
+            out.replaced,
+            ", ".join(replaced_in),
+        )
     return out
 
 
-def _read_path(path: Path, columns: dict[str, str], key: str, txt_column: str | None) -> tuple[list[dict], int]:
+def _read_path(
+    path: Path, columns: dict[str, str], key: str, txt_column: str | None
+) -> tuple[list[dict], int]:
     """(rows, replacement characters introduced) of one matched path, by its type."""
     if path.is_dir():
         if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
@@ -185,7 +217,9 @@ def _read_path(path: Path, columns: dict[str, str], key: str, txt_column: str | 
     if suffix == ".parquet":
         return _read_parquet(path, columns), 0
     kinds = ".txt, .jsonl, .json, .parquet" if txt_column else ".jsonl, .json, .parquet"
-    raise LlmlabError(f"{key}.paths: {path}: unsupported file type '{suffix}' (use {kinds} or a Dataset.save_to_disk folder)")
+    raise LlmlabError(
+        f"{key}.paths: {path}: unsupported file type '{suffix}' (use {kinds} or a Dataset.save_to_disk folder)"
+    )
 
 
 def _decode(path: Path) -> tuple[str, int]:
@@ -226,10 +260,14 @@ def _json_rows(path: Path, text: str, columns: dict[str, str], key: str) -> list
     out = []
     for lineno, row in rows:
         if not isinstance(row, dict):
-            raise LlmlabError(f"{key}: {path}:{lineno}: expected a JSON object with the fields {sorted(columns)}")
+            raise LlmlabError(
+                f"{key}: {path}:{lineno}: expected a JSON object with the fields {sorted(columns)}"
+            )
         for column, column_key in columns.items():
             if column not in row:
-                raise LlmlabError(f"{column_key}: '{column}' is not a field of {path} (row {lineno} has {sorted(row)})")
+                raise LlmlabError(
+                    f"{column_key}: '{column}' is not a field of {path} (row {lineno} has {sorted(row)})"
+                )
         out.append({c: row[c] for c in columns} | {"_where": f"{path}:{lineno}"})
     return out
 
@@ -238,7 +276,9 @@ def _read_parquet(path: Path, columns: dict[str, str]) -> list[dict]:
     try:
         names = pq.read_schema(path).names
     except (pa.ArrowInvalid, OSError) as e:
-        raise LlmlabError(f"{next(iter(columns.values())).rsplit('.', 1)[0]}: {path}: not a readable parquet file ({e})") from None
+        raise LlmlabError(
+            f"{next(iter(columns.values())).rsplit('.', 1)[0]}: {path}: not a readable parquet file ({e})"
+        ) from None
     for column, column_key in columns.items():
         if column not in names:
             raise _missing_column(column_key, column, str(path), names)

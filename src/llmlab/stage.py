@@ -66,4 +66,6 @@ def setup_logging() -> None:
         force=True,
     )
     # Lightning advertises a cloud logger on every run; the one line of noise goes.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda r: "litlogger" not in r.getMessage()
+    )

@@ -56,8 +56,18 @@ def timed(into: dict[str, float], name: str):
         into[name] = into.get(name, 0.0) + time.perf_counter() - t0
 
 
-def graded_studies(m: dict, details: dict, models: dict[str, GPT], tok: Tokenizer, world: World, rater: Rater,
-                   cfg: EvaluateConfig, seed: int, max_digits: int, clock: Callable) -> None:
+def graded_studies(
+    m: dict,
+    details: dict,
+    models: dict[str, GPT],
+    tok: Tokenizer,
+    world: World,
+    rater: Rater,
+    cfg: EvaluateConfig,
+    seed: int,
+    max_digits: int,
+    clock: Callable,
+) -> None:
     """The studies a rater grades: the held-out suite (base, SFT and PPO on the same prompts, with the gold
     gains), knowledge (fact recall and the name probe), temperature, chain-of-thought, and the context
     (statelessness, position of a fact, distractors)."""
@@ -70,17 +80,23 @@ def graded_studies(m: dict, details: dict, models: dict[str, GPT], tok: Tokenize
             m["suite"][name], details["suite"][name] = suite(
                 model, tok, tasks, rater, groups, cfg.max_new_tokens, cfg.temperature, seed
             )
-            log.info("suite %s: format %.1f%%, accuracy %.1f%%, gold %+.2f", name,
-                     100 * m["suite"][name]["format_adherence"]["rate"], 100 * m["suite"][name]["accuracy"]["rate"],
-                     m["suite"][name]["gold_score"]["mean"])  # fmt: skip
+            log.info(
+                "suite %s: format %.1f%%, accuracy %.1f%%, gold %+.2f",
+                name,
+                100 * m["suite"][name]["format_adherence"]["rate"],
+                100 * m["suite"][name]["accuracy"]["rate"],
+                m["suite"][name]["gold_score"]["mean"],
+            )
         gold = {name: [r["gold"] for r in details["suite"][name]] for name in models}
         for a, b in (("sft", "base"), ("ppo", "sft")):
             diff, half = paired_diff_ci(gold[a], gold[b])
             m["suite"][f"gold_gain_{a}_vs_{b}"] = {"mean": diff, "ci95": half, "n": len(gold[a])}
         questions = [t.prompt for t in tasks if t.kind == "fact"][:6]
         # The base model given a question as plain text, not in the chat format: it continues a document.
-        details["base_plain_text"] = [{"question": r["prompt"], "completion": r["completion"]}
-                                      for r in samples(models["base"], tok, questions, 32, temperature=0.0, seed=seed)]  # fmt: skip
+        details["base_plain_text"] = [
+            {"question": r["prompt"], "completion": r["completion"]}
+            for r in samples(models["base"], tok, questions, 32, temperature=0.0, seed=seed)
+        ]
     with clock("knowledge"):
         people = world.known()[: cfg.recall_people]
         m["knowledge"] = {}
@@ -91,49 +107,105 @@ def graded_studies(m: dict, details: dict, models: dict[str, GPT], tok: Tokenize
             m["knowledge"][f"name_probe_{name}"] = name_probe(model, tok, world)
     with clock("temperature"):
         sweep_tasks = prompt_pool(world, "eval", cfg.temperature_prompts, seed + 1, max_digits)
-        sweep = temperature_sweep(models["ppo"], tok, sweep_tasks, rater, cfg.temperatures, cfg.temperature_samples,
-                                  cfg.max_new_tokens, seed)  # fmt: skip
+        sweep = temperature_sweep(
+            models["ppo"],
+            tok,
+            sweep_tasks,
+            rater,
+            cfg.temperatures,
+            cfg.temperature_samples,
+            cfg.max_new_tokens,
+            seed,
+        )
         m["temperature"] = {f"T={row['temperature']:g}": row for row in sweep}
     with clock("chain_of_thought"):
         m["chain_of_thought"] = {}
         for name in ("sft", "ppo"):
-            rows = chain_of_thought(models[name], tok, world, rater, cfg.cot_max_digits, cfg.cot_per_digit,
-                                    cfg.cot_max_new_tokens, seed)  # fmt: skip
+            rows = chain_of_thought(
+                models[name],
+                tok,
+                world,
+                rater,
+                cfg.cot_max_digits,
+                cfg.cot_per_digit,
+                cfg.cot_max_new_tokens,
+                seed,
+            )
             m["chain_of_thought"][name] = {f"{r['digits']}_digits/{r['format']}": r for r in rows}
     with clock("context"):
-        m["context"], details["context"] = stateless_context(models["ppo"], tok, world, rater, cfg.context_pairs,
-                                                             cfg.max_new_tokens, seed)  # fmt: skip
-        m["context_base"], details["context_base"] = stateless_completion(models["base"], tok, world, cfg.context_pairs, seed)
+        m["context"], details["context"] = stateless_context(
+            models["ppo"], tok, world, rater, cfg.context_pairs, cfg.max_new_tokens, seed
+        )
+        m["context_base"], details["context_base"] = stateless_completion(
+            models["base"], tok, world, cfg.context_pairs, seed
+        )
         m["position"], m["distractors"], details["position"], details["distractors"] = {}, {}, {}, {}
         for name in ("sft", "ppo"):
             m["position"][name], details["position"][name] = position_effect(
-                models[name], tok, world, rater, cfg.position_facts, cfg.position_trials, cfg.max_new_tokens, seed)
+                models[name],
+                tok,
+                world,
+                rater,
+                cfg.position_facts,
+                cfg.position_trials,
+                cfg.max_new_tokens,
+                seed,
+            )
             rows, details["distractors"][name] = distractor_effect(
-                models[name], tok, world, rater, cfg.distractor_counts, cfg.distractor_trials, cfg.max_new_tokens, seed)
+                models[name],
+                tok,
+                world,
+                rater,
+                cfg.distractor_counts,
+                cfg.distractor_trials,
+                cfg.max_new_tokens,
+                seed,
+            )
             m["distractors"][name] = {f"{r['distractors']}_sentences": r for r in rows}
 
 
-def attention_studies(details: dict, models: dict[str, GPT], tok: Tokenizer, world: World, cfg: EvaluateConfig,
-                      seed: int, device: str, clock: Callable) -> tuple:
+def attention_studies(
+    details: dict,
+    models: dict[str, GPT],
+    tok: Tokenizer,
+    world: World,
+    cfg: EvaluateConfig,
+    seed: int,
+    device: str,
+    clock: Callable,
+) -> tuple:
     """The cost of attention against the context length, the KV cache's speed-up, and the base model's
     attention maps on one sentence (with the heads that copy a name). Returns the maps' weights and tokens."""
     with clock("attention_cost"):
         shape = GPTConfig(**{**models["ppo"].config.__dict__})
         lengths = sorted(cfg.attention_lengths)  # exponents fitted on the longer half, past fixed overheads
-        details["attention_cost"] = attention_scaling(shape, lengths, device=device, seed=seed,
-                                                      fit_min_length=lengths[max(0, len(lengths) // 2 - 1)])  # fmt: skip
-        details["kv_cache"] = kv_cache_speedup(models["ppo"], prompt_len=16, new_tokens=list(cfg.kv_cache_new_tokens), seed=seed)
+        details["attention_cost"] = attention_scaling(
+            shape, lengths, device=device, seed=seed, fit_min_length=lengths[max(0, len(lengths) // 2 - 1)]
+        )
+        details["kv_cache"] = kv_cache_speedup(
+            models["ppo"], prompt_len=16, new_tokens=list(cfg.kv_cache_new_tokens), seed=seed
+        )
     with clock("attention_maps"):
-        sentence = cfg.attention_sentence or (fact_sentence(world.known()[0], "city") + " " + fact_sentence(world.known()[0], "job")
-                                              if world.known() else "The cat sat on the mat because it was warm.")  # fmt: skip
-        ids = [tok.token_to_id("<|bos|>"), *tok.encode(sentence, add_special_tokens=False).ids][: models["base"].config.context_length]
+        sentence = cfg.attention_sentence or (
+            fact_sentence(world.known()[0], "city") + " " + fact_sentence(world.known()[0], "job")
+            if world.known()
+            else "The cat sat on the mat because it was warm."
+        )
+        ids = [tok.token_to_id("<|bos|>"), *tok.encode(sentence, add_special_tokens=False).ids][
+            : models["base"].config.context_length
+        ]
         weights = attention_weights(models["base"], ids)
         token_text = [tok.decode([i], skip_special_tokens=False) for i in ids]
-        details["attention_maps"] = {"sentence": sentence, "tokens": token_text, "heads": interesting_heads(weights)}
+        details["attention_maps"] = {
+            "sentence": sentence,
+            "tokens": token_text,
+            "heads": interesting_heads(weights),
+        }
         if world.people:  # the heads that copy a name from earlier in the context, on never-seen names
             names = [p for what, p, _ in copy_probes(world, 50, seed) if what == "name"]
             details["attention_maps"]["copying_heads"] = copying_heads(
-                models["base"], [[BOS_ID, *tok.encode(p, add_special_tokens=False).ids] for p in names])
+                models["base"], [[BOS_ID, *tok.encode(p, add_special_tokens=False).ids] for p in names]
+            )
     return weights, token_text
 
 
@@ -147,7 +219,10 @@ def read_csv(path: Path, stage: str) -> list[dict[str, float]]:
     if not path.exists():
         raise MissingArtifactError(path, stage)
     with open(path, encoding="utf-8") as f:
-        rows = [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = [
+            {k: float(v) if v not in ("", None) else None for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
     if not rows:
         raise LlmlabError(f"{path} has no rows (re-create it with `dvc repro {stage}`)")
     return rows
@@ -157,14 +232,22 @@ def write_plots(folder: Path, m: dict, details: dict) -> None:
     """The curves `dvc plots` draws: temperature, chain-of-thought and the cost of attention."""
     tables = {}
     if "temperature" in m:
-        tables["temperature.csv"] = [{"temperature": r["temperature"], "accuracy": r["accuracy"]["rate"],
-                                      "distinct_2": r["distinct_2"], "unique_share": r["unique_share"]}
-                                     for r in m["temperature"].values()]  # fmt: skip
+        tables["temperature.csv"] = [
+            {
+                "temperature": r["temperature"],
+                "accuracy": r["accuracy"]["rate"],
+                "distinct_2": r["distinct_2"],
+                "unique_share": r["unique_share"],
+            }
+            for r in m["temperature"].values()
+        ]
     if "chain_of_thought" in m:
         by_digits: dict[int, dict] = {}
         for model, rows in m["chain_of_thought"].items():
             for r in rows.values():
-                by_digits.setdefault(r["digits"], {"digits": r["digits"]})[f"{model}_{r['format']}"] = r["accuracy"]["rate"]
+                by_digits.setdefault(r["digits"], {"digits": r["digits"]})[f"{model}_{r['format']}"] = r[
+                    "accuracy"
+                ]["rate"]
         tables["chain_of_thought.csv"] = list(by_digits.values())
     tables["attention_cost.csv"] = rpt.scaling_rows(details["attention_cost"])
     with atomic_path(folder, is_dir=True) as tmp:

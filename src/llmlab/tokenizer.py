@@ -241,7 +241,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def tokenize_to_shards(
-    tok: Tokenizer, texts: Iterable[str], directory: str | Path, split: str, shard_tokens: int, batch_size: int = 1024
+    tok: Tokenizer,
+    texts: Iterable[str],
+    directory: str | Path,
+    split: str,
+    shard_tokens: int,
+    batch_size: int = 1024,
 ) -> tuple[list[str], int]:
     """Encode `texts` into flat files of raw ids, each document preceded by <|bos|>; return (file names, tokens).
 
@@ -338,7 +343,10 @@ class TokenShards:
         [0, 2, 4]
         """
         offsets = self.ends - [len(a) for a in self.shards]
-        found = [np.flatnonzero(np.asarray(a) == token_id) + int(o) for a, o in zip(self.shards, offsets, strict=True)]
+        found = [
+            np.flatnonzero(np.asarray(a) == token_id) + int(o)
+            for a, o in zip(self.shards, offsets, strict=True)
+        ]
         return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
@@ -346,8 +354,12 @@ def open_split(directory: str | Path, split: str, meta: TokenMeta | None = None)
     """The token shards of `split` listed in `directory`/meta.json, memory-mapped, checked against its count."""
     meta = meta or read_token_meta(directory)
     if split not in meta["shards"]:
-        raise LlmlabError(f"{Path(directory) / TOKEN_META_FILE} lists no {split!r} split; re-create it with `dvc repro {STAGE}`")
-    tokens = TokenShards([load_tokens(Path(directory) / name, meta["dtype"]) for name in meta["shards"][split]])
+        raise LlmlabError(
+            f"{Path(directory) / TOKEN_META_FILE} lists no {split!r} split; re-create it with `dvc repro {STAGE}`"
+        )
+    tokens = TokenShards(
+        [load_tokens(Path(directory) / name, meta["dtype"]) for name in meta["shards"][split]]
+    )
     if len(tokens) != meta["splits"][split]:
         raise LlmlabError(
             f"{directory}: the {split} shards hold {len(tokens):,} tokens, but meta.json says "
@@ -368,8 +380,9 @@ class TokenMeta(TypedDict):
     shards: dict[str, list[str]]  # split name -> its shard files, in order
 
 
-def write_token_meta(directory: str | Path, tok: Tokenizer, splits: Mapping[str, int],
-                     shards: Mapping[str, list[str]]) -> TokenMeta:  # fmt: skip
+def write_token_meta(
+    directory: str | Path, tok: Tokenizer, splits: Mapping[str, int], shards: Mapping[str, list[str]]
+) -> TokenMeta:
     """Write `directory`/meta.json for token shards made with `tok`: `splits` maps split name -> token
     count, `shards` split name -> shard file names."""
     vocab_size = tok.get_vocab_size()

@@ -56,7 +56,6 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
 
-
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
     except requests.RequestException as e:
@@ -151,7 +150,9 @@ class StageRun:
         run.log_artifact("models/pretrain/config.json")
     """
 
-    def __init__(self, stage: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None):
+    def __init__(
+        self, stage: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
+    ):
         self.stage = stage
         self.params = dict(params or {})
         self.extra_tags = dict(tags or {})
@@ -176,19 +177,19 @@ class StageRun:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         from mlflow.tracking import MlflowClient
 
-
         check_reachable(self.uri)
         try:
             self.client = MlflowClient(self.uri)
             self._start()
         except Exception as e:  # the server or store failed between the probe and here: still before any work
-            raise LlmlabError(f"MLflow tracking at {self.uri} failed while starting the '{self.stage}' run: "
-                              f"{_first_line(e)}") from None
+            raise LlmlabError(
+                f"MLflow tracking at {self.uri} failed while starting the '{self.stage}' run: "
+                f"{_first_line(e)}"
+            ) from None
         return self
 
     def _start(self) -> None:
         from mlflow.entities import Param
-
 
         experiment_id = self._experiment_id()
         git = git_info()
@@ -226,8 +227,11 @@ class StageRun:
             tags = run.data.tags
             if _is_gone(tags.get("process") or tags.get("pipeline_key")):
                 self.client.set_terminated(run.info.run_id, "KILLED")
-                log.info("MLflow: run %s (%s) was left running by a killed process: marked KILLED",
-                         run.info.run_id, tags.get("mlflow.runName", "?"))
+                log.info(
+                    "MLflow: run %s (%s) was left running by a killed process: marked KILLED",
+                    run.info.run_id,
+                    tags.get("mlflow.runName", "?"),
+                )
 
     def _experiment_id(self) -> str:
         name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
@@ -245,11 +249,18 @@ class StageRun:
         if explicit:
             return explicit
         if key is not None:
-            found = self.client.search_runs([experiment_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1)
+            found = self.client.search_runs(
+                [experiment_id], filter_string=f"tags.pipeline_key = '{key}'", max_results=1
+            )
             if found:
                 return found[0].info.run_id
         name = time.strftime("pipeline %Y-%m-%d %H:%M:%S")
-        tags = {"mlflow.runName": name, "pipeline_key": key or "manual", "mlflow.source.git.commit": git["git_commit"], **git}
+        tags = {
+            "mlflow.runName": name,
+            "pipeline_key": key or "manual",
+            "mlflow.source.git.commit": git["git_commit"],
+            **git,
+        }
         return self.client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
 
     # -- logging -----------------------------------------------------------------------------------
@@ -262,9 +273,16 @@ class StageRun:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         for i in range(0, len(batch), 1000):
-            self.tracked(f"{len(batch[i : i + 1000])} metric values", self.client.log_batch, self.run_id, metrics=batch[i : i + 1000])
+            self.tracked(
+                f"{len(batch[i : i + 1000])} metric values",
+                self.client.log_batch,
+                self.run_id,
+                metrics=batch[i : i + 1000],
+            )
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None, pipeline: bool = False) -> None:
+    def log_artifact(
+        self, path: str | Path, artifact_path: str | None = None, pipeline: bool = False
+    ) -> None:
         """Log a file or a folder to this stage's run; with `pipeline`, to the pipeline run as well (where
         the report belongs: the first thing a user opening the pipeline run in the UI should see)."""
         if self.run_id is None:
@@ -291,11 +309,19 @@ class StageRun:
             return None
         try:
             return call(*args, **kwargs)
-        except Exception as e:  # MlflowException, requests' ConnectionError, OSError, sqlite errors: all alike here
+        except (
+            Exception
+        ) as e:  # MlflowException, requests' ConnectionError, OSError, sqlite errors: all alike here
             self.lost = _first_line(e)
             self.not_logged.append(what)
-            log.warning("MLflow tracking at %s failed while logging %s (%s): the '%s' stage goes on without "
-                        "tracking; its outputs and metrics files are not affected", self.uri, what, self.lost, self.stage)
+            log.warning(
+                "MLflow tracking at %s failed while logging %s (%s): the '%s' stage goes on without "
+                "tracking; its outputs and metrics files are not affected",
+                self.uri,
+                what,
+                self.lost,
+                self.stage,
+            )
             return None
 
     def lightning_logger(self):
@@ -311,7 +337,6 @@ class StageRun:
         status = "FINISHED" if exc_type is None else "FAILED"
         from mlflow import flush_async_logging
 
-
         if exc_type is None and self._dvc_paths:
             for key, value in provenance.hashes(self._dvc_paths[1], "dvc.outs").items():
                 self.tracked(f"tag {key}", self.client.set_tag, self.run_id, key, value)
@@ -320,11 +345,17 @@ class StageRun:
         # The pipeline run ends with its latest stage (DVC gives no "pipeline finished" hook): FINISHED
         # after every stage that succeeded, FAILED as soon as one fails.
         if not os.environ.get(PIPELINE_RUN_ENV):
-            self.tracked(f"the pipeline run's end ({status})", self.client.set_terminated, self.parent_run_id, status)
+            self.tracked(
+                f"the pipeline run's end ({status})", self.client.set_terminated, self.parent_run_id, status
+            )
         if self.lost is not None:
-            log.warning("MLflow: not logged after tracking failed (%s): %s. The stage's outputs and metrics files "
-                        "are complete; `dvc repro --force %s` with the server back logs them again",
-                        self.lost, _summary(self.not_logged), self.stage)
+            log.warning(
+                "MLflow: not logged after tracking failed (%s): %s. The stage's outputs and metrics files "
+                "are complete; `dvc repro --force %s` with the server back logs them again",
+                self.lost,
+                _summary(self.not_logged),
+                self.stage,
+            )
 
 
 def _first_line(e: BaseException) -> str:
@@ -337,8 +368,13 @@ def _summary(items: list[str]) -> str:
     return ", ".join(f"{n} × {what}" if n > 1 else what for what, n in Counter(items).items())
 
 
-def buffered_mlflow_logger(uri: str, run_id: str | None = None, experiment: str | None = None, flush_every_s: float = 15.0,
-                           tracker: StageRun | None = None):
+def buffered_mlflow_logger(
+    uri: str,
+    run_id: str | None = None,
+    experiment: str | None = None,
+    flush_every_s: float = 15.0,
+    tracker: StageRun | None = None,
+):
     """Lightning's MLFlowLogger, writing metrics in one batch every `flush_every_s` seconds.
 
     Why: with the SQLite store, each `log_batch` is a transaction through SQLAlchemy, a few ms of CPU;
@@ -354,7 +390,11 @@ def buffered_mlflow_logger(uri: str, run_id: str | None = None, experiment: str 
 
     class BufferedMLFlowLogger(MLFlowLogger):
         def __init__(self):
-            super().__init__(experiment_name=experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT), tracking_uri=uri, run_id=run_id)
+            super().__init__(
+                experiment_name=experiment or os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT),
+                tracking_uri=uri,
+                run_id=run_id,
+            )
             self._pending: list = []
             self._last_flush = time.monotonic()
 
@@ -377,8 +417,12 @@ def buffered_mlflow_logger(uri: str, run_id: str | None = None, experiment: str 
             if not pending:
                 return
             for i in range(0, len(pending), 1000):
-                self._send(f"{len(pending[i : i + 1000])} training metric values", self.experiment.log_batch,
-                           self.run_id, metrics=pending[i : i + 1000])
+                self._send(
+                    f"{len(pending[i : i + 1000])} training metric values",
+                    self.experiment.log_batch,
+                    self.run_id,
+                    metrics=pending[i : i + 1000],
+                )
 
         def _send(self, what, call, *args, **kwargs):
             if tracker is not None:

@@ -78,8 +78,9 @@ def pick_device(accelerator: str) -> str:
         return "mps"
     if accelerator in ("auto", "cpu"):
         return "cpu"
-    raise LlmlabError(f"accelerator {accelerator!r} is asked for, but this machine has no such device: use auto or cpu")
-
+    raise LlmlabError(
+        f"accelerator {accelerator!r} is asked for, but this machine has no such device: use auto or cpu"
+    )
 
 
 def world_size(cfg) -> int:
@@ -90,14 +91,19 @@ def world_size(cfg) -> int:
     return cfg.devices * cfg.num_nodes
 
 
-def loader(dataset: Dataset, batch_size: int, trainer: L.Trainer, collate_fn=None) -> torch.utils.data.DataLoader:
+def loader(
+    dataset: Dataset, batch_size: int, trainer: L.Trainer, collate_fn=None
+) -> torch.utils.data.DataLoader:
     """In order, each process taking every world_size-th item: with batch b per process, optimizer step k
     of a W-process run sees items [k·b·W, (k+1)·b·W), exactly those of a 1-process run with batch b·W."""
     sampler = None
     if trainer.world_size > 1:
-
-        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, collate_fn=collate_fn)
+        sampler = DistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, sampler=sampler, collate_fn=collate_fn
+    )
 
 
 def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:
@@ -113,7 +119,9 @@ def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str):
+def adamw(
+    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str
+):
     """AdamW with decay on matrices only: norms' gains (1-d) are not pulled towards zero."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -145,7 +153,9 @@ class CausalLMModule(L.LightningModule):
 
     def __init__(self, model_config: GPTConfig, cfg: PretrainConfig, total_steps: int):
         super().__init__()
-        self.save_hyperparameters({"model_config": asdict(model_config), "train": cfg.model_dump(), "total_steps": total_steps})
+        self.save_hyperparameters(
+            {"model_config": asdict(model_config), "train": cfg.model_dump(), "total_steps": total_steps}
+        )
         self.cfg, self.total_steps = cfg, total_steps
         self.model = GPT(model_config)
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
@@ -163,12 +173,17 @@ class CausalLMModule(L.LightningModule):
         return adamw_with_schedule(self.model, self.cfg, self.total_steps, self.device.type)
 
 
-def build_trainer(cfg: PretrainConfig, ckpt_dir, logger, callbacks: list[L.Callback], total_steps: int) -> L.Trainer:
+def build_trainer(
+    cfg: PretrainConfig, ckpt_dir, logger, callbacks: list[L.Callback], total_steps: int
+) -> L.Trainer:
     """The Trainer of the pretrain stage (also used by benchmarks/, so that they measure the same thing)."""
 
-
     checkpointing = checkpoint_after_validation(
-        cfg.val_every, dirpath=ckpt_dir, every_n_train_steps=cfg.ckpt_every, save_top_k=0, save_last=True,
+        cfg.val_every,
+        dirpath=ckpt_dir,
+        every_n_train_steps=cfg.ckpt_every,
+        save_top_k=0,
+        save_last=True,
         enable_version_counter=False,
     )
     return L.Trainer(
@@ -186,8 +201,13 @@ def build_trainer(cfg: PretrainConfig, ckpt_dir, logger, callbacks: list[L.Callb
         num_sanity_val_steps=0,
         log_every_n_steps=cfg.log_every,
         logger=logger,
-        callbacks=[checkpointing, LearningRateMonitor(logging_interval="step"), RichProgressBar(refresh_rate=cfg.log_every),
-                   StopOnNonFiniteLoss(ckpt_dir, cfg.ckpt_every), *callbacks],
+        callbacks=[
+            checkpointing,
+            LearningRateMonitor(logging_interval="step"),
+            RichProgressBar(refresh_rate=cfg.log_every),
+            StopOnNonFiniteLoss(ckpt_dir, cfg.ckpt_every),
+            *callbacks,
+        ],
         plugins=[AtomicCheckpointIO()],
         deterministic=True,
         # Lightning's own DistributedSampler shuffles training data; TokenWindows items are random already,
@@ -268,7 +288,11 @@ class Throughput(L.Callback):
         self.steps += 1
         self._t0 = now
         if self.steps % self.every == 0:
-            pl_module.log_dict({"perf/tokens_per_s": self.tokens_per_second(), "perf/mfu": self.mfu()}, on_step=True, on_epoch=False)
+            pl_module.log_dict(
+                {"perf/tokens_per_s": self.tokens_per_second(), "perf/mfu": self.mfu()},
+                on_step=True,
+                on_epoch=False,
+            )
 
     def on_validation_start(self, trainer, pl_module):
         if self._t0 is not None:
@@ -316,7 +340,9 @@ class CurveRecorder(L.Callback):
         curves = [("train_loss", self.train, "loss"), ("val_loss", self.val, "loss")]
         curves += [(p.name, p.points, p.name) for p in probes]
         for name, rows, column in curves:
-            write_text(Path(folder) / f"{name}.csv", f"step,{column}\n" + "".join(f"{s},{v:.6f}\n" for s, v in rows))
+            write_text(
+                Path(folder) / f"{name}.csv", f"step,{column}\n" + "".join(f"{s},{v:.6f}\n" for s, v in rows)
+            )
 
 
 class Probe(L.Callback):
@@ -366,8 +392,16 @@ class Epochs(Dataset):
     learned worse, docs/benchmarks.md.)
     """
 
-    def __init__(self, base: Dataset, n_items: int, seed: int, first: int = 0,
-                 lengths: Sequence[int] | None = None, batch: int = 1, megabatch: int = 50):  # fmt: skip
+    def __init__(
+        self,
+        base: Dataset,
+        n_items: int,
+        seed: int,
+        first: int = 0,
+        lengths: Sequence[int] | None = None,
+        batch: int = 1,
+        megabatch: int = 50,
+    ):
         if lengths is not None and len(lengths) != len(base):
             raise ValueError(f"{len(lengths)} lengths for {len(base)} items")
         self.base, self.n_items, self.seed, self.first = base, n_items, seed, first
@@ -417,5 +451,7 @@ def quiet_lightning_warnings() -> None:
     """Silence two Lightning warnings that are expected here: a resumed run continues mid-epoch by design
     (`TokenWindows` and `Epochs` resume by themselves; Lightning cannot know and warns), and a deprecation
     inside Lightning's own checkpoint code."""
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings(
+        "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+    )
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
