@@ -24,10 +24,8 @@ from pathlib import Path
 import torch
 
 from llmlab import report as rpt
-from llmlab.evaluation import (
-    perplexity,
-)
-from llmlab.io import atomic_path, read_json, write_json, write_text
+from llmlab.evaluation import perplexity
+from llmlab.io import read_json, write_json
 from llmlab.model import load_model
 from llmlab.params import Params
 from llmlab.rater import Rater
@@ -93,11 +91,7 @@ def main(args, params: Params) -> None:
             m["tokens"] = rpt.token_figures(tokenizer_report)
             details["example_tokens"] = {e["word"]: e["tokens"] for e in tokenizer_report.get("examples", [])}
         with clock("pretraining"):
-            m["pretraining"] = {
-                "final_train_loss": loss["train"][-1]["loss"],
-                "final_val_loss": loss["val"][-1]["loss"],
-                "steps": int(loss["train"][-1]["step"]),
-            }
+            m["pretraining"] = rpt.pretraining_figures(loss)
         if rater:
             graded_studies(m, details, models, tok, world, rater, cfg, seed, params.ppo.max_digits, clock)
         else:
@@ -114,10 +108,9 @@ def main(args, params: Params) -> None:
         weights, token_text = attention_studies(details, models, tok, world, cfg, seed, device, clock)
 
         with clock("report"):
-            with atomic_path(Path(args.report).parent / "figures", is_dir=True) as figures:
-                plots = rpt.figures(figures, m, details, loss, calibration, iterations, weights, token_text)
-            text = rpt.markdown(m, details, {k: f"figures/{v}" for k, v in plots.items()}, iterations)
-            write_text(args.report, text)
+            n_figures = rpt.write_report(
+                args.report, m, details, loss, calibration, iterations, weights, token_text
+            )
         write_json(args.metrics, m)
         write_plots(Path(args.plots), m, details)
         write_json(Path(args.details) / "details.json", details)
@@ -127,12 +120,8 @@ def main(args, params: Params) -> None:
         run.log_artifact(args.report, pipeline=True)
         run.log_artifact(Path(args.report).parent / "figures", "figures", pipeline=True)
         run.log_artifact(args.details, "evaluate")
-        log.info(
-            "report: %s (%d figures); timings %s",
-            args.report,
-            len(plots),
-            {k: round(v, 1) for k, v in details["timings_s"].items()},
-        )
+        timings = {k: round(v, 1) for k, v in details["timings_s"].items()}
+        log.info("report: %s (%d figures); timings %s", args.report, n_figures, timings)
 
 
 if __name__ == "__main__":

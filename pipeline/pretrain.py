@@ -8,25 +8,13 @@ reports/pretrain/ (samples, fact-recall examples). Resumes from checkpoints/pret
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 
-import torch
-
-from llmlab.errors import LlmlabError
-from llmlab.io import write_json, write_text
-from llmlab.mfu import matmul_peak_flops
+from llmlab.io import write_files, write_json
 from llmlab.model import GPTConfig, save_model
 from llmlab.params import Params
-from llmlab.pretraining import (
-    FixedWindows,
-    TokenWindows,
-    document_starts,
-    final_measurements,
-    probes,
-    summary_line,
-)
+from llmlab.pretraining import PROBES, final_measurements, probes, run_metrics, summary_line, windows
 from llmlab.stage import run_stage
 from llmlab.tokenizer import load_tokenizer, open_split, read_token_meta
 from llmlab.tracking import StageRun
@@ -40,14 +28,11 @@ from llmlab.training import (
     quiet_lightning_warnings,
     resume_and_seed,
     resume_offset,
-    uses_cuda,
     world_size,
 )
 from llmlab.world import World
 
 log = logging.getLogger("llmlab.pretrain")
-
-SAMPLE_PROMPTS = ["Add 47 and 38.", "One morning,"]
 
 
 def add_arguments(p):
@@ -73,17 +58,8 @@ def main(args, params: Params) -> None:
     model_config = GPTConfig.from_params(cfg.model, meta["vocab_size"])
 
     budget = Budget.from_params(cfg, world_size(cfg))
-    try:
-        # val_batches per process: the validation set is the same for the same global batch.
-        val_set = FixedWindows(
-            val_tokens, cfg.model.context_length, cfg.val_batches * cfg.batch_size * budget.world_size
-        )
-        starts = document_starts(train_tokens, meta["bos_id"], cfg.window_start)
-        TokenWindows(
-            train_tokens, cfg.model.context_length, budget.n_items, params.seed, starts=starts
-        )  # validates the size
-    except ValueError as e:
-        raise LlmlabError(f"pretrain: {e}") from None
+    # Once before anything starts: a split too small for one window fails here, not after the set-up.
+    windows(train_tokens, val_tokens, meta["bos_id"], cfg, budget, params.seed)
 
     resume = resume_and_seed(
         args.checkpoints,
@@ -97,26 +73,16 @@ def main(args, params: Params) -> None:
     )
 
     module = CausalLMModule(model_config, cfg, budget.total_steps)
-    device_type = "cuda" if uses_cuda(cfg.accelerator) else "cpu"
-    peak_dtype = torch.bfloat16 if "bf16" in cfg.precision else torch.float32
-    peak = matmul_peak_flops(device_type, peak_dtype)
-    throughput = Throughput(budget.tokens_per_step, module.model.flops_per_token(), peak, cfg.log_every)
+    throughput = Throughput.for_run(cfg, budget.tokens_per_step, module.model.flops_per_token())
     curves = CurveRecorder(cfg.log_every)
     probe_list, copy_items = probes(world, tok, cfg, params.seed)
     callbacks = [throughput, curves, *probe_list]
 
     with StageRun("pretrain", {"seed": params.seed, "pretrain": cfg.model_dump()}) as run:
         trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), callbacks, budget.total_steps)
-        first_item = resume_offset(
-            resume, budget.items_per_step
-        )  # where the checkpoint stopped (see TokenWindows)
-        train_set = TokenWindows(
-            train_tokens,
-            cfg.model.context_length,
-            budget.n_items,
-            params.seed,
-            first=first_item,
-            starts=starts,
+        first = resume_offset(resume, budget.items_per_step)  # where the checkpoint stopped (TokenWindows)
+        train_set, val_set = windows(
+            train_tokens, val_tokens, meta["bos_id"], cfg, budget, params.seed, first
         )
         train_dl, val_dl = (
             loader(train_set, cfg.batch_size, trainer),
@@ -127,39 +93,23 @@ def main(args, params: Params) -> None:
         if not trainer.is_global_zero:
             return
 
-        # A neighbour busy at start-up would deflate the peak (and inflate MFU): take the better of two.
-        throughput.peak = max(peak, matmul_peak_flops(device_type, peak_dtype))
         model = module.model.eval()
         save_model(model, args.out)
-        metrics = {
-            "train_loss": curves.train[-1][1] if curves.train else float("nan"),
-            "val_loss": val_loss,
-            "val_perplexity": math.exp(val_loss),
-            "steps": int(trainer.global_step),
-            "tokens": int(trainer.global_step) * budget.tokens_per_step,
-            "params": model.num_params(non_embedding=False),
-        }
+        train_loss = curves.train[-1][1] if curves.train else float("nan")
+        metrics = run_metrics(model, train_loss, val_loss, int(trainer.global_step), budget)
         # Speed is a fact about this machine and this minute, not about the model: it goes to the report
         # folder and MLflow, so that metrics/*.json of two runs are byte-identical (`dvc metrics diff` empty).
-        speed = {
-            "tokens_per_s": throughput.tokens_per_second(),
-            "mfu": throughput.mfu(),
-            "matmul_peak_gflops": throughput.peak / 1e9,
-            "train_seconds": throughput.train_time,
-        }
+        speed = throughput.speed()
         found, files = final_measurements(model, tok, world, cfg, params.seed, copy_items)
         metrics |= found
         write_json(args.metrics, metrics)
-        curves.write(args.plots, probe_list)
-        report = Path(args.report)
-        write_json(report / "throughput.json", speed)
-        for name, content in files.items():
-            (write_text if name.endswith(".md") else write_json)(report / name, content)
+        curves.write(args.plots, probe_list, declared=PROBES)
+        write_files(args.report, files | {"throughput.json": speed})
         run.log_metrics(
             {k: v for k, v in (metrics | speed).items() if isinstance(v, int | float)},
             step=int(trainer.global_step),
         )
-        for path in (args.metrics, Path(args.out) / "config.json", report, args.plots):
+        for path in (args.metrics, Path(args.out) / "config.json", args.report, args.plots):
             run.log_artifact(path)
         log.info(summary_line(metrics, speed))
 

@@ -20,11 +20,12 @@ from llmlab.preferences import read_pairs
 from llmlab.reward import (
     PairDataset,
     RewardModule,
+    calibration_csv,
+    centre_on_sft,
     collate_pairs,
     reward_metrics,
     save_reward_model,
-    score_sequences,
-    sft_replies,
+    summary_line,
 )
 from llmlab.stage import run_stage
 from llmlab.tokenizer import load_tokenizer
@@ -90,17 +91,9 @@ def main(args, params: Params) -> None:
             return
 
         model = module.model.eval()
-        # Shift: the SFT model's own replies score 0 on average. Rated pairs are SFT replies already;
-        # for real data the SFT model first answers the training prompts.
         rated = all(math.isfinite(row["gold_chosen"]) for row in train_rows + val_rows)
-        replies = (
-            [s for pair in train_base.items for s in pair]
-            if rated
-            else sft_replies(sft, tok, train_rows, T, params.preferences.max_new_tokens, params.seed)
-        )
-        r_sft = score_sequences(model, replies)
-        model.offset = float(r_sft.mean())
-        scale = float(r_sft.std()) if len(r_sft) > 1 else 0.0
+        max_new = params.preferences.max_new_tokens
+        scale = centre_on_sft(model, sft, tok, train_base, train_rows, rated, max_new, params.seed)
         save_reward_model(model, args.out, scale)
 
         metrics, table = reward_metrics(model, val_set, val_rows, rated, params.seed)
@@ -116,19 +109,11 @@ def main(args, params: Params) -> None:
             log.info("real preference data: no gold rater, so accuracy is against the dataset's labels only")
         write_json(args.metrics, metrics)
         curves.write(args.plots)
-        write_text(
-            Path(args.plots) / "calibration.csv",
-            "predicted,observed,n\n" + "".join(f"{p:.4f},{o:.4f},{n}\n" for p, o, n in table),
-        )
+        write_text(Path(args.plots) / "calibration.csv", calibration_csv(table))
         run.log_metrics(metrics)
         for path in (args.metrics, args.plots, Path(args.out) / "config.json"):
             run.log_artifact(path)
-        log.info(
-            "gold accuracy %s · label accuracy %.1f%% on %d held-out pairs",
-            f"{100 * metrics['accuracy_gold']:.1f}%" if rated else "n/a",
-            100 * metrics["accuracy_noisy_labels"],
-            len(val_rows),
-        )
+        log.info(summary_line(metrics, rated))
 
 
 if __name__ == "__main__":

@@ -7,26 +7,14 @@ Outputs: models/sft/{model.safetensors,config.json}, metrics/sft.json, plots/sft
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
 
-from llmlab.errors import LlmlabError
-from llmlab.io import write_json, write_text
+from llmlab.io import write_files, write_json
 from llmlab.model import load_model, save_model
 from llmlab.params import Params
-from llmlab.sft import (
-    ChatDataset,
-    add_replay,
-    collate,
-    collate_packed,
-    graded_replies,
-    summary_line,
-    training_conversations,
-    ungraded_replies,
-)
+from llmlab.sft import collate, collate_packed, replies_for_report, sft_datasets, summary_line
 from llmlab.stage import run_stage
 from llmlab.tokenizer import load_tokenizer
 from llmlab.tracking import StageRun
@@ -67,24 +55,11 @@ def main(args, params: Params) -> None:
     base = load_model(args.model, stage="pretrain")
     T = base.config.context_length
 
-    conversations, data_stats = training_conversations(world, cfg.data, params.seed)
-    n_val = max(1, len(conversations) // 20)
-    val_set = ChatDataset(tok, conversations[:n_val], T)
-    train_base = ChatDataset(tok, conversations[n_val:], T)
-    n_replay = add_replay(train_base, tok, Path(args.corpus), cfg.data.replay_share, params.seed, T)
+    data = sft_datasets(tok, world, cfg.data, Path(args.corpus), params.seed, T)
     per_step = items_per_step(cfg)
-
-    if not len(train_base) or not len(val_set):
-        raise LlmlabError(
-            f"sft: no conversation fits the context of {T} tokens with an answer in it "
-            f"({train_base.no_answer + val_set.no_answer} left out); use shorter conversations or a longer context"
-        )
-    digest = hashlib.sha256(
-        json.dumps(conversations, sort_keys=True).encode()
-    ).hexdigest()  # hf/local data can change
     resume = resume_and_seed(
         args.checkpoints,
-        {"seed": params.seed, "sft": cfg.model_dump(), "data": digest},
+        {"seed": params.seed, "sft": cfg.model_dump(), "data": data.digest()},
         [
             Path(args.model) / "model.safetensors",
             args.tokenizer,
@@ -100,11 +75,11 @@ def main(args, params: Params) -> None:
     with StageRun("sft", {"seed": params.seed, "sft": cfg.model_dump()}) as run:
         trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), [curves], cfg.max_steps)
         first = resume_offset(resume, per_step)  # continue the data where the checkpoint stopped
-        train_set = Epochs(train_base, cfg.max_steps * per_step, params.seed, first=first)
+        train_set = Epochs(data.train, cfg.max_steps * per_step, params.seed, first=first)
         batches = collate_packed if cfg.pack else collate
         train_dl, val_dl = (
             loader(train_set, cfg.batch_size, trainer, batches),
-            loader(val_set, cfg.batch_size, trainer, batches),
+            loader(data.val, cfg.batch_size, trainer, batches),
         )
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
         val_loss = float(trainer.validate(module, val_dl, verbose=False)[0]["val/loss"])
@@ -113,32 +88,24 @@ def main(args, params: Params) -> None:
 
         model = module.model.eval()
         save_model(model, args.out)
-        metrics = {
-            "val_loss": val_loss,
-            "steps": int(trainer.global_step),
-            "examples": len(conversations),
-            "truncated": train_base.truncated + val_set.truncated,
-            "no_answer": train_base.no_answer + val_set.no_answer,
-            "replayed_documents": n_replay,
-            **data_stats,
-        }
-        report = Path(args.report)
-        if world.people:  # the rater can grade replies to the world's evaluation prompts
-            graded, rows, lines = graded_replies(model, tok, world, cfg, params.seed)
-            metrics |= graded
-        else:  # no ground truth: the replies to held-out conversations' first turns, ungraded
-            log.info("no synthetic world: replies are not graded (no rater); see %s", report / "replies.md")
-            rows, lines = ungraded_replies(model, tok, conversations[:n_val], cfg.max_new_tokens)
+        graded, rows, lines = replies_for_report(
+            model, tok, world, cfg, params.seed, data.conversations[: data.n_val]
+        )
+        if not world.people:
+            log.info(
+                "no synthetic world: replies are not graded (no rater); see %s",
+                Path(args.report) / "replies.md",
+            )
+        metrics = {"val_loss": val_loss, "steps": int(trainer.global_step), **data.counts(), **graded}
         write_json(args.metrics, metrics)
         curves.write(args.plots)
-        write_json(report / "replies.json", rows)
-        write_text(report / "replies.md", "\n".join(lines) + "\n")
+        write_files(args.report, {"replies.json": rows, "replies.md": "\n".join(lines) + "\n"})
         run.log_metrics(
             {k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=int(trainer.global_step)
         )
-        for path in (args.metrics, Path(args.out) / "config.json", report, args.plots):
+        for path in (args.metrics, Path(args.out) / "config.json", args.report, args.plots):
             run.log_artifact(path)
-        log.info(summary_line(metrics, val_loss, n_val))
+        log.info(summary_line(metrics, val_loss, data.n_val))
 
 
 if __name__ == "__main__":

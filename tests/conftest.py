@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -178,3 +179,30 @@ def random_post_training_models(smoke_data: Path, folder: Path) -> None:
     torch.manual_seed(0)
     save_model(GPT(cfg), folder / "sft")
     save_reward_model(RewardModel(cfg), folder / "reward", scale=1.0)
+
+
+def repo_copy(dest: Path) -> str:
+    """The files git would check out (tracked + untracked-but-not-ignored, but not this checkout's own
+    dvc.lock), committed in a new repo with the tiny configuration as params.yaml; returns the commit."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for f in filter(None, files):
+        if f == "dvc.lock":
+            continue
+        src = ROOT / f
+        if src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    shutil.copy(SMOKE_PARAMS, dest / "params.yaml")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=dest, capture_output=True, text=True
+    ).stdout.strip()

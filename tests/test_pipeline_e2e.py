@@ -25,35 +25,11 @@ import requests
 import torch
 import yaml
 
-from tests.conftest import ROOT, SMOKE_PARAMS, mlflow_server, stage_env
+from tests.conftest import mlflow_server, repo_copy, stage_env
 from tests.test_dvc_yaml import stages_importing
 
 pytestmark = pytest.mark.slow
 STAGES = ("corpus", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo", "evaluate", "register")
-
-
-def repo_copy(dest):
-    """The files git would check out (tracked + untracked-but-not-ignored), committed in a new repo."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for f in filter(None, files):
-        src = ROOT / f
-        if src.is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / f)
-    shutil.copy(SMOKE_PARAMS, dest / "params.yaml")
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run([*git, "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
-    return subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=dest, capture_output=True, text=True
-    ).stdout.strip()
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,19 @@
-"""The path a user takes to real data: a local text corpus, local chat conversations and local
-preference pairs (hh-rlhf transcripts), through every stage. There is no synthetic world, so no rater:
-each stage must say so in its metrics instead of failing or inventing a gold score."""
+"""The path a user takes to real data, run as they run it, with `dvc repro` in a copy of the repository:
+a local text corpus (TinyStories' layout), local chat conversations (smoltalk's) and local preference
+pairs, first as Anthropic/hh-rlhf's whole transcripts, then as ultrafeedback_binarized's message lists.
+There is no synthetic world, so no rater: each stage says so in its metrics instead of failing or
+inventing a gold score, and the pipeline runs to the end, the registered model included."""
 
 from __future__ import annotations
 
 import json
 import random
+import subprocess
 
 import pytest
 import yaml
 
-from tests.conftest import SMOKE_PARAMS, run_stage, stage_env
+from tests.conftest import repo_copy, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,195 +27,70 @@ def sentence(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
 
 
-def test_local_corpus_chat_and_preferences_run_without_a_rater(tmp_path):
-    rng = random.Random(0)
-    raw = tmp_path / "data" / "raw"
-    (raw / "chat").mkdir(parents=True)
-    (raw / "preferences").mkdir()
+def write_jsonl(path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def raw_data(raw, rng: random.Random) -> None:
+    """Files in the layouts of TinyStories (text), smoltalk (messages, with a system turn and two user
+    turns) and the two preference layouts, hh-rlhf's and ultrafeedback_binarized's."""
     for i in range(60):
         (raw / f"doc{i}.txt").write_text(" ".join(sentence(rng) for _ in range(8)))
-    with open(raw / "chat" / "talk.jsonl", "w") as f:
-        for _ in range(80):
-            q, a = sentence(rng), sentence(rng)
-            f.write(
-                json.dumps(
-                    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-                )
-                + "\n"
-            )
-    with open(raw / "preferences" / "hh.jsonl", "w") as f:
-        for _ in range(40):
-            q = sentence(rng)
-            f.write(
-                json.dumps(
-                    {
-                        "chosen": f"\n\nHuman: {q}\n\nAssistant: {sentence(rng)}",
-                        "rejected": f"\n\nHuman: {q}\n\nAssistant: {sentence(rng)}",
-                    }
-                )
-                + "\n"
-            )
-    params = yaml.safe_load(SMOKE_PARAMS.read_text())
+    chats = []
+    for _ in range(80):
+        turns = [{"role": "system", "content": "You are kind."}] if rng.random() < 0.5 else []
+        for _ in range(rng.randint(1, 2)):
+            turns += [
+                {"role": "user", "content": sentence(rng)},
+                {"role": "assistant", "content": sentence(rng)},
+            ]
+        chats.append({"messages": turns})
+    write_jsonl(raw / "chat" / "talk.jsonl", chats)
+    hh, uf = [], []
+    for _ in range(40):
+        q, good, bad = sentence(rng), sentence(rng), sentence(rng)
+        hh.append(
+            {
+                "chosen": f"\n\nHuman: {q}\n\nAssistant: {good}",
+                "rejected": f"\n\nHuman: {q}\n\nAssistant: {bad}",
+            }
+        )
+        user = {"role": "user", "content": q}
+        uf.append(
+            {
+                "prompt": q,
+                "chosen": [user, {"role": "assistant", "content": good}],
+                "rejected": [user, {"role": "assistant", "content": bad}],
+            }
+        )
+    write_jsonl(raw / "hh" / "pairs.jsonl", hh)
+    write_jsonl(raw / "ultrafeedback" / "pairs.jsonl", uf)
+
+
+def repro(repo, env) -> subprocess.CompletedProcess:
+    done = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_real_data_runs_to_the_end_under_dvc_repro_for_both_preference_layouts(tmp_path):
+    repo_copy(tmp_path)
+    raw_data(tmp_path / "data" / "raw", random.Random(0))
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["corpus"] = {"source": "local", "val_fraction": 0.1, "local": {"paths": ["data/raw/*.txt"]}}
     params["tokenizer"]["vocab_size"] = 300
     params["sft"]["data"] = {"source": "local"}
-    params["preferences"].update(source="local", local={"prompt_column": None})
+    params["preferences"].update(
+        source="local", local={"paths": ["data/raw/hh/*.jsonl"], "prompt_column": None}
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = stage_env(tmp_path)
-    tok = ["--tokenizer", "data/tokenizer/tokenizer.json"]
-    world = ["--world", "data/corpus/world.json"]
-    stages = [
-        ("corpus", ["--out", "data/corpus", "--metrics", "metrics/corpus.json"]),
-        (
-            "tokenizer",
-            [
-                "--corpus",
-                "data/corpus",
-                "--out",
-                "data/tokenizer",
-                "--tokens",
-                "data/tokens",
-                "--metrics",
-                "metrics/tokenizer.json",
-                "--report",
-                "reports/tokenizer",
-            ],
-        ),
-        (
-            "pretrain",
-            [
-                "--tokens",
-                "data/tokens",
-                *tok,
-                *world,
-                "--checkpoints",
-                "checkpoints/pretrain",
-                "--out",
-                "models/pretrain",
-                "--metrics",
-                "metrics/pretrain.json",
-                "--plots",
-                "plots/pretrain",
-                "--report",
-                "reports/pretrain",
-            ],
-        ),
-        (
-            "sft",
-            [
-                "--model",
-                "models/pretrain",
-                *tok,
-                *world,
-                "--corpus",
-                "data/corpus",
-                "--checkpoints",
-                "checkpoints/sft",
-                "--out",
-                "models/sft",
-                "--metrics",
-                "metrics/sft.json",
-                "--plots",
-                "plots/sft",
-                "--report",
-                "reports/sft",
-            ],
-        ),
-        (
-            "preferences",
-            [
-                "--model",
-                "models/sft",
-                *tok,
-                *world,
-                "--out",
-                "data/preferences",
-                "--metrics",
-                "metrics/preferences.json",
-            ],
-        ),
-        (
-            "reward",
-            [
-                "--pairs",
-                "data/preferences",
-                "--model",
-                "models/sft",
-                *tok,
-                "--checkpoints",
-                "checkpoints/reward",
-                "--out",
-                "models/reward",
-                "--metrics",
-                "metrics/reward.json",
-                "--plots",
-                "plots/reward",
-            ],
-        ),
-        (
-            "ppo",
-            [
-                "--model",
-                "models/sft",
-                "--reward",
-                "models/reward",
-                *tok,
-                *world,
-                "--pairs",
-                "data/preferences",
-                "--checkpoints",
-                "checkpoints/ppo",
-                "--out",
-                "models/ppo",
-                "--metrics",
-                "metrics/ppo.json",
-                "--plots",
-                "plots/ppo",
-                "--report",
-                "reports/ppo",
-            ],
-        ),
-        (
-            "evaluate",
-            [
-                "--base",
-                "models/pretrain",
-                "--sft",
-                "models/sft",
-                "--ppo",
-                "models/ppo",
-                *tok,
-                "--tokenizer-report",
-                "reports/tokenizer/report.json",
-                "--tokens",
-                "data/tokens",
-                *world,
-                "--pretrain-plots",
-                "plots/pretrain",
-                "--reward-metrics",
-                "metrics/reward.json",
-                "--reward-plots",
-                "plots/reward",
-                "--ppo-metrics",
-                "metrics/ppo.json",
-                "--ppo-plots",
-                "plots/ppo",
-                "--metrics",
-                "metrics/evaluate.json",
-                "--plots",
-                "plots/evaluate",
-                "--report",
-                "reports/report.md",
-                "--details",
-                "reports/evaluate",
-            ],
-        ),
-    ]
-    for name, args in stages:
-        r = run_stage(name, args, tmp_path, env, tmp_path / "params.yaml")
-        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
 
-    metrics = {name: json.loads((tmp_path / "metrics" / f"{name}.json").read_text()) for name, _ in stages}
+    first = repro(tmp_path, env)
+    for stage in ("corpus", "sft", "preferences", "reward", "ppo", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
+    metrics = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "metrics").glob("*.json")}
     assert metrics["sft"]["examples"] == 80 and "gold_score_mean" not in metrics["sft"]
     assert "→" in (tmp_path / "reports/sft/replies.md").read_text()  # ungraded replies, for reading
     assert metrics["preferences"]["pairs"] == 40 and metrics["preferences"]["gold_rater"] == 0
@@ -222,7 +100,23 @@ def test_local_corpus_chat_and_preferences_run_without_a_rater(tmp_path):
     assert ppo["n_prompts"] == 4  # the validation pairs' distinct prompts (10 % of 40)
     header = (tmp_path / "plots/ppo/iterations.csv").read_text().splitlines()[0]
     assert "objective/kl" in header and "gold/score" not in header
-    # No world: the graded sections say they were not measured; the rest of the report is there.
+    # No world: the graded sections say they were not measured; the rest of the report is there, and
+    # the graded curves dvc.yaml declares exist with their header only.
     report = (tmp_path / "reports/report.md").read_text()
     assert "Not measured: this run used a real corpus" in report and "## 9. Attention costs" in report
     assert "suite" not in metrics["evaluate"] and metrics["evaluate"]["perplexity"]["ppo"]["perplexity"] > 1
+    assert (tmp_path / "plots/evaluate/temperature.csv").read_text().splitlines() == [
+        "temperature,accuracy,distinct_2,unique_share"
+    ]
+    assert json.loads((tmp_path / "reports/register.json").read_text())  # the model was registered
+
+    # The other preference layout, holding the same pairs: the preferences stage runs again and reads the
+    # same pairs out of it, so DVC finds every later stage's inputs unchanged.
+    pairs = {p.name: p.read_bytes() for p in (tmp_path / "data/preferences").iterdir()}
+    params["preferences"]["local"] = {"paths": ["data/raw/ultrafeedback/*.jsonl"], "prompt_column": "prompt"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    second = repro(tmp_path, env)
+    assert "Running stage 'preferences'" in second.stdout and "Running stage 'pretrain'" not in second.stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data/preferences").iterdir()} == pairs
+    status = subprocess.run(["dvc", "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout  # every declared output exists: nothing left to run

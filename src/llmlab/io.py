@@ -84,6 +84,15 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_files(folder: str | Path, files: dict[str, Any]) -> None:
+    """Write each `name: content` into `folder`: text for .md, .txt and .csv names, JSON for the rest."""
+    for name, content in files.items():
+        if name.endswith((".md", ".txt", ".csv")):
+            write_text(Path(folder) / name, content)
+        else:
+            write_json(Path(folder) / name, content)
+
+
 def read_json(path: str | Path, stage: str | None = None) -> Any:
     """Read JSON; a missing file names the stage that writes it, a corrupt one says so."""
 

@@ -49,27 +49,35 @@ Deviations from InstructGPT and from "The N+ Implementation Details of RLHF with
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from llmlab import checkpoints
 from llmlab.chat import parse_reply, render
 from llmlab.checkpoints import AtomicCheckpointIO
 from llmlab.errors import LlmlabError
 from llmlab.generate import generate
 from llmlab.model import GPT, padded_attention_mask
+from llmlab.preferences import pair_contexts
 from llmlab.rater import Rater, chat_metrics
 from llmlab.replies import REPLY_LENGTH_RANK, reply
 from llmlab.reward import RewardModel
+from llmlab.sft_data import prompt_pool
 from llmlab.stats import mean_ci, paired_diff_ci, wilson_ci
 from llmlab.tasks import Task
 from llmlab.tokenizer import END_ID, PAD_ID
-from llmlab.training import adamw
+from llmlab.tracking import is_global_zero
+from llmlab.training import Epochs, adamw
 from llmlab.world import World
+
+log = logging.getLogger("llmlab.ppo")
 
 # ------------------------------------------------------------------------------------ the pieces
 
@@ -705,3 +713,81 @@ def iteration_line(m: dict[str, float], iteration: int, iterations: int, batch: 
         f"iteration {iteration}/{iterations} · score {m['objective/scores']:+.2f} · kl {m['objective/kl']:.2f} · "
         f"gold {gold} · clipfrac {m['policy/clipfrac_avg']:.2f} · {m['val/num_eos_tokens']:.0f}/{batch} ended"
     )
+
+
+def prompts(world: World, pairs: str | Path, purpose: str, cfg, seed: int) -> list:
+    """PPO's prompts: to train on (`purpose` "rl", ppo.n_prompts in ppo.prompt_mix) or to compare the SFT and
+    PPO models on ("eval", ppo.eval_prompts), from the world's pools; without a synthetic world, the
+    preference pairs' prompts (train or validation split), which no rater can grade."""
+    if world.people:
+        if purpose == "rl":
+            return prompt_pool(world, "rl", cfg.n_prompts, seed, cfg.max_digits, dict(cfg.prompt_mix))
+        return prompt_pool(world, "eval", cfg.eval_prompts, seed, cfg.max_digits)
+    n = cfg.n_prompts if purpose == "rl" else cfg.eval_prompts
+    return pair_contexts(Path(pairs), "train" if purpose == "rl" else "validation")[:n]
+
+
+def restored_state(fabric: L.Fabric, m: Models, kl: KLController, ckpt_dir: str | Path, fp) -> dict:
+    """What a PPO checkpoint holds (both models, both optimisers, the iteration, the KL coefficient and the
+    per-iteration history), loaded from `ckpt_dir`'s last checkpoint when its fingerprint `fp` (params and
+    input files) matches this run, else fresh."""
+    state = {
+        "policy": m.policy,
+        "value": m.value,
+        "policy_opt": m.policy_opt,
+        "value_opt": m.value_opt,
+        "iteration": 0,
+        "kl_coef": kl.value,
+        "history": [],
+    }
+    resume = checkpoints.resume_path(ckpt_dir, fp, readonly=not is_global_zero())
+    if resume is not None:
+        fabric.load(resume, state, weights_only=True)
+        kl.value = state["kl_coef"]
+    return state
+
+
+def train(
+    fabric: L.Fabric,
+    m: Models,
+    tok,
+    pool: list,
+    cfg,
+    kl: KLController,
+    state: dict,
+    seed: int,
+    rater: Rater | None,
+    ckpt_dir: str | Path,
+    log_metrics,
+) -> list[dict[str, float]]:
+    """PPO's iterations from `state["iteration"]` on (`restored_state`), each on the next
+    rollout_batch_size prompts of `pool` (shuffled epoch by epoch), checkpointed every ppo.ckpt_every;
+    returns the per-iteration history. Each process takes every world_size-th prompt of an iteration, and
+    its sampling seed depends on the iteration, so a resumed run draws what the first would have."""
+    B, W, rank = cfg.rollout_batch_size, fabric.world_size, fabric.global_rank
+    stream = Epochs(pool, cfg.iterations * B, seed)  # prompt j of iteration i is stream[i·B + j]
+    history: list[dict[str, float]] = state["history"]
+    for it in range(state["iteration"], cfg.iterations):
+        tasks = [stream[it * B + j] for j in range(rank, B, W)]
+        try:
+            metrics = iteration(
+                fabric, m, tok, tasks, cfg, kl.value, seed * 1_000_003 + it * 1009 + rank, rater
+            )
+        except NonFiniteLoss as e:
+            kept = checkpoints.kept_checkpoint(ckpt_dir, it + 1, cfg.ckpt_every, "iteration")
+            raise LlmlabError(
+                f"the PPO loss became non-finite at iteration {it + 1} ({e}); nothing of it was saved, "
+                f"and {kept}. Lower ppo.lr or raise ppo.kl_coef"
+            ) from None
+        metrics["episode"] = float((it + 1) * B)
+        kl.update(metrics["objective/kl"], B)
+        history.append({"iteration": it + 1, **metrics})
+        log_metrics(metrics, step=it + 1)
+        log.info(iteration_line(metrics, it + 1, cfg.iterations, B))
+        if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iterations:
+            state.update(iteration=it + 1, kl_coef=kl.value)
+            fabric.save(Path(ckpt_dir) / checkpoints.LAST, state)
+    check_replicas_agree(fabric, {"policy": m.policy, "value": m.value})
+    if W > 1:
+        log.info("the %d processes' policy and value weights agree", W)
+    return history

@@ -7,15 +7,18 @@ The loop, the optimiser and the Lightning glue are shared with the other trainin
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
+from llmlab.errors import LlmlabError
 from llmlab.evaluation import copy_accuracy, fact_recall, samples
 from llmlab.model import GPT
 from llmlab.params import PretrainConfig
-from llmlab.training import Probe
+from llmlab.training import Budget, Probe
 from llmlab.world import World, copy_probes, fact_prompts
 
 SAMPLE_PROMPTS = ["Add 47 and 38.", "One morning,"]
@@ -97,6 +100,43 @@ class FixedWindows(Dataset):
         s = int(self.starts[i])
         w = torch.from_numpy(self.tokens[s : s + self.T + 1].astype(np.int64))
         return w[:-1], w[1:]
+
+
+def windows(
+    train_tokens, val_tokens, bos_id: int, cfg: PretrainConfig, budget: Budget, seed: int, first: int = 0
+) -> tuple[TokenWindows, FixedWindows]:
+    """The run's training windows, from global item `first` (`resume_offset`), and the validation windows
+    (val_batches per process: the same validation set for the same global batch). A split too small for
+    one window is an LlmlabError that says which param to change."""
+    try:
+        val = FixedWindows(
+            val_tokens, cfg.model.context_length, cfg.val_batches * cfg.batch_size * budget.world_size
+        )
+        starts = document_starts(train_tokens, bos_id, cfg.window_start)
+        train = TokenWindows(
+            train_tokens, cfg.model.context_length, budget.n_items, seed, first=first, starts=starts
+        )
+    except ValueError as e:
+        raise LlmlabError(f"pretrain: {e}") from None
+    return train, val
+
+
+def run_metrics(
+    model: GPT, train_loss: float, val_loss: float, steps: int, budget: Budget
+) -> dict[str, float]:
+    """What the finished run measured about itself (loss, perplexity, its size), for metrics/pretrain.json."""
+    return {
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_perplexity": math.exp(val_loss),
+        "steps": steps,
+        "tokens": steps * budget.tokens_per_step,
+        "params": model.num_params(non_embedding=False),
+    }
+
+
+PROBES = ("fact_recall", "copy_accuracy")
+"""The curves of plots/pretrain/ besides the losses (dvc.yaml declares both)."""
 
 
 def probes(world: World, tok: Tokenizer, cfg: PretrainConfig, seed: int) -> tuple[list[Probe], list]:

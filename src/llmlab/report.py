@@ -16,6 +16,7 @@ from typing import Any
 from llmlab.attention_cost import plot_scaling
 from llmlab.attention_maps import plot_heads
 from llmlab.evaluation import rate_of
+from llmlab.io import atomic_path, write_text
 from llmlab.stats import rate_diff_ci
 from llmlab.tokenizer import flat_metrics
 
@@ -75,6 +76,26 @@ def flat(d: Mapping[str, Any]) -> dict[str, float]:
     MLflow refuses "=" in a name ("T=0.5" becomes "T_0.5"); nulls (no sample) are left out."""
 
     return {k.replace("=", "_"): v for k, v in flat_metrics(d).items() if math.isfinite(v)}
+
+
+def pretraining_figures(loss: Mapping[str, list[dict]]) -> dict[str, float]:
+    """The last train and validation loss of the pretrain stage's curves, and its number of steps."""
+    return {
+        "final_train_loss": loss["train"][-1]["loss"],
+        "final_val_loss": loss["val"][-1]["loss"],
+        "steps": int(loss["train"][-1]["step"]),
+    }
+
+
+def write_report(
+    path: str | Path, m: dict, details: dict, loss, calibration, iterations, weights, token_text
+) -> int:
+    """reports/report.md at `path` and its PNG figures in figures/ beside it, both written whole or not at
+    all; returns the number of figures."""
+    with atomic_path(Path(path).parent / "figures", is_dir=True) as folder:
+        plots = figures(folder, m, details, loss, calibration, iterations, weights, token_text)
+    write_text(path, markdown(m, details, {k: f"figures/{v}" for k, v in plots.items()}, iterations))
+    return len(plots)
 
 
 def token_figures(report: Mapping[str, Any]) -> dict[str, Any]:

@@ -264,3 +264,39 @@ def reward_metrics(
         metrics["accuracy_gold"] = hits / len(gold)
         metrics["accuracy_gold_ci_low"], metrics["accuracy_gold_ci_high"] = wilson_ci(hits, len(gold))
     return metrics, calibration(r_c, r_r, seed)
+
+
+def centre_on_sft(
+    model: RewardModel,
+    sft: GPT,
+    tok: Tokenizer,
+    train: PairDataset,
+    rows: list[dict],
+    rated: bool,
+    max_new_tokens: int,
+    seed: int,
+) -> float:
+    """Shift the reward so that the SFT model's own replies score 0 on average (`model.offset`), and return
+    their spread (the scale PPO divides by). Rated pairs are SFT replies already; for real data the SFT
+    model first answers the training prompts."""
+    if rated:
+        replies = [seq for pair in train.items for seq in pair]
+    else:
+        replies = sft_replies(sft, tok, rows, sft.config.context_length, max_new_tokens, seed)
+    scores = score_sequences(model, replies)
+    model.offset = float(scores.mean())
+    return float(scores.std()) if len(scores) > 1 else 0.0
+
+
+def calibration_csv(table: list[tuple[float, float, int]]) -> str:
+    """plots/reward/calibration.csv: predicted against observed probability that the chosen reply wins."""
+    return "predicted,observed,n\n" + "".join(f"{p:.4f},{o:.4f},{n}\n" for p, o, n in table)
+
+
+def summary_line(metrics: dict, rated: bool) -> str:
+    """The stage's last log line: agreement with the gold rater (rated pairs) and with the pairs' labels."""
+    gold = f"{100 * metrics['accuracy_gold']:.1f}%" if rated else "n/a"
+    return (
+        f"gold accuracy {gold} · label accuracy {100 * metrics['accuracy_noisy_labels']:.1f}% "
+        f"on {metrics['pairs_validation']} held-out pairs"
+    )

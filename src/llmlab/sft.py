@@ -15,8 +15,11 @@ beyond the context has nothing to learn from at all: it is left out and counted 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -162,6 +165,61 @@ def add_replay(
         picked = random.Random(f"{seed}/replay").choices(read_corpus(corpus_dir, "train"), k=n)
         train.add_documents(tok, picked, context_length)
     return n
+
+
+@dataclass
+class SFTDatasets:
+    """What SFT trains and validates on: the conversations (the first n_val held out for validation), the
+    two datasets, how many replayed pretraining documents the training set holds, and the data's counts."""
+
+    conversations: list[list[dict]]
+    n_val: int
+    train: ChatDataset
+    val: ChatDataset
+    n_replay: int
+    stats: dict
+
+    def digest(self) -> str:
+        """A hash of the conversations (hf/local data can change under the same params)."""
+        return hashlib.sha256(json.dumps(self.conversations, sort_keys=True).encode()).hexdigest()
+
+    def counts(self) -> dict:
+        """The data's part of metrics/sft.json."""
+        return {
+            "examples": len(self.conversations),
+            "truncated": self.train.truncated + self.val.truncated,
+            "no_answer": self.train.no_answer + self.val.no_answer,
+            "replayed_documents": self.n_replay,
+            **self.stats,
+        }
+
+
+def sft_datasets(
+    tok: Tokenizer, world: World, data: SFTData, corpus_dir: Path, seed: int, context_length: int
+) -> SFTDatasets:
+    """`training_conversations` split 1:19 into validation and training, with replayed documents added to
+    training (`add_replay`); an LlmlabError when no conversation fits the context with an answer in it."""
+    conversations, stats = training_conversations(world, data, seed)
+    n_val = max(1, len(conversations) // 20)
+    val = ChatDataset(tok, conversations[:n_val], context_length)
+    train = ChatDataset(tok, conversations[n_val:], context_length)
+    n_replay = add_replay(train, tok, corpus_dir, data.replay_share, seed, context_length)
+    if not len(train) or not len(val):
+        raise LlmlabError(
+            f"sft: no conversation fits the context of {context_length} tokens with an answer in it "
+            f"({train.no_answer + val.no_answer} left out); use shorter conversations or a longer context"
+        )
+    return SFTDatasets(conversations, n_val, train, val, n_replay, stats)
+
+
+def replies_for_report(
+    model: GPT, tok: Tokenizer, world: World, cfg: SFTConfig, seed: int, held_out: list[list[dict]]
+) -> tuple[dict, list[dict], list[str]]:
+    """The fine-tuned model's replies for reports/sft: graded by the rater on the world's evaluation pool
+    (`graded_replies`), or without a synthetic world, ungraded replies to held-out conversations."""
+    if world.people:
+        return graded_replies(model, tok, world, cfg, seed)
+    return {}, *ungraded_replies(model, tok, held_out, cfg.max_new_tokens)
 
 
 def graded_replies(

@@ -229,30 +229,31 @@ def read_csv(path: Path, stage: str) -> list[dict[str, float]]:
 
 
 def write_plots(folder: Path, m: dict, details: dict) -> None:
-    """The curves `dvc plots` draws: temperature, chain-of-thought and the cost of attention."""
-    tables = {}
-    if "temperature" in m:
-        tables["temperature.csv"] = [
-            {
-                "temperature": r["temperature"],
-                "accuracy": r["accuracy"]["rate"],
-                "distinct_2": r["distinct_2"],
-                "unique_share": r["unique_share"],
-            }
-            for r in m["temperature"].values()
-        ]
-    if "chain_of_thought" in m:
-        by_digits: dict[int, dict] = {}
-        for model, rows in m["chain_of_thought"].items():
-            for r in rows.values():
-                by_digits.setdefault(r["digits"], {"digits": r["digits"]})[f"{model}_{r['format']}"] = r[
-                    "accuracy"
-                ]["rate"]
-        tables["chain_of_thought.csv"] = list(by_digits.values())
-    tables["attention_cost.csv"] = rpt.scaling_rows(details["attention_cost"])
+    """The curves `dvc plots` draws: temperature, chain-of-thought and the cost of attention. Every file
+    dvc.yaml declares is written: without a rater (real data) the graded two hold their header only."""
+    tables: dict[str, tuple[list[str], list[dict]]] = {}
+    temperature = [
+        {
+            "temperature": r["temperature"],
+            "accuracy": r["accuracy"]["rate"],
+            "distinct_2": r["distinct_2"],
+            "unique_share": r["unique_share"],
+        }
+        for r in m.get("temperature", {}).values()
+    ]
+    tables["temperature.csv"] = (["temperature", "accuracy", "distinct_2", "unique_share"], temperature)
+    by_digits: dict[int, dict] = {}
+    for model, rows in m.get("chain_of_thought", {}).items():
+        for r in rows.values():
+            row = by_digits.setdefault(r["digits"], {"digits": r["digits"]})
+            row[f"{model}_{r['format']}"] = r["accuracy"]["rate"]
+    cot = list(by_digits.values())
+    tables["chain_of_thought.csv"] = (list(cot[0]) if cot else ["digits"], cot)
+    scaling = rpt.scaling_rows(details["attention_cost"])
+    tables["attention_cost.csv"] = (list(scaling[0]), scaling)
     with atomic_path(folder, is_dir=True) as tmp:
-        for name, rows in tables.items():
+        for name, (header, rows) in tables.items():
             with open(tmp / name, "w", newline="", encoding="utf-8") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+                writer = csv.DictWriter(f, fieldnames=header, lineterminator="\n")
                 writer.writeheader()
                 writer.writerows(rows)

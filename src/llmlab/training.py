@@ -24,6 +24,7 @@ from torch.utils.data.distributed import DistributedSampler
 from llmlab.checkpoints import AtomicCheckpointIO, fingerprint, kept_checkpoint, resume_path
 from llmlab.errors import LlmlabError
 from llmlab.io import write_text
+from llmlab.mfu import matmul_peak_flops
 from llmlab.model import GPT, GPTConfig
 from llmlab.params import PretrainConfig
 from llmlab.tracking import is_global_zero
@@ -302,6 +303,27 @@ class Throughput(L.Callback):
     def on_validation_end(self, trainer, pl_module):
         self._t0 = None
 
+    @classmethod
+    def for_run(cls, cfg: PretrainConfig, tokens_per_step: int, flops_per_token: float) -> Throughput:
+        """Timed against the matmul peak measured on this machine for the run's device and precision."""
+        device_type = "cuda" if uses_cuda(cfg.accelerator) else "cpu"
+        dtype = torch.bfloat16 if "bf16" in cfg.precision else torch.float32
+        meter = cls(tokens_per_step, flops_per_token, matmul_peak_flops(device_type, dtype), cfg.log_every)
+        meter._peak_of = (device_type, dtype)
+        return meter
+
+    def speed(self) -> dict[str, float]:
+        """Tokens/s, MFU, the peak and the training seconds. The peak is measured once more first: a
+        neighbour busy at start-up would deflate it (and inflate MFU), so the better of the two counts."""
+        if getattr(self, "_peak_of", None):
+            self.peak = max(self.peak, matmul_peak_flops(*self._peak_of))
+        return {
+            "tokens_per_s": self.tokens_per_second(),
+            "mfu": self.mfu(),
+            "matmul_peak_gflops": self.peak / 1e9,
+            "train_seconds": self.train_time,
+        }
+
     def tokens_per_second(self) -> float:
         return self.steps * self.tokens_per_step / self.train_time if self.train_time > 0 else 0.0
 
@@ -335,10 +357,13 @@ class CurveRecorder(L.Callback):
         self.train = [tuple(r) for r in state["train"]]
         self.val = [tuple(r) for r in state["val"]]
 
-    def write(self, folder, probes: Sequence[Probe] = ()) -> None:
-        """The loss curves, and each probe's curve as `<folder>/<probe name>.csv` (columns step, <name>)."""
+    def write(self, folder, probes: Sequence[Probe] = (), declared: Sequence[str] = ()) -> None:
+        """The loss curves, and each probe's curve as `<folder>/<probe name>.csv` (columns step, <name>).
+        A `declared` curve (one dvc.yaml lists) with no probe, as without a synthetic world, gets its header
+        only: an output DVC expects is never missing."""
         curves = [("train_loss", self.train, "loss"), ("val_loss", self.val, "loss")]
         curves += [(p.name, p.points, p.name) for p in probes]
+        curves += [(name, [], name) for name in declared if name not in {p.name for p in probes}]
         for name, rows, column in curves:
             write_text(
                 Path(folder) / f"{name}.csv", f"step,{column}\n" + "".join(f"{s},{v:.6f}\n" for s, v in rows)
