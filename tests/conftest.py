@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,3 +207,10 @@ def repo_copy(dest: Path) -> str:
     return subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=dest, capture_output=True, text=True
     ).stdout.strip()
+
+
+def hub_layout(folder, split: str, rows: list[dict]) -> str:
+    """A dataset folder as the Hub keeps it (data/<split>-00000-of-00001.parquet): load_dataset finds the split."""
+    (folder / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(rows).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    return str(folder)

@@ -1,6 +1,8 @@
 """The path a user takes to real data, run as they run it, with `dvc repro` in a copy of the repository:
-a local text corpus (TinyStories' layout), local chat conversations (smoltalk's) and local preference
-pairs, first as Anthropic/hh-rlhf's whole transcripts, then as ultrafeedback_binarized's message lists.
+first local files (a text corpus, smoltalk-like chats with system turns and several turns, preference
+pairs as Anthropic/hh-rlhf's whole transcripts), then the GPU recipe's data sections, its three Hub
+datasets (TinyStories, smoltalk, ultrafeedback_binarized's message lists) read from folders in the Hub's
+layout, with a tiny model.
 There is no synthetic world, so no rater: each stage says so in its metrics instead of failing or
 inventing a gold score, and the pipeline runs to the end, the registered model included."""
 
@@ -13,9 +15,10 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import repo_copy, stage_env
+from tests.conftest import ROOT, hub_layout, repo_copy, stage_env
 
 pytestmark = pytest.mark.slow
+RECIPE = ROOT / "recipes" / "gpu-tinystories.yaml"
 
 WORDS = (
     "the river cat walks slowly under a bright moon while old friends sing about bread and small boats "
@@ -32,7 +35,7 @@ def write_jsonl(path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def raw_data(raw, rng: random.Random) -> None:
+def raw_data(raw, rng: random.Random) -> tuple[list[dict], list[dict]]:
     """Files in the layouts of TinyStories (text), smoltalk (messages, with a system turn and two user
     turns) and the two preference layouts, hh-rlhf's and ultrafeedback_binarized's."""
     for i in range(60):
@@ -65,7 +68,7 @@ def raw_data(raw, rng: random.Random) -> None:
             }
         )
     write_jsonl(raw / "hh" / "pairs.jsonl", hh)
-    write_jsonl(raw / "ultrafeedback" / "pairs.jsonl", uf)
+    return chats, uf
 
 
 def repro(repo, env) -> subprocess.CompletedProcess:
@@ -74,9 +77,10 @@ def repro(repo, env) -> subprocess.CompletedProcess:
     return done
 
 
-def test_real_data_runs_to_the_end_under_dvc_repro_for_both_preference_layouts(tmp_path):
+def test_real_data_and_the_recipes_data_path_run_to_the_end_under_dvc_repro(tmp_path):
     repo_copy(tmp_path)
-    raw_data(tmp_path / "data" / "raw", random.Random(0))
+    rng = random.Random(0)
+    chats, ultrafeedback = raw_data(tmp_path / "data" / "raw", rng)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["corpus"] = {"source": "local", "val_fraction": 0.1, "local": {"paths": ["data/raw/*.txt"]}}
     params["tokenizer"]["vocab_size"] = 300
@@ -110,13 +114,39 @@ def test_real_data_runs_to_the_end_under_dvc_repro_for_both_preference_layouts(t
     ]
     assert json.loads((tmp_path / "reports/register.json").read_text())  # the model was registered
 
-    # The other preference layout, holding the same pairs: the preferences stage runs again and reads the
-    # same pairs out of it, so DVC finds every later stage's inputs unchanged.
-    pairs = {p.name: p.read_bytes() for p in (tmp_path / "data/preferences").iterdir()}
-    params["preferences"]["local"] = {"paths": ["data/raw/ultrafeedback/*.jsonl"], "prompt_column": "prompt"}
+    # The GPU recipe's data sections (TinyStories, smoltalk, ultrafeedback_binarized's message lists from
+    # the Hub), read from folders in the Hub's layout with those datasets' schemas and split names.
+    recipe = yaml.safe_load(RECIPE.read_text())
+    hub = {
+        "corpus": hub_layout(
+            tmp_path / "hub" / "TinyStories",
+            recipe["corpus"]["hf"]["split"],
+            [{"text": " ".join(sentence(rng) for _ in range(8))} for _ in range(60)],
+        ),
+        "sft": hub_layout(
+            tmp_path / "hub" / "smoltalk",
+            recipe["sft"]["data"]["hf"]["split"],
+            [{**c, "full_topic": "chat"} for c in chats],
+        ),
+        "preferences": hub_layout(
+            tmp_path / "hub" / "ultrafeedback",
+            recipe["preferences"]["hf"]["split"],
+            [{**row, "score_chosen": 8.0} for row in ultrafeedback],
+        ),
+    }
+    params["corpus"] = recipe["corpus"] | {
+        "hf": recipe["corpus"]["hf"] | {"name": hub["corpus"]},
+        "val_fraction": 0.1,
+    }
+    params["sft"]["data"] = recipe["sft"]["data"] | {
+        "hf": recipe["sft"]["data"]["hf"] | {"name": hub["sft"], "config": None}
+    }
+    params["preferences"].update(source="hf", hf=recipe["preferences"]["hf"] | {"name": hub["preferences"]})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     second = repro(tmp_path, env)
-    assert "Running stage 'preferences'" in second.stdout and "Running stage 'pretrain'" not in second.stdout
-    assert {p.name: p.read_bytes() for p in (tmp_path / "data/preferences").iterdir()} == pairs
+    assert "Running stage 'corpus'" in second.stdout and "Running stage 'register'" in second.stdout
+    prefs = json.loads((tmp_path / "metrics/preferences.json").read_text())
+    assert prefs["pairs"] == 40 and prefs["gold_rater"] == 0
+    assert json.loads((tmp_path / "metrics/sft.json").read_text())["examples"] == 80
     status = subprocess.run(["dvc", "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout  # every declared output exists: nothing left to run

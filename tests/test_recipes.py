@@ -12,7 +12,7 @@ from llmlab.model import GPT, GPTConfig
 from llmlab.params import load_params
 from llmlab.preferences import external_pairs
 from llmlab.sft_data import external_conversations
-from tests.conftest import ROOT
+from tests.conftest import ROOT, hub_layout
 
 RECIPE = ROOT / "recipes" / "gpu-tinystories.yaml"
 
@@ -29,13 +29,6 @@ def test_the_recipe_is_valid_and_has_the_documented_shape():
         assert (
             section.accelerator == "auto" and section.precision == "bf16-mixed" and section.devices == "auto"
         )
-
-
-def hub_layout(folder, split: str, rows: list[dict]) -> str:
-    """A dataset folder as the Hub keeps it (data/<split>-00000-of-00001.parquet): load_dataset finds the split."""
-    (folder / "data").mkdir(parents=True)
-    datasets.Dataset.from_list(rows).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
-    return str(folder)
 
 
 def test_the_recipe_reads_datasets_with_the_schemas_of_the_ones_it_names(tmp_path, monkeypatch):
