@@ -7,15 +7,17 @@ The default pretraining run copies never-seen names (96 %) but reads a stated va
 loop, and measures the copy probes of the pretraining stage (`world.copy_probes`, probe-half names) every
 `--every` steps. It needs the world and tokenizer of a run: `dvc repro tokenizer` first.
 
-    python benchmarks/copy_learning.py --steps 4000 --lr 3e-3
+    python benchmarks/copy_learning.py --steps 4000 --lr 3e-3 --write   # --write: into docs/knowledge.md
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -92,7 +94,7 @@ def run(
 
 def markdown(result: dict) -> str:
     head = (
-        f"{result['n_layer']} layers, {result['n_head']} heads, lr {result['lr']:g}, batch {result['batch_size']} × "
+        f"Measured {datetime.date.today()}: {result['n_layer']} layers, {result['n_head']} heads, lr {result['lr']:g}, batch {result['batch_size']} × "
         f"context length, {result['probes']} probe documents, {result['seconds']} s"
     )
     rows = [
@@ -117,5 +119,11 @@ if __name__ == "__main__":
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--n-layer", type=int)
     ap.add_argument("--n-head", type=int)
+    ap.add_argument("--write", action="store_true", help="put the table into docs/knowledge.md")
     args = ap.parse_args()
-    print(markdown(run(args.steps, args.every, args.lr, args.n_layer, args.n_head)))
+    table = markdown(run(args.steps, args.every, args.lr, args.n_layer, args.n_head))
+    print(table)
+    if args.write:
+        doc = ROOT / "docs" / "knowledge.md"
+        marked = re.compile(r"(<!-- results:copy_learning -->\n).*?(<!-- /results:copy_learning -->)", re.S)
+        doc.write_text(marked.sub(lambda m: m.group(1) + table + "\n" + m.group(2), doc.read_text()))

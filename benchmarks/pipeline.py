@@ -6,10 +6,14 @@ set size (the stage process is DVC's child, and DVC waits for it). The wall time
 own start and hashing, as a user's `dvc repro` does. Takes as long as the pipeline (~17 minutes on 2 cores).
 
     python benchmarks/pipeline.py       # prints JSON; `python benchmarks/run.py pipeline` writes the doc
+    python benchmarks/pipeline.py --seed 7 --keep /tmp/seed7   # another seed; keep the run's folder
+
+The JSON also holds every `metrics/*.json` of the run, for the results over seeds.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -25,11 +29,14 @@ sys.path.insert(0, str(ROOT))  # run as a script, too
 from benchmarks.measure import run_measured  # noqa: E402
 
 
-def run(keep: str | None = None) -> dict:
+def run(keep: str | None = None, seed: int | None = None) -> dict:
     stages = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
     with tempfile.TemporaryDirectory() as d:
         repo = Path(keep or d) / "llmlab"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True)
+        if seed is not None:  # the whole params file as committed, but this seed
+            params = yaml.safe_load((repo / "params.yaml").read_text())
+            (repo / "params.yaml").write_text(yaml.safe_dump({**params, "seed": seed}, sort_keys=False))
         # PYTHONPATH: the clone's own library, not the one the venv's editable install points at.
         env = {
             **os.environ,
@@ -44,12 +51,23 @@ def run(keep: str | None = None) -> dict:
                 raise SystemExit(f"stage {stage} failed:\n{m.output[-2000:]}")
             rows.append({"stage": stage, "seconds": m.seconds, "peak_rss_mb": m.peak_rss_mb})
             print(json.dumps(rows[-1]), flush=True)
+        metrics = {p.stem: json.loads(p.read_text()) for p in sorted((repo / "metrics").glob("*.json"))}
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True
+        )
     return {
+        "commit": commit.stdout.strip(),
+        "seed": seed,
         "stages": rows,
         "total_s": sum(r["seconds"] for r in rows),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
+        "metrics": metrics,
     }
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(), indent=2))
+    ap = argparse.ArgumentParser(description="the whole default pipeline, stage by stage, in a fresh clone")
+    ap.add_argument("--seed", type=int, help="run with this seed instead of params.yaml's")
+    ap.add_argument("--keep", help="keep the run's folder here (default: a temporary one, removed)")
+    args = ap.parse_args()
+    print(json.dumps(run(args.keep, args.seed), indent=2))

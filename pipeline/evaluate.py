@@ -38,13 +38,14 @@ from llmlab.world import World
 
 log = logging.getLogger("llmlab.evaluate")
 
-MODELS = {"base": "pretrain", "sft": "sft", "ppo": "ppo"}  # report name -> the stage that writes it
+MODELS = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "dpo": "dpo"}  # report name -> its stage
 
 
 def add_arguments(p):
     p.add_argument("--base", required=True, help="pretrained model folder (stage pretrain)")
     p.add_argument("--sft", required=True, help="SFT model folder (stage sft)")
     p.add_argument("--ppo", required=True, help="PPO model folder (stage ppo)")
+    p.add_argument("--dpo", required=True, help="DPO model folder (stage dpo)")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json (stage tokenizer)")
     p.add_argument("--tokenizer-report", required=True, help="report.json of the tokenizer stage")
     p.add_argument("--tokens", required=True, help="token files folder (validation split: held-out text)")
@@ -54,6 +55,7 @@ def add_arguments(p):
     p.add_argument("--reward-plots", required=True, help="calibration of the reward stage")
     p.add_argument("--ppo-metrics", required=True, help="metrics/ppo.json")
     p.add_argument("--ppo-plots", required=True, help="per-iteration curves of the ppo stage")
+    p.add_argument("--dpo-metrics", required=True, help="metrics/dpo.json")
     p.add_argument("--metrics", required=True, help="metrics JSON to write")
     p.add_argument("--plots", required=True, help="folder for the dvc plots CSVs")
     p.add_argument("--report", required=True, help="the report's markdown file (figures go beside it)")
@@ -75,6 +77,7 @@ def main(args, params: Params) -> None:
     tokenizer_report = read_json(args.tokenizer_report, stage="tokenizer")
     reward_metrics = read_json(args.reward_metrics, stage="reward")
     ppo_metrics = read_json(args.ppo_metrics, stage="ppo")
+    dpo_metrics = read_json(args.dpo_metrics, stage="dpo")
     loss = {
         split: read_csv(Path(args.pretrain_plots) / f"{split}_loss.csv", "pretrain")
         for split in ("train", "val")
@@ -104,6 +107,7 @@ def main(args, params: Params) -> None:
             }
         m["reward_model"] = finite_numbers(reward_metrics)
         m["ppo"] = finite_numbers(ppo_metrics)
+        m["dpo"] = finite_numbers(dpo_metrics)
 
         weights, token_text = attention_studies(details, models, tok, world, cfg, seed, device, clock)
 

@@ -1,9 +1,11 @@
-"""Stage `register`: the three trained models as MLflow models, and the PPO model in the Model Registry.
+"""Stage `register`: the four trained models as MLflow models, the PPO and DPO models in the Model Registry.
 
-Inputs: models/pretrain (stage `pretrain`), models/sft (stage `sft`), models/ppo (stage `ppo`), the tokenizer.
-Outputs: three MLflow models logged to this stage's run (named base, sft, ppo: weights, tokenizer, config
-and code packed in, see `llmlab.serving`); a new version of the registered model `--name` (default
-llmlab-chat) made from the PPO model, with the alias `champion` moved to it; reports/register.json with
+Inputs: models/pretrain (stage `pretrain`), models/sft (stage `sft`), models/ppo (stage `ppo`), models/dpo
+(stage `dpo`), the tokenizer.
+Outputs: four MLflow models logged to this stage's run (named base, sft, ppo, dpo: weights, tokenizer,
+config and code packed in, see `llmlab.serving`); a new version of the registered model `--name` (default
+llmlab-chat) made from the PPO model, and one of `<name>-dpo` made from the DPO model beside it, each with
+the alias `champion` moved to it; reports/register.json with
 the model URIs, the version and the time taken (a report, not a metrics file: ids and seconds differ on
 every run, and metrics/*.json stay byte-identical between runs). Serve the champion with
 
@@ -35,7 +37,12 @@ log = logging.getLogger("llmlab.register")
 def add_arguments(p):
     p.add_argument("--base", required=True, help="pretrained model folder (from the pretrain stage)")
     p.add_argument("--sft", required=True, help="chat model folder (from the sft stage)")
-    p.add_argument("--ppo", required=True, help="RLHF model folder (from the ppo stage): the one registered")
+    p.add_argument(
+        "--ppo", required=True, help="RLHF model folder (from the ppo stage): registered as --name"
+    )
+    p.add_argument(
+        "--dpo", required=True, help="DPO model folder (from the dpo stage): registered as <name>-dpo"
+    )
     p.add_argument("--tokenizer", required=True, help="tokenizer.json")
     p.add_argument("--out", required=True, help="JSON file for the model URIs, version and timings")
     p.add_argument(
@@ -44,7 +51,12 @@ def add_arguments(p):
 
 
 def main(args, params: Params) -> None:  # reads no params section
-    models = {"base": (args.base, "pretrain"), "sft": (args.sft, "sft"), "ppo": (args.ppo, "ppo")}
+    models = {
+        "base": (args.base, "pretrain"),
+        "sft": (args.sft, "sft"),
+        "ppo": (args.ppo, "ppo"),
+        "dpo": (args.dpo, "dpo"),
+    }
     for (
         folder,
         stage,
@@ -65,6 +77,7 @@ def main(args, params: Params) -> None:  # reads no params section
                 seconds[f"log_{name}"] = time.perf_counter() - t
             t = time.perf_counter()
             version = register(uris["ppo"], args.name, CHAMPION)
+            dpo_version = register(uris["dpo"], f"{args.name}-dpo", CHAMPION)
         except (MlflowException, requests.RequestException, OSError) as e:
             raise LlmlabError(
                 f"MLflow at {run.uri} failed while logging and registering the models: "
@@ -78,6 +91,8 @@ def main(args, params: Params) -> None:  # reads no params section
                 "models": uris,
                 "registered_model": args.name,
                 "version": version,
+                "dpo_registered_model": f"{args.name}-dpo",
+                "dpo_version": dpo_version,
                 "alias": CHAMPION,
                 "seconds": seconds,
             },
@@ -85,11 +100,15 @@ def main(args, params: Params) -> None:  # reads no params section
         run.log_metrics({"version": version, **{f"seconds/{k}": v for k, v in seconds.items()}})
         run.log_artifact(args.out)
     log.info(
-        "logged base, sft, ppo and registered ppo in %.1f s: models:/%s@%s is version %d",
+        "logged base, sft, ppo, dpo and registered ppo and dpo in %.1f s: models:/%s@%s is version %d, "
+        "models:/%s-dpo@%s version %d",
         seconds["total"],
         args.name,
         CHAMPION,
         version,
+        args.name,
+        CHAMPION,
+        dpo_version,
     )
 
 

@@ -29,7 +29,18 @@ from tests.conftest import mlflow_server, repo_copy, stage_env
 from tests.test_dvc_yaml import stages_importing
 
 pytestmark = pytest.mark.slow
-STAGES = ("corpus", "tokenizer", "pretrain", "sft", "preferences", "reward", "ppo", "evaluate", "register")
+STAGES = (
+    "corpus",
+    "tokenizer",
+    "pretrain",
+    "sft",
+    "preferences",
+    "reward",
+    "ppo",
+    "dpo",
+    "evaluate",
+    "register",
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +115,18 @@ def test_outputs_and_metrics(pipeline):
     ):
         assert key in ppo, key
     assert (repo / "models/ppo/model.safetensors").is_file() and (repo / "reports/ppo/replies.md").is_file()
+    dpo = json.loads((repo / "metrics/dpo.json").read_text())
+    assert dpo["steps"] == 10 and dpo["n_prompts"] == 16 and dpo["pairs_train"] >= 2
+    assert {
+        "dpo/gold_score_mean",
+        "gold_gain",
+        "gold_gain_ci95",
+        "kl_to_sft",
+        "val_rewards/accuracies",
+    } <= set(dpo)
+    assert (repo / "models/dpo/model.safetensors").is_file() and "DPO (" in (
+        repo / "reports/dpo/replies.md"
+    ).read_text()
     curve = (repo / "plots/ppo/iterations.csv").read_text().splitlines()
     assert len(curve) == 1 + 4 and {"objective/kl", "policy/clipfrac_avg", "gold/score"} <= set(
         curve[0].split(",")
@@ -195,6 +218,15 @@ def test_the_mlflow_ui_shows_the_pipeline_run_its_stages_and_the_model(pipeline,
         "gold/score",
     ):
         assert history("ppo", name) == [1, 2, 3, 4], name
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ):
+        assert history("dpo", f"train/{name}") and history("dpo", f"val/{name}"), name  # TRL's names
     assert "tokenizer.json" in artifacts(by_stage["tokenizer"]["info"]["run_id"])
     # The report, its figures and the metrics on the pipeline run: the first thing the UI shows.
     assert {"report.md", "evaluate.json", "figures"} <= artifacts(parent_id)
@@ -215,6 +247,8 @@ def test_the_mlflow_ui_shows_the_pipeline_run_its_stages_and_the_model(pipeline,
     assert champion["run_id"] == by_stage["register"]["info"]["run_id"]
     register = json.loads((repo / "reports/register.json").read_text())
     assert register["registered_model"] == "llmlab-chat" and str(register["version"]) == champion["version"]
+    beside = api(server, "registered-models/alias", name="llmlab-chat-dpo", alias="champion")["model_version"]
+    assert beside["run_id"] == by_stage["register"]["info"]["run_id"]
 
 
 def test_report_has_every_section_and_links_only_existing_figures(pipeline):
@@ -228,8 +262,8 @@ def test_report_has_every_section_and_links_only_existing_figures(pipeline):
         assert (repo / "reports" / link).is_file(), link
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
     suite = metrics["suite"]
-    assert suite["n_prompts"] == 16 and set(suite) >= {"base", "sft", "ppo", "gold_gain_ppo_vs_sft"}
-    for model in ("base", "sft", "ppo"):
+    assert suite["n_prompts"] == 16 and set(suite) >= {"base", "sft", "ppo", "dpo", "gold_gain_dpo_vs_sft"}
+    for model in ("base", "sft", "ppo", "dpo"):
         fmt = suite[model]["format_adherence"]
         assert fmt["n"] == 16 and 0 <= fmt["ci_low"] <= fmt["rate"] <= fmt["ci_high"] <= 1
         assert f"{100 * fmt['rate']:.1f} %" in report  # the report prints this run's numbers
@@ -399,7 +433,7 @@ def test_editing_a_library_file_reruns_every_stage_that_imports_it(pipeline, fil
 
 # ------------------------------------------------------------------------------ reproducibility, faults
 
-TRAINED = ("pretrain", "sft", "reward", "ppo")
+TRAINED = ("pretrain", "sft", "reward", "ppo", "dpo")
 
 
 def differing(reference: Path, repo: Path) -> list[str]:

@@ -302,7 +302,8 @@ def test_served_champion_answers_like_the_model_in_process(store, chat, tmp_path
 def test_register_stage(store, smoke_data, tok, tmp_path):
     tokenizer = smoke_data / "tokenizer" / "tokenizer.json"
     models = {
-        name: tiny_gpt(tok.get_vocab_size(), seed) for seed, name in enumerate(["pretrain", "sft", "ppo"])
+        name: tiny_gpt(tok.get_vocab_size(), seed)
+        for seed, name in enumerate(["pretrain", "sft", "ppo", "dpo"])
     }
     for name, model in models.items():
         save_model(model, tmp_path / "models" / name)
@@ -318,6 +319,8 @@ def test_register_stage(store, smoke_data, tok, tmp_path):
         "models/sft",
         "--ppo",
         "models/ppo",
+        "--dpo",
+        "models/dpo",
         "--tokenizer",
         str(tokenizer),
         "--out",
@@ -338,9 +341,11 @@ def test_register_stage(store, smoke_data, tok, tmp_path):
     out = json.loads((tmp_path / "reports" / "register.json").read_text())
     print("register stage:", out["seconds"])
     assert (out["registered_model"], out["version"], out["alias"]) == ("stage-test", 1, "champion")
-    assert sorted(out["models"]) == ["base", "ppo", "sft"]
+    assert sorted(out["models"]) == ["base", "dpo", "ppo", "sft"]
     champion = store.client.get_model_version_by_alias("stage-test", "champion")
     assert champion.source == out["models"]["ppo"]
+    beside = store.client.get_model_version_by_alias("stage-test-dpo", "champion")
+    assert (beside.source, out["dpo_version"]) == (out["models"]["dpo"], 1)
     experiment = store.client.get_experiment_by_name("register-stage").experiment_id
     run = store.client.search_runs([experiment], filter_string="tags.stage = 'register'")[0]
     assert sorted(f"models:/{o.model_id}" for o in run.outputs.model_outputs) == sorted(

@@ -418,6 +418,33 @@ class RewardConfig(TrainLoop):
     """Weight of the reward-centring term (r_c + r_r)², which keeps rewards near 0 (0 disables it)."""
 
 
+# ---------------------------------------------------------------------------------------- dpo
+
+
+class DPOConfig(TrainLoop):
+    """Direct Preference Optimization (src/llmlab/dpo.py): the SFT model trained on the preference pairs
+    directly, against a frozen copy of itself, with no reward model and no sampling. Compared with SFT
+    exactly as PPO is (ppo.eval_prompts held-out prompts, ppo's evaluation settings), so the two line up."""
+
+    batch_size: int = Field(16, ge=1)
+    """Preference pairs per device per step (each pair is two sequences)."""
+    max_steps: int = Field(300, ge=1)
+    """Optimizer steps (300 × 16 pairs: about one pass over the default pairs)."""
+    lr: LearningRate = 1e-4
+    warmup_steps: WarmupSteps = 20
+    val_every: ValEvery = 100
+    val_batches: int = Field(10, ge=1)
+    """Batches of held-out pairs per process per validation run."""
+    ckpt_every: CkptEvery = 100
+    beta: float = Field(0.3, gt=0)
+    """β: the implicit reward is β · (log π(y|x) − log π_ref(y|x)); a smaller β lets the policy move further
+    from the SFT model. 0.3, PPO's KL coefficient: on the pairs and SFT model of an earlier default run, β 0.1
+    went to KL 4.5 nats per reply for a gold gain of +0.08 ± 0.14, β 0.3 to KL 1.6 for +0.29 ± 0.11 (one run
+    each, docs/results.md)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Conservative DPO: the probability that a pair's label is wrong (0: plain DPO)."""
+
+
 # ---------------------------------------------------------------------------------------- ppo
 
 
@@ -578,6 +605,7 @@ class Params(Section):
     preferences: PreferencesConfig = PreferencesConfig()
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
+    dpo: DPOConfig = DPOConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
 

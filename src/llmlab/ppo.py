@@ -531,9 +531,12 @@ def compare_with_sft(
     cfg,
     seed: int,
     device,
+    name: str = "ppo",
 ) -> tuple[dict, list[dict]]:
-    """SFT against PPO on held-out prompts: greedy replies scored by the reward model and (with a world)
-    graded by the rater, each gain with its paired 95 % interval; and the KL of replies sampled as in training."""
+    """SFT against the tuned `policy` (named `name`: ppo, or dpo) on held-out prompts: greedy replies scored
+    by the reward model and (with a world) graded by the rater, each gain with its paired 95 % interval;
+    and the KL of replies sampled at ppo.temperature, as in PPO's training."""
+    tuned = name
     metrics: dict[str, float] = {"n_prompts": len(prompts)}
     if rater:  # short replies batched together (see replies.answer); the order of the prompts is the report's
         prompts = sorted(prompts, key=lambda t: REPLY_LENGTH_RANK[t.kind])
@@ -542,7 +545,7 @@ def compare_with_sft(
     replies: dict[str, list] = {}
     gold: dict[str, list[float]] = {}
     proxy: dict[str, list[float]] = {}
-    for name, model in (("sft", ref), ("ppo", policy)):
+    for name, model in (("sft", ref), (tuned, policy)):
         replies[name] = reply(model, tok, contexts, cfg.eval_max_new_tokens)
         seqs = make_sequences(ids, [list(r.tokens) or [END_ID] for r in replies[name]]).to(device)
         proxy[name] = reply_scores(reward_model, seqs, cfg.missing_eos_penalty).tolist()
@@ -560,9 +563,9 @@ def compare_with_sft(
             if unknown:
                 lo, hi = wilson_ci(sum(unknown), len(unknown))
                 metrics |= {f"{name}/hallucination_ci_low": lo, f"{name}/hallucination_ci_high": hi}
-    metrics["reward_gain"], metrics["reward_gain_ci95"] = paired_diff_ci(proxy["ppo"], proxy["sft"])
+    metrics["reward_gain"], metrics["reward_gain_ci95"] = paired_diff_ci(proxy[tuned], proxy["sft"])
     if rater:
-        metrics["gold_gain"], metrics["gold_gain_ci95"] = paired_diff_ci(gold["ppo"], gold["sft"])
+        metrics["gold_gain"], metrics["gold_gain_ci95"] = paired_diff_ci(gold[tuned], gold["sft"])
     # KL(π ‖ π_ref) per reply, estimated on replies sampled from the policy as in training.
     gen = torch.Generator(device).manual_seed(seed)
     sampled = reply(policy, tok, contexts, cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
@@ -581,28 +584,30 @@ def compare_with_sft(
             "kind": t.kind if rater else "prompt",
             "prompt": context_of(t)[-1]["content"],
             "sft": replies["sft"][i].text,
-            "ppo": replies["ppo"][i].text,
+            tuned: replies[tuned][i].text,
             "reward_sft": proxy["sft"][i],
-            "reward_ppo": proxy["ppo"][i],
+            f"reward_{tuned}": proxy[tuned][i],
         }
         if rater:
-            row |= {"gold_sft": gold["sft"][i], "gold_ppo": gold["ppo"][i]}
+            row |= {"gold_sft": gold["sft"][i], f"gold_{tuned}": gold[tuned][i]}
         rows.append(row)
     return metrics, rows
 
 
-def replies_markdown(rows: list[dict], per_kind: int = 6) -> str:
-    lines = ["# SFT and PPO on the same held-out prompts (greedy replies)\n"]
+def replies_markdown(rows: list[dict], tuned: str = "ppo", per_kind: int = 6) -> str:
+    """A few replies of each kind, SFT's and the tuned model's (`tuned`: ppo or dpo) side by side."""
+    lines = [f"# SFT and {tuned.upper()} on the same held-out prompts (greedy replies)\n"]
     for kind in sorted({r["kind"] for r in rows}):
         lines.append(f"\n## {kind}\n")
         for r in [r for r in rows if r["kind"] == kind][:per_kind]:
             grade = {
                 m: f"reward {r[f'reward_{m}']:+.2f}"
                 + (f", gold {r[f'gold_{m}']:+.2f}" if "gold_sft" in r else "")
-                for m in ("sft", "ppo")
+                for m in ("sft", tuned)
             }
             lines.append(
-                f"- `{r['prompt']}`\n  - SFT ({grade['sft']}): {r['sft']!r}\n  - PPO ({grade['ppo']}): {r['ppo']!r}"
+                f"- `{r['prompt']}`\n  - SFT ({grade['sft']}): {r['sft']!r}\n"
+                f"  - {tuned.upper()} ({grade[tuned]}): {r[tuned]!r}"
             )
     return "\n".join(lines) + "\n"
 
@@ -668,18 +673,18 @@ def training_summary(history: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def summary_lines(metrics: dict[str, float]) -> list[str]:
+def summary_lines(metrics: dict[str, float], tuned: str = "ppo") -> list[str]:
     """The comparison with SFT in a line or two, for the log."""
-    m = metrics
+    m, t = metrics, tuned
     lines = []
     if "gold_gain" in m:
         lines.append(
-            f"gold {m['sft/gold_score_mean']:.2f} → {m['ppo/gold_score_mean']:.2f} (gain {m['gold_gain']:+.2f} ± "
+            f"gold {m['sft/gold_score_mean']:.2f} → {m[f'{t}/gold_score_mean']:.2f} (gain {m['gold_gain']:+.2f} ± "
             f"{m['gold_gain_ci95']:.2f}, n={m['n_prompts']:.0f}) · hallucination "
-            f"{100 * m.get('sft/hallucination_rate', 0):.0f}% → {100 * m.get('ppo/hallucination_rate', 0):.0f}%"
+            f"{100 * m.get('sft/hallucination_rate', 0):.0f}% → {100 * m.get(f'{t}/hallucination_rate', 0):.0f}%"
         )
     lines.append(
-        f"reward model score {m['sft/reward_score_mean']:.2f} → {m['ppo/reward_score_mean']:.2f} (gain "
+        f"reward model score {m['sft/reward_score_mean']:.2f} → {m[f'{t}/reward_score_mean']:.2f} (gain "
         f"{m['reward_gain']:+.2f} ± {m['reward_gain_ci95']:.2f}, n={m['n_prompts']:.0f}) · KL to SFT {m['kl_to_sft']:.2f}"
     )
     return lines

@@ -20,7 +20,7 @@ from llmlab.io import atomic_path, write_text
 from llmlab.stats import rate_diff_ci
 from llmlab.tokenizer import flat_metrics
 
-MODEL_NAMES = {"base": "base (pretrained)", "sft": "SFT", "ppo": "PPO (RLHF)"}
+MODEL_NAMES = {"base": "base (pretrained)", "sft": "SFT", "ppo": "PPO (RLHF)", "dpo": "DPO"}
 
 
 # ------------------------------------------------------------------------------------------ numbers
@@ -413,7 +413,9 @@ adherence** (a reply that closes its turn with `<|end|>` and writes no other rol
 | model | format adherence |
 |---|---|
 """
-            + "\n".join(f"| {MODEL_NAMES[n]} | {pct(s[n]['format_adherence'])} |" for n in MODEL_NAMES)
+            + "\n".join(
+                f"| {MODEL_NAMES[n]} | {pct(s[n]['format_adherence'])} |" for n in MODEL_NAMES if n in s
+            )
             + "\n\n"
         )
         text += (
@@ -479,7 +481,7 @@ corpus mentioned:
 def _diagnosis(m: Mapping) -> str:
     """Stored or extracted? For the people only the corpus mentions, three views of the same facts."""
     k, s = m["knowledge"], m["suite"]
-    models = [n for n in ("base", "sft", "ppo") if f"name_probe_{n}" in k]
+    models = [n for n in MODEL_NAMES if f"name_probe_{n}" in k]
     if not models:
         return ""
     rows = "\n".join(
@@ -508,10 +510,9 @@ def _post_training(m: Mapping, fig: Mapping) -> str:
         ("polite", lambda x: pct(x["politeness"])),
         ("mean gold score (rater)", lambda x: avg(x["gold_score"])),
     ]
-    table = "| | " + " | ".join(MODEL_NAMES[n] for n in MODEL_NAMES) + " |\n|---|---|---|---|\n"
-    table += "\n".join(
-        f"| {label} | " + " | ".join(get(s[n]) for n in MODEL_NAMES) + " |" for label, get in rows
-    )
+    names = [n for n in MODEL_NAMES if n in s]
+    table = "| | " + " | ".join(MODEL_NAMES[n] for n in names) + " |\n|---|" + "---|" * len(names) + "\n"
+    table += "\n".join(f"| {label} | " + " | ".join(get(s[n]) for n in names) + " |" for label, get in rows)
     n_unknown, n_harmful = s["ppo"]["hallucination"]["n"], s["ppo"]["refusal_harmful"]["n"]
     sft, ppo = s["sft"], s["ppo"]
     hall = compare(
@@ -547,7 +548,7 @@ requests), same sampling, graded by the rater against the world's truth:
 {table}
 
 - SFT against base: gold score {avg(s["gold_gain_sft_vs_base"])} (paired, n={s["gold_gain_sft_vs_base"]["n"]}).
-- PPO against SFT: gold score {avg(gain)} (paired, n={gain["n"]}).
+- PPO against SFT: gold score {avg(gain)} (paired, n={gain["n"]}).{_dpo_lines(s)}
 - {hall}
 - {harm}
 - {tone}
@@ -555,14 +556,44 @@ requests), same sampling, graded by the rater against the world's truth:
 
 **The alignment tax**: what the fine-tuned models lost of what pretraining gave them.
 
-| | base | SFT | PPO |
-|---|---|---|---|
-| perplexity on held-out pretraining text ({ppl["base"]["tokens"]:,} tokens) | {ppl["base"]["perplexity"]:.2f} | {ppl["sft"]["perplexity"]:.2f} | {ppl["ppo"]["perplexity"]:.2f} |
-| fact recall by statement completion | {pct(k["fact_recall_base"])} | {pct(k["fact_recall_sft"])} | {pct(k["fact_recall_ppo"])} |
-| fact questions answered correctly | {pct(s["base"]["accuracy_by_kind"].get("fact", {}))} | {pct(s["sft"]["accuracy_by_kind"].get("fact", {}))} | {pct(s["ppo"]["accuracy_by_kind"].get("fact", {}))} |
+{_tax_table(names, ppl, k, s)}
 
 {recall}
 """
+
+
+def _dpo_lines(s: Mapping) -> str:
+    """The DPO model against SFT on the suite, when the run has one."""
+    if "dpo" not in s:
+        return ""
+    gain = s["gold_gain_dpo_vs_sft"]
+    hall = compare(
+        "DPO lowers the rate of invented answers",
+        s["sft"]["hallucination"],
+        s["dpo"]["hallucination"],
+        ("SFT", "DPO"),
+    )
+    return f"\n- DPO against SFT: gold score {avg(gain)} (paired, n={gain['n']}).\n- {hall}"
+
+
+def _tax_table(names: list[str], ppl: Mapping, k: Mapping, s: Mapping) -> str:
+    """Perplexity, fact recall and fact questions answered, one column per model."""
+    head = (
+        "| | " + " | ".join(MODEL_NAMES[n].split(" (")[0] for n in names) + " |\n|---|" + "---|" * len(names)
+    )
+    rows = [
+        (
+            f"perplexity on held-out pretraining text ({ppl['base']['tokens']:,} tokens)",
+            lambda n: f"{ppl[n]['perplexity']:.2f}",
+        ),
+        ("fact recall by statement completion", lambda n: pct(k[f"fact_recall_{n}"])),
+        ("fact questions answered correctly", lambda n: pct(s[n]["accuracy_by_kind"].get("fact", {}))),
+    ]
+    return (
+        head
+        + "\n"
+        + "\n".join(f"| {label} | " + " | ".join(get(n) for n in names) + " |" for label, get in rows)
+    )
 
 
 def _reward(m: Mapping, fig: Mapping) -> str:
@@ -636,6 +667,43 @@ stops helping the gold score and then hurts it. {trend}. On this run's held-out 
 A weaker KL penalty lets the policy move further from the SFT model: `dvc exp run -S ppo.kl_coef=0.05`,
 then compare this section of the two reports (`dvc plots diff` draws both runs' curves).
 """
+        + _dpo_beside_ppo(m)
+    )
+
+
+def _dpo_beside_ppo(m: Mapping) -> str:
+    """PPO and DPO against SFT on the same held-out prompts, from their stages' comparisons."""
+    p, d = m["ppo"], m.get("dpo")
+    if not d:
+        return ""
+
+    def row(label: str, key: str, fmt) -> str:
+        return f"| {label} | {fmt(p, key)} | {fmt(d, key)} |"
+
+    gain = lambda x, k: f"{x[k]:+.2f} ± {x[f'{k}_ci95']:.2f}" if k in x else "n/a"  # noqa: E731
+    rate = lambda x, k: f"{100 * x[k]:.1f} %" if k in x else "n/a"  # noqa: E731
+    rows = [
+        row("gold score gain over SFT", "gold_gain", gain),
+        row("reward-model score gain over SFT", "reward_gain", gain),
+        row("KL to SFT, nats per reply", "kl_to_sft", gain),
+        "| invented answers about unknown people, SFT → tuned | "
+        + " | ".join(
+            f"{rate(x, 'sft/hallucination_rate')} → {rate(x, f'{n}/hallucination_rate')}"
+            for n, x in (("ppo", p), ("dpo", d))
+        )
+        + " |",
+    ]
+    return (
+        f"""
+**DPO beside PPO.** The dpo stage trains the SFT model on the same preference pairs directly (no reward
+model, no sampling; Rafailov et al. 2023), and is compared with SFT exactly as PPO is, on the same
+{p.get("n_prompts", 0):.0f} held-out prompts (each stage's time: [docs/benchmarks.md](../docs/benchmarks.md)):
+
+| against SFT | PPO | DPO |
+|---|---|---|
+"""
+        + "\n".join(rows)
+        + "\n"
     )
 
 

@@ -88,7 +88,7 @@ def graded_studies(
                 m["suite"][name]["gold_score"]["mean"],
             )
         gold = {name: [r["gold"] for r in details["suite"][name]] for name in models}
-        for a, b in (("sft", "base"), ("ppo", "sft")):
+        for a, b in [("sft", "base"), ("ppo", "sft"), ("dpo", "sft")][: len(models) - 1]:
             diff, half = paired_diff_ci(gold[a], gold[b])
             m["suite"][f"gold_gain_{a}_vs_{b}"] = {"mean": diff, "ci95": half, "n": len(gold[a])}
         questions = [t.prompt for t in tasks if t.kind == "fact"][:6]

@@ -453,11 +453,15 @@ class Epochs(Dataset):
         shuffled = [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
         return order[:head] + shuffled + tail
 
-    def __getitem__(self, i: int):
+    def base_index(self, i: int) -> int:
+        """The item of `base` that item i is."""
         epoch, k = divmod(self.first + i, len(self.base))
         if epoch not in self._orders:
             self._orders[epoch] = self._order(epoch)
-        return self.base[self._orders[epoch][k]]
+        return self._orders[epoch][k]
+
+    def __getitem__(self, i: int):
+        return self.base[self.base_index(i)]
 
 
 def resume_and_seed(ckpt_dir: str | Path, config: dict, inputs: list, seed: int) -> Path | None:
