@@ -54,7 +54,10 @@ def compare(
 ) -> str:
     """The verdict line of a claim that `higher` exceeds `lower`, with both rates and their difference."""
     shown, diff = difference(higher, lower)
-    return verdict(shown, claim, f"{names[0]} {pct(higher)} vs {names[1]} {pct(lower)}; {diff}")
+    numbers = f"{names[0]} {pct(higher)} vs {names[1]} {pct(lower)}; {diff}"
+    if not shown and difference(lower, higher)[0]:  # the interval lies wholly on the other side of 0
+        return f"**Not shown by this model: the opposite was measured:** {claim} ({numbers})."
+    return verdict(shown, claim, numbers)
 
 
 def pooled(rates: list[Mapping[str, float]]) -> dict[str, float]:
@@ -685,7 +688,7 @@ def _dpo_beside_ppo(m: Mapping) -> str:
     rows = [
         row("gold score gain over SFT", "gold_gain", gain),
         row("reward-model score gain over SFT", "reward_gain", gain),
-        row("KL to SFT, nats per reply", "kl_to_sft", gain),
+        row("KL to SFT, nats per reply", "kl_to_sft", lambda x, k: gain(x, k).lstrip("+")),
         "| invented answers about unknown people, SFT → tuned | "
         + " | ".join(
             f"{rate(x, 'sft/hallucination_rate')} → {rate(x, f'{n}/hallucination_rate')}"
