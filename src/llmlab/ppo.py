@@ -531,12 +531,11 @@ def compare_with_sft(
     cfg,
     seed: int,
     device,
-    name: str = "ppo",
+    tuned: str = "ppo",
 ) -> tuple[dict, list[dict]]:
-    """SFT against the tuned `policy` (named `name`: ppo, or dpo) on held-out prompts: greedy replies scored
+    """SFT against the tuned `policy` (named `tuned`: ppo, or dpo) on held-out prompts: greedy replies scored
     by the reward model and (with a world) graded by the rater, each gain with its paired 95 % interval;
     and the KL of replies sampled at ppo.temperature, as in PPO's training."""
-    tuned = name
     metrics: dict[str, float] = {"n_prompts": len(prompts)}
     if rater:  # short replies batched together (see replies.answer); the order of the prompts is the report's
         prompts = sorted(prompts, key=lambda t: REPLY_LENGTH_RANK[t.kind])

@@ -273,6 +273,7 @@ class Throughput(L.Callback):
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float, every: int):
         self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak_flops
         self.every = every
+        self._peak_of: tuple | None = None  # (device type, dtype) the peak was measured for (for_run)
         self.train_time = 0.0
         self.steps = 0
         self._t0: float | None = None
@@ -315,7 +316,7 @@ class Throughput(L.Callback):
     def speed(self) -> dict[str, float]:
         """Tokens/s, MFU, the peak and the training seconds. The peak is measured once more first: a
         neighbour busy at start-up would deflate it (and inflate MFU), so the better of the two counts."""
-        if getattr(self, "_peak_of", None):
+        if self._peak_of:
             self.peak = max(self.peak, matmul_peak_flops(*self._peak_of))
         return {
             "tokens_per_s": self.tokens_per_second(),
