@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmlab.evaluation import copy_accuracy
-from llmlab.model import GPT, GPTConfig
+from llmlab.data.tokenizer import load_tokenizer
+from llmlab.data.world import World, context_documents, copy_probes
+from llmlab.evaluation.measurements import copy_accuracy
+from llmlab.model.transformer import GPT, GPTConfig
 from llmlab.params import load_params
-from llmlab.tokenizer import load_tokenizer
-from llmlab.training import adamw
-from llmlab.world import World, context_documents, copy_probes
+from llmlab.training.trainer import adamw
 
 ROOT = Path(__file__).resolve().parents[1]
 WHAT = ("answer_name", "name", "value", "value_repeated")

@@ -1,7 +1,7 @@
 """Generation speed with and without the KV cache, at the default model shape (`params.yaml` →
 pretrain.model, random weights: speed does not depend on them), in one run.
 
-For each batch size (1, 16) and number of new tokens (64, 256, 1,024): greedy `llmlab.generate.generate`
+For each batch size (1, 16) and number of new tokens (64, 256, 1,024): greedy `llmlab.model.generate.generate`
 after a 16-token prompt, with the cache and without it (every step re-runs the whole sequence), the
 same random prompts, on all the machine's threads. The two must return the same tokens. The model's
 context is stretched to prompt + new tokens (rotary positions have no fixed table).
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from llmlab.attention_cost import kv_cache_speedup
-from llmlab.model import GPT, GPTConfig
+from llmlab.evaluation.attention_cost import kv_cache_speedup
+from llmlab.model.transformer import GPT, GPTConfig
 from llmlab.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]

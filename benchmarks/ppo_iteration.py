@@ -18,16 +18,16 @@ from types import SimpleNamespace
 import lightning as L
 import torch
 
-import llmlab.ppo
-from llmlab.model import GPT, GPTConfig
+import llmlab.training.ppo
+from llmlab.model.transformer import GPT, GPTConfig
 from llmlab.params import PPOConfig
-from llmlab.ppo import ppo_update, rollout
-from llmlab.reward import RewardModel
-from llmlab.training import adamw
+from llmlab.training.ppo import ppo_update, rollout
+from llmlab.training.reward import RewardModel
+from llmlab.training.trainer import adamw
 
 
 class _Timed:
-    """Wraps llmlab.ppo's `generate` to add up the seconds spent in it (the sampling phase of a rollout)."""
+    """Wraps llmlab.training.ppo's `generate` to add up the seconds spent in it (the sampling phase of a rollout)."""
 
     def __init__(self, fn, sync):
         self.fn, self.sync, self.seconds = fn, sync, 0.0
@@ -69,8 +69,8 @@ def run(accelerator: str = "cpu", precision: str = "32-true", iterations: int = 
         for n in torch.randint(8, 24, (64,), generator=g)
     ]
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    timed = _Timed(llmlab.ppo.generate, sync)
-    llmlab.ppo.generate = timed
+    timed = _Timed(llmlab.training.ppo.generate, sync)
+    llmlab.training.ppo.generate = timed
     times = []
     try:
         for it in range(args.iterations):
@@ -98,7 +98,7 @@ def run(accelerator: str = "cpu", precision: str = "32-true", iterations: int = 
             )
             assert all(math.isfinite(v) for v in stats.values()), stats
     finally:
-        llmlab.ppo.generate = timed.fn
+        llmlab.training.ppo.generate = timed.fn
     warm = times[1:] or times
 
     def mean(i: int) -> float:

@@ -28,11 +28,11 @@ import torch
 import torch._inductor.config
 import torch.nn.functional as F
 
-from llmlab.model import GPT, GPTConfig
+from llmlab.data.tokenizer import open_split
+from llmlab.model.transformer import GPT, GPTConfig
 from llmlab.params import load_params
-from llmlab.pretraining import TokenWindows
-from llmlab.tokenizer import open_split
-from llmlab.training import adamw, lr_at
+from llmlab.training.pretraining import TokenWindows
+from llmlab.training.trainer import adamw, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["stage set-up", "manual attention", "unfused AdamW", "torch.compile", "bf16 autocast"]

@@ -19,11 +19,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from llmlab.mfu import matmul_peak_flops
-from llmlab.model import GPT, GPTConfig
+from llmlab.model.transformer import GPT, GPTConfig
 from llmlab.params import load_params
-from llmlab.pretraining import TokenWindows
-from llmlab.training import CausalLMModule, build_trainer
+from llmlab.training.mfu import matmul_peak_flops
+from llmlab.training.pretraining import TokenWindows
+from llmlab.training.trainer import CausalLMModule, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script, too

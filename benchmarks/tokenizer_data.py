@@ -1,6 +1,6 @@
 """Tokenizer and data throughput, and the memory of tokenising a corpus larger than memory should need.
 
-- BPE training: MB of text per second (`llmlab.tokenizer.train_tokenizer`, the default tokenizer params).
+- BPE training: MB of text per second (`llmlab.data.tokenizer.train_tokenizer`, the default tokenizer params).
 - Batch encoding: tokens per second (`tokenize_to_shards`, `encode_batch` on every core).
 - Data: the real `tokenizer` stage (`pipeline/tokenizer.py`, learning the vocabulary and encoding) run
   as a process on a generated corpus of 0.25 GB and of 1 GB. Its peak memory is the process's maximum
@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmlab.data.tokenizer import tokenize_to_shards, train_tokenizer
 from llmlab.params import TokenizerConfig
-from llmlab.tokenizer import tokenize_to_shards, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script, too
@@ -163,8 +163,8 @@ def stage_on_corpus(gb: float) -> dict:
 READ_WINDOWS = """
 import sys
 from pathlib import Path
-from llmlab.pretraining import TokenWindows
-from llmlab.tokenizer import open_split
+from llmlab.training.pretraining import TokenWindows
+from llmlab.data.tokenizer import open_split
 windows = TokenWindows(open_split(sys.argv[1], "train"), 1024, 20_000, seed=0)
 print(sum(int(windows[i][0][0]) for i in range(len(windows))))
 status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmlab.corpus import build_corpus, write_corpus
+from llmlab.data.corpus import build_corpus, write_corpus
 from llmlab.io import atomic_path, write_json
 from llmlab.params import Params
 from llmlab.stage import run_stage

@@ -13,18 +13,19 @@ import logging
 import os
 from pathlib import Path
 
-from llmlab.dpo import DPOModule, DPOPairs, collate_dpo
+from llmlab.data.preferences import read_pairs
+from llmlab.data.tokenizer import load_tokenizer
+from llmlab.data.world import World
+from llmlab.evaluation.rater import Rater
 from llmlab.io import write_files, write_json
-from llmlab.model import load_model, save_model
+from llmlab.model.transformer import load_model, save_model
 from llmlab.params import Params
-from llmlab.ppo import compare_with_sft, prompts, replies_markdown, summary_lines
-from llmlab.preferences import read_pairs
-from llmlab.rater import Rater
-from llmlab.reward import load_reward_model
 from llmlab.stage import run_stage
-from llmlab.tokenizer import load_tokenizer
 from llmlab.tracking import StageRun
-from llmlab.training import (
+from llmlab.training.dpo import DPOModule, DPOPairs, collate_dpo
+from llmlab.training.ppo import compare_with_sft, prompts, replies_markdown, summary_lines
+from llmlab.training.reward import load_reward_model
+from llmlab.training.trainer import (
     CurveRecorder,
     Epochs,
     build_trainer,
@@ -35,9 +36,8 @@ from llmlab.training import (
     resume_offset,
     world_size,
 )
-from llmlab.world import World
 
-log = logging.getLogger("llmlab.dpo")
+log = logging.getLogger("llmlab.training.dpo")
 
 
 def add_arguments(p):

@@ -1,17 +1,12 @@
 """Stage `evaluate`: every claim of the report measured on the models this run trained.
 
-One held-out suite (evaluation-pool prompts: never used by SFT, the preference data or PPO) is answered
-by the base, SFT and PPO models with the same sampling settings and graded by the rater. Around it, the
-measurements of each report section: tokenisation, the loss curve, fact recall, the alignment tax
-(perplexity on held-out pretraining text), the reward model's accuracy and calibration, PPO's curves,
-temperature, chain-of-thought, the cost of attention, statelessness, and attention maps.
+One held-out suite (evaluation-pool prompts: never used by SFT, the preference data, PPO or DPO) is
+answered by the base, SFT, PPO and DPO models with the same sampling settings and graded by the rater.
+Around it, each report section's measurement (`llmlab.evaluation.studies` says which runs on which model).
 
-Inputs: models/{pretrain,sft,ppo}, the tokenizer and its report, data/tokens (validation split),
-world.json, and the metrics/plots of the pretrain, reward and ppo stages.
 Outputs: metrics/evaluate.json (deterministic: no timings, so `dvc metrics diff` shows only real changes),
 plots/evaluate/*.csv (for `dvc plots`), reports/report.md with its PNG figures in reports/figures/, and
-reports/evaluate/ (every reply and timing behind the report). The report and figures are also logged to
-the MLflow pipeline run.
+reports/evaluate/ (every reply and timing behind the report), also logged to the MLflow pipeline run.
 """
 
 from __future__ import annotations
@@ -23,18 +18,18 @@ from pathlib import Path
 
 import torch
 
-from llmlab import report as rpt
-from llmlab.evaluation import perplexity
-from llmlab.io import read_json, write_json
-from llmlab.model import load_model
+from llmlab.data.tokenizer import load_tokenizer, open_split, read_token_meta
+from llmlab.data.world import World
+from llmlab.evaluation import report as rpt
+from llmlab.evaluation.measurements import perplexity
+from llmlab.evaluation.rater import Rater
+from llmlab.evaluation.studies import Upstream, attention_studies, graded_studies, timed, write_plots
+from llmlab.io import write_json
+from llmlab.model.transformer import load_model
 from llmlab.params import Params
-from llmlab.rater import Rater
 from llmlab.stage import run_stage
-from llmlab.studies import attention_studies, finite_numbers, graded_studies, read_csv, timed, write_plots
-from llmlab.tokenizer import load_tokenizer, open_split, read_token_meta
 from llmlab.tracking import StageRun
-from llmlab.training import pick_device
-from llmlab.world import World
+from llmlab.training.trainer import pick_device
 
 log = logging.getLogger("llmlab.evaluate")
 
@@ -72,18 +67,8 @@ def main(args, params: Params) -> None:
     }
     world = World.load(args.world)
     rater = Rater(world) if world.people else None
-    meta = read_token_meta(args.tokens)
-    held_out = open_split(args.tokens, "validation", meta)
-    tokenizer_report = read_json(args.tokenizer_report, stage="tokenizer")
-    reward_metrics = read_json(args.reward_metrics, stage="reward")
-    ppo_metrics = read_json(args.ppo_metrics, stage="ppo")
-    dpo_metrics = read_json(args.dpo_metrics, stage="dpo")
-    loss = {
-        split: read_csv(Path(args.pretrain_plots) / f"{split}_loss.csv", "pretrain")
-        for split in ("train", "val")
-    }
-    calibration = read_csv(Path(args.reward_plots) / "calibration.csv", "reward")
-    iterations = read_csv(Path(args.ppo_plots) / "iterations.csv", "ppo")
+    held_out = open_split(args.tokens, "validation", read_token_meta(args.tokens))
+    upstream = Upstream.read(args)
 
     with StageRun("evaluate", {"seed": seed, "evaluate": cfg.model_dump()}) as run:
         m: dict = {}  # metrics/evaluate.json: deterministic figures only
@@ -91,10 +76,11 @@ def main(args, params: Params) -> None:
         clock = functools.partial(timed, details["timings_s"])
 
         with clock("tokens"):
-            m["tokens"] = rpt.token_figures(tokenizer_report)
-            details["example_tokens"] = {e["word"]: e["tokens"] for e in tokenizer_report.get("examples", [])}
+            m["tokens"] = rpt.token_figures(upstream.tokenizer_report)
+            examples = upstream.tokenizer_report.get("examples", [])
+            details["example_tokens"] = {e["word"]: e["tokens"] for e in examples}
         with clock("pretraining"):
-            m["pretraining"] = rpt.pretraining_figures(loss)
+            m["pretraining"] = rpt.pretraining_figures(upstream.loss)
         if rater:
             graded_studies(m, details, models, tok, world, rater, cfg, seed, params.ppo.max_digits, clock)
         else:
@@ -105,15 +91,20 @@ def main(args, params: Params) -> None:
             m["perplexity"] = {
                 name: perplexity(model, held_out, cfg.perplexity_windows) for name, model in models.items()
             }
-        m["reward_model"] = finite_numbers(reward_metrics)
-        m["ppo"] = finite_numbers(ppo_metrics)
-        m["dpo"] = finite_numbers(dpo_metrics)
+        m.update(upstream.stage_metrics)
 
         weights, token_text = attention_studies(details, models, tok, world, cfg, seed, device, clock)
 
         with clock("report"):
             n_figures = rpt.write_report(
-                args.report, m, details, loss, calibration, iterations, weights, token_text
+                args.report,
+                m,
+                details,
+                upstream.loss,
+                upstream.calibration,
+                upstream.iterations,
+                weights,
+                token_text,
             )
         write_json(args.metrics, m)
         write_plots(Path(args.plots), m, details)

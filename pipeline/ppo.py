@@ -17,11 +17,16 @@ from pathlib import Path
 
 import torch
 
-from llmlab import checkpoints
+from llmlab.data.tokenizer import load_tokenizer
+from llmlab.data.world import World
+from llmlab.evaluation.rater import Rater
 from llmlab.io import csv_text, write_files, write_json, write_text
-from llmlab.model import load_model, save_model
+from llmlab.model.transformer import load_model, save_model
 from llmlab.params import Params
-from llmlab.ppo import (
+from llmlab.stage import run_stage
+from llmlab.tracking import StageRun
+from llmlab.training import checkpoints
+from llmlab.training.ppo import (
     KLController,
     compare_with_sft,
     launch_fabric,
@@ -33,14 +38,9 @@ from llmlab.ppo import (
     train,
     training_summary,
 )
-from llmlab.rater import Rater
-from llmlab.reward import load_reward_model
-from llmlab.stage import run_stage
-from llmlab.tokenizer import load_tokenizer
-from llmlab.tracking import StageRun
-from llmlab.world import World
+from llmlab.training.reward import load_reward_model
 
-log = logging.getLogger("llmlab.ppo")
+log = logging.getLogger("llmlab.training.ppo")
 
 
 def add_arguments(p):

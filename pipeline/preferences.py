@@ -13,16 +13,16 @@ import os
 import random
 from pathlib import Path
 
+from llmlab.data.preferences import external_pairs, rated_pairs, write_pairs
+from llmlab.data.tokenizer import load_tokenizer
+from llmlab.data.world import World
 from llmlab.io import write_json
-from llmlab.model import load_model
+from llmlab.model.transformer import load_model
 from llmlab.params import Params
-from llmlab.preferences import external_pairs, rated_pairs, write_pairs
 from llmlab.stage import run_stage
-from llmlab.tokenizer import load_tokenizer
 from llmlab.tracking import StageRun
-from llmlab.world import World
 
-log = logging.getLogger("llmlab.preferences")
+log = logging.getLogger("llmlab.data.preferences")
 
 
 def add_arguments(p):

@@ -11,14 +11,15 @@ import logging
 import os
 from pathlib import Path
 
+from llmlab.data.tokenizer import load_tokenizer, open_split, read_token_meta
+from llmlab.data.world import World
 from llmlab.io import write_files, write_json
-from llmlab.model import GPTConfig, save_model
+from llmlab.model.transformer import GPTConfig, save_model
 from llmlab.params import Params
-from llmlab.pretraining import PROBES, final_measurements, probes, run_metrics, summary_line, windows
 from llmlab.stage import run_stage
-from llmlab.tokenizer import load_tokenizer, open_split, read_token_meta
 from llmlab.tracking import StageRun
-from llmlab.training import (
+from llmlab.training.pretraining import PROBES, final_measurements, probes, run_metrics, summary_line, windows
+from llmlab.training.trainer import (
     Budget,
     CausalLMModule,
     CurveRecorder,
@@ -30,7 +31,6 @@ from llmlab.training import (
     resume_offset,
     world_size,
 )
-from llmlab.world import World
 
 log = logging.getLogger("llmlab.pretrain")
 

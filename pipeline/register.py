@@ -3,7 +3,7 @@
 Inputs: models/pretrain (stage `pretrain`), models/sft (stage `sft`), models/ppo (stage `ppo`), models/dpo
 (stage `dpo`), the tokenizer.
 Outputs: four MLflow models logged to this stage's run (named base, sft, ppo, dpo: weights, tokenizer,
-config and code packed in, see `llmlab.serving`); a new version of the registered model `--name` (default
+config and code packed in, see `llmlab.serving.mlflow_model`); a new version of the registered model `--name` (default
 llmlab-chat) made from the PPO model, and one of `<name>-dpo` made from the DPO model beside it, each with
 the alias `champion` moved to it; reports/register.json with
 the model URIs, the version and the time taken (a report, not a metrics file: ids and seconds differ on
@@ -22,13 +22,13 @@ import mlflow
 import requests
 from mlflow.exceptions import MlflowException
 
+from llmlab.data.tokenizer import load_tokenizer
 from llmlab.errors import LlmlabError
 from llmlab.io import write_json
-from llmlab.model import load_model
+from llmlab.model.transformer import load_model
 from llmlab.params import Params
-from llmlab.serving import CHAMPION, REGISTERED_NAME, log_chat_model, register
+from llmlab.serving.mlflow_model import CHAMPION, REGISTERED_NAME, log_chat_model, register
 from llmlab.stage import run_stage
-from llmlab.tokenizer import load_tokenizer
 from llmlab.tracking import StageRun
 
 log = logging.getLogger("llmlab.register")

@@ -13,11 +13,14 @@ import math
 import os
 from pathlib import Path
 
+from llmlab.data.preferences import read_pairs
+from llmlab.data.tokenizer import load_tokenizer
 from llmlab.io import write_json, write_text
-from llmlab.model import load_model
+from llmlab.model.transformer import load_model
 from llmlab.params import Params
-from llmlab.preferences import read_pairs
-from llmlab.reward import (
+from llmlab.stage import run_stage
+from llmlab.tracking import StageRun
+from llmlab.training.reward import (
     PairDataset,
     RewardModule,
     calibration_csv,
@@ -27,10 +30,7 @@ from llmlab.reward import (
     save_reward_model,
     summary_line,
 )
-from llmlab.stage import run_stage
-from llmlab.tokenizer import load_tokenizer
-from llmlab.tracking import StageRun
-from llmlab.training import (
+from llmlab.training.trainer import (
     CurveRecorder,
     Epochs,
     build_trainer,
@@ -41,7 +41,7 @@ from llmlab.training import (
     resume_offset,
 )
 
-log = logging.getLogger("llmlab.reward")
+log = logging.getLogger("llmlab.training.reward")
 
 
 def add_arguments(p):

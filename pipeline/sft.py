@@ -11,14 +11,15 @@ import logging
 import os
 from pathlib import Path
 
+from llmlab.data.tokenizer import load_tokenizer
+from llmlab.data.world import World
 from llmlab.io import write_files, write_json
-from llmlab.model import load_model, save_model
+from llmlab.model.transformer import load_model, save_model
 from llmlab.params import Params
-from llmlab.sft import collate, collate_packed, replies_for_report, sft_datasets, summary_line
 from llmlab.stage import run_stage
-from llmlab.tokenizer import load_tokenizer
 from llmlab.tracking import StageRun
-from llmlab.training import (
+from llmlab.training.sft import collate, collate_packed, replies_for_report, sft_datasets, summary_line
+from llmlab.training.trainer import (
     CausalLMModule,
     CurveRecorder,
     Epochs,
@@ -29,9 +30,8 @@ from llmlab.training import (
     resume_and_seed,
     resume_offset,
 )
-from llmlab.world import World
 
-log = logging.getLogger("llmlab.sft")
+log = logging.getLogger("llmlab.training.sft")
 
 
 def add_arguments(p):

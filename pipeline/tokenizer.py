@@ -11,11 +11,8 @@ import logging
 import os
 from pathlib import Path
 
-from llmlab.corpus import iter_corpus, read_corpus
-from llmlab.io import atomic_path, write_json, write_text
-from llmlab.params import Params
-from llmlab.stage import run_stage
-from llmlab.tokenizer import (
+from llmlab.data.corpus import iter_corpus, read_corpus
+from llmlab.data.tokenizer import (
     flat_metrics,
     save_tokenizer,
     tokenize_to_shards,
@@ -23,9 +20,12 @@ from llmlab.tokenizer import (
     train_tokenizer,
     write_token_meta,
 )
+from llmlab.io import atomic_path, write_json, write_text
+from llmlab.params import Params
+from llmlab.stage import run_stage
 from llmlab.tracking import StageRun
 
-log = logging.getLogger("llmlab.tokenizer")
+log = logging.getLogger("llmlab.data.tokenizer")
 
 
 def add_arguments(p):

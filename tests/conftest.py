@@ -161,7 +161,7 @@ def tok_path(smoke_data) -> Path:
 
 @pytest.fixture(scope="module")
 def tok(tok_path):
-    from llmlab.tokenizer import load_tokenizer
+    from llmlab.data.tokenizer import load_tokenizer
 
     return load_tokenizer(tok_path)
 
@@ -171,9 +171,9 @@ def random_post_training_models(smoke_data: Path, folder: Path) -> None:
     the smoke tokenizer's vocabulary: inputs for the reward and ppo stages without training them first."""
     import torch
 
-    from llmlab.model import GPT, GPTConfig, save_model
-    from llmlab.reward import RewardModel, save_reward_model
-    from llmlab.tokenizer import load_tokenizer
+    from llmlab.data.tokenizer import load_tokenizer
+    from llmlab.model.transformer import GPT, GPTConfig, save_model
+    from llmlab.training.reward import RewardModel, save_reward_model
 
     vocab = load_tokenizer(smoke_data / "tokenizer" / "tokenizer.json").get_vocab_size()
     cfg = GPTConfig(vocab_size=vocab, d_model=32, n_layer=2, n_head=2, context_length=64)

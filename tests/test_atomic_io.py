@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from llmlab.checkpoints import AtomicCheckpointIO
 from llmlab.errors import LlmlabError, OutputWriteError
 from llmlab.io import atomic_path, write_json
-from llmlab.model import GPT, GPTConfig, load_model, save_model
+from llmlab.model.transformer import GPT, GPTConfig, load_model, save_model
+from llmlab.training.checkpoints import AtomicCheckpointIO
 
 LIMIT = 20_000  # bytes: more than any small JSON here, less than the model and the checkpoint
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmlab.attention_cost import (
+from llmlab.evaluation.attention_cost import (
     PATHS,
     attention_scaling,
     explicit_attention,
@@ -18,7 +18,7 @@ from llmlab.attention_cost import (
     peak_memory,
     plot_scaling,
 )
-from llmlab.model import GPT, GPTConfig
+from llmlab.model.transformer import GPT, GPTConfig
 
 TINY = GPTConfig(vocab_size=97, d_model=32, n_layer=2, n_head=4, context_length=48, ffn_hidden=64)
 

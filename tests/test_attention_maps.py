@@ -8,8 +8,14 @@ import matplotlib.image
 import pytest
 import torch
 
-from llmlab.attention_maps import attention_weights, copying_heads, head_scores, interesting_heads, plot_heads
-from llmlab.model import GPT, GPTConfig
+from llmlab.evaluation.attention_maps import (
+    attention_weights,
+    copying_heads,
+    head_scores,
+    interesting_heads,
+    plot_heads,
+)
+from llmlab.model.transformer import GPT, GPTConfig
 
 CFG = GPTConfig(vocab_size=97, d_model=32, n_layer=3, n_head=4, context_length=24, ffn_hidden=64)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """Batches of variable-length items. The order in which SFT and the reward model see them
-(llmlab.training.Epochs), with and without grouping by length: every epoch is a permutation, batches start on
+(llmlab.training.trainer.Epochs), with and without grouping by length: every epoch is a permutation, batches start on
 step boundaries, a resume continues the same stream, and grouping removes most of the padding. And
-SFT's packed batches (llmlab.sft.collate_packed): the loss and gradient of the padded batch, in fewer rows."""
+SFT's packed batches (llmlab.training.sft.collate_packed): the loss and gradient of the padded batch, in fewer rows."""
 
 import random
 
@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmlab.model import GPT, GPTConfig
-from llmlab.sft import collate, collate_packed
-from llmlab.training import Epochs
+from llmlab.model.transformer import GPT, GPTConfig
+from llmlab.training.sft import collate, collate_packed
+from llmlab.training.trainer import Epochs
 
 
 def _stream(epochs: Epochs) -> list:

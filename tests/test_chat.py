@@ -4,10 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmlab.chat import encode_content, parse_reply, render, render_text
+from llmlab.data.chat_template import encode_content, parse_reply, render, render_text
+from llmlab.data.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, USER_ID, train_tokenizer
 from llmlab.errors import LlmlabError
 from llmlab.params import TokenizerConfig
-from llmlab.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, USER_ID, train_tokenizer
 
 TEXTS = [
     "Where does Mara Quill live? Mara Quill lives in Port Avery.",

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmlab.chat import parse_reply, render
-from llmlab.cli import chat_loop, main
-from llmlab.generate import generate, stream
-from llmlab.inference import ChatSession, Sampling, TextStream, complete, fit_prompt
-from llmlab.model import GPT, GPTConfig, save_model
-from llmlab.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID
+from llmlab.data.chat_template import parse_reply, render
+from llmlab.data.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID
+from llmlab.model.generate import generate, stream
+from llmlab.model.transformer import GPT, GPTConfig, save_model
+from llmlab.serving.cli import chat_loop, main
+from llmlab.serving.inference import ChatSession, Sampling, TextStream, complete, fit_prompt
 
 CTX = 128
 MAX_NEW = 16

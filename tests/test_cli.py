@@ -3,12 +3,16 @@
 import subprocess
 import sys
 
-from llmlab.tokenizer import load_tokenizer
+from llmlab.data.tokenizer import load_tokenizer
 
 
 def llmlab(*args, stdin=None):
     return subprocess.run(
-        [sys.executable, "-m", "llmlab.cli", *args], input=stdin, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "llmlab.serving.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmlab.corpus import build_corpus, iter_corpus, read_corpus, write_corpus
+from llmlab.data.corpus import build_corpus, iter_corpus, read_corpus, write_corpus
+from llmlab.data.world import World
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.params import CorpusConfig, HFCorpus, LocalCorpus, SyntheticCorpus
-from llmlab.world import World
 
 SMALL = SyntheticCorpus(
     n_sft_people=20,
@@ -120,7 +120,7 @@ def test_local_txt_one_document_per_file_empty_dropped(tmp_path):
 def test_local_txt_invalid_utf8_is_replaced_counted_and_logged(tmp_path, caplog):
     (tmp_path / "good.txt").write_text("caf\u00e9 \ufffd already here")  # a genuine U+FFFD is not counted
     (tmp_path / "bad.txt").write_bytes(b"hello \xff\xfe world \xc3")  # 3 undecodable sequences
-    with caplog.at_level(logging.WARNING, logger="llmlab.corpus"):
+    with caplog.at_level(logging.WARNING, logger="llmlab.data.corpus"):
         result = build_corpus(local("*.txt"), seed=0, root=tmp_path)
     assert result.stats["replaced_characters"] == 3
     assert "hello \ufffd\ufffd world \ufffd" in texts(result)
@@ -245,7 +245,7 @@ def test_hf_bad_split_is_one_clear_line(parquet_dataset_dir):
 _OFFLINE_SCRIPT = """
 import sys, time
 from pathlib import Path
-from llmlab.corpus import build_corpus
+from llmlab.data.corpus import build_corpus
 from llmlab.errors import LlmlabError
 from llmlab.params import CorpusConfig, HFCorpus
 t0 = time.perf_counter()

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from llmlab.chat import encode_content, render
-from llmlab.dpo import DPOPairs, collate_dpo, dpo_loss, pair_sequences, sequence_logps
-from llmlab.model import GPT, GPTConfig
-from llmlab.tokenizer import END_ID
+from llmlab.data.chat_template import encode_content, render
+from llmlab.data.tokenizer import END_ID
+from llmlab.model.transformer import GPT, GPTConfig
+from llmlab.training.dpo import DPOPairs, collate_dpo, dpo_loss, pair_sequences, sequence_logps
 
 
 def row(

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from llmlab.preferences import write_pairs
+from llmlab.data.preferences import write_pairs
 from tests.conftest import SMOKE_PARAMS, random_post_training_models, run_stage, stage_env, with_sitecustomize
 
 pytestmark = pytest.mark.slow
@@ -80,7 +80,7 @@ def stage_args(data, inputs, out):
 
 
 NAN_DPO_LOSS = """
-import llmlab.dpo as dpo
+import llmlab.training.dpo as dpo
 
 _loss, _calls = dpo.dpo_loss, [0]
 

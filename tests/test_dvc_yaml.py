@@ -30,7 +30,7 @@ PACKAGE = "src/llmlab"
 def imported_files(path: Path) -> set[str]:
     """The `src/llmlab/...` files that `path` imports, repository-relative, at any depth in the file.
 
-    `from llmlab.world import Person` -> {"src/llmlab/world.py"}; `from llmlab import model` -> the
+    `from llmlab.data.world import Person` -> {"src/llmlab/data/world.py"}; `from llmlab import model` -> the
     package's __init__.py and model.py. Imports outside llmlab are ignored.
     """
     modules: set[str] = set()
@@ -132,14 +132,14 @@ def test_import_closure_follows_imports_inside_functions(tmp_path):
     closure = import_closure("pipeline/corpus.py")
     assert {
         "src/llmlab/__init__.py",
-        "src/llmlab/corpus.py",
-        "src/llmlab/world.py",
+        "src/llmlab/data/corpus.py",
+        "src/llmlab/data/world.py",
         "src/llmlab/params.py",
     } <= closure
-    assert "src/llmlab/ppo.py" not in closure
+    assert "src/llmlab/training/ppo.py" not in closure
     script = tmp_path / "s.py"
-    script.write_text("def f():\n    from llmlab.corpus import build_corpus\n")
-    assert "src/llmlab/world.py" in import_closure(str(script))  # ROOT / an absolute path is that path
+    script.write_text("def f():\n    from llmlab.data.corpus import build_corpus\n")
+    assert "src/llmlab/data/world.py" in import_closure(str(script))  # ROOT / an absolute path is that path
 
 
 def write_code_deps(path: Path = ROOT / "dvc.yaml") -> None:

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from llmlab import evaluation as ev
-from llmlab.chat import Reply
-from llmlab.model import GPT, GPTConfig
+from llmlab.data.chat_data import pool_of, prompt_pool
+from llmlab.data.chat_template import Reply
+from llmlab.data.tasks import Task
+from llmlab.data.world import build_world, fact_sentence, parse_addition_answer
+from llmlab.evaluation import measurements as ev
+from llmlab.evaluation.rater import Rater
+from llmlab.model.transformer import GPT, GPTConfig
 from llmlab.params import SyntheticCorpus
-from llmlab.rater import Rater
-from llmlab.sft_data import pool_of, prompt_pool
-from llmlab.tasks import Task
-from llmlab.world import build_world, fact_sentence, parse_addition_answer
 
 WORLD = build_world(SyntheticCorpus(n_sft_people=40, n_heldout_people=10, n_unknown_people=10), seed=3)
 RATER = Rater(WORLD)
@@ -94,7 +94,7 @@ def test_suite_counts_what_the_rater_says(monkeypatch):
 
 
 def test_perplexity_is_exp_of_the_models_own_loss_without_bos_targets():
-    from llmlab.tokenizer import BOS_ID
+    from llmlab.data.tokenizer import BOS_ID
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, d_model=32, n_layer=2, n_head=2, context_length=16)).eval()
@@ -123,7 +123,7 @@ def test_additions_have_the_digits_asked_and_the_same_pairs_both_ways():
 
 
 def test_chain_of_thought_scores_each_format(monkeypatch):
-    from llmlab.world import addition_steps
+    from llmlab.data.world import addition_steps
 
     # Right when working is written out, off by one when bare: the table must say exactly that.
     def replies(task, temperature, i):
@@ -259,7 +259,7 @@ def test_distractor_effect_measures_the_gap(monkeypatch, tok):
 def test_name_probe_reads_what_the_state_at_the_name_holds():
     """A stand-in model whose state at a name encodes the person's city (one-hot) and nothing else: the probe
     reads the city of held-out people it was not trained on, and no better than chance the hobby."""
-    from llmlab.world import CITIES
+    from llmlab.data.world import CITIES
 
     people = {p.name: p for p in WORLD.people}
 
@@ -292,7 +292,7 @@ class FakeTok:
 def test_base_model_context_cases_are_built_and_graded(monkeypatch):
     """With a stand-in generate that copies from the prompt what the told sentence holds (the value after
     the statement, the surname after a first name), the with-context rates are 1 and the others 0."""
-    from llmlab.tokenizer import BOS_ID
+    from llmlab.data.tokenizer import BOS_ID
 
     class Tok:  # characters as ids, enough to round-trip the text
         def encode(self, text, add_special_tokens=False):

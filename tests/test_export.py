@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmlab.chat import render
-from llmlab.cli import main
+from llmlab.data.chat_template import render
+from llmlab.data.tokenizer import BOS_ID, END_ID, PAD_ID
 from llmlab.errors import LlmlabError
-from llmlab.export import export_hf
-from llmlab.generate import generate
-from llmlab.model import GPT, GPTConfig, save_model
-from llmlab.tokenizer import BOS_ID, END_ID, PAD_ID
+from llmlab.model.export import export_hf
+from llmlab.model.generate import generate
+from llmlab.model.transformer import GPT, GPTConfig, save_model
+from llmlab.serving.cli import main
 
 transformers = pytest.importorskip("transformers")
 

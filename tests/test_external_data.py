@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from llmlab.data.chat_data import external_conversations
 from llmlab.errors import LlmlabError
 from llmlab.params import SFTData
-from llmlab.sft_data import external_conversations
 
 GOOD = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 WITH_SYSTEM = [{"role": "system", "content": "Be brief."}, *GOOD]
@@ -71,8 +71,8 @@ def test_parquet_and_saved_datasets_hold_messages_as_lists_of_structs(tmp_path):
 
 # ------------------------------------------------------------------------------ preference pairs
 
+from llmlab.data.preferences import external_pairs, split_pair  # noqa: E402
 from llmlab.params import PreferencesConfig  # noqa: E402
-from llmlab.preferences import external_pairs, split_pair  # noqa: E402
 
 USER = [{"role": "user", "content": "Capital of France?"}]
 

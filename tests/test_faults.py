@@ -30,7 +30,7 @@ NAN_FROM_CALL = textwrap.dedent(
     """
     import os
 
-    import llmlab.model as m
+    import llmlab.model.transformer as m
 
     _forward, _calls, _at = m.GPT.forward, [0], int(os.environ["LLMLAB_TEST_NAN_AT"])
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from llmlab.generate import generate, sample_next
-from llmlab.model import (
+from llmlab.model.generate import generate, sample_next
+from llmlab.model.transformer import (
     GPT,
     GPTConfig,
     RMSNorm,
@@ -158,7 +158,7 @@ def test_temperature_flattens_the_distribution():
 @pytest.mark.parametrize("tie", [True, False])
 def test_logits_match_transformers_llama(tie):
     transformers = pytest.importorskip("transformers")
-    from llmlab.export import llama_config_kwargs, llama_state_dict
+    from llmlab.model.export import llama_config_kwargs, llama_state_dict
 
     config = GPTConfig(
         vocab_size=97, d_model=32, n_layer=2, n_head=4, context_length=48, ffn_hidden=64, tie_embeddings=tie

@@ -75,7 +75,7 @@ def test_the_model_shapes_defaults_are_the_params_defaults():
     """GPTConfig's defaults (what tests and `GPTConfig(vocab_size=...)` get) are the model section's."""
     import dataclasses
 
-    from llmlab.model import GPTConfig
+    from llmlab.model.transformer import GPTConfig
 
     assert GPTConfig(vocab_size=2048) == GPTConfig.from_params(Params().pretrain.model, 2048)
     assert {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"} == set(

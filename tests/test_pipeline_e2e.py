@@ -406,7 +406,10 @@ def test_each_stage_reads_the_params_it_declares(pipeline):
         assert not unread, f"stage {stage} declares {sorted(unread)} in dvc.yaml but never read it"
 
 
-@pytest.mark.parametrize("file", ["src/llmlab/model.py", "src/llmlab/chat.py", "src/llmlab/world.py"])
+@pytest.mark.parametrize(
+    "file",
+    ["src/llmlab/model/transformer.py", "src/llmlab/data/chat_template.py", "src/llmlab/data/world.py"],
+)
 def test_editing_a_library_file_reruns_every_stage_that_imports_it(pipeline, file):
     """DVC's own view: after an edit to `file`, `dvc status` names exactly the stages whose scripts import it."""
     repo, env, *_ = pipeline

@@ -9,10 +9,11 @@ import lightning as L
 import pytest
 import torch
 
+from llmlab.data.tokenizer import END_ID
 from llmlab.errors import LlmlabError
-from llmlab.model import GPT, GPTConfig
+from llmlab.model.transformer import GPT, GPTConfig
 from llmlab.params import PPOConfig
-from llmlab.ppo import (
+from llmlab.training.ppo import (
     KLController,
     check_replicas_agree,
     gae,
@@ -27,9 +28,8 @@ from llmlab.ppo import (
     rollout,
     value_loss,
 )
-from llmlab.reward import RewardModel, pad_batch
-from llmlab.tokenizer import END_ID
-from llmlab.training import adamw
+from llmlab.training.reward import RewardModel, pad_batch
+from llmlab.training.trainer import adamw
 
 TINY = GPTConfig(vocab_size=24, d_model=16, n_layer=1, n_head=2, context_length=32, ffn_hidden=32)
 

@@ -73,7 +73,7 @@ def test_rollout_batch_must_split_into_minibatches(smoke_data, inputs, tmp_path)
 
 
 NAN_POLICY_LOSS = """
-import llmlab.ppo as ppo
+import llmlab.training.ppo as ppo
 
 _loss, _calls = ppo.policy_loss, [0]
 

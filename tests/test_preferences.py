@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from llmlab.preferences import bradley_terry_p, make_pairs
+from llmlab.data.preferences import bradley_terry_p, make_pairs
 
 
 def test_noise_free_labels_follow_the_scores():
@@ -41,8 +41,8 @@ def test_bradley_terry_is_symmetric():
 
 
 def test_pairs_written_are_read_back_and_a_missing_split_names_the_stage(tmp_path):
+    from llmlab.data.preferences import pair_contexts, read_pairs, write_pairs
     from llmlab.errors import MissingArtifactError
-    from llmlab.preferences import pair_contexts, read_pairs, write_pairs
 
     row = {
         "prompt": "Hi",

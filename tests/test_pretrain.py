@@ -13,10 +13,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from llmlab.checkpoints import fingerprint, resume_path
 from llmlab.params import PretrainConfig
-from llmlab.pretraining import FixedWindows, TokenWindows
-from llmlab.training import lr_at
+from llmlab.training.checkpoints import fingerprint, resume_path
+from llmlab.training.pretraining import FixedWindows, TokenWindows
+from llmlab.training.trainer import lr_at
 from tests.conftest import SMOKE_PARAMS, free_port, run_stage, stage_env
 
 

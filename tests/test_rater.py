@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from llmlab.data.tasks import TASK_KINDS, Task
+from llmlab.data.world import ATTRIBUTES, VALUES, Person, World, addition_steps
 from llmlab.errors import LlmlabError
-from llmlab.rater import MAX_WORDS, Rater, Score, final_integer, gold_scores
-from llmlab.tasks import TASK_KINDS, Task
-from llmlab.world import ATTRIBUTES, VALUES, Person, World, addition_steps
+from llmlab.evaluation.rater import MAX_WORDS, Rater, Score, final_integer, gold_scores
 
 MARA = Person("Mara Quill", "sft", 1987, "Port Avery", "engineer", "Brightwater Mills", "iguana", "chess")
 TOBIN = Person(

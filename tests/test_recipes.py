@@ -7,11 +7,11 @@ from __future__ import annotations
 import datasets
 import torch
 
-from llmlab.corpus import build_corpus
-from llmlab.model import GPT, GPTConfig
+from llmlab.data.chat_data import external_conversations
+from llmlab.data.corpus import build_corpus
+from llmlab.data.preferences import external_pairs
+from llmlab.model.transformer import GPT, GPTConfig
 from llmlab.params import load_params
-from llmlab.preferences import external_pairs
-from llmlab.sft_data import external_conversations
 from tests.conftest import ROOT, hub_layout
 
 RECIPE = ROOT / "recipes" / "gpu-tinystories.yaml"

@@ -3,8 +3,8 @@ on its side of zero, and a difference measured the other way round is said to be
 
 from __future__ import annotations
 
-from llmlab.evaluation import rate_of
-from llmlab.report import compare
+from llmlab.evaluation.measurements import rate_of
+from llmlab.evaluation.report import compare
 
 
 def test_a_claim_is_shown_within_the_noise_or_the_opposite():

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from llmlab.model import GPTConfig
-from llmlab.reward import (
+from llmlab.model.transformer import GPTConfig
+from llmlab.training.reward import (
     RewardModel,
     bt_loss,
     load_reward_model,
@@ -87,7 +87,7 @@ def test_score_sequences_batches_by_length_but_answers_in_the_order_given():
 
 
 def test_calibration_bins_predicted_against_observed_by_hand():
-    from llmlab.reward import calibration
+    from llmlab.training.reward import calibration
 
     # Margins of +10 (σ ≈ 1) and 0 (σ = 0.5): each pair is shown as (chosen, rejected) or swapped at random,
     # so a confident pair lands in the top bin (observed 1) or the bottom one (observed 0), an unsure one in

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llmlab.checkpoints import LAST, resume_path
 from llmlab.errors import LlmlabError
 from llmlab.io import write_json
-from llmlab.model import GPT, GPTConfig, load_model, save_model
+from llmlab.model.transformer import GPT, GPTConfig, load_model, save_model
+from llmlab.training.checkpoints import LAST, resume_path
 
 
 class Payload:

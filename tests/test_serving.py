@@ -21,12 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 
-from llmlab import serving
-from llmlab.chat import encode_content, parse_reply, render
-from llmlab.generate import generate
-from llmlab.model import GPT, GPTConfig, save_model
-from llmlab.serving import MAX_PROMPT_CHARS, MAX_ROWS, ChatModel, log_chat_model, register
-from llmlab.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID
+from llmlab.data.chat_template import encode_content, parse_reply, render
+from llmlab.data.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID
+from llmlab.model.generate import generate
+from llmlab.model.transformer import GPT, GPTConfig, save_model
+from llmlab.serving import mlflow_model
+from llmlab.serving.mlflow_model import MAX_PROMPT_CHARS, MAX_ROWS, ChatModel, log_chat_model, register
 from tests.conftest import free_port, run_stage, running_server, stage_env
 
 # MLflow's own schema code compares columns with a range, which pandas 3 deprecates; not ours to fix.
@@ -215,8 +215,8 @@ def test_an_over_long_prompt_keeps_the_chat_framing(chat, tok, monkeypatch):
         seen.extend(prompts)
         return generate(model, prompts, *args, **kwargs)
 
-    # The logged model runs serving.py under a module name of its own: spy on this module's ChatModel instead.
-    monkeypatch.setattr(serving, "generate", spy)
+    # The logged model runs mlflow_model.py under a module name of its own: spy on this module's ChatModel instead.
+    monkeypatch.setattr(mlflow_model, "generate", spy)
     direct = ChatModel()
     direct.model, direct.tok = chat.model, tok
     long = "the quick brown fox " * 100

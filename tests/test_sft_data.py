@@ -5,11 +5,11 @@ from collections import Counter
 
 import pytest
 
+from llmlab.data.chat_data import POOLS, good_answer, pool_of, prompt_pool, sft_examples
+from llmlab.data.tasks import Task
+from llmlab.data.world import build_world, fact_sentence, is_probe_name, parse_addition_answer
+from llmlab.evaluation.rater import Rater
 from llmlab.params import SFTData, SyntheticCorpus
-from llmlab.rater import Rater
-from llmlab.sft_data import POOLS, good_answer, pool_of, prompt_pool, sft_examples
-from llmlab.tasks import Task
-from llmlab.world import build_world, fact_sentence, is_probe_name, parse_addition_answer
 
 WORLD = build_world(SyntheticCorpus(n_sft_people=40, n_heldout_people=10, n_unknown_people=10), seed=3)
 MIX = SFTData(n_examples=3000)

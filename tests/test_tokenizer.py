@@ -11,9 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-from llmlab.errors import LlmlabError, MissingArtifactError
-from llmlab.params import TokenizerConfig
-from llmlab.tokenizer import (
+from llmlab.data.tokenizer import (
     BOS_ID,
     END_ID,
     PAD_ID,
@@ -33,6 +31,8 @@ from llmlab.tokenizer import (
     train_tokenizer,
     write_token_meta,
 )
+from llmlab.errors import LlmlabError, MissingArtifactError
+from llmlab.params import TokenizerConfig
 
 # ------------------------------------------------------------------------------------------- fixtures
 

@@ -8,9 +8,7 @@ import re
 
 import pytest
 
-from llmlab.errors import LlmlabError, MissingArtifactError
-from llmlab.params import SyntheticCorpus
-from llmlab.world import (
+from llmlab.data.world import (
     ATTRIBUTES,
     FIRST_NAMES,
     PHRASINGS,
@@ -28,6 +26,8 @@ from llmlab.world import (
     person_documents,
     synthetic_documents,
 )
+from llmlab.errors import LlmlabError, MissingArtifactError
+from llmlab.params import SyntheticCorpus
 
 SMALL = SyntheticCorpus(
     n_sft_people=30,
@@ -299,7 +299,7 @@ def test_grade_completion(completion, answer, ok):
 
 
 def test_copy_probes_ask_for_what_the_prompt_states_about_never_seen_people(world):
-    from llmlab.world import copy_probes, is_probe_name
+    from llmlab.data.world import copy_probes, is_probe_name
 
     probes = copy_probes(world, 20, seed=3)
     assert [w for w, _, _ in probes[:4]] == ["answer_name", "name", "value", "value_repeated"] and len(

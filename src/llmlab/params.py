@@ -273,7 +273,7 @@ class LocalChat(Section):
 
 
 class SFTData(Section):
-    """The chat demonstrations: synthetic (src/llmlab/sft_data.py: how many, each task kind's share) or
+    """The chat demonstrations: synthetic (src/llmlab/data/chat_data.py: how many, each task kind's share) or
     conversations from a Hugging Face dataset or local files."""
 
     source: Literal["synthetic", "hf", "local"] = "synthetic"
@@ -315,7 +315,7 @@ class SFTConfig(TrainLoop):
     max_steps: int = Field(1500, ge=1)
     """Optimizer steps to fine-tune for."""
     pack: bool = True
-    """Pack each batch's conversations side by side into fewer rows (llmlab.sft.collate_packed): the same
+    """Pack each batch's conversations side by side into fewer rows (llmlab.training.sft.collate_packed): the same
     loss and gradient with about half the tokens to compute on the default data. false: one padded row each."""
     lr: LearningRate = 1e-3
     warmup_steps: WarmupSteps = 30
@@ -402,7 +402,7 @@ class RewardConfig(TrainLoop):
     max_steps: int = Field(300, ge=1)
     """Optimizer steps."""
     group_by_length: bool = True
-    """Batch pairs of similar length together (llmlab.training.Epochs), so that little of a batch is padding:
+    """Batch pairs of similar length together (llmlab.training.trainer.Epochs), so that little of a batch is padding:
     on the default pairs 10 % instead of 56 %."""
     lr: LearningRate = 3e-3
     """Peak learning rate of AdamW (measured on the pairs of 2,400 prompts × 4, 300 steps: 3e-3 gave 84–86 %
@@ -422,7 +422,7 @@ class RewardConfig(TrainLoop):
 
 
 class DPOConfig(TrainLoop):
-    """Direct Preference Optimization (src/llmlab/dpo.py): the SFT model trained on the preference pairs
+    """Direct Preference Optimization (src/llmlab/training/dpo.py): the SFT model trained on the preference pairs
     directly, against a frozen copy of itself, with no reward model and no sampling. Compared with SFT
     exactly as PPO is (ppo.eval_prompts held-out prompts, ppo's evaluation settings), so the two line up."""
 
@@ -449,7 +449,7 @@ class DPOConfig(TrainLoop):
 
 
 class PPOConfig(Hardware):
-    """RLHF with PPO (src/llmlab/ppo.py): the SFT policy optimised against the reward model, with a KL
+    """RLHF with PPO (src/llmlab/training/ppo.py): the SFT policy optimised against the reward model, with a KL
     penalty to the SFT model. Names follow TRL's PPOConfig where one exists."""
 
     iterations: int = Field(40, ge=1)

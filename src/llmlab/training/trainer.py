@@ -3,7 +3,7 @@ callbacks (checkpoints, throughput, curves, probes, the non-finite guard), the o
 then cosine decay), data loaders and the seeded order of fine-tuning items (`Epochs`).
 
 Pretraining and SFT train `CausalLMModule`; the reward stage and PPO take the optimiser and the loop parts.
-`model.py` stays framework-free: this module is the Lightning glue (logging, checkpoints, DDP).
+`model/transformer.py` stays framework-free: this module is the Lightning glue (logging, checkpoints, DDP).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from llmlab.checkpoints import AtomicCheckpointIO, fingerprint, kept_checkpoint, resume_path
 from llmlab.errors import LlmlabError
 from llmlab.io import write_text
-from llmlab.mfu import matmul_peak_flops
-from llmlab.model import GPT, GPTConfig
+from llmlab.model.transformer import GPT, GPTConfig
 from llmlab.params import PretrainConfig
 from llmlab.tracking import is_global_zero
+from llmlab.training.checkpoints import AtomicCheckpointIO, fingerprint, kept_checkpoint, resume_path
+from llmlab.training.mfu import matmul_peak_flops
 
 
 @dataclass(frozen=True)

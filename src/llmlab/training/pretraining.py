@@ -2,7 +2,7 @@
 probes measured as training goes, and what the stage measures on the finished model.
 
 The objective is the whole of pretraining: for every position t, maximise log p(token[t+1] | tokens[≤t]).
-The loop, the optimiser and the Lightning glue are shared with the other training stages (`training.py`).
+The loop, the optimiser and the Lightning glue are shared with the other training stages (`trainer.py`).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
+from llmlab.data.world import World, copy_probes, fact_prompts
 from llmlab.errors import LlmlabError
-from llmlab.evaluation import copy_accuracy, fact_recall, samples
-from llmlab.model import GPT
+from llmlab.evaluation.measurements import copy_accuracy, fact_recall, samples
+from llmlab.model.transformer import GPT
 from llmlab.params import PretrainConfig
-from llmlab.training import Budget, Probe
-from llmlab.world import World, copy_probes, fact_prompts
+from llmlab.training.trainer import Budget, Probe
 
 SAMPLE_PROMPTS = ["Add 47 and 38.", "One morning,"]
 

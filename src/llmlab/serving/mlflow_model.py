@@ -3,7 +3,7 @@
 An MLflow model is a folder with an `MLmodel` file that says how to load and call it. Ours holds
 
     MLmodel                   flavor python_function, the signature (inputs, outputs, params)
-    serving.py                this file: MLflow runs it to get the model object ("models from code")
+    mlflow_model.py           this file: MLflow runs it to get the model object ("models from code")
     code/llmlab/              the llmlab package as it was when the model was logged
     artifacts/model/          config.json + model.safetensors, as `save_model` wrote them
     artifacts/tokenizer.json
@@ -27,7 +27,7 @@ per request: `temperature` (0 = greedy, the default), `top_p`, `max_tokens`, `se
 (continue the prompt as plain text, no chat template: what the base model was trained on). Limits reject a
 request with a clear message, which the server answers with HTTP 400: at most `MAX_ROWS` rows,
 `MAX_PROMPT_CHARS` characters a row, `max_tokens` up to the model's context length. A prompt too long
-for the context is fitted as `llmlab chat` fits it (`llmlab.inference.fit_prompt`): still in the chat
+for the context is fitted as `llmlab chat` fits it (`llmlab.serving.inference.fit_prompt`): still in the chat
 template, it forgets the oldest turns (a system message goes with the first), then cuts the start of a
 message too long on its own; a raw prompt keeps <|bos|> and its last tokens. The row says `truncated: true`.
 """
@@ -47,12 +47,12 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 
-from llmlab.chat import check_messages, parse_reply
+from llmlab.data.chat_template import check_messages, parse_reply
+from llmlab.data.tokenizer import BOS_ID, END_ID, load_tokenizer
 from llmlab.errors import LlmlabError
-from llmlab.generate import generate
-from llmlab.inference import fit_prompt, fit_raw
-from llmlab.model import load_model
-from llmlab.tokenizer import BOS_ID, END_ID, load_tokenizer
+from llmlab.model.generate import generate
+from llmlab.model.transformer import load_model
+from llmlab.serving.inference import fit_prompt, fit_raw
 
 MAX_ROWS = 64
 """Completions per request: a batch is generated in one pass, and its memory grows with the rows."""
@@ -306,6 +306,6 @@ def register(model_uri: str, name: str = REGISTERED_NAME, alias: str = CHAMPION)
 
 # Models from code: `log_chat_model` logs this file as the model's code, and MLflow runs it (under a module
 # name of its own) whenever the model is loaded; this line hands MLflow the model object. Imported as
-# `llmlab.serving`, the file only defines things.
-if __name__ != "llmlab.serving":
+# `llmlab.serving.mlflow_model`, the file only defines things.
+if __name__ != "llmlab.serving.mlflow_model":
     mlflow.models.set_model(ChatModel())

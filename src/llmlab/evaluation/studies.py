@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import logging
 import math
 import time
@@ -17,11 +18,14 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from llmlab import report as rpt
-from llmlab.attention_cost import attention_scaling, kv_cache_speedup
-from llmlab.attention_maps import attention_weights, copying_heads, interesting_heads
+from llmlab.data.chat_data import prompt_pool
+from llmlab.data.tokenizer import BOS_ID
+from llmlab.data.world import World, copy_probes, fact_sentence
 from llmlab.errors import LlmlabError, MissingArtifactError
-from llmlab.evaluation import (
+from llmlab.evaluation import report as rpt
+from llmlab.evaluation.attention_cost import attention_scaling, kv_cache_speedup
+from llmlab.evaluation.attention_maps import attention_weights, copying_heads, interesting_heads
+from llmlab.evaluation.measurements import (
     chain_of_thought,
     distractor_effect,
     fact_recall,
@@ -34,14 +38,11 @@ from llmlab.evaluation import (
     suite,
     temperature_sweep,
 )
-from llmlab.io import atomic_path
-from llmlab.model import GPT, GPTConfig
+from llmlab.evaluation.rater import Rater
+from llmlab.io import atomic_path, read_json
+from llmlab.model.transformer import GPT, GPTConfig
 from llmlab.params import EvaluateConfig
-from llmlab.rater import Rater
-from llmlab.sft_data import prompt_pool
 from llmlab.stats import paired_diff_ci
-from llmlab.tokenizer import BOS_ID
-from llmlab.world import World, copy_probes, fact_sentence
 
 log = logging.getLogger("llmlab.evaluate")
 
@@ -207,6 +208,38 @@ def attention_studies(
                 models["base"], [[BOS_ID, *tok.encode(p, add_special_tokens=False).ids] for p in names]
             )
     return weights, token_text
+
+
+@dataclasses.dataclass
+class Upstream:
+    """What earlier stages measured, as the report shows it: the tokenizer's report, the metrics of the
+    reward, ppo and dpo stages (finite numbers only), and the curves of pretrain, reward and ppo."""
+
+    tokenizer_report: dict
+    stage_metrics: dict[str, dict]  # reward_model, ppo, dpo: the sections of metrics/evaluate.json
+    loss: dict[str, list[dict]]  # train, val
+    calibration: list[dict]
+    iterations: list[dict]
+
+    @classmethod
+    def read(cls, args) -> Upstream:
+        """From the evaluate stage's arguments; a missing or empty file names the stage that makes it."""
+        return cls(
+            tokenizer_report=read_json(args.tokenizer_report, stage="tokenizer"),
+            stage_metrics={
+                section: finite_numbers(read_json(path, stage=stage))
+                for section, stage, path in (
+                    ("reward_model", "reward", args.reward_metrics),
+                    ("ppo", "ppo", args.ppo_metrics),
+                    ("dpo", "dpo", args.dpo_metrics),
+                )
+            },
+            loss={
+                s: read_csv(Path(args.pretrain_plots) / f"{s}_loss.csv", "pretrain") for s in ("train", "val")
+            },
+            calibration=read_csv(Path(args.reward_plots) / "calibration.csv", "reward"),
+            iterations=read_csv(Path(args.ppo_plots) / "iterations.csv", "ppo"),
+        )
 
 
 def finite_numbers(metrics: dict) -> dict:

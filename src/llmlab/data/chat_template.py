@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
+from llmlab.data.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID
 from llmlab.errors import LlmlabError
-from llmlab.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID
 
 ROLE_IDS = {"user": USER_ID, "assistant": ASSISTANT_ID}
 _SPECIAL = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from llmlab.model import GPT, KVCache, padded_attention_mask
+from llmlab.model.transformer import GPT, KVCache, padded_attention_mask
 
 
 def sample_next(

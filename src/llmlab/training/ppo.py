@@ -59,25 +59,25 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from llmlab import checkpoints
-from llmlab.chat import parse_reply, render
-from llmlab.checkpoints import AtomicCheckpointIO
+from llmlab.data.chat_data import prompt_pool
+from llmlab.data.chat_template import parse_reply, render
+from llmlab.data.preferences import pair_contexts
+from llmlab.data.tasks import Task
+from llmlab.data.tokenizer import END_ID, PAD_ID
+from llmlab.data.world import World
 from llmlab.errors import LlmlabError
-from llmlab.generate import generate
-from llmlab.model import GPT, padded_attention_mask
-from llmlab.preferences import pair_contexts
-from llmlab.rater import Rater, chat_metrics
-from llmlab.replies import REPLY_LENGTH_RANK, reply
-from llmlab.reward import RewardModel
-from llmlab.sft_data import prompt_pool
+from llmlab.evaluation.rater import Rater, chat_metrics
+from llmlab.model.generate import generate
+from llmlab.model.replies import REPLY_LENGTH_RANK, reply
+from llmlab.model.transformer import GPT, padded_attention_mask
 from llmlab.stats import mean_ci, paired_diff_ci, wilson_ci
-from llmlab.tasks import Task
-from llmlab.tokenizer import END_ID, PAD_ID
 from llmlab.tracking import is_global_zero
-from llmlab.training import Epochs, adamw
-from llmlab.world import World
+from llmlab.training import checkpoints
+from llmlab.training.checkpoints import AtomicCheckpointIO
+from llmlab.training.reward import RewardModel
+from llmlab.training.trainer import Epochs, adamw
 
-log = logging.getLogger("llmlab.ppo")
+log = logging.getLogger("llmlab.training.ppo")
 
 # ------------------------------------------------------------------------------------ the pieces
 

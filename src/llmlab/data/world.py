@@ -679,7 +679,7 @@ PHRASINGS: dict[str, tuple[str, ...]] = {
 }
 
 # Eight questions per attribute. SFT and its prompt pools use all of them (pools differ by person × wording,
-# sft_data.py); the context documents ask them about people made up for one document.
+# chat_data.py); the context documents ask them about people made up for one document.
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "birth_year": (
         "When was {name} born?",

@@ -20,18 +20,11 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from llmlab.chat import render
-from llmlab.errors import LlmlabError
-from llmlab.generate import generate
-from llmlab.model import GPT
-from llmlab.rater import Rater
-from llmlab.replies import answer as answer_tasks
-from llmlab.replies import reply
-from llmlab.sft_data import ADD_BARE, ADD_COT, pool_of
-from llmlab.stats import mean_ci, wilson_ci
-from llmlab.tasks import TASK_KINDS, Task
-from llmlab.tokenizer import BOS_ID
-from llmlab.world import (
+from llmlab.data.chat_data import ADD_BARE, ADD_COT, pool_of
+from llmlab.data.chat_template import render
+from llmlab.data.tasks import TASK_KINDS, Task
+from llmlab.data.tokenizer import BOS_ID
+from llmlab.data.world import (
     ATTRIBUTES,
     PHRASINGS,
     QUESTIONS,
@@ -42,6 +35,13 @@ from llmlab.world import (
     grade_completion,
     invented_people,
 )
+from llmlab.errors import LlmlabError
+from llmlab.evaluation.rater import Rater
+from llmlab.model.generate import generate
+from llmlab.model.replies import answer as answer_tasks
+from llmlab.model.replies import reply
+from llmlab.model.transformer import GPT
+from llmlab.stats import mean_ci, wilson_ci
 
 
 @dataclass

@@ -28,12 +28,10 @@ import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from llmlab.chat import check_messages
-from llmlab.errors import LlmlabError
-from llmlab.params import SFTData
-from llmlab.sources import hf_rows, local_rows, require_usable
-from llmlab.tasks import Task
-from llmlab.world import (
+from llmlab.data.chat_template import check_messages
+from llmlab.data.sources import hf_rows, local_rows, require_usable
+from llmlab.data.tasks import Task
+from llmlab.data.world import (
     ATTRIBUTES,
     INVENTED,
     PHRASINGS,
@@ -46,6 +44,8 @@ from llmlab.world import (
     invented_people,
     random_addend,
 )
+from llmlab.errors import LlmlabError
+from llmlab.params import SFTData
 
 POOLS = ("sft", "rl", "eval")
 

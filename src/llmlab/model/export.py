@@ -5,7 +5,7 @@ fused matrices by rows gives Llama's weights unchanged, and both use the same "r
 so the two models compute the same logits (tests/test_model.py and tests/test_export.py check it).
 
 `export_hf` writes a folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
-load offline, with a chat template that gives the ids of `llmlab.chat.render`.
+load offline, with a chat template that gives the ids of `llmlab.data.chat_template.render`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
+from llmlab.data.tokenizer import BOS_ID, END_ID, PAD_ID, SPECIAL_TOKENS, hf_tokenizer
 from llmlab.errors import LlmlabError
 from llmlab.io import atomic_path
-from llmlab.model import GPT, GPTConfig
-from llmlab.tokenizer import BOS_ID, END_ID, PAD_ID, SPECIAL_TOKENS, hf_tokenizer
+from llmlab.model.transformer import GPT, GPTConfig
 
 FORMATS = ("hf",)
 
 CHAT_TEMPLATE = (
-    """{#- llmlab's chat template (llmlab.chat.render): <|bos|> then <|role|>content<|end|> per message.
+    """{#- llmlab's chat template (llmlab.data.chat_template.render): <|bos|> then <|role|>content<|end|> per message.
 A system message is folded into the first user turn; turns alternate user, assistant. -#}
 {%- set ns = namespace(system='', turns=0) -%}
 {{- bos_token -}}
@@ -40,7 +40,7 @@ A system message is folded into the first user turn; turns alternate user, assis
         {%- set content = ns.system + message['content'] if ns.turns == 0 else message['content'] -%}
         {%- for special in SPECIALS -%}
             {%- if special in content -%}
-                {{- raise_exception('message text contains ' + special + ', which this tokenizer would read as the special token: use llmlab.chat.render, which keeps it text') -}}
+                {{- raise_exception('message text contains ' + special + ', which this tokenizer would read as the special token: use llmlab.data.chat_template.render, which keeps it text') -}}
             {%- endif -%}
         {%- endfor -%}
         {{- '<|' + message['role'] + '|>' + content + '<|end|>' -}}
@@ -52,7 +52,7 @@ A system message is folded into the first user turn; turns alternate user, assis
 {%- endif -%}
 """
 ).replace("SPECIALS", repr(list(SPECIAL_TOKENS)))
-"""Jinja for `tokenizer.apply_chat_template`, giving the same ids as `llmlab.chat.render`.
+"""Jinja for `tokenizer.apply_chat_template`, giving the same ids as `llmlab.data.chat_template.render`.
 
 subtle: a template makes text and the tokenizer then reads special tokens out of it, so "<|end|>" typed
 in a message would become the special token (a prompt injection). `encode_content` keeps such text as

@@ -1,7 +1,7 @@
 """Asking a model for chat replies: the one function every stage uses (SFT's, PPO's and the evaluate
 stage's graded replies, the preference stage's samples, the reward stage's shift).
 
-Kept apart from `chat.py` (the template and the parsing), which the CLI imports without torch.
+Kept apart from `data/chat_template.py` (the template and the parsing), which the CLI imports without torch.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from collections.abc import Sequence
 import torch
 from tokenizers import Tokenizer
 
-from llmlab.chat import Reply, parse_reply, render
-from llmlab.generate import generate
-from llmlab.model import GPT
-from llmlab.tasks import Task
-from llmlab.tokenizer import END_ID
+from llmlab.data.chat_template import Reply, parse_reply, render
+from llmlab.data.tasks import Task
+from llmlab.data.tokenizer import END_ID
+from llmlab.model.generate import generate
+from llmlab.model.transformer import GPT
 
 
 @torch.no_grad()

@@ -28,14 +28,14 @@ from safetensors.torch import save_model as st_save_model
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from llmlab.chat import encode_content, render
+from llmlab.data.chat_template import encode_content, render
+from llmlab.data.tokenizer import END_ID, PAD_ID
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.io import atomic_path, write_json
-from llmlab.model import GPT, GPTConfig
-from llmlab.replies import reply
+from llmlab.model.replies import reply
+from llmlab.model.transformer import GPT, GPTConfig
 from llmlab.stats import wilson_ci
-from llmlab.tokenizer import END_ID, PAD_ID
-from llmlab.training import adamw_with_schedule
+from llmlab.training.trainer import adamw_with_schedule
 
 
 class RewardModel(nn.Module):

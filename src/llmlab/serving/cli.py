@@ -5,8 +5,8 @@
     llmlab export --format hf DIR                    the model as a transformers Llama folder
     llmlab count-tokens [FILE|-]                     token count of a text with the trained tokenizer
 
-The commands are a thin layer over `llmlab.inference` (loading, context budget, streaming) and
-`llmlab.export`; a user's mistake prints one `error: ...` line that says how to fix it.
+The commands are a thin layer over `llmlab.serving.inference` (loading, context budget, streaming) and
+`llmlab.model.export`; a user's mistake prints one `error: ...` line that says how to fix it.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, TextIO
 
 # Each command imports what it needs when it runs (torch takes seconds): `llmlab --help` starts at once.
 from llmlab.errors import LlmlabError
-from llmlab.inference import MODELS, Sampling
+from llmlab.serving.inference import MODELS, Sampling
 
 if TYPE_CHECKING:
-    from llmlab.inference import ChatSession
+    from llmlab.serving.inference import ChatSession
 
 DEFAULT_TOKENIZER = "data/tokenizer/tokenizer.json"
 DEFAULT_MODEL = "ppo"
@@ -38,7 +38,7 @@ _COMMAND = re.compile(r"/[A-Za-z]+(\s|$)")
 
 
 def count_tokens_cmd(args: argparse.Namespace) -> None:
-    from llmlab.tokenizer import count_tokens
+    from llmlab.data.tokenizer import count_tokens
 
     if args.file == "-":
         text = sys.stdin.read()
@@ -131,7 +131,7 @@ def _read_line(inp: TextIO, out: TextIO) -> str | None:
 def chat_cmd(args: argparse.Namespace) -> None:
     """Interactive chat. The model is stateless: each turn the whole transcript is rendered with the chat
     template and sent again; the oldest turns are forgotten when it no longer fits the context."""
-    from llmlab.inference import ChatSession, load, seeded_generator
+    from llmlab.serving.inference import ChatSession, load, seeded_generator
 
     sampling = _sampling(args)
     model, tok = load(args.model, args.tokenizer)
@@ -143,7 +143,7 @@ def chat_cmd(args: argparse.Namespace) -> None:
 
 
 def generate_cmd(args: argparse.Namespace) -> None:
-    from llmlab.inference import complete, load, seeded_generator
+    from llmlab.serving.inference import complete, load, seeded_generator
 
     sampling = _sampling(args)
     _tolerant_stdio()
@@ -182,8 +182,8 @@ def generate_cmd(args: argparse.Namespace) -> None:
 
 
 def export_cmd(args: argparse.Namespace) -> None:
-    from llmlab.export import FORMATS, export_hf
-    from llmlab.inference import load
+    from llmlab.model.export import FORMATS, export_hf
+    from llmlab.serving.inference import load
 
     if args.format not in FORMATS:
         raise LlmlabError(

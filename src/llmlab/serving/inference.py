@@ -1,10 +1,10 @@
 """Talking to a trained model: load it by stage name, fit the conversation into its context, stream a reply.
 
-`llmlab chat`, `llmlab generate` and the MLflow model (`llmlab.serving`) are thin layers over this module,
+`llmlab chat`, `llmlab generate` and the MLflow model (`llmlab.serving.mlflow_model`) are thin layers over this module,
 and an HTTP server could be too: nothing here reads a terminal.
 
 A chat model keeps no state between calls. Each turn the whole conversation is rendered with the chat
-template (`llmlab.chat.render`) and sent whole; the reply is appended to the transcript for the next
+template (`llmlab.data.chat_template.render`) and sent whole; the reply is appended to the transcript for the next
 turn. Prompt and reply must fit in the model's context window (`context_length` tokens, positions beyond
 it do not exist), so before each turn `fit_prompt` leaves `max_new_tokens` of room for the reply: it
 forgets the oldest turns first, and cuts the start of a single message that is too long on its own.
@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
-from llmlab.chat import Reply, clean_text, encode_content, parse_reply, render
+from llmlab.data.chat_template import Reply, clean_text, encode_content, parse_reply, render
+from llmlab.data.tokenizer import BOS_ID, END_ID, load_tokenizer
 from llmlab.errors import LlmlabError
-from llmlab.tokenizer import BOS_ID, END_ID, load_tokenizer
 
 if TYPE_CHECKING:  # torch takes seconds to import; the CLI reads `Sampling`'s defaults for --help without it
     import torch
 
-    from llmlab.model import GPT
+    from llmlab.model.transformer import GPT
 
 MODELS = {"base": ("models/pretrain", "pretrain"), "sft": ("models/sft", "sft"), "ppo": ("models/ppo", "ppo")}
 """Model names -> (folder, the DVC stage that writes it). Any other name is taken as a folder path."""
@@ -54,7 +54,9 @@ def load(model: str | Path, tokenizer: str | Path, device: str = "cpu") -> tuple
     tokenizer = Path(tokenizer)
     if not tokenizer.is_file():
         raise LlmlabError(f"{tokenizer} not found: run `dvc repro tokenizer` or pass --tokenizer PATH")
-    from llmlab.model import load_model  # torch, only when a model is loaded (see TYPE_CHECKING above)
+    from llmlab.model.transformer import (
+        load_model,
+    )  # torch, only when a model is loaded (see TYPE_CHECKING above)
 
     tok = load_tokenizer(tokenizer)
     net = load_model(folder, stage, device)
@@ -294,7 +296,7 @@ class ChatSession:
     def stream(self, prompt: Prompt) -> Iterator[str]:
         """Yield the reply's text piece by piece. When the reply is complete (it wrote <|end|> or reached
         max_new_tokens) the exchange joins the transcript and `last_turn`; an abandoned reply does not."""
-        from llmlab.generate import stream as stream_tokens
+        from llmlab.model.generate import stream as stream_tokens
 
         s = self.sampling
         tokens: list[int] = []
@@ -358,7 +360,7 @@ def complete(
     reply. With `raw`, `text` is continued as plain text after <|bos|> (what the base model was trained
     on), and a completion ends where the model starts a new document (<|bos|>) or writes <|end|>.
     """
-    from llmlab.generate import generate
+    from llmlab.model.generate import generate
 
     if n < 1:
         raise LlmlabError(f"n must be at least 1, got {n}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmlab.model import GPT, Block, apply_rope
+from llmlab.model.transformer import GPT, Block, apply_rope
 
 
 def layer_qkv(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

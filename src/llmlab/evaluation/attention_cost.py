@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from llmlab.attention_maps import causal_attention_probs
-from llmlab.generate import generate
-from llmlab.model import GPT, GPTConfig
+from llmlab.evaluation.attention_maps import causal_attention_probs
+from llmlab.model.generate import generate
+from llmlab.model.transformer import GPT, GPTConfig
 
 PATHS = ("attention_explicit", "attention_sdpa", "model")  # what attention_scaling measures, in its result
 
@@ -264,7 +264,7 @@ def kv_cache_speedup(
 
     Without a cache, token t re-runs the model over all prompt_len + t tokens, so N new tokens cost
     ~N·(P + N/2) token-forwards plus O(N·(P + N)²) attention; with it, each token costs one token's
-    forward plus attention to the stored keys. Both calls are `llmlab.generate.generate` on the same
+    forward plus attention to the stored keys. Both calls are `llmlab.model.generate.generate` on the same
     random prompts (temperature 0, no stop token), and must return the same tokens. One short generation
     each way warms up first; then each time is the median of `repeats` calls (1 by default: the uncached
     call is the long one, ~2.5 s for 256 tokens after a 32-token prompt with the default config on one

@@ -2,7 +2,7 @@
 
 Three sources (`corpus.source` in params.yaml):
 
-    synthetic   the fictional world of `llmlab.world` (biographies, stories, additions) + its world.json
+    synthetic   the fictional world of `llmlab.data.world` (biographies, stories, additions) + its world.json
     hf          a Hugging Face dataset via `datasets.load_dataset` (a Hub id or a local dataset folder)
     local       files under the repository: .txt (one document per file), .jsonl / .json (one per row),
                 .parquet (one per row), or a folder written by `datasets.Dataset.save_to_disk`
@@ -34,11 +34,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from llmlab.data.sources import hf_rows, local_rows
+from llmlab.data.world import Document, World, build_world, synthetic_documents
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.io import atomic_path
 from llmlab.params import CorpusConfig, HFCorpus, LocalCorpus
-from llmlab.sources import hf_rows, local_rows
-from llmlab.world import Document, World, build_world, synthetic_documents
 
 log = logging.getLogger(__name__)
 

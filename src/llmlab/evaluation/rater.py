@@ -69,9 +69,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from llmlab.data.tasks import TASK_KINDS, Task, TaskKind
+from llmlab.data.world import ATTRIBUTES, VALUES, Person, World, parse_addition_answer
 from llmlab.errors import LlmlabError
-from llmlab.tasks import TASK_KINDS, Task, TaskKind
-from llmlab.world import ATTRIBUTES, VALUES, Person, World, parse_addition_answer
 
 # ----------------------------------------------------------------------------------------- the rubric
 
@@ -292,7 +292,7 @@ class Rater:
                 correct = self._arithmetic(task, text, parts)
             else:
                 raise LlmlabError(
-                    f"task kind {task.kind!r} is not one the rater knows; use one of {TASK_KINDS} (llmlab.tasks)"
+                    f"task kind {task.kind!r} is not one the rater knows; use one of {TASK_KINDS} (llmlab.data.tasks)"
                 )
             if task.kind != "harmful" and not admits_unknown and not parts.keys() & _ANSWER_LINES:
                 parts["no_answer"] = NO_ANSWER

@@ -32,16 +32,16 @@ import pyarrow.parquet as pq
 import torch
 from tokenizers import Tokenizer
 
-from llmlab.chat import check_messages
+from llmlab.data.chat_data import prompt_pool
+from llmlab.data.chat_template import check_messages
+from llmlab.data.sources import hf_rows, local_rows, require_usable
+from llmlab.data.world import World
 from llmlab.errors import LlmlabError, MissingArtifactError
+from llmlab.evaluation.rater import Rater
 from llmlab.io import atomic_path
-from llmlab.model import GPT
+from llmlab.model.replies import answer
+from llmlab.model.transformer import GPT
 from llmlab.params import PreferencesConfig
-from llmlab.rater import Rater
-from llmlab.replies import answer
-from llmlab.sft_data import prompt_pool
-from llmlab.sources import hf_rows, local_rows, require_usable
-from llmlab.world import World
 
 
 @dataclass(frozen=True)

@@ -26,16 +26,16 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from llmlab.chat import render
-from llmlab.corpus import read_corpus
+from llmlab.data.chat_data import external_conversations, prompt_pool, sft_examples
+from llmlab.data.chat_template import render
+from llmlab.data.corpus import read_corpus
+from llmlab.data.tokenizer import BOS_ID, PAD_ID
+from llmlab.data.world import World
 from llmlab.errors import LlmlabError
-from llmlab.model import GPT
+from llmlab.evaluation.rater import Rater, chat_metrics
+from llmlab.model.replies import answer, reply
+from llmlab.model.transformer import GPT
 from llmlab.params import SFTConfig, SFTData
-from llmlab.rater import Rater, chat_metrics
-from llmlab.replies import answer, reply
-from llmlab.sft_data import external_conversations, prompt_pool, sft_examples
-from llmlab.tokenizer import BOS_ID, PAD_ID
-from llmlab.world import World
 
 
 class ChatDataset(Dataset):

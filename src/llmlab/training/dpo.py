@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
-from llmlab.chat import encode_content, render
-from llmlab.model import GPT, GPTConfig
-from llmlab.tokenizer import END_ID, PAD_ID
-from llmlab.training import adamw_with_schedule
+from llmlab.data.chat_template import encode_content, render
+from llmlab.data.tokenizer import END_ID, PAD_ID
+from llmlab.model.transformer import GPT, GPTConfig
+from llmlab.training.trainer import adamw_with_schedule
 
 
 def pair_sequences(tok: Tokenizer, row: dict, context_length: int) -> tuple[list[int], int, list[int], int]:

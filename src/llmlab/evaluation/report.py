@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llmlab.attention_cost import plot_scaling
-from llmlab.attention_maps import plot_heads
-from llmlab.evaluation import rate_of
+from llmlab.data.tokenizer import flat_metrics
+from llmlab.evaluation.attention_cost import plot_scaling
+from llmlab.evaluation.attention_maps import plot_heads
+from llmlab.evaluation.measurements import rate_of
 from llmlab.io import atomic_path, write_text
 from llmlab.stats import rate_diff_ci
-from llmlab.tokenizer import flat_metrics
 
 MODEL_NAMES = {"base": "base (pretrained)", "sft": "SFT", "ppo": "PPO (RLHF)", "dpo": "DPO"}
 
