@@ -37,7 +37,7 @@ from llmlab.training.trainer import (
     world_size,
 )
 
-log = logging.getLogger("llmlab.training.dpo")
+log = logging.getLogger("llmlab.dpo")
 
 
 def add_arguments(p):

@@ -40,7 +40,7 @@ from llmlab.training.ppo import (
 )
 from llmlab.training.reward import load_reward_model
 
-log = logging.getLogger("llmlab.training.ppo")
+log = logging.getLogger("llmlab.ppo")
 
 
 def add_arguments(p):

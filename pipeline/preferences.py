@@ -22,7 +22,7 @@ from llmlab.params import Params
 from llmlab.stage import run_stage
 from llmlab.tracking import StageRun
 
-log = logging.getLogger("llmlab.data.preferences")
+log = logging.getLogger("llmlab.preferences")
 
 
 def add_arguments(p):

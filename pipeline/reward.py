@@ -41,7 +41,7 @@ from llmlab.training.trainer import (
     resume_offset,
 )
 
-log = logging.getLogger("llmlab.training.reward")
+log = logging.getLogger("llmlab.reward")
 
 
 def add_arguments(p):

@@ -31,7 +31,7 @@ from llmlab.training.trainer import (
     resume_offset,
 )
 
-log = logging.getLogger("llmlab.training.sft")
+log = logging.getLogger("llmlab.sft")
 
 
 def add_arguments(p):

@@ -25,7 +25,7 @@ from llmlab.params import Params
 from llmlab.stage import run_stage
 from llmlab.tracking import StageRun
 
-log = logging.getLogger("llmlab.data.tokenizer")
+log = logging.getLogger("llmlab.tokenizer")
 
 
 def add_arguments(p):
