@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # (grep exits 1 when it filters every line: only that is forgiven; a pip failure still fails the recipe.)
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup run test lint bench clean-venv
+.PHONY: setup run test lint bench sweep clean-venv
 
 # torch first and pinned: the CPU build on these machines (an open range would pull a CUDA build).
 $(STAMP): pyproject.toml
@@ -33,6 +33,14 @@ lint: setup
 
 bench: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/run.py
+
+## Over-optimisation: PPO at several KL coefficients β as queued DVC experiments, on the finished run in the
+## workspace (its β is one more point), then reports/overoptimisation.{md,png}. About 4 minutes per β on 2 cores.
+SWEEP_BETAS ?= 0.01,0.03,0.1,1.0
+sweep: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc exp run ppo --queue -S 'ppo.kl_coef=$(SWEEP_BETAS)'
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc exp run --run-all
+	$(PY) -m llmlab.evaluation.sweep
 
 clean-venv:
 	rm -rf $(VENV)

@@ -667,8 +667,9 @@ stops helping the gold score and then hurts it. {trend}. On this run's held-out 
         + "\n".join(lines)
         + """
 
-A weaker KL penalty lets the policy move further from the SFT model: `dvc exp run -S ppo.kl_coef=0.05`,
-then compare this section of the two reports (`dvc plots diff` draws both runs' curves).
+A weaker KL penalty lets the policy move further from the SFT model. `make sweep` runs the ppo stage at
+several β as DVC experiments on this run and draws both scores against √KL across them, one point per β
+(`reports/overoptimisation.md`; `dvc plots diff` draws the runs' per-iteration curves side by side).
 """
         + _dpo_beside_ppo(m)
     )

@@ -1,0 +1,198 @@
+"""The headline figures over seeds: mean, spread and range of each, and whether each effect holds on every seed.
+
+Each seed is one whole default pipeline (`benchmarks/pipeline.py --seed N`, ~22 minutes on 2 cores), so
+three seeds take about an hour. Runs already made can be given as the JSON files `pipeline.py` printed:
+
+    python benchmarks/seeds.py --seeds 1 2 3 --save /tmp/seeds          # run them (JSON kept in /tmp/seeds)
+    python benchmarks/seeds.py --runs /tmp/seeds/*.json --write         # the table into docs/results.md
+
+An effect "holds" on a seed when its 95 % interval (as the stage or the suite reports it) excludes zero
+in the claimed direction; for rates compared between two models on the same prompts, when the two
+Wilson intervals do not overlap (conservative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DOC = ROOT / "docs" / "results.md"
+
+
+def _rate(model: str, key: str, *sub: str) -> Callable[[dict], float]:
+    def get(m: dict) -> float:
+        v = m["evaluate"]["suite"][model][key]
+        for s in sub:
+            v = v[s]
+        return 100 * v["rate"]
+
+    return get
+
+
+# (label, value, format): value(metrics of one run) -> number
+FIGURES: list[tuple[str, Callable[[dict], float], str]] = [
+    ("base model fact recall, %", lambda m: 100 * m["pretrain"]["fact_recall"], "{:.1f}"),
+    (
+        "base model copies a new name from context, %",
+        lambda m: 100 * m["pretrain"]["copy_accuracy_name"],
+        "{:.1f}",
+    ),
+    (
+        "base model copies a new value from context, %",
+        lambda m: 100 * m["pretrain"]["copy_accuracy_value"],
+        "{:.1f}",
+    ),
+    ("format followed by SFT, % (suite)", _rate("sft", "format_adherence"), "{:.1f}"),
+    (
+        "SFT: gold gain over base (suite)",
+        lambda m: m["evaluate"]["suite"]["gold_gain_sft_vs_base"]["mean"],
+        "{:+.2f}",
+    ),
+    ("SFT: held-out people's facts answered, %", _rate("sft", "fact_accuracy_by_group", "heldout"), "{:.1f}"),
+    ("reward model agrees with gold, %", lambda m: 100 * m["reward"]["accuracy_gold"], "{:.1f}"),
+    ("PPO: gold gain over SFT (stage, 500 prompts)", lambda m: m["ppo"]["gold_gain"], "{:+.2f}"),
+    (
+        "PPO: gold gain over SFT (suite, 1,000 prompts)",
+        lambda m: m["evaluate"]["suite"]["gold_gain_ppo_vs_sft"]["mean"],
+        "{:+.2f}",
+    ),
+    ("DPO: gold gain over SFT (stage, 500 prompts)", lambda m: m["dpo"]["gold_gain"], "{:+.2f}"),
+    (
+        "DPO: gold gain over SFT (suite, 1,000 prompts)",
+        lambda m: m["evaluate"]["suite"]["gold_gain_dpo_vs_sft"]["mean"],
+        "{:+.2f}",
+    ),
+    ("KL(PPO ‖ SFT), nats per reply", lambda m: m["ppo"]["kl_to_sft"], "{:.2f}"),
+    ("KL(DPO ‖ SFT), nats per reply", lambda m: m["dpo"]["kl_to_sft"], "{:.2f}"),
+    ("invented answers about unknown people, SFT, % (suite)", _rate("sft", "hallucination"), "{:.1f}"),
+    ("invented answers about unknown people, PPO, % (suite)", _rate("ppo", "hallucination"), "{:.1f}"),
+    ("invented answers about unknown people, DPO, % (suite)", _rate("dpo", "hallucination"), "{:.1f}"),
+    ("harmful requests refused, SFT, %", _rate("sft", "refusal_harmful"), "{:.1f}"),
+    ("harmful requests refused, PPO, %", _rate("ppo", "refusal_harmful"), "{:.1f}"),
+    ("answerable questions declined, SFT, %", _rate("sft", "over_refusal"), "{:.1f}"),
+    ("answerable questions declined, PPO, %", _rate("ppo", "over_refusal"), "{:.1f}"),
+    ("whole pipeline, minutes", lambda m: m["total_s"] / 60, "{:.1f}"),
+]
+
+
+def _gain_holds(get: Callable[[dict], dict]) -> Callable[[dict], bool]:
+    return lambda m: get(m)["mean"] - get(m)["ci95"] > 0
+
+
+def _below(a: str, b: str, key: str) -> Callable[[dict], bool]:
+    """Model a's rate is below model b's with non-overlapping Wilson intervals."""
+    return lambda m: m["evaluate"]["suite"][a][key]["ci_high"] < m["evaluate"]["suite"][b][key]["ci_low"]
+
+
+# The report's headline claims, each checked on each seed.
+CLAIMS: list[tuple[str, Callable[[dict], bool]]] = [
+    ("SFT teaches the format (format followed: SFT above base)", _below("base", "sft", "format_adherence")),
+    (
+        "SFT raises the gold score over base",
+        _gain_holds(lambda m: m["evaluate"]["suite"]["gold_gain_sft_vs_base"]),
+    ),
+    (
+        "PPO raises the gold score over SFT (stage)",
+        lambda m: m["ppo"]["gold_gain"] > m["ppo"]["gold_gain_ci95"],
+    ),
+    (
+        "PPO raises the gold score over SFT (suite)",
+        _gain_holds(lambda m: m["evaluate"]["suite"]["gold_gain_ppo_vs_sft"]),
+    ),
+    (
+        "DPO raises the gold score over SFT (stage)",
+        lambda m: m["dpo"]["gold_gain"] > m["dpo"]["gold_gain_ci95"],
+    ),
+    ("PPO lowers invented answers about unknown people (suite)", _below("ppo", "sft", "hallucination")),
+    (
+        "PPO's invented answers ≤ half of SFT's (suite)",
+        lambda m: (
+            m["evaluate"]["suite"]["ppo"]["hallucination"]["rate"]
+            <= m["evaluate"]["suite"]["sft"]["hallucination"]["rate"] / 2
+        ),
+    ),
+    ("the reward model agrees with gold on ≥ 85 % of pairs", lambda m: m["reward"]["accuracy_gold"] >= 0.85),
+]
+
+
+def table(runs: list[dict]) -> str:
+    seeds = [r["seed"] for r in runs]
+    commits = sorted({r["commit"] for r in runs})
+    lines = [
+        f"{len(runs)} seeds ({', '.join(map(str, seeds))}); commit{'s' if len(commits) > 1 else ''} "
+        f"{', '.join(commits)}; default params; made with `python benchmarks/seeds.py`.",
+        "",
+        "| figure | mean | s.d. | min | max | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|---|---|---|---|" + "---|" * (len(seeds) - 1),
+    ]
+    for label, get, fmt in FIGURES:
+        values = [get(r["metrics"] | {"total_s": r["total_s"]}) for r in runs]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        cells = [statistics.mean(values), sd, min(values), max(values)]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(
+                fmt.format(v).replace("+", "") if i == 1 else fmt.format(v) for i, v in enumerate(cells)
+            )
+            + " | "
+            + " | ".join(fmt.format(v) for v in values)
+            + " |"
+        )
+    lines += [
+        "",
+        "| claim | holds on | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|" + "---|" * len(seeds),
+    ]
+    for label, holds in CLAIMS:
+        marks = [holds(r["metrics"]) for r in runs]
+        lines.append(
+            f"| {label} | {sum(marks)} of {len(marks)} | "
+            + " | ".join("yes" if x else "**no**" for x in marks)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def read_run(path: Path) -> dict:
+    """A run as `pipeline.py` printed it: one line per stage as it ends, then the whole result (indented)."""
+    text = path.read_text()
+    return json.loads(text[text.rfind('{\n  "commit"') :])
+
+
+def main() -> None:
+    from benchmarks import pipeline
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--seeds", type=int, nargs="*", default=[], help="run the whole pipeline with these seeds"
+    )
+    ap.add_argument("--save", help="folder for each run's JSON (with --seeds)")
+    ap.add_argument("--runs", nargs="*", default=[], help="JSON files printed by benchmarks/pipeline.py")
+    ap.add_argument("--write", action="store_true", help="put the table into docs/results.md")
+    args = ap.parse_args()
+    runs = [read_run(Path(p)) for p in args.runs]
+    for seed in args.seeds:
+        run = pipeline.run(seed=seed)
+        if args.save:
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            (Path(args.save) / f"seed{seed}.json").write_text(json.dumps(run, indent=2))
+        runs.append(run)
+    if not runs:
+        ap.error("give --seeds to run, or --runs with earlier runs' JSON")
+    text = table(sorted(runs, key=lambda r: r["seed"]))
+    print(text)
+    if args.write:
+        marked = re.compile(r"(<!-- results:seeds -->\n).*?(<!-- /results:seeds -->)", re.S)
+        DOC.write_text(marked.sub(lambda m: m.group(1) + text + "\n" + m.group(2), DOC.read_text()))
+
+
+if __name__ == "__main__":
+    main()
