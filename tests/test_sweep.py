@@ -73,7 +73,14 @@ def test_points_come_from_the_workspace_and_each_experiment(tmp_path):
 def test_rows_without_ppo_metrics_are_skipped():
     rows = [
         {"rev": "workspace", "typ": "baseline", "ppo.kl_coef": 0.3, "kl_to_sft": "!", "gold_gain": "!"},
-        {"rev": "main", "typ": "baseline", "ppo.kl_coef": 0.3, "kl_to_sft": 1, "reward_gain": 1, "gold_gain": 1},
+        {
+            "rev": "main",
+            "typ": "baseline",
+            "ppo.kl_coef": 0.3,
+            "kl_to_sft": 1,
+            "reward_gain": 1,
+            "gold_gain": 1,
+        },
         {
             "Experiment": "e",
             "typ": "branch_commit",
