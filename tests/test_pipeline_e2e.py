@@ -178,6 +178,18 @@ def test_the_mlflow_ui_shows_the_pipeline_run_its_stages_and_the_model(pipeline,
         for kind in ("deps", "outs"):
             for item in entry.get(kind, []):
                 assert t.get(f"dvc.{kind}.{item['path']}") == item["md5"], (stage, kind, item["path"])
+        # and its DVC-tracked inputs (the deps that are not code) as dataset inputs, digest = dvc.lock's hash
+        inputs = by_stage[stage].get("inputs", {}).get("dataset_inputs", [])
+        assert {(i["dataset"]["name"], i["dataset"]["digest"]) for i in inputs} == {
+            (item["path"], item["md5"])
+            for item in entry.get("deps", [])
+            if not item["path"].startswith(("src/", "pipeline/"))
+        }, stage
+    assert lock["sft"]["deps"] and any(
+        i["dataset"]["name"] == "models/pretrain" for i in by_stage["sft"]["inputs"]["dataset_inputs"]
+    )
+    # The UI opens the experiment as model training, not in the GenAI view (traces)
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in exp["tags"]
     assert json.loads(tags[by_stage["pretrain"]["info"]["run_id"]]["params"])["pretrain"]["lr"] == 0.003
     fingerprint = json.loads((repo / "checkpoints/pretrain/fingerprint.json").read_text())
     assert fingerprint["config"]["pretrain"]["lr"] == 0.003 and fingerprint["git_commit"] == commit

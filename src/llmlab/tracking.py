@@ -39,6 +39,11 @@ EXPERIMENT_ENV = "LLMLAB_EXPERIMENT"
 DEFAULT_EXPERIMENT = "llmlab"
 PIPELINE_RUN_ENV = "LLMLAB_PIPELINE_RUN_ID"
 ARTIFACTS_DIR = "mlartifacts"  # artifact root for the embedded SQLite store (git-ignored)
+# The experiment holds model training, not a GenAI app: the tag and value MLflow's UI itself writes for
+# that. MLflow 3.17's UI picks its view from the URL's `?workflowType=machine_learning` (or the last view
+# chosen in that browser) instead, which is why the README's link carries it (checked in Chromium).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+CODE_DIRS = ("src/", "pipeline/")  # deps under these are code, not inputs a run trained on
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +220,36 @@ class StageRun:
             tags["params"] = params_json
         run = self.client.create_run(experiment_id, tags=tags, run_name=self.stage)
         self.run_id = run.info.run_id
+        if self._dvc_paths:
+            self._log_inputs(
+                {k.removeprefix("dvc.deps."): v for k, v in tags.items() if k.startswith("dvc.deps.")}
+            )
         flat = _flatten(self.params)
         items = [Param(k, str(v)) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def _log_inputs(self, deps: Mapping[str, str]) -> None:
+        """The stage's DVC-tracked inputs (its deps that are not code) as the run's dataset inputs: the path as
+        name and source, the hash `dvc.lock` has as digest, so the runs table's Dataset column says what each
+        run read, and two runs read the same data exactly when their digests are equal."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=path,
+                    digest=digest,
+                    source_type="local",
+                    source=json.dumps({"uri": path}),
+                ),
+                tags=[InputTag("mlflow.data.context", "model" if path.startswith("models/") else "data")],
+            )
+            for path, digest in sorted(deps.items())
+            if not path.startswith(CODE_DIRS)
+        ]
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def _end_runs_of_killed_processes(self, experiment_id: str) -> None:
         """A stage killed (SIGKILL, power cut) cannot end its MLflow run, which would show RUNNING forever:
@@ -237,12 +268,15 @@ class StageRun:
         name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if exp.tags.get("mlflow.experimentKind") is None:  # made by hand, or by an older llmlab
+                for key, value in EXPERIMENT_KIND.items():
+                    self.client.set_experiment_tag(exp.experiment_id, key, value)
             return exp.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):  # artifacts next to the SQLite file, not in ./mlruns of the cwd
             db = Path(self.uri.removeprefix("sqlite:///"))
             location = (db.resolve().parent / ARTIFACTS_DIR).as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
     def _pipeline_run(self, experiment_id: str, git: dict[str, str], key: str | None) -> str:
         explicit = os.environ.get(PIPELINE_RUN_ENV)
