@@ -104,6 +104,15 @@ def test_too_few_runs_is_a_clear_error_and_writes_nothing(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_workspace_left_at_the_last_experiment_is_not_a_second_point():
+    same = {"ppo.kl_coef": 1.0, "kl_to_sft": 0.3, "reward_gain": 1.0, "gold_gain": 0.1}
+    rows = [
+        {"rev": "workspace", "typ": "baseline", **same},
+        {"Experiment": "e", "typ": "branch_commit", **same},
+    ]
+    assert [p.name for p in points(rows)] == ["e"]
+
+
 def test_the_workspace_row_keeps_its_name():
     row = {"rev": "workspace", "typ": "baseline", "ppo.kl_coef": 0.3, "kl_to_sft": 1.0}
     row |= {"reward_gain": 0.5, "gold_gain": 0.4, "gold_ci95": 0.1}

@@ -49,7 +49,7 @@ def _metric(row: Mapping, key: str):
 
 def points(rows: Iterable[Mapping]) -> list[Point]:
     """The sweep's points from `dvc.api.exp_show()` rows: the workspace and every experiment with PPO's
-    metrics, sorted by √KL. Baseline commits are left out (the workspace repeats the newest)."""
+    metrics, sorted by KL. Baseline commits are left out (the workspace repeats the newest)."""
     out = []
     for row in rows:
         if row.get("typ") == "baseline" and row.get("rev") != "workspace":
@@ -61,6 +61,10 @@ def points(rows: Iterable[Mapping]) -> list[Point]:
         ci = _metric(row, "gold_gain_ci95")
         name = row.get("Experiment") or row.get("rev") or "?"
         out.append(Point(name, float(beta), float(kl), float(reward), float(gold), float(ci or 0.0)))
+    # After `dvc exp run` in the workspace (not queued), the workspace holds the last experiment's results:
+    # one point, under the experiment's name.
+    named = {(p.beta, p.kl, p.reward_gain, p.gold_gain) for p in out if p.name != "workspace"}
+    out = [p for p in out if p.name != "workspace" or (p.beta, p.kl, p.reward_gain, p.gold_gain) not in named]
     return sorted(out, key=lambda p: p.kl)
 
 
