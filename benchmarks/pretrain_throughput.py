@@ -1,4 +1,5 @@
-"""Pretraining throughput: the Lightning stage against a minimal plain-PyTorch loop, same model and batch.
+"""Pretraining throughput: the Lightning stage against a minimal plain-PyTorch loop, same model and batch,
+and against the simplest strong baseline, a GPT-2-shaped model of the same size (`gpt2_baseline.py`).
 
 Both train the default model (`params.yaml` → pretrain.model) on the same token windows with the same
 optimiser, schedule and gradient clipping. The Lightning side is the stage's own Trainer
@@ -28,6 +29,7 @@ from llmlab.training.trainer import CausalLMModule, build_trainer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script, too
 
+from benchmarks import gpt2_baseline  # noqa: E402
 from benchmarks.pretrain_options import _tokens, train  # noqa: E402
 
 
@@ -71,23 +73,29 @@ def run(steps: int = 300, warmup: int = 20, rounds: int = 2) -> dict:
     tokens = _tokens(vocab_size)
     config = GPTConfig.from_params(cfg.model, vocab_size)
     peak = matmul_peak_flops("cpu", torch.float32)
-    plain, lit = [], []
+    plain, lit, gpt2 = [], [], []
     for _ in range(rounds):
+        gpt2.append(gpt2_baseline.train(config, cfg, tokens, steps, warmup))
         plain.append(plain_loop(config, cfg, tokens, steps, warmup))
         lit.append(lightning_stage(config, cfg, tokens, steps, warmup))
     flops = GPT(config).flops_per_token()
-    best_plain, best_lit = max(plain), max(lit)
+    best_plain, best_lit, best_gpt2 = max(plain), max(lit), max(gpt2)
     return {
         "model": f"{config.n_layer} layers × {config.d_model} wide, context {config.context_length}, vocab {config.vocab_size}",
         "batch": f"{cfg.batch_size} × {config.context_length} tokens",
         "plain_tokens_per_s": best_plain,
         "lightning_tokens_per_s": best_lit,
         "lightning_over_plain": best_lit / best_plain,
+        "gpt2_tokens_per_s": best_gpt2,
+        "lightning_over_gpt2": best_lit / best_gpt2,
+        "params": sum(p.numel() for p in GPT(config).parameters()),
+        "gpt2_params": gpt2_baseline.parameters(config),
         "matmul_peak_gflops": peak / 1e9,
         "plain_mfu": best_plain * flops / peak,
         "lightning_mfu": best_lit * flops / peak,
         "all_plain": plain,
         "all_lightning": lit,
+        "all_gpt2": gpt2,
     }
 
 
