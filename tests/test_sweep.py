@@ -92,6 +92,11 @@ def test_rows_without_ppo_metrics_are_skipped():
     assert points(rows) == [Point("e", 0.1, 2.0, 0.5, 0.2, 0.0)]
 
 
+def test_a_sweep_past_its_peak_says_so():
+    pts = [Point("a", 0.3, 1.5, 0.8, 0.0, 0.1), Point("b", 0.03, 8.6, 1.6, -1.5, 0.2)]
+    assert "past the peak already" in markdown(pts, "f.png")
+
+
 def test_a_sweep_without_a_peak_says_so():
     pts = [Point("a", 1.0, 0.25, 0.1, 0.1, 0.05), Point("b", 0.1, 4.0, 0.9, 0.3, 0.05)]
     assert "no peak within this range" in markdown(pts, "f.png")

@@ -76,7 +76,14 @@ def markdown(pts: list[Point], figure: str) -> str:
     ]
     best = max(pts, key=lambda p: p.gold_gain)
     furthest = pts[-1]
-    if furthest is best:
+    if best is pts[0] and len(pts) > 1:
+        verdict = (
+            f"The gold gain is highest at the smallest KL of the sweep (β {best.beta:g}, {best.gold_gain:+.2f}) and "
+            f"falls to {furthest.gold_gain:+.2f} at the furthest (β {furthest.beta:g}, √KL "
+            f"{math.sqrt(furthest.kl):.2f}), while the reward model's gain rises to {furthest.reward_gain:+.2f}: "
+            "past the peak already; a larger β would show the rise before it."
+        )
+    elif furthest is best:
         verdict = (
             "The gold score is highest at the largest KL of the sweep: no peak within this range; "
             "a smaller β would move further."
