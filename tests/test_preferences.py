@@ -1,5 +1,6 @@
 """Preference pairs: Bradley–Terry label noise against its formula, ties, and pair bookkeeping."""
 
+import json
 import math
 import random
 
@@ -63,3 +64,25 @@ def test_pairs_written_are_read_back_and_a_missing_split_names_the_stage(tmp_pat
     ]  # distinct contexts
     with pytest.raises(MissingArtifactError, match="preferences"):
         read_pairs(tmp_path / "nowhere", "train")
+
+
+def test_pairs_ask_the_kinds_of_preferences_prompt_mix(monkeypatch):
+    """`preferences.prompt_mix` decides which kinds of rl prompts the SFT model is sampled on."""
+    from llmlab.data import preferences
+    from llmlab.data.chat_template import Reply
+    from llmlab.data.world import build_world
+    from llmlab.params import PreferencesConfig, SyntheticCorpus
+
+    world = build_world(SyntheticCorpus(n_sft_people=20, n_heldout_people=6, n_unknown_people=8), seed=3)
+
+    def fake_answer(model, tok, tasks, *args):  # alternately honest and invented, so that every prompt pairs
+        return [
+            Reply("I don't know." if i % 2 else "They live in Oakhaven.", True, True)
+            for i in range(len(tasks))
+        ]
+
+    monkeypatch.setattr(preferences, "answer", fake_answer)
+    cfg = PreferencesConfig(n_prompts=30, samples_per_prompt=2, prompt_mix={"unknown": 1.0})
+    splits, metrics = preferences.rated_pairs(None, None, world, cfg, seed=0)
+    kinds = {json.loads(r["task"])["kind"] for split in splits.values() for r in split}
+    assert kinds == {"unknown"} and metrics["pairs"] == 30

@@ -5,12 +5,14 @@ import math
 import pytest
 import torch
 
+from llmlab.data.tokenizer import ASSISTANT_ID, USER_ID
 from llmlab.model.transformer import GPTConfig
 from llmlab.training.reward import (
     RewardModel,
     bt_loss,
     load_reward_model,
     pad_batch,
+    reply_lm_loss,
     save_reward_model,
     score_sequences,
 )
@@ -99,3 +101,25 @@ def test_calibration_bins_predicted_against_observed_by_hand():
     assert by_bin[1.0][0] == 1.0 and by_bin[0.0][0] == 0.0  # σ(10) shown as chosen first: always right
     assert by_bin[0.5][1] == 50  # every unsure pair in the middle bin
     assert by_bin[1.0][1] + by_bin[0.0][1] == 50
+
+
+def test_reply_lm_loss_is_the_cross_entropy_of_the_reply_tokens_only():
+    """Against a plain loop: only tokens after the last <|assistant|>, up to each row's last, are targets."""
+    torch.manual_seed(0)
+    model = RewardModel(CFG).eval()
+    A, U = ASSISTANT_ID, USER_ID
+    rows = [
+        [1, U, 7, 8, A, 9, 10, 11],  # reply 9 10 11
+        [1, U, 7, A, 12, 2, U, 13, A, 14, 15],  # two turns: only the last reply (14 15) counts
+    ]
+    idx, last = pad_batch(rows)
+    with torch.no_grad():
+        h = model.backbone.hidden(idx)
+        got = reply_lm_loss(model.backbone, h, idx, last).item()
+        logp = torch.log_softmax(model.backbone.lm_head(h), -1)
+    terms = []
+    for b, row in enumerate(rows):
+        start = max(i for i, t in enumerate(row) if t == A) + 1
+        terms += [-logp[b, t - 1, row[t]].item() for t in range(start, len(row))]
+    assert len(terms) == 5
+    assert got == pytest.approx(sum(terms) / len(terms), rel=1e-5)

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -367,6 +368,21 @@ class LocalPreferences(PairColumns):
     paths: Globs = ["data/raw/preferences/*.jsonl"]
 
 
+DEFAULT_MIX = {"fact": 0.5, "about": 0.1, "arithmetic": 0.2, "unknown": 0.1, "harmful": 0.1}
+"""The task kinds of the rl and eval prompt pools, as shares (the evaluation suite's mix)."""
+
+
+def _check_shares(mix: dict) -> dict:
+    if any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"shares must be >= 0 with a positive sum, got {mix}")
+    return mix
+
+
+PromptMix = Annotated[
+    dict[Literal["fact", "about", "arithmetic", "unknown", "harmful"], float], AfterValidator(_check_shares)
+]
+
+
 class PreferencesConfig(Section):
     source: Literal["synthetic", "hf", "local"] = "synthetic"
     """synthetic: the SFT model's replies compared by the rater. hf / local: pairs people labelled (no gold rater)."""
@@ -374,6 +390,9 @@ class PreferencesConfig(Section):
     local: LocalPreferences = LocalPreferences()
     n_prompts: int = Field(1600, ge=2)
     """Prompts of the rl pool (never seen in SFT) for which the SFT model samples replies."""
+    prompt_mix: PromptMix = dict(DEFAULT_MIX)
+    """Share of each task kind among those prompts. More questions about unknown people than the evaluation
+    suite's 10 % give the reward model both sides of "I don't know" to compare (docs/results.md)."""
     samples_per_prompt: int = Field(6, ge=2)
     """Replies sampled per prompt; every two with different gold scores make a pair. Measured at the same
     9,600 replies: 1,600 × 6 gave the reward model 85.9 % gold accuracy, 2,400 × 4 84.4 %, 3,200 × 3 83.9 %
@@ -416,6 +435,10 @@ class RewardConfig(TrainLoop):
     """Bradley–Terry margin: the loss wants r(chosen) − r(rejected) > margin."""
     centring: float = Field(0.01, ge=0)
     """Weight of the reward-centring term (r_c + r_r)², which keeps rewards near 0 (0 disables it)."""
+    lm_coef: float = Field(0.0, ge=0)
+    """Weight of a language-modelling loss on the chosen replies, through the backbone's own LM head
+    (GRM, Yang et al. 2024): it keeps the hidden states a language model's, which holds what pretraining
+    stored while the head learns to compare (0 disables it; docs/results.md)."""
 
 
 # ---------------------------------------------------------------------------------------- dpo
@@ -494,14 +517,8 @@ class PPOConfig(Hardware):
     """Subtracted from the reward model's score of a reply that ran to max_new_tokens without <|end|>."""
     n_prompts: int = Field(4000, ge=1)
     """Distinct prompts of the rl pool to draw rollouts from (in a fresh seeded order every pass)."""
-    prompt_mix: dict[Literal["fact", "about", "arithmetic", "unknown", "harmful"], float] = {
-        "fact": 0.5,
-        "about": 0.1,
-        "arithmetic": 0.2,
-        "unknown": 0.1,
-        "harmful": 0.1,
-    }
-    """Share of each task kind among the rl prompts (the evaluation pool always uses this default mix)."""
+    prompt_mix: PromptMix = dict(DEFAULT_MIX)
+    """Share of each task kind among the rl prompts (the evaluation pool always uses `DEFAULT_MIX`)."""
     max_digits: int = Field(4, ge=1, le=9)
     """Largest number of digits of an addend in the arithmetic prompts."""
     eval_prompts: int = Field(500, ge=1)
@@ -520,13 +537,6 @@ class PPOConfig(Hardware):
                 f"rollout_batch_size ({rollout}) must be a multiple of minibatch_size ({minibatch_size})"
             )
         return minibatch_size
-
-    @field_validator("prompt_mix")
-    @classmethod
-    def _shares(cls, mix: dict) -> dict:
-        if any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
-            raise ValueError(f"shares must be >= 0 with a positive sum, got {mix}")
-        return mix
 
 
 class EvaluateConfig(Section):

@@ -45,7 +45,7 @@ from llmlab.data.world import (
     random_addend,
 )
 from llmlab.errors import LlmlabError
-from llmlab.params import SFTData
+from llmlab.params import DEFAULT_MIX, SFTData
 
 POOLS = ("sft", "rl", "eval")
 
@@ -318,7 +318,7 @@ def prompt_pool(
     """
     if pool not in ("rl", "eval"):
         raise ValueError(f"pool must be 'rl' or 'eval', got {pool!r}")
-    mix = mix or {"fact": 0.5, "about": 0.1, "arithmetic": 0.2, "unknown": 0.1, "harmful": 0.1}
+    mix = mix or DEFAULT_MIX
     rng = random.Random(f"{seed}/{pool}")
     known = world.known()
     unknown = world.group("unknown")

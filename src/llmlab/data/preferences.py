@@ -213,7 +213,7 @@ def rated_pairs(
             "preferences.source synthetic needs the synthetic world (corpus.source: synthetic); "
             "with another corpus, use preferences.source hf or local"
         )
-    tasks = prompt_pool(world, "rl", cfg.n_prompts, seed, max_digits=cfg.max_digits)
+    tasks = prompt_pool(world, "rl", cfg.n_prompts, seed, cfg.max_digits, dict(cfg.prompt_mix))
     rater = Rater(world)
     rng = random.Random(f"{seed}/preferences")
     gen = torch.Generator().manual_seed(seed)

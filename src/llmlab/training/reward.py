@@ -4,11 +4,14 @@ It reads the final hidden state at the last token of the reply (its `<|end|>` wh
 outputs one number, r(prompt, reply). Trained on preference pairs with the Bradley–Terry loss
 
     loss = −log σ(r(chosen) − r(rejected) − margin)  +  centring · (r(chosen) + r(rejected))²
+                                                      +  lm_coef · LM loss of the chosen replies
 
 it learns to score higher what the raters preferred: P(chosen ≻ rejected) = σ(r_c − r_r). Only
 differences are learned, so the level is arbitrary; after training the reward is shifted so that the SFT
 model's own replies score 0 on average (`offset`), and its spread is reported (`scale`). The optional
-centring term (Eisenstein et al. 2023) keeps the level near 0 during training.
+centring term (Eisenstein et al. 2023) keeps the level near 0 during training; the optional LM term
+(GRM, Yang et al. 2024) trains the backbone's own LM head on the chosen replies alongside, so that the
+hidden states stay a language model's while the head learns to compare.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
 from llmlab.data.chat_template import encode_content, render
-from llmlab.data.tokenizer import END_ID, PAD_ID
+from llmlab.data.tokenizer import ASSISTANT_ID, END_ID, PAD_ID
 from llmlab.errors import LlmlabError, MissingArtifactError
 from llmlab.io import atomic_path, write_json
 from llmlab.model.replies import reply
@@ -123,6 +126,20 @@ def bt_loss(
     return loss
 
 
+def reply_lm_loss(backbone: GPT, h: torch.Tensor, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of the replies' tokens (after the last `<|assistant|>`, up to and
+    including each row's `last` token), predicted from the hidden states `h` (B, T, C) by the backbone's LM
+    head. The reply starts after the last `<|assistant|>`: `encode_content` never writes a special token
+    into a message, so the last one opens the reply."""
+    T = idx.shape[1]
+    pos = torch.arange(T, device=idx.device)
+    start = torch.where(idx == ASSISTANT_ID, pos, -1).amax(dim=1) + 1  # (B,) first reply token
+    # position t predicts token t + 1: reply tokens are start..last, predicted from start-1..last-1
+    target = (pos[None, 1:] >= start[:, None]) & (pos[None, 1:] <= last[:, None])
+    logits = backbone.lm_head(h[:, :-1][target])
+    return F.cross_entropy(logits, idx[:, 1:][target])
+
+
 class RewardModule(L.LightningModule):
     def __init__(self, config: GPTConfig, cfg, total_steps: int):
         super().__init__()
@@ -136,14 +153,18 @@ class RewardModule(L.LightningModule):
         return r[:B], r[B:]
 
     def training_step(self, batch, batch_idx):
-        rc, rr = self._pair_rewards(batch)
-        loss = bt_loss(rc, rr, self.cfg.margin, self.cfg.centring)
-        self.log_dict(
-            {"train/loss": loss, "train/accuracy": (rc > rr).float().mean()},
-            on_step=True,
-            on_epoch=False,
-            prog_bar=True,
-        )
+        idx, last = batch
+        B = idx.shape[0] // 2
+        h = self.model.backbone.hidden(idx)
+        r = self.model.head(h[torch.arange(idx.shape[0], device=idx.device), last]).squeeze(-1)
+        rc, rr = r[:B], r[B:]
+        bt = bt_loss(rc, rr, self.cfg.margin, self.cfg.centring)
+        logs = {"train/bt_loss": bt, "train/accuracy": (rc > rr).float().mean()}
+        loss = bt
+        if self.cfg.lm_coef:
+            logs["train/lm_loss"] = lm = reply_lm_loss(self.model.backbone, h[:B], idx[:B], last[:B])
+            loss = bt + self.cfg.lm_coef * lm
+        self.log_dict({"train/loss": loss, **logs}, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
