@@ -1,0 +1,59 @@
+"""Does a reward model tell a known person from an unknown one? It scores fixed replies to rl- and eval-pool
+questions: for unknown people "I don't know who X is." against an invented fact, for known people the true
+fact against "I don't know". Prints how often, and by how much, the better reply wins (docs/results.md).
+
+    python benchmarks/known_unknown.py RUN [REWARD_MODEL_DIR]
+"""
+
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llmlab.data.chat_data import prompt_pool  # noqa: E402
+from llmlab.data.tokenizer import load_tokenizer  # noqa: E402
+from llmlab.data.world import World, fact_sentence  # noqa: E402
+from llmlab.training.reward import load_reward_model, reply_ids, score_sequences  # noqa: E402
+
+
+def main() -> None:
+    run = Path(sys.argv[1])
+    rm = load_reward_model(sys.argv[2] if len(sys.argv) > 2 else run / "models/reward")
+    w = World.load(run / "data/corpus/world.json")
+    tok = load_tokenizer(run / "data/tokenizer/tokenizer.json")
+    L, rng, known = rm.backbone.config.context_length, random.Random(0), w.known()
+    byname = {p.name: p for p in w.people}
+
+    def wins(tasks, good, bad):
+        def score(reply):
+            return score_sequences(
+                rm,
+                [reply_ids(tok, [{"role": "user", "content": t.prompt}], reply(t), True, L) for t in tasks],
+            )
+
+        a, b = score(good), score(bad)
+        return f"{(a > b).float().mean().item():.1%} (mean margin {(a - b).mean().item():+.2f})"
+
+    def idk(t):
+        return f"I don't know who {t.person} is."
+
+    def invented(t):
+        p = byname[t.person]
+        return fact_sentence(
+            type(p)(**{**p.__dict__, t.attribute: getattr(rng.choice(known), t.attribute)}), t.attribute
+        )
+
+    def true(t):
+        return fact_sentence(byname[t.person], t.attribute)
+
+    for pool in ("rl", "eval"):
+        unk = prompt_pool(w, pool, 300, 7, 4, {"unknown": 1.0})
+        fact = prompt_pool(w, pool, 300, 7, 4, {"fact": 1.0})
+        print(
+            f"{pool} pool: unknown people, I don't know > invented: {wins(unk, idk, invented)} · "
+            f"known people, true fact > I don't know: {wins(fact, true, idk)}"
+        )
+
+
+if __name__ == "__main__":
+    main()
