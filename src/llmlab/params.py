@@ -391,8 +391,8 @@ class PreferencesConfig(Section):
     n_prompts: int = Field(1600, ge=2)
     """Prompts of the rl pool (never seen in SFT) for which the SFT model samples replies."""
     prompt_mix: PromptMix = dict(DEFAULT_MIX)
-    """Share of each task kind among those prompts. More questions about unknown people than the evaluation
-    suite's 10 % give the reward model both sides of "I don't know" to compare (docs/results.md)."""
+    """Share of each task kind among those prompts. 25 % unknown people (with `reward.lm_coef` 0.3) did not
+    make PPO lower invented answers on two seeds (docs/results.md)."""
     samples_per_prompt: int = Field(6, ge=2)
     """Replies sampled per prompt; every two with different gold scores make a pair. Measured at the same
     9,600 replies: 1,600 × 6 gave the reward model 85.9 % gold accuracy, 2,400 × 4 84.4 %, 3,200 × 3 83.9 %
@@ -437,8 +437,9 @@ class RewardConfig(TrainLoop):
     """Weight of the reward-centring term (r_c + r_r)², which keeps rewards near 0 (0 disables it)."""
     lm_coef: float = Field(0.0, ge=0)
     """Weight of a language-modelling loss on the chosen replies, through the backbone's own LM head
-    (GRM, Yang et al. 2024): it keeps the hidden states a language model's, which holds what pretraining
-    stored while the head learns to compare (0 disables it; docs/results.md)."""
+    (GRM, Yang et al. 2024), so that the hidden states stay a language model's while the head learns to
+    compare. 0 disables it: 0.3 and 1.0 gave 80.9 % and 80.1 % gold agreement against 79.2 %, within the
+    spread between runs (one seed, docs/results.md)."""
 
 
 # ---------------------------------------------------------------------------------------- dpo

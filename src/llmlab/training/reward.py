@@ -65,7 +65,11 @@ class RewardModel(nn.Module):
         h = self.backbone.hidden(idx, positions, attn_mask)  # (B, T, C)
         if last is None:
             return self.head(h).squeeze(-1) - self.offset
-        h_last = h[torch.arange(idx.shape[0], device=idx.device), last]  # (B, C)
+        return self.read(h, last)
+
+    def read(self, h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The reward from hidden states h (B, T, C), read at each row's `last` token -> (B,)."""
+        h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, C)
         return self.head(h_last).squeeze(-1) - self.offset
 
 
@@ -156,7 +160,7 @@ class RewardModule(L.LightningModule):
         idx, last = batch
         B = idx.shape[0] // 2
         h = self.model.backbone.hidden(idx)
-        r = self.model.head(h[torch.arange(idx.shape[0], device=idx.device), last]).squeeze(-1)
+        r = self.model.read(h, last)
         rc, rr = r[:B], r[B:]
         bt = bt_loss(rc, rr, self.cfg.margin, self.cfg.centring)
         logs = {"train/bt_loss": bt, "train/accuracy": (rc > rr).float().mean()}
