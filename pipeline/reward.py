@@ -77,6 +77,8 @@ def main(args, params: Params) -> None:
     )
     module = RewardModule(sft.config, cfg, cfg.max_steps)
     module.model.backbone.load_state_dict(sft.state_dict())
+    if cfg.likelihood:
+        module.model.reference.load_state_dict(sft.state_dict())
     curves = CurveRecorder(cfg.log_every)
 
     with StageRun("reward", {"seed": params.seed, "reward": cfg.model_dump()}) as run:

@@ -123,3 +123,55 @@ def test_reply_lm_loss_is_the_cross_entropy_of_the_reply_tokens_only():
         terms += [-logp[b, t - 1, row[t]].item() for t in range(start, len(row))]
     assert len(terms) == 5
     assert got == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_reply_likelihood_is_the_sum_and_minimum_of_the_reply_tokens_log_probabilities():
+    """Against a plain loop over each row's reply tokens (after the last <|assistant|>, up to its last)."""
+    from llmlab.model.transformer import GPT
+    from llmlab.training.reward import reply_likelihood
+
+    torch.manual_seed(0)
+    lm = GPT(CFG).eval()
+    A, U = ASSISTANT_ID, USER_ID
+    rows = [[1, U, 7, 8, A, 9, 10, 11], [1, U, 7, A, 12, 2, U, 13, A, 14, 15], [1, U, 7, A]]
+    idx, last = pad_batch(rows)
+    with torch.no_grad():
+        logits, _ = lm(idx)
+        got = reply_likelihood(logits, idx, last)
+        logp = torch.log_softmax(logits, -1)
+    for b, row in enumerate(rows):
+        start = max(i for i, t in enumerate(row) if t == A) + 1
+        terms = [logp[b, t - 1, row[t]].item() for t in range(start, len(row))]
+        expected = (sum(terms), min(terms)) if terms else (0.0, 0.0)  # the third row has no reply yet
+        assert got[b].tolist() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_reward_model_that_reads_likelihood_starts_as_the_plain_one_and_keeps_its_reference_frozen(
+    tmp_path,
+):
+    torch.manual_seed(0)
+    plain = RewardModel(CFG)
+    reads = RewardModel(CFG, reads_likelihood=True)
+    reads.load_state_dict(plain.state_dict(), strict=False)  # same backbone and head; reference left random
+    rows = [[1, USER_ID, 7, ASSISTANT_ID, 9, 10], [1, USER_ID, 8, ASSISTANT_ID, 11]]
+    idx, last = pad_batch(rows)
+    torch.testing.assert_close(reads(idx, last), plain(idx, last))  # the likelihood weights start at 0
+
+    frozen = {k: v.clone() for k, v in reads.reference.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in reads.parameters() if p.requires_grad], lr=1e-2)
+    reads.train()
+    assert not reads.reference.training
+    for _ in range(3):
+        r = reads(idx, last)
+        loss = bt_loss(r[:1], r[1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert reads.likelihood.weight.abs().sum() > 0  # the weights learn
+    for k, v in reads.reference.state_dict().items():
+        torch.testing.assert_close(v, frozen[k], rtol=0, atol=0)  # the reference does not
+
+    save_reward_model(reads.eval(), tmp_path / "rm", scale=1.0)
+    again = load_reward_model(tmp_path / "rm")
+    assert again.reads_likelihood
+    torch.testing.assert_close(again(idx, last), reads(idx, last))

@@ -73,7 +73,7 @@ def graded_studies(
     gains), knowledge (fact recall and the name probe), temperature, chain-of-thought, and the context
     (statelessness, position of a fact, distractors)."""
     groups = {p.name: p.group for p in world.people}
-    tasks = prompt_pool(world, "eval", cfg.n_prompts, seed, max_digits)
+    tasks = prompt_pool(world, "eval", cfg.n_prompts, seed, max_digits, cfg.prompt_mix)
     with clock("suite"):
         m["suite"] = {"n_prompts": len(tasks)}
         details["suite"] = {}

@@ -628,8 +628,9 @@ def setup_models(fabric: L.Fabric, sft: GPT, reward_model: RewardModel, cfg) -> 
     model as a copy of the reward model (which stays, frozen, as the scorer); each trained copy gets AdamW."""
     policy = GPT(sft.config)
     policy.load_state_dict(sft.state_dict())
-    value = RewardModel(reward_model.backbone.config, offset=reward_model.offset)
-    value.load_state_dict(reward_model.state_dict())
+    value = RewardModel(reward_model.backbone.config, offset=reward_model.offset)  # no frozen reference
+    value.backbone.load_state_dict(reward_model.backbone.state_dict())
+    value.head.load_state_dict(reward_model.head.state_dict())
     betas = (cfg.beta1, cfg.beta2)
     policy, policy_opt = fabric.setup(
         policy, adamw(policy, cfg.lr, cfg.weight_decay, betas, fabric.device.type)

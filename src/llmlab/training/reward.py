@@ -12,6 +12,11 @@ model's own replies score 0 on average (`offset`), and its spread is reported (`
 centring term (Eisenstein et al. 2023) keeps the level near 0 during training; the optional LM term
 (GRM, Yang et al. 2024) trains the backbone's own LM head on the chosen replies alongside, so that the
 hidden states stay a language model's while the head learns to compare.
+
+With `reward.likelihood` the reward model also holds a frozen copy of the SFT model and adds, with learned
+weights, how likely that model finds the reply (`reply_likelihood`: the sum and the minimum of its tokens'
+log-probabilities). A fact the model learned in pretraining is likely at every token; an invented one is
+not, and a scalar head on the last hidden state cannot see that on its own.
 """
 
 from __future__ import annotations
@@ -42,13 +47,25 @@ from llmlab.training.trainer import adamw_with_schedule
 
 
 class RewardModel(nn.Module):
-    def __init__(self, config: GPTConfig, offset: float = 0.0):
+    def __init__(self, config: GPTConfig, offset: float = 0.0, reads_likelihood: bool = False):
         super().__init__()
         self.backbone = GPT(config)
         self.head = nn.Linear(config.d_model, 1)
         nn.init.normal_(self.head.weight, std=1 / (config.d_model + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
         self.offset = offset  # subtracted from every reward (set after training)
+        self.reads_likelihood = reads_likelihood
+        if reads_likelihood:
+            # a frozen copy of the SFT model, and the learned weights of what it says about the reply
+            self.reference = GPT(config).requires_grad_(False)
+            self.likelihood = nn.Linear(len(LIKELIHOOD_FEATURES), 1, bias=False)
+            nn.init.zeros_(self.likelihood.weight)  # training starts from the plain reward model
+
+    def train(self, mode: bool = True) -> RewardModel:
+        super().train(mode)
+        if self.reads_likelihood:
+            self.reference.eval()
+        return self
 
     def forward(
         self,
@@ -65,12 +82,54 @@ class RewardModel(nn.Module):
         h = self.backbone.hidden(idx, positions, attn_mask)  # (B, T, C)
         if last is None:
             return self.head(h).squeeze(-1) - self.offset
-        return self.read(h, last)
+        return self.read(h, idx, last, positions, attn_mask)
 
-    def read(self, h: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """The reward from hidden states h (B, T, C), read at each row's `last` token -> (B,)."""
+    def read(
+        self,
+        h: torch.Tensor,
+        idx: torch.Tensor,
+        last: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The reward from the backbone's hidden states h (B, T, C), read at each row's `last` token, plus,
+        when the model reads likelihood, the weighted `reply_likelihood` of the reply -> (B,)."""
         h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, C)
-        return self.head(h_last).squeeze(-1) - self.offset
+        r = self.head(h_last).squeeze(-1) - self.offset
+        if self.reads_likelihood:
+            with torch.no_grad():
+                logits, _ = self.reference(idx, positions=positions, attn_mask=attn_mask)
+                features = reply_likelihood(logits, idx, last)
+            r = r + self.likelihood(features).squeeze(-1)
+        return r
+
+
+LIKELIHOOD_FEATURES = ("sum", "min")
+
+
+def reply_span(idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """(B, T - 1) mask over next-token targets: True where target t + 1 is a reply token, i.e. after the
+    row's last `<|assistant|>` and up to and including its `last` token. `encode_content` never writes a
+    special token into a message, so the last `<|assistant|>` opens the reply."""
+    T = idx.shape[1]
+    pos = torch.arange(T, device=idx.device)
+    start = torch.where(idx == ASSISTANT_ID, pos, -1).amax(dim=1) + 1  # (B,) first reply token
+    return (pos[None, 1:] >= start[:, None]) & (pos[None, 1:] <= last[:, None])
+
+
+def reply_likelihood(logits: torch.Tensor, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """How likely a language model finds each reply: the sum and the minimum of its tokens' log-probabilities
+    (`LIKELIHOOD_FEATURES`), from its logits (B, T, V) over the sequences idx (B, T) -> (B, 2). A reply
+    without tokens gets 0 for both.
+
+    A fact the model has learned is likely at every token; an invented one has at least one token the model
+    did not expect (its minimum), and a reply can only be unexpected at length (its sum).
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, idx[:, 1:, None]).squeeze(-1)
+    span = reply_span(idx, last)
+    total = (logp * span).sum(dim=1)
+    lowest = torch.where(span, logp, torch.inf).amin(dim=1)
+    return torch.stack([total, torch.where(span.any(dim=1), lowest, 0.0)], dim=1)
 
 
 def reply_ids(tok: Tokenizer, context: list[dict], reply: str, ended: bool, context_length: int) -> list[int]:
@@ -131,15 +190,9 @@ def bt_loss(
 
 
 def reply_lm_loss(backbone: GPT, h: torch.Tensor, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of the replies' tokens (after the last `<|assistant|>`, up to and
-    including each row's `last` token), predicted from the hidden states `h` (B, T, C) by the backbone's LM
-    head. The reply starts after the last `<|assistant|>`: `encode_content` never writes a special token
-    into a message, so the last one opens the reply."""
-    T = idx.shape[1]
-    pos = torch.arange(T, device=idx.device)
-    start = torch.where(idx == ASSISTANT_ID, pos, -1).amax(dim=1) + 1  # (B,) first reply token
-    # position t predicts token t + 1: reply tokens are start..last, predicted from start-1..last-1
-    target = (pos[None, 1:] >= start[:, None]) & (pos[None, 1:] <= last[:, None])
+    """Mean next-token cross-entropy of the replies' tokens (`reply_span`), predicted from the hidden states
+    `h` (B, T, C) by the backbone's LM head."""
+    target = reply_span(idx, last)  # position t predicts token t + 1
     logits = backbone.lm_head(h[:, :-1][target])
     return F.cross_entropy(logits, idx[:, 1:][target])
 
@@ -148,7 +201,7 @@ class RewardModule(L.LightningModule):
     def __init__(self, config: GPTConfig, cfg, total_steps: int):
         super().__init__()
         self.cfg, self.total_steps = cfg, total_steps
-        self.model = RewardModel(config)
+        self.model = RewardModel(config, reads_likelihood=cfg.likelihood)
 
     def _pair_rewards(self, batch):
         idx, last = batch
@@ -160,7 +213,7 @@ class RewardModule(L.LightningModule):
         idx, last = batch
         B = idx.shape[0] // 2
         h = self.model.backbone.hidden(idx)
-        r = self.model.read(h, last)
+        r = self.model.read(h, idx, last)
         rc, rr = r[:B], r[B:]
         bt = bt_loss(rc, rr, self.cfg.margin, self.cfg.centring)
         logs = {"train/bt_loss": bt, "train/accuracy": (rc > rr).float().mean()}
@@ -168,6 +221,9 @@ class RewardModule(L.LightningModule):
         if self.cfg.lm_coef:
             logs["train/lm_loss"] = lm = reply_lm_loss(self.model.backbone, h[:B], idx[:B], last[:B])
             loss = bt + self.cfg.lm_coef * lm
+        if self.model.reads_likelihood:
+            w = self.model.likelihood.weight.detach()[0]
+            logs |= {f"train/likelihood_{name}": w[i] for i, name in enumerate(LIKELIHOOD_FEATURES)}
         self.log_dict({"train/loss": loss, **logs}, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
@@ -208,7 +264,12 @@ def save_reward_model(model: RewardModel, out_dir, scale: float) -> None:
         st_save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
         write_json(
             tmp / "config.json",
-            {"backbone": asdict(model.backbone.config), "offset": model.offset, "scale": scale},
+            {
+                "backbone": asdict(model.backbone.config),
+                "offset": model.offset,
+                "scale": scale,
+                "reads_likelihood": model.reads_likelihood,
+            },
         )
 
 
@@ -220,7 +281,11 @@ def load_reward_model(model_dir, stage: str = "reward") -> RewardModel:
         raise MissingArtifactError(weights, stage)
     try:
         meta = json.loads((model_dir / "config.json").read_text())
-        model = RewardModel(GPTConfig(**meta["backbone"]), offset=float(meta["offset"]))
+        model = RewardModel(
+            GPTConfig(**meta["backbone"]),
+            offset=float(meta["offset"]),
+            reads_likelihood=bool(meta.get("reads_likelihood", False)),
+        )
         st_load_model(model, str(weights))
     except (OSError, json.JSONDecodeError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
         raise LlmlabError(
