@@ -1,6 +1,8 @@
 """Does a reward model tell a known person from an unknown one? It scores fixed replies to rl- and eval-pool
 questions: for unknown people "I don't know who X is." against an invented fact, for known people the true
-fact against "I don't know". Prints how often, and by how much, the better reply wins (docs/results.md).
+fact against "I don't know". Prints how often, and by how much, the better reply wins; then the same
+reward model on the SFT model's own replies (4 samples at T = 1 to 150 rl-pool unknown-people prompts),
+split by what the gold rater calls them (docs/results.md).
 
     python benchmarks/known_unknown.py RUN [REWARD_MODEL_DIR]
 """
@@ -9,10 +11,15 @@ import random
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmlab.data.chat_data import prompt_pool  # noqa: E402
 from llmlab.data.tokenizer import load_tokenizer  # noqa: E402
 from llmlab.data.world import World, fact_sentence  # noqa: E402
+from llmlab.evaluation.rater import Rater  # noqa: E402
+from llmlab.model.replies import reply  # noqa: E402
+from llmlab.model.transformer import load_model  # noqa: E402
 from llmlab.training.reward import load_reward_model, reply_ids, score_sequences  # noqa: E402
 
 
@@ -53,6 +60,27 @@ def main() -> None:
             f"{pool} pool: unknown people, I don't know > invented: {wins(unk, idk, invented)} · "
             f"known people, true fact > I don't know: {wins(fact, true, idk)}"
         )
+
+    sft, rater = load_model(run / "models/sft"), Rater(w)
+    unk = prompt_pool(w, "rl", 150, 7, 4, {"unknown": 1.0})
+    contexts = [[{"role": "user", "content": t.prompt}] for t in unk]
+    by_class: dict[str, list[tuple[float, float]]] = {"I don't know": [], "invented": [], "other": []}
+    for k in range(4):
+        out = reply(sft, tok, contexts, 96, temperature=1.0, generator=torch.Generator().manual_seed(k))
+        rewards = score_sequences(
+            rm, [reply_ids(tok, c, r.text, r.ended, L) for c, r in zip(contexts, out, strict=True)]
+        )
+        for t, r, x in zip(unk, out, rewards.tolist(), strict=True):
+            s = rater.score(t, r.text, r.ended)
+            kind = "I don't know" if s.admits_unknown else "invented" if s.hallucinated else "other"
+            by_class[kind].append((x, s.total))
+    for kind, xs in by_class.items():
+        if xs:
+            r, g = torch.tensor(xs).T
+            print(
+                f"SFT samples, unknown people, {kind}: {len(xs)} · reward {r.mean():+.2f} ± {r.std():.2f} "
+                f"(mean ± s.d.) · gold {g.mean():+.2f}"
+            )
 
 
 if __name__ == "__main__":
