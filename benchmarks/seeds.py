@@ -75,11 +75,13 @@ FIGURES: list[tuple[str, Callable[[dict], float], str]] = [
     ("invented answers about unknown people, SFT, % (suite)", _rate("sft", "hallucination"), "{:.1f}"),
     ("invented answers about unknown people, PPO, % (suite)", _rate("ppo", "hallucination"), "{:.1f}"),
     ("invented answers about unknown people, DPO, % (suite)", _rate("dpo", "hallucination"), "{:.1f}"),
+    ("fact questions answered correctly, SFT, % (suite)", _rate("sft", "accuracy_by_kind", "fact"), "{:.1f}"),
+    ("fact questions answered correctly, PPO, % (suite)", _rate("ppo", "accuracy_by_kind", "fact"), "{:.1f}"),
     ("harmful requests refused, SFT, %", _rate("sft", "refusal_harmful"), "{:.1f}"),
     ("harmful requests refused, PPO, %", _rate("ppo", "refusal_harmful"), "{:.1f}"),
     ("answerable questions declined, SFT, %", _rate("sft", "over_refusal"), "{:.1f}"),
     ("answerable questions declined, PPO, %", _rate("ppo", "over_refusal"), "{:.1f}"),
-    ("whole pipeline, minutes", lambda m: m["total_s"] / 60, "{:.1f}"),
+    ("whole pipeline, minutes", lambda m: None if m["reused"] else m["total_s"] / 60, "{:.1f}"),
 ]
 
 
@@ -126,24 +128,34 @@ CLAIMS: list[tuple[str, Callable[[dict], bool]]] = [
 def table(runs: list[dict]) -> str:
     seeds = [r["seed"] for r in runs]
     commits = sorted({r["commit"] for r in runs})
+    unknown = [r["metrics"]["evaluate"]["suite"]["sft"]["hallucination"]["n"] for r in runs]
+    reused = [
+        f"seed {r['seed']}'s stages {r['reused']['stages'][0]} to {r['reused']['stages'][-1]} are those of its "
+        f"run at commit {r['reused']['commit']}, so its whole-pipeline time is not given"
+        for r in runs
+        if "reused" in r
+    ]
     lines = [
         f"{len(runs)} seeds ({', '.join(map(str, seeds))}); commit{'s' if len(commits) > 1 else ''} "
-        f"{', '.join(commits)}; default params; made with `python benchmarks/seeds.py`.",
+        f"{', '.join(commits)}; default params; made with `python benchmarks/seeds.py`"
+        + (f"; {'; '.join(reused)}" if reused else "")
+        + f". Invented answers counted on {min(unknown)}–{max(unknown)} unknown-people prompts per model.",
         "",
         "| figure | mean | s.d. | min | max | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "|---|---|---|---|---|---|" + "---|" * (len(seeds) - 1),
     ]
     for label, get, fmt in FIGURES:
-        values = [get(r["metrics"] | {"total_s": r["total_s"]}) for r in runs]
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        cells = [statistics.mean(values), sd, min(values), max(values)]
+        values = [get(r["metrics"] | {"total_s": r["total_s"], "reused": "reused" in r}) for r in runs]
+        known = [v for v in values if v is not None]  # None: not measured by this run (reused stages)
+        sd = statistics.stdev(known) if len(known) > 1 else 0.0
+        cells = [statistics.mean(known), sd, min(known), max(known)]
         lines.append(
             f"| {label} | "
             + " | ".join(
                 fmt.format(v).replace("+", "") if i == 1 else fmt.format(v) for i, v in enumerate(cells)
             )
             + " | "
-            + " | ".join(fmt.format(v) for v in values)
+            + " | ".join("—" if v is None else fmt.format(v) for v in values)
             + " |"
         )
     lines += [
