@@ -189,12 +189,14 @@ def bt_loss(
     return loss
 
 
-def reply_lm_loss(backbone: GPT, h: torch.Tensor, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of the replies' tokens (`reply_span`), predicted from the hidden states
-    `h` (B, T, C) by the backbone's LM head."""
+def reply_lm_loss(
+    backbone: GPT, h: torch.Tensor, idx: torch.Tensor, last: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy of the replies' tokens (`reply_span`), predicted from the hidden states
+    `h` (B, T, C) by the backbone's LM head: their mean, or with `reduction="sum"` their sum."""
     target = reply_span(idx, last)  # position t predicts token t + 1
     logits = backbone.lm_head(h[:, :-1][target])
-    return F.cross_entropy(logits, idx[:, 1:][target])
+    return F.cross_entropy(logits, idx[:, 1:][target], reduction=reduction)
 
 
 class RewardModule(L.LightningModule):
@@ -219,7 +221,12 @@ class RewardModule(L.LightningModule):
         logs = {"train/bt_loss": bt, "train/accuracy": (rc > rr).float().mean()}
         loss = bt
         if self.cfg.lm_coef:
-            logs["train/lm_loss"] = lm = reply_lm_loss(self.model.backbone, h[:B], idx[:B], last[:B])
+            # the mean over every process's reply tokens, not the mean of each process's means (DDP averages
+            # gradients over processes, whose batches hold different numbers of tokens)
+            total = reply_lm_loss(self.model.backbone, h[:B], idx[:B], last[:B], reduction="sum")
+            tokens = reply_span(idx[:B], last[:B]).sum().float()
+            all_tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+            logs["train/lm_loss"] = lm = total * self.trainer.world_size / all_tokens
             loss = bt + self.cfg.lm_coef * lm
         if self.model.reads_likelihood:
             w = self.model.likelihood.weight.detach()[0]
