@@ -9,6 +9,7 @@ split by what the gold rater calls them (docs/results.md).
 
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,23 +24,10 @@ from llmlab.model.transformer import load_model  # noqa: E402
 from llmlab.training.reward import load_reward_model, reply_ids, score_sequences  # noqa: E402
 
 
-def main() -> None:
-    run = Path(sys.argv[1])
-    rm = load_reward_model(sys.argv[2] if len(sys.argv) > 2 else run / "models/reward")
-    w = World.load(run / "data/corpus/world.json")
-    tok = load_tokenizer(run / "data/tokenizer/tokenizer.json")
-    L, rng, known = rm.backbone.config.context_length, random.Random(0), w.known()
-    byname = {p.name: p for p in w.people}
-
-    def wins(tasks, good, bad):
-        def score(reply):
-            return score_sequences(
-                rm,
-                [reply_ids(tok, [{"role": "user", "content": t.prompt}], reply(t), True, L) for t in tasks],
-            )
-
-        a, b = score(good), score(bad)
-        return f"{(a > b).float().mean().item():.1%} (mean margin {(a - b).mean().item():+.2f})"
+def fixed_replies(w: World, seed: int = 0) -> tuple[Callable, Callable, Callable]:
+    """Three replies to a fact question (task -> text): "I don't know who X is.", an invented fact (the
+    asked attribute taken from a random known person) and the true fact sentence."""
+    rng, known, byname = random.Random(seed), w.known(), {p.name: p for p in w.people}
 
     def idk(t):
         return f"I don't know who {t.person} is."
@@ -53,6 +41,27 @@ def main() -> None:
     def true(t):
         return fact_sentence(byname[t.person], t.attribute)
 
+    return idk, invented, true
+
+
+def main() -> None:
+    run = Path(sys.argv[1])
+    rm = load_reward_model(sys.argv[2] if len(sys.argv) > 2 else run / "models/reward")
+    w = World.load(run / "data/corpus/world.json")
+    tok = load_tokenizer(run / "data/tokenizer/tokenizer.json")
+    L = rm.backbone.config.context_length
+
+    def wins(tasks, good, bad):
+        def score(reply):
+            return score_sequences(
+                rm,
+                [reply_ids(tok, [{"role": "user", "content": t.prompt}], reply(t), True, L) for t in tasks],
+            )
+
+        a, b = score(good), score(bad)
+        return f"{(a > b).float().mean().item():.1%} (mean margin {(a - b).mean().item():+.2f})"
+
+    idk, invented, true = fixed_replies(w)
     for pool in ("rl", "eval"):
         unk = prompt_pool(w, pool, 300, 7, 4, {"unknown": 1.0})
         fact = prompt_pool(w, pool, 300, 7, 4, {"fact": 1.0})

@@ -6,16 +6,16 @@ and unknown people. The figures behind `reward.likelihood` in docs/results.md.
     python benchmarks/reply_likelihood.py RUN [MODEL_DIR]      # default: RUN/models/sft
 """
 
-import random
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.known_unknown import fixed_replies  # noqa: E402
 from llmlab.data.chat_data import prompt_pool  # noqa: E402
 from llmlab.data.tokenizer import load_tokenizer  # noqa: E402
-from llmlab.data.world import World, fact_sentence  # noqa: E402
+from llmlab.data.world import World  # noqa: E402
 from llmlab.model.transformer import load_model  # noqa: E402
 from llmlab.training.reward import pad_batch, reply_ids, reply_likelihood  # noqa: E402
 
@@ -25,8 +25,7 @@ def main() -> None:
     model = load_model(sys.argv[2] if len(sys.argv) > 2 else run / "models/sft").eval()
     w = World.load(run / "data/corpus/world.json")
     tok = load_tokenizer(run / "data/tokenizer/tokenizer.json")
-    L, rng, known = model.config.context_length, random.Random(0), w.known()
-    byname = {p.name: p for p in w.people}
+    L = model.config.context_length
 
     @torch.no_grad()
     def total(tasks, make) -> torch.Tensor:
@@ -38,17 +37,7 @@ def main() -> None:
             out.append(reply_likelihood(logits, idx, last)[:, 0])
         return torch.cat(out)
 
-    def idk(t):
-        return f"I don't know who {t.person} is."
-
-    def invented(t):
-        p = byname[t.person]
-        return fact_sentence(
-            type(p)(**{**p.__dict__, t.attribute: getattr(rng.choice(known), t.attribute)}), t.attribute
-        )
-
-    def true(t):
-        return fact_sentence(byname[t.person], t.attribute)
+    idk, invented, true = fixed_replies(w)
 
     unk = prompt_pool(w, "eval", 200, 7, 4, {"unknown": 1.0})
     fact = prompt_pool(w, "eval", 200, 7, 4, {"fact": 1.0})
