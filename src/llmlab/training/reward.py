@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
-from safetensors.torch import save_model as st_save_model
+from safetensors.torch import save_file as st_save_file
 from tokenizers import Tokenizer
 from torch.utils.data import Dataset
 
@@ -268,7 +268,13 @@ def save_reward_model(model: RewardModel, out_dir, scale: float) -> None:
     """model.safetensors + config.json (the backbone's config, the offset and the scale)."""
 
     with atomic_path(out_dir, is_dir=True) as tmp:
-        st_save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / LM head
+        # Each GPT's LM head is its embedding (tied): store the embedding only. safetensors' save_model would
+        # do that too, but lists the dropped names in an order that varies between processes.
+        state = model.state_dict()
+        tied = {f"{m}.lm_head.weight" for m in ("backbone", "reference") if hasattr(model, m)}
+        st_save_file(
+            {k: state[k].contiguous() for k in sorted(state) if k not in tied}, str(tmp / "model.safetensors")
+        )
         write_json(
             tmp / "config.json",
             {
