@@ -20,6 +20,7 @@ import torch
 
 from llmlab.data.tokenizer import load_tokenizer, open_split, read_token_meta
 from llmlab.data.world import World
+from llmlab.device import pick_device
 from llmlab.evaluation import report as rpt
 from llmlab.evaluation.measurements import perplexity
 from llmlab.evaluation.rater import Rater
@@ -29,7 +30,6 @@ from llmlab.model.transformer import load_model
 from llmlab.params import Params
 from llmlab.stage import run_stage
 from llmlab.tracking import StageRun
-from llmlab.training.trainer import pick_device
 
 log = logging.getLogger("llmlab.evaluate")
 

@@ -15,9 +15,16 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_PARAMS = ROOT / "tests" / "params.smoke.yaml"
+# Under `pytest -n N` (make test) N test processes share the machine's cores: each, and each stage it starts,
+# uses one thread, since the tiny configuration's matrices gain nothing from more and N processes of
+# all-core thread pools only wait on each other.
+SHARED_CORES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1
+if SHARED_CORES:
+    torch.set_num_threads(1)
 
 
 def stage_env(tmp_path: Path) -> dict[str, str]:
@@ -27,6 +34,8 @@ def stage_env(tmp_path: Path) -> dict[str, str]:
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env["TOKENIZERS_PARALLELISM"] = "false"
     env.pop("LLMLAB_PIPELINE_RUN_ID", None)
+    if SHARED_CORES:
+        env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -123,6 +132,13 @@ def mlflow_server(folder: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     url = f"http://127.0.0.1:{port}"
     with running_server(cmd, f"{url}/health", stage_env(folder), folder / "server.log") as proc:
         yield url, proc
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests (whole pipelines, several processes) first, in their files' order: with `make test`'s
+    `-n auto --dist loadfile` each file goes to one process, and the long files started first end together
+    with the short ones instead of after them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from llmlab.device import uses_cuda
 from llmlab.errors import LlmlabError
 from llmlab.io import write_text
 from llmlab.model.transformer import GPT, GPTConfig
@@ -64,24 +65,6 @@ def items_per_step(cfg, processes: int | None = None) -> int:
     """Items (windows, conversations, pairs) in one optimizer step, all processes together:
     batch_size · grad_accum · processes (default: `world_size(cfg)`)."""
     return cfg.batch_size * cfg.grad_accum * (world_size(cfg) if processes is None else processes)
-
-
-def uses_cuda(accelerator: str) -> bool:
-    """Whether a params section's `accelerator` puts the run on a CUDA GPU on this machine."""
-    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-
-
-def pick_device(accelerator: str) -> str:
-    """A params section's accelerator -> a torch device; one asked for by name and absent is an error, not a fallback."""
-    if uses_cuda(accelerator):
-        return "cuda"
-    if accelerator in ("auto", "mps") and torch.backends.mps.is_available():
-        return "mps"
-    if accelerator in ("auto", "cpu"):
-        return "cpu"
-    raise LlmlabError(
-        f"accelerator {accelerator!r} is asked for, but this machine has no such device: use auto or cpu"
-    )
 
 
 def world_size(cfg) -> int:
