@@ -1,4 +1,5 @@
-"""Pretraining speed options on this machine: which of SDPA, fused AdamW, torch.compile and bf16 autocast pay.
+"""Pretraining speed options on this machine: which of SDPA, fused AdamW, a fused RMSNorm, torch.compile and
+bf16 autocast pay.
 
 Each variant trains the default model (`params.yaml` → pretrain) with a plain PyTorch loop on the same
 token windows from the same initial weights, and changes one thing against the stage's own set-up
@@ -7,6 +8,8 @@ token windows from the same initial weights, and changes one thing against the s
 - `manual attention`: softmax(q·kᵀ/√d + causal mask)·v written out, instead of
   `F.scaled_dot_product_attention`;
 - `unfused AdamW`: the multi-tensor (`foreach`) AdamW instead of the fused kernel;
+- `fused RMSNorm`: PyTorch's `F.rms_norm` (one kernel) instead of the model's RMSNorm written out in
+  float32 (square, mean, rsqrt, two products); the same function in fp32;
 - `torch.compile`: the model wrapped in `torch.compile` (its compile time reported separately);
 - `bf16 autocast`: forward and loss under `torch.autocast(dtype=bfloat16)`, master weights in fp32 —
   what Lightning's `bf16-mixed` does.
@@ -29,13 +32,20 @@ import torch._inductor.config
 import torch.nn.functional as F
 
 from llmlab.data.tokenizer import open_split
-from llmlab.model.transformer import GPT, GPTConfig
+from llmlab.model.transformer import GPT, GPTConfig, RMSNorm
 from llmlab.params import load_params
 from llmlab.training.pretraining import TokenWindows
 from llmlab.training.trainer import adamw, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["stage set-up", "manual attention", "unfused AdamW", "torch.compile", "bf16 autocast"]
+VARIANTS = [
+    "stage set-up",
+    "manual attention",
+    "unfused AdamW",
+    "fused RMSNorm",
+    "torch.compile",
+    "bf16 autocast",
+]
 
 
 def _manual_sdpa(q, k, v, attn_mask=None, is_causal=False, **_):
@@ -65,6 +75,19 @@ def _attention(manual: bool):
         F.scaled_dot_product_attention = original
 
 
+@contextlib.contextmanager
+def _rms_norm(fused: bool):
+    if not fused:
+        yield
+        return
+    original = RMSNorm.forward
+    RMSNorm.forward = lambda self, x: F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+    try:
+        yield
+    finally:
+        RMSNorm.forward = original
+
+
 def _tokens(vocab_size: int):
     """The pipeline's training tokens if the tokenizer stage has run here, else random ids."""
     real = ROOT / "data" / "tokens"
@@ -91,7 +114,7 @@ def train(variant: str, config: GPTConfig, cfg, tokens, steps: int, warmup: int)
         TokenWindows(tokens, config.context_length, steps * cfg.batch_size, 0), batch_size=cfg.batch_size
     )
     losses, t_start, t0 = [], time.perf_counter(), 0.0
-    with _attention(variant == "manual attention"):
+    with _attention(variant == "manual attention"), _rms_norm(variant == "fused RMSNorm"):
         for i, (x, y) in enumerate(data):
             if i == warmup:
                 t0 = time.perf_counter()
