@@ -1,6 +1,6 @@
 """Which device a params section's `accelerator` means on this machine.
 
-Apart from the training code so that the stages that only run models (evaluate, serving) need not import
+Apart from the training code so that a stage that only runs models (evaluate) need not import
 Lightning, which takes seconds.
 """
 
