@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 # A fresh interpreter per command, so that its RUSAGE_CHILDREN peak is this command's alone (a process's
 # children's peak includes their waited-for descendants: DVC's stage process, for one).
@@ -29,3 +31,24 @@ def run_measured(cmd: list[str], **kwargs) -> Measured:
     seconds = time.perf_counter() - t0
     code, max_rss_kb = map(int, out.stdout.split()[-2:])
     return Measured(code, seconds, max_rss_kb / 1024, out.stdout + out.stderr)
+
+
+def machine() -> str:
+    """The CPU, whether it has AVX-512 (other floating-point paths without it: docs/results.md), the threads
+    torch uses, and the versions: the line every benchmark result names its machine with."""
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line
+    except OSError:
+        pass
+    simd = " with AVX-512" if " avx512f" in flags else " without AVX-512" if flags else ""
+    return (
+        f"{cpu}{simd}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )

@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script, too
 
-from benchmarks.measure import run_measured  # noqa: E402
+from benchmarks.measure import machine, run_measured  # noqa: E402
 
 
 def run(keep: str | None = None, seed: int | None = None) -> dict:
@@ -58,6 +58,7 @@ def run(keep: str | None = None, seed: int | None = None) -> dict:
     return {
         "commit": commit.stdout.strip(),
         "seed": seed,
+        "machine": machine(),
         "stages": rows,
         "total_s": sum(r["seconds"] for r in rows),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),

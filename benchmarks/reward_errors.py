@@ -6,6 +6,9 @@ pairs that differ in *style* only (politeness, a clean ending, rambling).
     python benchmarks/reward_errors.py                     # the run in this repository
     python benchmarks/reward_errors.py --run /tmp/seed1/llmlab --model /tmp/other/reward   # another
 
+The last row is every validation pair: with `--model`, another reward model's gold agreement on this run's
+held-out pairs, so two reward models trained on differently made pairs are compared on the same pairs.
+
 A reward model that is right on style and at chance on substance gives PPO a gradient towards style,
 and none away from invented answers: docs/results.md ("Why RLHF does not lower invented answers").
 """
@@ -53,14 +56,16 @@ def measure(run: Path, model: Path | None = None) -> dict:
         chosen = score_sequences(rm, [ids(r, "chosen") for r in rows]).tolist()
         rejected = score_sequences(rm, [ids(r, "rejected") for r in rows]).tolist()
     agree: dict[tuple[str, str], list[bool]] = defaultdict(list)
+    every: list[bool] = []
     for row, c, r in zip(rows, chosen, rejected, strict=True):
         task = Task(**json.loads(row["task"]))
         a = rater.score(task, row["chosen"], row["chosen_ended"])
         b = rater.score(task, row["rejected"], row["rejected_ended"])
         differs = "substance" if substance(a) != substance(b) else "style only"
         agree[(task.kind, differs)].append((c > r) == (row["gold_chosen"] > row["gold_rejected"]))
+        every.append(agree[(task.kind, differs)][-1])
     out = {}
-    for (kind, differs), hits in sorted(agree.items()):
+    for (kind, differs), hits in [*sorted(agree.items()), (("all", "either"), every)]:
         lo, hi = wilson_ci(sum(hits), len(hits))
         out[f"{kind}/{differs}"] = {
             "n": len(hits),

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 import re
 import sys
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,20 +26,9 @@ from benchmarks import (  # noqa: E402
     pretrain_throughput,
     tokenizer_data,
 )
+from benchmarks.measure import machine  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def pretrain_section(r: dict) -> str:

@@ -1,7 +1,8 @@
 """The headline figures over seeds: mean, spread and range of each, and whether each effect holds on every seed.
 
-Each seed is one whole default pipeline (`benchmarks/pipeline.py --seed N`, ~22 minutes on 2 cores), so
-three seeds take about an hour. Runs already made can be given as the JSON files `pipeline.py` printed:
+Each seed is one whole default pipeline (`benchmarks/pipeline.py --seed N`, 14 to 20 minutes on 2 cores),
+so three seeds take most of an hour. Runs already made can be given as the JSON files `pipeline.py`
+printed; one that shared the machine with other work carries `"untimed": "<why>"`, and its time is left out:
 
     python benchmarks/seeds.py --seeds 1 2 3 --save /tmp/seeds          # run them (JSON kept in /tmp/seeds)
     python benchmarks/seeds.py --runs /tmp/seeds/*.json --write         # the table into docs/results.md
@@ -81,7 +82,11 @@ FIGURES: list[tuple[str, Callable[[dict], float], str]] = [
     ("harmful requests refused, PPO, %", _rate("ppo", "refusal_harmful"), "{:.1f}"),
     ("answerable questions declined, SFT, %", _rate("sft", "over_refusal"), "{:.1f}"),
     ("answerable questions declined, PPO, %", _rate("ppo", "over_refusal"), "{:.1f}"),
-    ("whole pipeline, minutes", lambda m: None if m["reused"] else m["total_s"] / 60, "{:.1f}"),
+    (
+        "whole pipeline, minutes",
+        lambda m: None if m["reused"] or m["untimed"] else m["total_s"] / 60,
+        "{:.1f}",
+    ),
 ]
 
 
@@ -134,18 +139,27 @@ def table(runs: list[dict]) -> str:
         f"run at commit {r['reused']['commit']}, so its whole-pipeline time is not given"
         for r in runs
         if "reused" in r
+    ] + [
+        f"seed {r['seed']}'s run {r['untimed']}, so its whole-pipeline time is not given"
+        for r in runs
+        if "untimed" in r
     ]
+    machines = sorted({r["machine"] for r in runs if "machine" in r})
     lines = [
         f"{len(runs)} seeds ({', '.join(map(str, seeds))}); commit{'s' if len(commits) > 1 else ''} "
         f"{', '.join(commits)}; default params; made with `python benchmarks/seeds.py`"
         + (f"; {'; '.join(reused)}" if reused else "")
+        + (f"; on {' and '.join(machines)}" if machines else "")
         + f". Invented answers counted on {min(unknown)}–{max(unknown)} unknown-people prompts per model.",
         "",
         "| figure | mean | s.d. | min | max | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "|---|---|---|---|---|---|" + "---|" * (len(seeds) - 1),
     ]
     for label, get, fmt in FIGURES:
-        values = [get(r["metrics"] | {"total_s": r["total_s"], "reused": "reused" in r}) for r in runs]
+        values = [
+            get(r["metrics"] | {"total_s": r["total_s"], "reused": "reused" in r, "untimed": "untimed" in r})
+            for r in runs
+        ]
         known = [v for v in values if v is not None]  # None: not measured by this run (reused stages)
         sd = statistics.stdev(known) if len(known) > 1 else 0.0
         cells = [statistics.mean(known), sd, min(known), max(known)]

@@ -18,7 +18,9 @@ with sync_playwright() as p:
     page = browser.new_page(viewport={"width": 1500, "height": 620})
     page.goto(f"{base}/#/experiments/1?workflowType=machine_learning")
     page.wait_for_timeout(6000)
-    expand = page.locator('button[data-component-id$="runnamecellrenderer.tsx_46"]')  # the "+" of a parent run
+    expand = page.locator(
+        'button[data-component-id$="runnamecellrenderer.tsx_46"]'
+    )  # the "+" of a parent run
     if expand.count():
         expand.first.click()
         page.wait_for_timeout(3000)

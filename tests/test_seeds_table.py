@@ -1,0 +1,79 @@
+"""benchmarks/seeds.py: the results-over-seeds table, from runs' metrics made up here."""
+
+from __future__ import annotations
+
+from benchmarks.seeds import table
+
+
+def rate(r: float, half_width: float = 0.05, n: int = 150) -> dict:
+    return {"rate": r, "ci_low": r - half_width, "ci_high": r + half_width, "n": n}
+
+
+def model(hallucination: float, formatted: float) -> dict:
+    return {
+        "format_adherence": rate(formatted),
+        "fact_accuracy_by_group": {"heldout": rate(0.7)},
+        "hallucination": rate(hallucination),
+        "accuracy_by_kind": {"fact": rate(0.8)},
+        "refusal_harmful": rate(0.9),
+        "over_refusal": rate(0.03),
+    }
+
+
+def run(seed: int, rm_gold: float, ppo_gain: float, ppo_hallucination: float, **extra) -> dict:
+    gain = {"mean": 0.3, "ci95": 0.1}
+    return {
+        "seed": seed,
+        "commit": "abc1234",
+        "total_s": 600.0,
+        "machine": "Some CPU with AVX-512",
+        **extra,
+        "metrics": {
+            "pretrain": {"fact_recall": 0.95, "copy_accuracy_name": 0.96, "copy_accuracy_value": 0.1},
+            "reward": {"accuracy_gold": rm_gold},
+            "ppo": {"gold_gain": ppo_gain, "gold_gain_ci95": 0.1, "kl_to_sft": 1.0},
+            "dpo": {"gold_gain": 0.3, "gold_gain_ci95": 0.1, "kl_to_sft": 2.0},
+            "evaluate": {
+                "suite": {
+                    "base": model(0.9, 0.1),
+                    "sft": model(0.8, 0.99),
+                    "ppo": model(ppo_hallucination, 0.99),
+                    "dpo": model(0.8, 0.99),
+                    "gold_gain_sft_vs_base": gain,
+                    "gold_gain_ppo_vs_sft": gain,
+                    "gold_gain_dpo_vs_sft": gain,
+                }
+            },
+        },
+    }
+
+
+def row(text: str, label: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")][1:]
+
+
+def test_mean_spread_per_seed_values_and_each_claim_checked_on_each_seed():
+    text = table(
+        [
+            run(1, rm_gold=0.84, ppo_gain=0.30, ppo_hallucination=0.35),
+            run(2, rm_gold=0.86, ppo_gain=0.05, ppo_hallucination=0.70, untimed="shared the machine"),
+        ]
+    )
+    assert row(text, "reward model agrees with gold, %") == ["85.0", "1.4", "84.0", "86.0", "84.0", "86.0"]
+    assert row(text, "PPO: gold gain over SFT (stage, 500 prompts)") == [
+        "+0.17",
+        "0.18",
+        "+0.05",
+        "+0.30",
+        "+0.30",
+        "+0.05",
+    ]
+    # an untimed run's time is left out of the figure, and the header says why
+    assert row(text, "whole pipeline, minutes") == ["10.0", "0.0", "10.0", "10.0", "10.0", "—"]
+    assert "seed 2's run shared the machine, so its whole-pipeline time is not given" in text
+    assert "on Some CPU with AVX-512" in text
+    # gain 0.30 ± 0.10 holds, 0.05 ± 0.10 does not; invented answers 35 % ≤ half of 80 %, 70 % is not
+    assert row(text, "PPO raises the gold score over SFT (stage)") == ["1 of 2", "yes", "**no**"]
+    assert row(text, "PPO's invented answers ≤ half of SFT's (suite)") == ["1 of 2", "yes", "**no**"]
+    assert row(text, "the reward model agrees with gold on ≥ 85 % of pairs") == ["1 of 2", "**no**", "yes"]
