@@ -144,7 +144,8 @@ def ppo_section(r: dict) -> str:
 def pipeline_section(r: dict) -> str:
     return "\n".join(
         [
-            f"Measured {datetime.date.today()} on {machine()}: `dvc repro --single-item` stage by stage in a fresh clone.",
+            f"Measured {datetime.date.today()} on {r.get('machine') or machine()}: `dvc repro --single-item` stage by "
+            f"stage in a fresh clone (commit {r['commit']}, seed {r['seed'] if r['seed'] is not None else 'of params.yaml'}).",
             "",
             "| stage | wall time | peak memory |",
             "|---|---|---|",
