@@ -139,11 +139,14 @@ def table(runs: list[dict]) -> str:
         f"run at commit {r['reused']['commit']}, so its whole-pipeline time is not given"
         for r in runs
         if "reused" in r
-    ] + [
-        f"seed {r['seed']}'s run {r['untimed']}, so its whole-pipeline time is not given"
-        for r in runs
-        if "untimed" in r
     ]
+    for why in sorted({r["untimed"] for r in runs if "untimed" in r}):
+        alike = [str(r["seed"]) for r in runs if r.get("untimed") == why]
+        if len(alike) == 1:
+            reused.append(f"seed {alike[0]}'s run {why}, so its whole-pipeline time is not given")
+        else:
+            names = ", ".join(alike[:-1]) + " and " + alike[-1]
+            reused.append(f"the runs of seeds {names} {why}, so their whole-pipeline times are not given")
     machines = sorted({r["machine"] for r in runs if "machine" in r})
     lines = [
         f"{len(runs)} seeds ({', '.join(map(str, seeds))}); commit{'s' if len(commits) > 1 else ''} "
@@ -160,13 +163,14 @@ def table(runs: list[dict]) -> str:
             get(r["metrics"] | {"total_s": r["total_s"], "reused": "reused" in r, "untimed": "untimed" in r})
             for r in runs
         ]
-        known = [v for v in values if v is not None]  # None: not measured by this run (reused stages)
+        known = [v for v in values if v is not None]  # None: not measured by this run (reused, untimed)
         sd = statistics.stdev(known) if len(known) > 1 else 0.0
-        cells = [statistics.mean(known), sd, min(known), max(known)]
+        cells = [statistics.mean(known), sd, min(known), max(known)] if known else [None] * 4
         lines.append(
             f"| {label} | "
             + " | ".join(
-                fmt.format(v).replace("+", "") if i == 1 else fmt.format(v) for i, v in enumerate(cells)
+                "—" if v is None else fmt.format(v).replace("+", "") if i == 1 else fmt.format(v)
+                for i, v in enumerate(cells)
             )
             + " | "
             + " | ".join("—" if v is None else fmt.format(v) for v in values)

@@ -77,3 +77,12 @@ def test_mean_spread_per_seed_values_and_each_claim_checked_on_each_seed():
     assert row(text, "PPO raises the gold score over SFT (stage)") == ["1 of 2", "yes", "**no**"]
     assert row(text, "PPO's invented answers ≤ half of SFT's (suite)") == ["1 of 2", "yes", "**no**"]
     assert row(text, "the reward model agrees with gold on ≥ 85 % of pairs") == ["1 of 2", "**no**", "yes"]
+
+
+def test_runs_left_untimed_for_the_same_reason_are_named_together():
+    why = "shared the machine"
+    text = table([run(s, 0.84, 0.3, 0.3, untimed=why) for s in (1, 2, 3)])
+    assert (
+        "the runs of seeds 1, 2 and 3 shared the machine, so their whole-pipeline times are not given" in text
+    )
+    assert row(text, "whole pipeline, minutes")[-3:] == ["—", "—", "—"]
