@@ -6,7 +6,8 @@ can do that at all is the first question. This probe fine-tunes a copy of a fini
 `--demos` counted demonstrations (each costs one rater judgment): a principle, a question, two of the SFT
 model's own replies from the run's training pairs, and the answer "A" or "B" for the one the gold rater
 scores higher. It then asks the same of the run's held-out pairs and counts how often the model's choice
-(the likelier of the two answer tokens) agrees with the gold ordering, before and after, by task kind.
+(the likelier of the two answer tokens) agrees with the gold ordering, before and after, by task kind,
+beside the run's reward model on the same pairs.
 
     python benchmarks/ai_labels.py --run /tmp/seed1337/llmlab --demos 500 1000 2000 4000
 
@@ -35,6 +36,7 @@ from llmlab.data.chat_template import encode_content, render  # noqa: E402
 from llmlab.data.tokenizer import load_tokenizer  # noqa: E402
 from llmlab.model.transformer import load_model  # noqa: E402
 from llmlab.stats import wilson_ci  # noqa: E402
+from llmlab.training.reward import load_reward_model, reply_ids, score_sequences  # noqa: E402
 
 PRINCIPLE = "Answer only what you know, say so when you don't, and refuse to help harm anyone."
 
@@ -58,7 +60,7 @@ def examples(tok, rows: list[dict], context: int, rng: random.Random) -> tuple[l
     for row in rows:
         ids, answer = comparison(tok, row, rng.random() < 0.5)
         if len(ids) < context:
-            out.append((ids, answer, json.loads(row["task"])["kind"]))
+            out.append((ids, answer, json.loads(row["task"])["kind"], row))
         else:
             left_out += 1
     return out, left_out
@@ -83,7 +85,7 @@ def agreement(model, items: list[tuple], token: dict[str, int]) -> dict[str, dic
         logits, _ = model(idx)
         logits = logits[torch.arange(len(chunk)), last]
         says_a = logits[:, token["A"]] > logits[:, token["B"]]
-        for (_, answer, kind), a in zip(chunk, says_a.tolist(), strict=True):
+        for (_, answer, kind, _), a in zip(chunk, says_a.tolist(), strict=True):
             hits[kind].append(a == (answer == "A"))
             hits["all"].append(a == (answer == "A"))
     out = {}
@@ -92,6 +94,20 @@ def agreement(model, items: list[tuple], token: dict[str, int]) -> dict[str, dic
         out[kind] = {"n": len(h), "agreement": sum(h) / len(h), "ci_low": lo, "ci_high": hi}
     model.train()
     return out
+
+
+def reward_model_agreement(run: Path, tok, rows: list[dict]) -> float:
+    """The run's reward model on the same pairs: how often it scores the gold-better reply higher."""
+    rm = load_reward_model(run / "models/reward")
+    length = rm.backbone.config.context_length
+
+    def ids(row, which):
+        return reply_ids(tok, json.loads(row["context"]), row[which], row[f"{which}_ended"], length)
+
+    chosen = score_sequences(rm, [ids(r, "chosen") for r in rows])
+    rejected = score_sequences(rm, [ids(r, "rejected") for r in rows])
+    gold = torch.tensor([r["gold_chosen"] > r["gold_rejected"] for r in rows])
+    return float(((chosen > rejected) == gold).float().mean())
 
 
 def measure(run: Path, demos: list[int], steps: int, seed: int = 0) -> dict:
@@ -109,6 +125,7 @@ def measure(run: Path, demos: list[int], steps: int, seed: int = 0) -> dict:
     )
     result = {"validation_pairs": len(val), "validation_left_out": left_out, "runs": []}
     result["before"] = agreement(load_model(run / "models/sft"), val, token)
+    result["reward_model"] = reward_model_agreement(run, tok, [row for *_, row in val])
     for n in demos:
         torch.manual_seed(seed)
         model = load_model(run / "models/sft").train()
@@ -119,7 +136,7 @@ def measure(run: Path, demos: list[int], steps: int, seed: int = 0) -> dict:
             chunk = draw.sample(pool, min(32, len(pool)))
             idx, last = batch(chunk)
             logits, _ = model(idx)
-            target = torch.tensor([token[answer] for _, answer, _ in chunk])
+            target = torch.tensor([token[answer] for _, answer, *_ in chunk])
             loss = F.cross_entropy(logits[torch.arange(len(chunk)), last], target)
             opt.zero_grad()
             loss.backward()
@@ -139,6 +156,7 @@ def main() -> None:
     print(
         f"{r['validation_pairs']} held-out pairs ({r['validation_left_out']} longer than the context left out)"
     )
+    print(f"the run's reward model on the same pairs: {100 * r['reward_model']:.1f} %")
     print("| rater judgments taught | " + " | ".join(kinds) + " |")
     print("|---|" + "---|" * len(kinds))
     rows = [("none (the SFT model as it is)", r["before"])] + [
