@@ -150,8 +150,9 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="a repository with a finished run (its SFT model and pairs)")
     ap.add_argument("--demos", type=int, nargs="+", default=[500, 1000, 2000, 4000])
     ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps of 32 demonstrations")
+    ap.add_argument("--seed", type=int, default=0, help="which demonstrations, their order and A/B sides")
     args = ap.parse_args()
-    r = measure(Path(args.run), args.demos, args.steps)
+    r = measure(Path(args.run), args.demos, args.steps, args.seed)
     kinds = sorted(r["before"])
     print(
         f"{r['validation_pairs']} held-out pairs ({r['validation_left_out']} longer than the context left out)"
