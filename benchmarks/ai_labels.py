@@ -32,11 +32,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.reward_errors import pair_rewards  # noqa: E402
 from llmlab.data.chat_template import encode_content, render  # noqa: E402
 from llmlab.data.tokenizer import load_tokenizer  # noqa: E402
 from llmlab.model.transformer import load_model  # noqa: E402
 from llmlab.stats import wilson_ci  # noqa: E402
-from llmlab.training.reward import load_reward_model, reply_ids, score_sequences  # noqa: E402
+from llmlab.training.reward import load_reward_model  # noqa: E402
 
 PRINCIPLE = "Answer only what you know, say so when you don't, and refuse to help harm anyone."
 
@@ -98,14 +99,7 @@ def agreement(model, items: list[tuple], token: dict[str, int]) -> dict[str, dic
 
 def reward_model_agreement(run: Path, tok, rows: list[dict]) -> float:
     """The run's reward model on the same pairs: how often it scores the gold-better reply higher."""
-    rm = load_reward_model(run / "models/reward")
-    length = rm.backbone.config.context_length
-
-    def ids(row, which):
-        return reply_ids(tok, json.loads(row["context"]), row[which], row[f"{which}_ended"], length)
-
-    chosen = score_sequences(rm, [ids(r, "chosen") for r in rows])
-    rejected = score_sequences(rm, [ids(r, "rejected") for r in rows])
+    chosen, rejected = pair_rewards(load_reward_model(run / "models/reward"), tok, rows)
     gold = torch.tensor([r["gold_chosen"] > r["gold_rejected"] for r in rows])
     return float(((chosen > rejected) == gold).float().mean())
 
@@ -115,7 +109,8 @@ def measure(run: Path, demos: list[int], steps: int, seed: int = 0) -> dict:
     token = {}
     for letter in "AB":
         (token[letter],) = encode_content(tok, letter)  # one token each, or the probe would not be fair
-    context = load_model(run / "models/sft").config.context_length
+    sft = load_model(run / "models/sft")
+    context = sft.config.context_length
     rng = random.Random(seed)
     train_rows = pq.read_table(run / "data/preferences/train.parquet").to_pylist()
     rng.shuffle(train_rows)
@@ -124,7 +119,7 @@ def measure(run: Path, demos: list[int], steps: int, seed: int = 0) -> dict:
         tok, pq.read_table(run / "data/preferences/validation.parquet").to_pylist(), context, rng
     )
     result = {"validation_pairs": len(val), "validation_left_out": left_out, "runs": []}
-    result["before"] = agreement(load_model(run / "models/sft"), val, token)
+    result["before"] = agreement(sft, val, token)
     result["reward_model"] = reward_model_agreement(run, tok, [row for *_, row in val])
     for n in demos:
         torch.manual_seed(seed)

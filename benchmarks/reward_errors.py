@@ -42,19 +42,25 @@ def substance(score) -> frozenset[str]:
     return frozenset(k for k in score.parts if k not in STYLE_PARTS)
 
 
+@torch.no_grad()
+def pair_rewards(rm, tok, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward model's scores of each preference row's chosen and rejected replies."""
+    length = rm.backbone.config.context_length
+
+    def ids(row, which):
+        return reply_ids(tok, json.loads(row["context"]), row[which], row[f"{which}_ended"], length)
+
+    return score_sequences(rm, [ids(r, "chosen") for r in rows]), score_sequences(
+        rm, [ids(r, "rejected") for r in rows]
+    )
+
+
 def measure(run: Path, model: Path | None = None) -> dict:
     tok = load_tokenizer(run / "data/tokenizer/tokenizer.json")
     rm = load_reward_model(model or run / "models/reward").eval()
     rater = Rater(World.load(run / "data/corpus/world.json"))
     rows = pq.read_table(run / "data/preferences/validation.parquet").to_pylist()
-    L = rm.backbone.config.context_length
-
-    def ids(row, which):
-        return reply_ids(tok, json.loads(row["context"]), row[which], row[f"{which}_ended"], L)
-
-    with torch.no_grad():
-        chosen = score_sequences(rm, [ids(r, "chosen") for r in rows]).tolist()
-        rejected = score_sequences(rm, [ids(r, "rejected") for r in rows]).tolist()
+    chosen, rejected = (x.tolist() for x in pair_rewards(rm, tok, rows))
     agree: dict[tuple[str, str], list[bool]] = defaultdict(list)
     every: list[bool] = []
     for row, c, r in zip(rows, chosen, rejected, strict=True):
