@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # (grep exits 1 when it filters every line: only that is forgiven; a pip failure still fails the recipe.)
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup run test lint bench sweep clean-venv
+.PHONY: setup run test lint bench sweep cai clean-venv
 
 # uv installs in under a minute what pip takes 3 to 4 minutes for; pip stays the fallback where uv cannot be
 # had. uv reads neither pip.conf nor PIP_FIND_LINKS, so it is given the folders pip finds wheels in (on these
@@ -52,6 +52,12 @@ sweep: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc exp run ppo --queue -S 'ppo.kl_coef=$(SWEEP_BETAS)'
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc exp run --run-all
 	$(PY) -m llmlab.evaluation.sweep
+
+## Constitutional AI: the model labels the preference pairs itself (the critique stage teaches it), as a DVC
+## experiment on the finished run in the workspace (the rater's run), then reports/constitution.md, both paths.
+cai: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc exp run --temp -S preferences.labeller=constitution
+	$(PY) -m llmlab.evaluation.labellers
 
 clean-venv:
 	rm -rf $(VENV)

@@ -51,6 +51,8 @@ def add_arguments(p):
     p.add_argument("--ppo-metrics", required=True, help="metrics/ppo.json")
     p.add_argument("--ppo-plots", required=True, help="per-iteration curves of the ppo stage")
     p.add_argument("--dpo-metrics", required=True, help="metrics/dpo.json")
+    p.add_argument("--preferences-metrics", required=True, help="metrics/preferences.json (who labelled)")
+    p.add_argument("--critique-metrics", required=True, help="metrics/critique.json")
     p.add_argument("--metrics", required=True, help="metrics JSON to write")
     p.add_argument("--plots", required=True, help="folder for the dvc plots CSVs")
     p.add_argument("--report", required=True, help="the report's markdown file (figures go beside it)")

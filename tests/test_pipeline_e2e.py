@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,7 @@ STAGES = (
     "tokenizer",
     "pretrain",
     "sft",
+    "critique",
     "preferences",
     "reward",
     "ppo",
@@ -267,7 +269,7 @@ def test_report_has_every_section_and_links_only_existing_figures(pipeline):
     repo, *_ = pipeline
     report = (repo / "reports/report.md").read_text()
     sections = re.findall(r"^## (\d+)\.", report, flags=re.M)
-    assert [int(n) for n in sections] == list(range(1, 14))
+    assert [int(n) for n in sections] == list(range(1, 15))
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert len(links) >= 8
     for link in links:
@@ -337,6 +339,45 @@ def test_dvc_plots_render_and_metrics_diff_compares_experiments(pipeline):
     changed = json.loads(diff.stdout)["metrics/evaluate.json"]
     assert "temperature.T=1.samples_per_prompt" in changed, sorted(changed)[:20]
     assert changed["temperature.T=1.samples_per_prompt"] == {"old": 2, "new": 3, "diff": 1}
+
+
+def test_constitutional_ai_path_is_one_dvc_exp_run_away(pipeline):
+    """`dvc exp run -S preferences.labeller=constitution` teaches the critique stage's feedback model, lets it
+    label the pairs, and reruns what depends on them (not pretraining or SFT); the report's section 14 and
+    `python -m llmlab.evaluation.labellers` then show the model's labels beside the rater's."""
+    repo, env, *_ = pipeline
+    skipped = json.loads((repo / "metrics/critique.json").read_text())
+    assert skipped == {"taught": 0, "rater_judgments": 0}  # the default run paid nothing for it
+    assert "rater judgments" in (repo / "reports/report.md").read_text()
+    exp = subprocess.run(
+        ["dvc", "exp", "run", "--temp", "-S", "preferences.labeller=constitution", "--name", "cai"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    shown = subprocess.run(
+        ["dvc", "exp", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "llmlab.evaluation.labellers", "--out", "reports/constitution.md"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    table = (repo / "reports/constitution.md").read_text()
+    rows = [r for r in table.splitlines() if r.startswith("| ") and ("rater |" in r or "constitution |" in r)]
+    assert len(rows) == 2, table
+    by = {c[2]: c for c in ([x.strip() for x in r.split("|")] for r in rows)}  # labeller -> cells
+    taught = yaml.safe_load((repo / "params.yaml").read_text())["critique"]["demonstrations"]
+    assert 0 < int(by["constitution"][3].replace(",", "")) <= taught  # the judgments the critique stage used
+    assert by["rater"][3] == by["rater"][4]  # the rater path: one judgment per pair
 
 
 def test_a_tagged_commit_comes_back_in_a_fresh_clone_with_dvc_pull(pipeline, tmp_path):

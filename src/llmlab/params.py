@@ -410,6 +410,46 @@ class PreferencesConfig(Section):
     """Prompts generated together (KV-cached, batched; a row leaves the batch when its reply ends)."""
     max_digits: int = Field(4, ge=1, le=9)
     """Largest number of digits of an addend in the arithmetic prompts."""
+    labeller: Literal["rater", "constitution"] = "rater"
+    """Who orders each pair. rater: the simulated human rater (one judgment per pair). constitution: the SFT
+    model itself, taught by the critique stage to compare two replies under the principles of
+    data/constitution.txt (Constitutional AI's feedback model); the rater's scores are kept for evaluation
+    only. Measured in docs/results.md, "Constitutional AI"."""
+
+
+# ---------------------------------------------------------------------------------------- critique
+
+
+class CritiqueConfig(TrainLoop):
+    """Constitutional AI's feedback model (src/llmlab/training/constitution.py): a copy of the SFT model taught,
+    from `demonstrations` rater judgments on the SFT pool, to say which of two replies follows a principle
+    better and what each reply does. Runs only with `preferences.labeller: constitution`."""
+
+    demonstrations: int = Field(2000, ge=2)
+    """Comparisons the rater grades to teach the model (each one judgment: the rater judgments this path costs)."""
+    n_prompts: int = Field(600, ge=2)
+    """SFT-pool prompts whose replies make the demonstrations (and, 10 % of them, the held-out comparisons)."""
+    samples_per_prompt: int = Field(4, ge=2)
+    """Replies sampled per prompt: every two that differ make a comparison."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the SFT model's replies to those prompts."""
+    max_new_tokens: int = Field(96, ge=1)
+    """Longest reply sampled."""
+    principles_per_pair: int = Field(1, ge=1)
+    """Principles a pair is judged by when labelling (each drawn at random, both orders of the replies each):
+    the label is the mean of the verdicts' log-odds."""
+    batch_size: int = Field(32, ge=1)
+    """Conversations (verdicts and critiques) per device per step."""
+    max_steps: int = Field(600, ge=1)
+    """Optimizer steps (600 × 32: about five passes over the 4,000 conversations of 2,000 demonstrations)."""
+    lr: LearningRate = 3e-4
+    warmup_steps: WarmupSteps = 20
+    val_every: ValEvery = 200
+    val_batches: int = Field(8, ge=1)
+    """Batches of held-out comparisons per process per validation run."""
+    ckpt_every: CkptEvery = 200
+    critiques_shown: int = Field(40, ge=0)
+    """Held-out comparisons whose critique the model writes for the readable report (reports/critique/)."""
 
 
 # ---------------------------------------------------------------------------------------- reward
@@ -624,6 +664,7 @@ class Params(Section):
     pretrain: PretrainConfig = PretrainConfig()
     sft: SFTConfig = SFTConfig()
     preferences: PreferencesConfig = PreferencesConfig()
+    critique: CritiqueConfig = CritiqueConfig()
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
     dpo: DPOConfig = DPOConfig()
@@ -662,6 +703,7 @@ GENERATION_LENGTHS = (
     "pretrain.sample_tokens",
     "sft.max_new_tokens",
     "preferences.max_new_tokens",
+    "critique.max_new_tokens",
     "ppo.max_new_tokens",
     "ppo.eval_max_new_tokens",
     "evaluate.max_new_tokens",

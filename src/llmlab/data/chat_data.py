@@ -312,17 +312,19 @@ def sft_examples(world: World, cfg: SFTData, seed: int) -> list[Example]:
 def prompt_pool(
     world: World, pool: str, n: int, seed: int, max_digits: int, mix: dict[str, float] | None = None
 ) -> list[Task]:
-    """`n` distinct prompts of the `rl` or `eval` pool (never in SFT), by kind shares `mix`.
+    """`n` distinct prompts of the `rl` or `eval` pool (never in SFT), by kind shares `mix`; or of the `sft`
+    pool (SFT's people, questions and unknown names: the critique stage's demonstrations).
 
-    Fact and about prompts ask about SFT people (questions SFT never asked) and held-out people alike.
+    Fact and about prompts of the rl and eval pools ask about SFT people (questions SFT never asked) and
+    held-out people alike.
     """
-    if pool not in ("rl", "eval"):
-        raise ValueError(f"pool must be 'rl' or 'eval', got {pool!r}")
+    if pool not in ("rl", "eval", "sft"):
+        raise ValueError(f"pool must be 'rl', 'eval' or 'sft', got {pool!r}")
     mix = mix or DEFAULT_MIX
     rng = random.Random(f"{seed}/{pool}")
-    known = world.known()
+    known = world.group("sft") if pool == "sft" else world.known()
     unknown = world.group("unknown")
-    unknown = unknown[len(unknown) // 2 :]
+    unknown = unknown[: len(unknown) // 2] if pool == "sft" else unknown[len(unknown) // 2 :]
     seen: set[str] = set()
     out: list[Task] = []
     kinds = [k for k in mix if mix[k] > 0 and (k != "unknown" or unknown)]

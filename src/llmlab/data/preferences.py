@@ -22,6 +22,7 @@ import math
 import random
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -42,6 +43,7 @@ from llmlab.io import atomic_path
 from llmlab.model.replies import answer
 from llmlab.model.transformer import GPT
 from llmlab.params import PreferencesConfig
+from llmlab.stats import wilson_ci
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class Pair:
 
     @property
     def flipped(self) -> bool:
-        """The noisy label disagrees with the gold ordering."""
+        """The label (the rater's noisy one, or a judge's) disagrees with the gold ordering."""
         return self.gold_chosen < self.gold_rejected
 
 
@@ -203,11 +205,19 @@ def external_pairs(cfg, root: Path) -> tuple[list[dict], dict[str, int]]:
     }
 
 
+Judge = Callable[[list[tuple[str, str, str]]], list[float]]
+"""A labeller other than the rater: given (question, reply a, reply b) triples, how much it prefers a to b
+(> 0: a is better), one number per triple. The constitution's is `llmlab.training.constitution.judge`."""
+
+
 def rated_pairs(
-    model: GPT, tok: Tokenizer, world: World, cfg: PreferencesConfig, seed: int
+    model: GPT, tok: Tokenizer, world: World, cfg: PreferencesConfig, seed: int, judge: Judge | None = None
 ) -> tuple[dict[str, list[dict]], dict]:
-    """The SFT model answers rl-pool prompts several times; the rater's scores make noisy-labelled pairs.
-    Returns the pairs of each split (rows of `PAIR_SCHEMA`) and the stage's metrics."""
+    """The SFT model answers rl-pool prompts several times and the replies become pairs: labelled by the
+    rater (`judge` None: its scores with Bradley–Terry noise, pairs it scores equal dropped) or by `judge`
+    (every two replies that differ in text, ordered by its preference). Either way the rater's gold scores
+    are kept beside each pair, for evaluation only. Returns the pairs of each split (rows of `PAIR_SCHEMA`)
+    and the stage's metrics."""
     if not world.people:
         raise LlmlabError(
             "preferences.source synthetic needs the synthetic world (corpus.source: synthetic); "
@@ -222,35 +232,66 @@ def rated_pairs(
     # 1. sample: each prompt repeated samples_per_prompt times, one batched, KV-cached pass per chunk
     repeated = [t for t in tasks for _ in range(cfg.samples_per_prompt)]
     replies = answer(model, tok, repeated, cfg.max_new_tokens, cfg.temperature, cfg.batch_size, gen)
-    # 2. score with the rater, 3. pair up with Bradley–Terry label noise
-    splits: dict[str, list[dict]] = {"train": [], "validation": []}
-    scores, ties = [], 0
+    # 2. score with the rater, 3. pair up: a noisy rater label, or the judge's
+    per_task, scores, ties = [], [], 0
     for i, task in enumerate(tasks):
         own = replies[i * cfg.samples_per_prompt : (i + 1) * cfg.samples_per_prompt]
         scored = [(r.text, r.ended, rater.score(task, r.text, r.ended).total) for r in own]
         scores += [s for *_, s in scored]
-        pairs, n_ties = make_pairs(task.prompt, scored, cfg.label_temperature, rng)
-        ties += n_ties
+        if judge is None:
+            pairs, n_ties = make_pairs(task.prompt, scored, cfg.label_temperature, rng)
+            ties += n_ties
+        else:
+            pairs = [
+                Pair(task.prompt, ta, tb, ea, eb, sa, sb)
+                for (ta, ea, sa), (tb, eb, sb) in combinations(scored, 2)
+                if ta.strip() != tb.strip()
+            ]
+        per_task.append((task, pairs))
+    if judge is not None:
+        every = [p for _, pairs in per_task for p in pairs]
+        prefer = judge([(p.prompt, p.chosen, p.rejected) for p in every])
+        oriented = iter(p if x > 0 else _swapped(p) for p, x in zip(every, prefer, strict=True))
+        per_task = [(task, [next(oriented) for _ in pairs]) for task, pairs in per_task]
+
+    splits: dict[str, list[dict]] = {"train": [], "validation": []}
+    for i, (task, pairs) in enumerate(per_task):
         context = json.dumps([{"role": "user", "content": task.prompt}])
         rows = [
             {**p.__dict__, "context": context, "flipped": p.flipped, "task": json.dumps(task.to_dict())}
             for p in pairs
         ]
         splits["validation" if i < n_val else "train"] += rows
-    every = splits["train"] + splits["validation"]
+    every_row = splits["train"] + splits["validation"]
+    ordered = [r for r in every_row if r["gold_chosen"] != r["gold_rejected"]]
+    agree = sum(not r["flipped"] for r in ordered)
+    low, high = wilson_ci(agree, len(ordered))
     metrics = {
+        "labeller": "rater" if judge is None else "constitution",
+        "model_labels": int(judge is not None),
         "prompts": len(tasks),
-        "pairs": len(every),
+        "pairs": len(every_row),
         "pairs_train": len(splits["train"]),
         "pairs_validation": len(splits["validation"]),
         "ties_dropped": ties,
-        "label_flip_rate": sum(r["flipped"] for r in every) / max(1, len(every)),
+        "gold_ties": len(every_row) - len(ordered),
+        "label_flip_rate": 1 - agree / max(1, len(ordered)),
+        "label_gold_agreement": agree / max(1, len(ordered)),
+        "label_gold_agreement_ci_low": low,
+        "label_gold_agreement_ci_high": high,
+        "rater_judgments": len(every_row) if judge is None else 0,
         "score_mean": statistics.fmean(scores),
         "score_std": statistics.pstdev(scores),
         **{f"score_p{q}": statistics.quantiles(scores, n=10)[q // 10 - 1] for q in (10, 50, 90)},
         "gold_rater": 1,
     }
     return splits, metrics
+
+
+def _swapped(p: Pair) -> Pair:
+    return Pair(
+        p.prompt, p.rejected, p.chosen, p.rejected_ended, p.chosen_ended, p.gold_rejected, p.gold_chosen
+    )
 
 
 # One preference pair per row: written by the preferences stage, read by the reward and PPO stages.

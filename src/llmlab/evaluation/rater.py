@@ -105,6 +105,27 @@ CLEAN_ENDING = 0.5
 CUT_OFF = -1.0
 EMPTY = -2.0
 
+# Every line of the rubric, by the name it has in `Score.parts` (the table of the module docstring).
+RUBRIC_LINES = (
+    "correct_fact",
+    "wrong_fact",
+    "true_facts",
+    "wrong_facts",
+    "admits_unknown",
+    "hallucination",
+    "refusal",
+    "compliance",
+    "correct_result",
+    "wrong_result",
+    "shows_working",
+    "no_answer",
+    "polite",
+    "rambling",
+    "clean_ending",
+    "cut_off",
+    "empty",
+)
+
 # Rambling: more words than this for the kind (an "about" summary or written-out addition is longer).
 # The longest addition `addition_steps` writes (9 + 9 digits) has about 90 words, so working never rambles.
 MAX_WORDS: dict[TaskKind, int] = {

@@ -338,6 +338,8 @@ def markdown(m: Mapping, details: Mapping, fig: Mapping[str, str], iterations: l
     if "position" in m:
         parts.append(_position(m, details))
         parts.append(_distractors(m))
+    if m.get("preferences", {}).get("gold_rater"):
+        parts.append(_constitution(m))
     times = ", ".join(f"{k} {v:.0f} s" for k, v in details["timings_s"].items())
     parts.append(
         f"---\nMeasured by the `evaluate` stage ({times}). Every reply behind these numbers: "
@@ -995,3 +997,49 @@ question about the first fact; the prompt always fits the context ({m["distracto
 
 {chr(10).join(lines)}
 """
+
+
+def _constitution(m: Mapping) -> str:
+    """Who labelled the preference pairs, how many rater judgments that took, and (when the model did,
+    taught by the critique stage) how its labels and what was trained on them compare with the rater."""
+    pref, crit, r, p = m["preferences"], m.get("critique", {}), m["reward_model"], m["ppo"]
+    agree = (
+        f"{100 * pref['label_gold_agreement']:.1f} % [{100 * pref['label_gold_agreement_ci_low']:.1f}–"
+        f"{100 * pref['label_gold_agreement_ci_high']:.1f}]"
+    )
+    head = "## 14. Constitutional AI: the model labels its own replies\n\n"
+    if not pref.get("model_labels"):
+        return head + (
+            f"This run's {pref['pairs']:,.0f} preference pairs were labelled by the rater: "
+            f"**{pref['rater_judgments']:,.0f} rater judgments**, one per pair, of which {agree} order the pair "
+            "as the rubric does (the simulated raters' noise). In Constitutional AI (Bai et al. 2022) the model "
+            "itself compares two of its replies under written principles (`data/constitution.txt`), and its "
+            "choices replace those labels. `dvc exp run -S preferences.labeller=constitution` runs that path "
+            "on this run; `make cai` runs it and writes `reports/constitution.md`, both paths side by side.\n"
+        )
+    gain = p.get("gold_gain", math.nan)
+    ci = p.get("gold_gain_ci95", math.nan)
+    shown = gain - ci > 0 and pref["rater_judgments"] < pref["pairs"]
+    return head + (
+        f"The model labelled this run's {pref['pairs']:,.0f} preference pairs itself. The critique stage taught "
+        f"a copy of the SFT model to compare two replies under a principle of `data/constitution.txt` from "
+        f"**{pref['rater_judgments']:,.0f} rater judgments** on the SFT pool (the rater path would have "
+        f"used one judgment per pair). On {crit.get('verdict_pairs', 0):.0f} held-out SFT-pool comparisons its "
+        f"verdicts order the pair as the rubric does {100 * crit.get('verdict_agreement', math.nan):.1f} % of "
+        f"the time, and {100 * crit.get('critique_exact', math.nan):.1f} % of the critiques it writes name what "
+        f"differs exactly as the rater would (`reports/critique/critiques.md`).\n\n"
+        f"- its labels on the rl pool agree with the rubric's order: {agree} "
+        f"({pref['pairs'] - pref['gold_ties']:,.0f} pairs the rubric orders)\n"
+        f"- the reward model trained on them agrees with the rubric on held-out pairs: "
+        f"{100 * r.get('accuracy_gold', math.nan):.1f} %\n"
+        f"- PPO against that reward model: gold score gain over SFT {gain:+.2f} ± {ci:.2f}; invented answers "
+        f"about unknown people {100 * p.get('sft/hallucination_rate', math.nan):.1f} % → "
+        f"{100 * p.get('ppo/hallucination_rate', math.nan):.1f} %\n\n"
+        + verdict(
+            shown,
+            "RLHF from the model's own labels raises the gold score, with fewer rater judgments than pairs",
+            f"gold gain {gain:+.2f} ± {ci:.2f} from {pref['rater_judgments']:,.0f} judgments for "
+            f"{pref['pairs']:,.0f} pairs",
+        )
+        + "\n"
+    )

@@ -213,10 +213,10 @@ def attention_studies(
 @dataclasses.dataclass
 class Upstream:
     """What earlier stages measured, as the report shows it: the tokenizer's report, the metrics of the
-    reward, ppo and dpo stages (finite numbers only), and the curves of pretrain, reward and ppo."""
+    preferences, critique, reward, ppo and dpo stages (finite numbers only), and the curves of pretrain, reward and ppo."""
 
     tokenizer_report: dict
-    stage_metrics: dict[str, dict]  # reward_model, ppo, dpo: the sections of metrics/evaluate.json
+    stage_metrics: dict[str, dict]  # reward_model, ppo, dpo, ...: the sections of metrics/evaluate.json
     loss: dict[str, list[dict]]  # train, val
     calibration: list[dict]
     iterations: list[dict]
@@ -232,6 +232,8 @@ class Upstream:
                     ("reward_model", "reward", args.reward_metrics),
                     ("ppo", "ppo", args.ppo_metrics),
                     ("dpo", "dpo", args.dpo_metrics),
+                    ("preferences", "preferences", args.preferences_metrics),
+                    ("critique", "critique", args.critique_metrics),
                 )
             },
             loss={

@@ -361,11 +361,13 @@ def reward_metrics(
         "accuracy_noisy_labels": float((r_c > r_r).float().mean()),
         "margin_mean": float((r_c - r_r).mean()),
     }
-    if rated:
+    if rated:  # pairs the rater scores equal (possible when a judge, not the rater, made them) have no order
         gold = [(row["gold_chosen"], row["gold_rejected"]) for row in val_rows]
-        hits = sum((float(a - b) > 0) == (gc > gr) for a, b, (gc, gr) in zip(r_c, r_r, gold, strict=True))
-        metrics["accuracy_gold"] = hits / len(gold)
-        metrics["accuracy_gold_ci_low"], metrics["accuracy_gold_ci_high"] = wilson_ci(hits, len(gold))
+        hits = [
+            (float(a - b) > 0) == (gc > gr) for a, b, (gc, gr) in zip(r_c, r_r, gold, strict=True) if gc != gr
+        ]
+        metrics["accuracy_gold"] = sum(hits) / max(1, len(hits))
+        metrics["accuracy_gold_ci_low"], metrics["accuracy_gold_ci_high"] = wilson_ci(sum(hits), len(hits))
     return metrics, calibration(r_c, r_r, seed)
 
 

@@ -1,0 +1,164 @@
+"""Stage `critique`: Constitutional AI's feedback model, taught from a counted number of rater judgments.
+
+Inputs: models/sft (stage `sft`), the tokenizer, world.json (stage `corpus`), data/constitution.txt.
+Outputs: models/critic/{model.safetensors,config.json,taught.json}, metrics/critique.json, plots/critique/*.csv,
+reports/critique/ (held-out comparisons: the model's verdict and the critique it wrote beside the rater's).
+Resumes from checkpoints/critique/last.ckpt.
+
+Runs only with `preferences.labeller: constitution`; with the rater as labeller (the default) it writes a
+note in place of the model and teaches nothing, so that the default pipeline pays nothing for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+from llmlab.data.tokenizer import load_tokenizer
+from llmlab.data.world import World
+from llmlab.io import atomic_path, write_files, write_json
+from llmlab.model.transformer import load_model, save_model
+from llmlab.params import Params
+from llmlab.stage import run_stage
+from llmlab.tracking import StageRun
+from llmlab.training.constitution import (
+    demonstrations,
+    held_out_report,
+    load_constitution,
+    sft_pool_samples,
+)
+from llmlab.training.sft import ChatDataset, collate
+from llmlab.training.trainer import (
+    CausalLMModule,
+    CurveRecorder,
+    Epochs,
+    build_trainer,
+    items_per_step,
+    loader,
+    quiet_lightning_warnings,
+    resume_and_seed,
+    resume_offset,
+)
+
+log = logging.getLogger("llmlab.critique")
+HELD_OUT = 0.1  # share of the SFT-pool prompts whose comparisons measure the taught model
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="SFT model folder (from the sft stage)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    p.add_argument("--world", required=True, help="world.json (from the corpus stage)")
+    p.add_argument("--constitution", required=True, help="the principles, one per line")
+    p.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints (DVC persist)")
+    p.add_argument("--out", required=True, help="folder for the feedback model")
+    p.add_argument("--metrics", required=True, help="metrics JSON file")
+    p.add_argument("--plots", required=True, help="folder for curve CSVs")
+    p.add_argument("--report", required=True, help="folder for the held-out critiques")
+
+
+def skip(args, why: str) -> None:
+    """Outputs that say the stage taught nothing (DVC needs its outputs to exist)."""
+    note = f"No feedback model: {why}. Run `dvc exp run -S preferences.labeller=constitution` for one.\n"
+    with atomic_path(args.out, is_dir=True) as tmp:
+        (tmp / "NOT_TRAINED.txt").write_text(note, encoding="utf-8")
+    write_files(args.plots, {"train_loss.csv": "step,train_loss\n", "val_loss.csv": "step,val_loss\n"})
+    write_files(args.report, {"critiques.md": note})
+    write_json(args.metrics, {"taught": 0, "rater_judgments": 0})
+    log.info("nothing to teach: %s", why)
+
+
+def main(args, params: Params) -> None:
+    cfg, prefs = params.critique, params.preferences
+    if prefs.labeller != "constitution":
+        return skip(args, "preferences.labeller is rater")
+    constitution = load_constitution(args.constitution)
+    tok = load_tokenizer(args.tokenizer)
+    world = World.load(args.world)
+    if not world.people:
+        return skip(args, "no synthetic world (the demonstrations need the rater)")
+    sft = load_model(args.model, stage="sft")
+    T = sft.config.context_length
+
+    samples = sft_pool_samples(
+        sft,
+        tok,
+        world,
+        cfg.n_prompts,
+        cfg.samples_per_prompt,
+        cfg.temperature,
+        cfg.max_new_tokens,
+        params.seed,
+    )
+    n_val = max(1, round(len(samples) * HELD_OUT))
+    rng = random.Random(f"{params.seed}/critique")
+    taught = demonstrations(
+        samples[n_val:], constitution, cfg.demonstrations, prefs.label_temperature, tok, T, rng
+    )
+    held_out = demonstrations(samples[:n_val], constitution, 10**9, prefs.label_temperature, tok, T, rng)
+    train_base = ChatDataset(tok, [d[k] for d in taught for k in ("judge", "critique")], T)
+    val_set = ChatDataset(tok, [d[k] for d in held_out for k in ("judge", "critique")], T)
+    log.info(
+        "%d demonstrations taught (each one rater judgment), %d held-out comparisons, %d principles",
+        len(taught),
+        len(held_out),
+        len(constitution),
+    )
+
+    per_step = items_per_step(cfg)
+    resume = resume_and_seed(
+        args.checkpoints,
+        {"seed": params.seed, "critique": cfg.model_dump(), "constitution": constitution},
+        [Path(args.model) / "model.safetensors", args.tokenizer, args.world, args.constitution],
+        params.seed,
+    )
+    module = CausalLMModule(sft.config, cfg, cfg.max_steps)
+    module.model.load_state_dict(sft.state_dict())
+    curves = CurveRecorder(cfg.log_every)
+    with StageRun("critique", {"seed": params.seed, "critique": cfg.model_dump()}) as run:
+        trainer = build_trainer(cfg, args.checkpoints, run.lightning_logger(), [curves], cfg.max_steps)
+        first = resume_offset(resume, per_step)
+        train_set = Epochs(train_base, cfg.max_steps * per_step, params.seed, first=first)
+        train_dl, val_dl = (
+            loader(train_set, cfg.batch_size, trainer, collate),
+            loader(val_set, cfg.batch_size, trainer, collate),
+        )
+        trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
+        val_loss = float(trainer.validate(module, val_dl, verbose=False)[0]["val/loss"])
+        if not trainer.is_global_zero:
+            return
+        critic = module.model.eval()
+        save_model(critic, args.out)
+        write_json(Path(args.out) / "taught.json", {"rater_judgments": len(taught)})
+        measured, markdown, rows = held_out_report(
+            critic, tok, held_out, cfg.principles_per_pair, cfg.critiques_shown, params.seed
+        )
+        metrics = {
+            "taught": len(taught),
+            "rater_judgments": len(taught),
+            "principles": len(constitution),
+            "held_out_comparisons": len(held_out),
+            "val_loss": val_loss,
+            "steps": int(trainer.global_step),
+            **measured,
+        }
+        write_json(args.metrics, metrics)
+        curves.write(args.plots)
+        write_files(args.report, {"critiques.md": markdown, "critiques.json": rows})
+        run.log_metrics(metrics, step=int(trainer.global_step))
+        for path in (args.metrics, args.plots, args.report, Path(args.out) / "config.json"):
+            run.log_artifact(path)
+        log.info(
+            "verdicts agree with the rater on %.1f%% of %d held-out SFT-pool comparisons; "
+            "critiques written word for word as the rater's: %.1f%%",
+            100 * metrics["verdict_agreement"],
+            metrics["verdict_pairs"],
+            100 * metrics["critique_exact"],
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_lightning_warnings()
+    run_stage("critique", main, add_arguments)

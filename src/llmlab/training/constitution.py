@@ -1,0 +1,420 @@
+"""Constitutional AI: the model compares two of its own replies under a written principle.
+
+In the RL phase of Constitutional AI (Bai et al. 2022) a feedback model, not a person, reads a principle,
+a question and two replies, and says which reply follows the principle better; its choices replace the
+human labels that train the reward model. A model of llmlab's size cannot do that untaught (it picks as
+a coin would, `benchmarks/ai_labels.py`), so the critique stage teaches a copy of the SFT model from a
+small, counted number of demonstrations, each one rater judgment of two of its replies to an SFT-pool
+prompt. Each judgment teaches two turns, a verdict and a critique:
+
+    user       Answer only what you know, and say so when you don't.       (a principle, drawn at random)
+               Where was Ilse Varn born?
+               A: Ilse Varn was born in Duskmere.
+               B: I don't know who Ilse Varn is.
+               Which follows this better, A or B?                          (or: What does each reply do?)
+    assistant  B.                                       (or: A invents facts; B says it does not know.)
+
+The verdict is the rater's preference drawn with the same Bradley–Terry noise as the human-feedback
+labels; the critique names the rubric lines that fired for one reply and not the other. Taught in one
+answer ("B. A invents ..."), the verdict's single token drowned in the critique's and the verdicts
+stayed at chance (46 % on held-out pairs against 72 % taught apart, seed 1337), hence two turns.
+
+To label a pair, the model reads it with a principle drawn at random (`principles_per_pair` of them),
+once with each reply as A: the preference is logit("A") − logit("B") of the first reading minus that
+of the second, so a taste for one position cancels out (untreated, it put the first reply ahead on
+most pairs). Only the verdict token is read (one forward pass per reading); the critiques are written
+for the readable report.
+
+Replies too long for the context keep their first and last words around " … " (the principle and the
+question are never cut), so every pair can be labelled.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from llmlab.data.chat_data import prompt_pool
+from llmlab.data.chat_template import encode_content, render
+from llmlab.data.preferences import bradley_terry_p
+from llmlab.data.tasks import Task
+from llmlab.data.world import World
+from llmlab.errors import LlmlabError
+from llmlab.evaluation.rater import RUBRIC_LINES, Rater
+from llmlab.model.replies import answer, reply
+from llmlab.model.transformer import GPT
+from llmlab.stats import wilson_ci
+
+VERDICTS = ("A", "B")
+ELLIPSIS = " … "
+
+# What a rubric line says about a reply, in the critique sentence.
+SAYS = {
+    "correct_fact": "states the true fact",
+    "wrong_fact": "states a wrong value",
+    "true_facts": "states true facts",
+    "wrong_facts": "states wrong facts",
+    "admits_unknown": "says it does not know",
+    "hallucination": "invents facts",
+    "refusal": "refuses",
+    "compliance": "goes along with the harm",
+    "correct_result": "gets the sum right",
+    "wrong_result": "gets the sum wrong",
+    "shows_working": "shows its working",
+    "no_answer": "does not answer",
+    "empty": "says nothing",
+    "polite": "is polite",
+    "rambling": "rambles",
+    "clean_ending": "ends cleanly",
+    "cut_off": "is cut off",
+}
+assert set(SAYS) == set(RUBRIC_LINES), "every rubric line needs words in the critique"
+
+
+def load_constitution(path: str | Path) -> list[str]:
+    """The principles of a constitution file: one per line, `#` starts a comment line (data/constitution.txt)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise LlmlabError(
+            f"{path}: no constitution file there; write one principle per line (see data/constitution.txt)"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise LlmlabError(f"{path}: not UTF-8 text ({e})") from None
+    principles = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not principles:
+        raise LlmlabError(f"{path}: no principles in it; write one per line (see data/constitution.txt)")
+    return principles
+
+
+# ------------------------------------------------------------------------------ the comparison prompt
+
+
+def _fit(tok: Tokenizer, text: str, budget: int) -> str:
+    """`text` within `budget` tokens: its first and last words around " … " when it is longer."""
+    if len(encode_content(tok, text)) <= budget:
+        return text
+    words = text.split()
+    lo, hi = 0, len(words) // 2  # words kept at each end
+    while lo < hi:
+        k = (lo + hi + 1) // 2
+        if len(encode_content(tok, " ".join(words[:k]) + ELLIPSIS + " ".join(words[-k:]))) <= budget:
+            lo = k
+        else:
+            hi = k - 1
+    return (" ".join(words[:lo]) + ELLIPSIS + " ".join(words[-lo:])).strip() if lo else ELLIPSIS.strip()
+
+
+JUDGE = "Which follows this better, A or B?"
+CRITIQUE = "What does each reply do?"
+# Tokens of the context kept free after the prompt for the answer: a verdict is "A." and <|end|>, a
+# critique sentence up to about 20 tokens.
+ANSWER_ROOM = {JUDGE: 4, CRITIQUE: 24}
+
+
+def comparison(
+    tok: Tokenizer, principle: str, question: str, a: str, b: str, context_length: int, ask: str = JUDGE
+) -> str:
+    """The user turn that shows two replies under `principle` and asks `ask` (which is better: `JUDGE`;
+    what each does: `CRITIQUE`). Replies are shortened (`_fit`) so that the rendered prompt leaves
+    `ANSWER_ROOM[ask]` tokens of the context for the answer; the principle and the question are never cut
+    (when they alone overflow, the replies keep only " … " and the prompt is longer than that)."""
+
+    def text(x: str, y: str) -> str:
+        return f"{principle}\n{question}\nA: {x}\nB: {y}\n{ask}"
+
+    def length(t: str) -> int:
+        return len(render(tok, [{"role": "user", "content": t}], add_generation_prompt=True).ids)
+
+    budget = context_length - ANSWER_ROOM[ask]
+    if length(text(a, b)) <= budget:
+        return text(a, b)
+    fixed = length(text("", ""))
+    if fixed >= context_length:
+        raise LlmlabError(
+            f"the principle {principle!r} and the question alone take {fixed} of the model's "
+            f"{context_length} tokens: shorten the principle in the constitution file"
+        )
+    room = max(2, budget - fixed)  # for both replies
+    each = room // 2
+    a_len, b_len = len(encode_content(tok, a)), len(encode_content(tok, b))
+    # the shorter reply keeps all of itself when it fits in its half; the longer gets what is left
+    if a_len <= each:
+        return text(a, _fit(tok, b, room - a_len))
+    if b_len <= each:
+        return text(_fit(tok, a, room - b_len), b)
+    return text(_fit(tok, a, each), _fit(tok, b, each))
+
+
+def critique(parts_a: dict[str, float], parts_b: dict[str, float]) -> str:
+    """The critique sentence of a demonstration: the rubric lines that fired for one reply and not the other.
+
+    >>> critique({"hallucination": -3.0, "clean_ending": 0.5}, {"admits_unknown": 2.0, "clean_ending": 0.5})
+    'A invents facts; B says it does not know.'
+    >>> critique({"clean_ending": 0.5}, {"clean_ending": 0.5})
+    'They do the same.'
+    """
+    said = []
+    for name, own, other in (("A", parts_a, parts_b), ("B", parts_b, parts_a)):
+        lines = [SAYS[line] for line in RUBRIC_LINES if line in own and line not in other]
+        if lines:
+            said.append(f"{name} " + " and ".join(lines))
+    return "; ".join(said) + "." if said else "They do the same."
+
+
+# ------------------------------------------------------------------------------ demonstrations
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reply of the model to a task, graded by the rater (`parts`: the rubric lines that fired)."""
+
+    task: Task
+    text: str
+    parts: dict[str, float]
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def demonstrations(
+    samples: Sequence[Sequence[Sample]],
+    constitution: Sequence[str],
+    n: int,
+    label_temperature: float,
+    tok: Tokenizer,
+    context_length: int,
+    rng: random.Random,
+) -> list[dict]:
+    """`n` comparison demonstrations (at most the number of pairs the samples hold), each one rater
+    judgment: two different replies to one prompt (`samples` holds each prompt's replies), one principle
+    drawn at random, the verdict drawn from Bradley–Terry on the principle's points, the sides shuffled.
+    Returns rows with the conversation (`messages`) and what it was made of."""
+    pairs = [
+        (x, y) for replies in samples for x, y in combinations(replies, 2) if x.text.strip() != y.text.strip()
+    ]
+    rng.shuffle(pairs)
+    out = []
+    for x, y in pairs[:n]:
+        a, b = (x, y) if rng.random() < 0.5 else (y, x)
+        principle = rng.choice(constitution)
+        verdict = "A" if rng.random() < bradley_terry_p(a.total, b.total, label_temperature) else "B"
+        shown = functools.partial(comparison, tok, principle, a.task.prompt, a.text, b.text, context_length)
+
+        out.append(
+            {
+                "judge": [
+                    {"role": "user", "content": shown(JUDGE)},
+                    {"role": "assistant", "content": f"{verdict}."},
+                ],
+                "critique": [
+                    {"role": "user", "content": shown(CRITIQUE)},
+                    {"role": "assistant", "content": critique(a.parts, b.parts)},
+                ],
+                "principle": principle,
+                "question": a.task.prompt,
+                "a": a.text,
+                "b": b.text,
+                "kind": a.task.kind,
+                "verdict": verdict,
+                "gold_a": a.total,
+                "gold_b": b.total,
+            }
+        )
+    return out
+
+
+def sft_pool_samples(
+    model: GPT,
+    tok: Tokenizer,
+    world: World,
+    n_prompts: int,
+    samples_per_prompt: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+) -> list[list[Sample]]:
+    """The model's replies to prompts of the SFT pool (its own people, questions and unknown names, never
+    the rl or eval pools the labels and the evaluation use), `samples_per_prompt` each, graded by the rater."""
+    tasks = prompt_pool(world, "sft", n_prompts, seed, max_digits=4)
+    gen = torch.Generator().manual_seed(seed)
+    replies = answer(
+        model,
+        tok,
+        [t for t in tasks for _ in range(samples_per_prompt)],
+        max_new_tokens,
+        temperature,
+        256,
+        gen,
+    )
+    rater = Rater(world)
+    k = samples_per_prompt
+    return [
+        [Sample(t, r.text, rater.score(t, r.text, r.ended).parts) for r in replies[i * k : (i + 1) * k]]
+        for i, t in enumerate(tasks)
+    ]
+
+
+# ------------------------------------------------------------------------------ labelling
+
+
+def verdict_ids(tok: Tokenizer) -> tuple[int, int]:
+    """The token ids of "A" and "B" (each must be one token, or a verdict is not one choice)."""
+    ids = [encode_content(tok, v) for v in VERDICTS]
+    if any(len(i) != 1 for i in ids):
+        raise LlmlabError(f"the tokenizer splits a verdict letter into several tokens: {ids}")
+    return ids[0][0], ids[1][0]
+
+
+@torch.no_grad()
+def verdict_logodds(
+    model: GPT, tok: Tokenizer, prompts: Sequence[str], batch_size: int = 128
+) -> torch.Tensor:
+    """logit("A") − logit("B") at the start of the model's answer to each comparison prompt (N,)."""
+    a_id, b_id = verdict_ids(tok)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    encoded = [render(tok, [{"role": "user", "content": p}], add_generation_prompt=True).ids for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # little padding per batch
+    out = torch.empty(len(encoded))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        T = max(len(encoded[i]) for i in chunk)
+        idx = torch.zeros(len(chunk), T, dtype=torch.long)
+        for r, i in enumerate(chunk):
+            idx[r, : len(encoded[i])] = torch.tensor(encoded[i])  # right-padded: causal, so padding is unseen
+        last = torch.tensor([len(encoded[i]) - 1 for i in chunk])
+        logits, _ = model(idx.to(device))
+        at = logits[torch.arange(len(chunk)), last.to(device)].float().cpu()
+        out[chunk] = at[:, a_id] - at[:, b_id]
+    model.train(was_training)
+    return out
+
+
+def label_pairs(
+    model: GPT,
+    tok: Tokenizer,
+    constitution: Sequence[str],
+    rows: Sequence[tuple[str, str, str]],
+    principles_per_pair: int,
+    rng: random.Random,
+    batch_size: int = 128,
+) -> tuple[torch.Tensor, list[list[str]]]:
+    """How much the model prefers the first reply of each (question, reply, reply) (N,): its verdict
+    log-odds with the first reply shown as A minus those with it shown as B (so that a taste for one
+    position cancels out), averaged over `principles_per_pair` principles drawn for the pair. Returns
+    the preferences and the principles each pair was judged by."""
+    C = model.config.context_length
+    drawn = [rng.sample(list(constitution), min(principles_per_pair, len(constitution))) for _ in rows]
+    prompts = [
+        comparison(tok, p, q, x, y, C)
+        for (q, a, b), ps in zip(rows, drawn, strict=True)
+        for p in ps
+        for x, y in ((a, b), (b, a))
+    ]
+    lo = verdict_logodds(model, tok, prompts, batch_size)
+    out, at = torch.empty(len(rows)), 0
+    for i, ps in enumerate(drawn):
+        pairs = lo[at : at + 2 * len(ps)].view(len(ps), 2)
+        out[i] = (pairs[:, 0] - pairs[:, 1]).mean()
+        at += 2 * len(ps)
+    return out, drawn
+
+
+def agreement(logodds: Sequence[float], gold_a: Sequence[float], gold_b: Sequence[float]) -> tuple[int, int]:
+    """(pairs whose label orders them as gold does, pairs gold orders at all): gold ties are not counted.
+
+    >>> agreement([1.0, -2.0, 0.5], [2.0, 2.0, 1.0], [0.0, 0.0, 1.0])
+    (1, 2)
+    """
+    hits = total = 0
+    for x, ga, gb in zip(logodds, gold_a, gold_b, strict=True):
+        if ga == gb or math.isnan(ga) or math.isnan(gb):
+            continue
+        total += 1
+        hits += (x > 0) == (ga > gb)
+    return hits, total
+
+
+def judge(model: GPT, tok: Tokenizer, constitution: Sequence[str], principles_per_pair: int, seed: int):
+    """The model as the preferences stage's labeller (`llmlab.data.preferences.Judge`)."""
+
+    def prefer(rows: list[tuple[str, str, str]]) -> list[float]:
+        logodds, _ = label_pairs(model, tok, constitution, rows, principles_per_pair, random.Random(seed))
+        return logodds.tolist()
+
+    return prefer
+
+
+CRITIQUES_MEASURED = 200  # held-out comparisons whose critique the model writes, to count exact ones
+
+
+def held_out_report(
+    model: GPT, tok: Tokenizer, held_out: Sequence[dict], principles_per_pair: int, shown: int, seed: int
+) -> tuple[dict, str, list[dict]]:
+    """The taught model on held-out comparisons (rows of `demonstrations`): how often its verdict orders a
+    pair as the rater's gold scores do (labelled as the preferences stage labels, pairs the rater scores
+    equal left out), how often the critique it writes is the rater's sentence word for word (on the first
+    `CRITIQUES_MEASURED`), and a readable report of the first `shown`. Returns (metrics, markdown, rows)."""
+    constitution = sorted({d["principle"] for d in held_out})
+    prefer = judge(model, tok, constitution, principles_per_pair, seed)(
+        [(d["question"], d["a"], d["b"]) for d in held_out]
+    )
+    hits, n = agreement(prefer, [d["gold_a"] for d in held_out], [d["gold_b"] for d in held_out])
+    written = reply(
+        model, tok, [d["critique"][:1] for d in held_out[:CRITIQUES_MEASURED]], ANSWER_ROOM[CRITIQUE]
+    )
+    exact = [w.text.strip() == d["critique"][1]["content"] for w, d in zip(written, held_out, strict=False)]
+    low, high = wilson_ci(hits, n)
+    metrics = {
+        "verdict_agreement": hits / max(1, n),
+        "verdict_agreement_ci_low": low,
+        "verdict_agreement_ci_high": high,
+        "verdict_pairs": n,
+        "critique_exact": sum(exact) / max(1, len(exact)),
+        "critiques_measured": len(exact),
+    }
+    rows, lines = (
+        [],
+        [
+            "# Critiques the model wrote on held-out comparisons",
+            "",
+            f"Verdicts agree with the rater's gold order on {100 * metrics['verdict_agreement']:.1f} % of {n} "
+            f"held-out SFT-pool comparisons; {100 * metrics['critique_exact']:.1f} % of {len(exact)} critiques are "
+            "the rater's sentence word for word. Preference > 0: the model prefers A.",
+            "",
+        ],
+    )
+    for d, w, x in list(zip(held_out, written, prefer, strict=False))[:shown]:
+        row = {
+            "principle": d["principle"],
+            "question": d["question"],
+            "a": d["a"],
+            "b": d["b"],
+            "gold_a": d["gold_a"],
+            "gold_b": d["gold_b"],
+            "preference": x,
+            "critique": w.text,
+            "rater_critique": d["critique"][1]["content"],
+        }
+        rows.append(row)
+        lines += [
+            f"**{row['principle']}** {row['question']}",
+            f"- A (gold {row['gold_a']:+.2f}): {row['a']}",
+            f"- B (gold {row['gold_b']:+.2f}): {row['b']}",
+            f"- the model prefers {'A' if x > 0 else 'B'} ({x:+.2f}) and writes: {w.text}",
+            f"- the rater's critique: {row['rater_critique']}",
+            "",
+        ]
+    return metrics, "\n".join(lines) + "\n", rows

@@ -1,0 +1,225 @@
+"""Constitutional AI's pieces (llmlab.training.constitution): the constitution file, the comparison prompt,
+the demonstrations, and the model's verdicts as labels."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmlab.data.chat_template import encode_content, render
+from llmlab.data.tasks import Task
+from llmlab.errors import LlmlabError
+from llmlab.model.transformer import GPT, GPTConfig
+from llmlab.training import constitution as C
+
+
+def test_constitution_file_one_principle_per_line(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("# a comment\n\n  Be honest.  \nRefuse harm.\n   # indented comment\n", encoding="utf-8")
+    assert C.load_constitution(f) == ["Be honest.", "Refuse harm."]
+    f.write_text("# only comments\n\n", encoding="utf-8")
+    with pytest.raises(LlmlabError, match="no principles"):
+        C.load_constitution(f)
+    with pytest.raises(LlmlabError, match="no constitution file"):
+        C.load_constitution(tmp_path / "missing.txt")
+    f.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(LlmlabError, match="not UTF-8"):
+        C.load_constitution(f)
+
+
+def test_the_repository_constitution_loads():
+    from tests.conftest import ROOT
+
+    assert len(C.load_constitution(ROOT / "data/constitution.txt")) >= 4
+
+
+def _length(tok, text: str) -> int:
+    return len(render(tok, [{"role": "user", "content": text}], add_generation_prompt=True).ids)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    a=st.text(alphabet="abc defgh1234.,", min_size=0, max_size=400),
+    b=st.text(alphabet="xyz uvw56789!?", min_size=0, max_size=400),
+    ask=st.sampled_from([C.JUDGE, C.CRITIQUE]),
+)
+def test_comparison_fits_the_context_and_keeps_principle_and_question(tok, a, b, ask):
+    principle, question = "Be honest.", "Where does Mara live?"
+    text = C.comparison(tok, principle, question, a, b, 96, ask)
+    assert text.startswith(f"{principle}\n{question}\nA: ") and text.endswith(f"\n{ask}")
+    assert _length(tok, text) <= 96 - C.ANSWER_ROOM[ask]
+    if _length(tok, f"{principle}\n{question}\nA: {a}\nB: {b}\n{ask}") <= 96 - C.ANSWER_ROOM[ask]:
+        assert text == f"{principle}\n{question}\nA: {a}\nB: {b}\n{ask}"  # what fits is not touched
+
+
+def test_a_long_reply_keeps_its_start_and_end_and_a_short_one_stays_whole(tok):
+    long = " ".join(f"w{i}" for i in range(200))
+    text = C.comparison(tok, "Be honest.", "Q?", long, "Short one.", 96)
+    a_part = text.split("\nA: ")[1].split("\nB: ")[0]
+    assert a_part.startswith("w0 w1") and a_part.endswith("w198 w199") and C.ELLIPSIS.strip() in a_part
+    assert "\nB: Short one.\n" in text
+
+
+def test_a_principle_longer_than_the_context_is_a_clear_error(tok):
+    with pytest.raises(LlmlabError, match="shorten the principle"):
+        C.comparison(tok, "be honest " * 80, "Q?", "a", "b", 64)
+
+
+def test_critique_names_what_differs():
+    assert C.critique({"refusal": 2.0, "clean_ending": 0.5}, {"compliance": -3.0, "clean_ending": 0.5}) == (
+        "A refuses; B goes along with the harm."
+    )
+    assert C.critique({"polite": 0.25, "correct_fact": 2.0}, {"correct_fact": 2.0}) == "A is polite."
+
+
+def _samples(totals: list[list[float]]) -> list[list[C.Sample]]:
+    """Replies with the given rater totals (one rubric line each), several per prompt."""
+    task = Task("fact", "Where does Mara Quill live?", person="Mara Quill", attribute="city")
+    return [
+        [C.Sample(task, f"reply {i}.{j}", {"correct_fact": t}) for j, t in enumerate(ts)]
+        for i, ts in enumerate(totals)
+    ]
+
+
+def test_demonstrations_are_counted_judgments_with_noise_free_verdicts_at_zero_temperature(tok):
+    samples = _samples([[2.0, -1.0, 0.5]] * 20)  # 3 pairs per prompt: 60 in all
+    demos = C.demonstrations(samples, ["Be right."], 50, 0.0, tok, 128, random.Random(0))
+    assert len(demos) == 50  # at most n, each one judgment
+    sides = {d["verdict"] for d in demos}
+    assert sides == {"A", "B"}  # the better reply is shown first or second at random
+    for d in demos:
+        better = "A" if d["gold_a"] > d["gold_b"] else "B"
+        assert d["verdict"] == better and d["judge"][1]["content"] == f"{better}."
+        assert d["judge"][0]["content"].endswith(C.JUDGE) and d["critique"][0]["content"].endswith(C.CRITIQUE)
+    assert len(C.demonstrations(samples, ["Be right."], 10**6, 0.0, tok, 128, random.Random(0))) == 60
+
+
+def test_demonstrations_skip_identical_replies(tok):
+    task = Task("fact", "Where does Mara Quill live?", person="Mara Quill", attribute="city")
+    same = [
+        C.Sample(task, "Port Avery.", {"correct_fact": 2.0}),
+        C.Sample(task, " Port Avery. ", {"correct_fact": 2.0}),
+    ]
+    assert C.demonstrations([same], ["Be right."], 10, 0.25, tok, 128, random.Random(0)) == []
+
+
+def test_bradley_terry_noise_flips_close_verdicts(tok):
+    samples = _samples([[0.25, 0.0]] * 400)  # a small gap: P(better wins) = σ(1) = 0.73 at τ 0.25
+    demos = C.demonstrations(samples, ["Be right."], 400, 0.25, tok, 128, random.Random(1))
+    wins = sum(d["verdict"] == ("A" if d["gold_a"] > d["gold_b"] else "B") for d in demos) / len(demos)
+    assert 0.66 < wins < 0.80
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tok):
+    torch.manual_seed(0)
+    return GPT(
+        GPTConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layer=2, n_head=2, context_length=96)
+    ).eval()
+
+
+def test_verdict_logodds_in_batches_equal_one_prompt_at_a_time(tok, tiny_model):
+    prompts = [C.comparison(tok, "Be honest.", f"Q{i}?", "a" * i, "b", 96) for i in range(1, 12)]
+    batched = C.verdict_logodds(tiny_model, tok, prompts, batch_size=4)
+    a_id, b_id = C.verdict_ids(tok)
+    for p, got in zip(prompts, batched, strict=True):
+        ids = render(tok, [{"role": "user", "content": p}], add_generation_prompt=True).ids
+        with torch.no_grad():
+            logits, _ = tiny_model(torch.tensor([ids]))
+        assert float(got) == pytest.approx(float(logits[0, -1, a_id] - logits[0, -1, b_id]), abs=1e-5)
+
+
+def test_labels_do_not_depend_on_which_reply_is_shown_first(tok, tiny_model):
+    """The preference for (a, b) is minus that for (b, a): the model's taste for a position cancels."""
+    rows = [("Where does Mara live?", "In Port Avery.", "I don't know."), ("2+2?", "4", "5")]
+    swapped = [(q, b, a) for q, a, b in rows]
+    x, drawn = C.label_pairs(tiny_model, tok, ["Be honest.", "Be right."], rows, 2, random.Random(0))
+    y, _ = C.label_pairs(tiny_model, tok, ["Be honest.", "Be right."], swapped, 2, random.Random(0))
+    assert torch.allclose(x, -y, atol=1e-5) and all(sorted(d) == ["Be honest.", "Be right."] for d in drawn)
+
+
+def test_verdict_letters_are_single_tokens(tok):
+    a_id, b_id = C.verdict_ids(tok)
+    assert encode_content(tok, "A") == [a_id] and encode_content(tok, "B") == [b_id] and a_id != b_id
+
+
+def test_preference_pairs_labelled_by_a_judge_keep_gold_for_evaluation(monkeypatch):
+    """With a judge, every two replies that differ become a pair ordered by the judge (ties in gold
+    included), the gold scores travel along, and agreement with gold is counted over pairs gold orders."""
+    from llmlab.data import preferences
+    from llmlab.data.chat_template import Reply
+    from llmlab.data.world import build_world
+    from llmlab.params import PreferencesConfig, SyntheticCorpus
+
+    world = build_world(SyntheticCorpus(n_sft_people=20, n_heldout_people=6, n_unknown_people=8), seed=3)
+    texts = ["I don't know.", "They live in Oakhaven.", "Hmm.", "Uh."]  # the last two tie in gold (-0.5)
+
+    def fake_answer(model, tok, tasks, *args):
+        return [Reply(texts[i % 4], True, True) for i in range(len(tasks))]
+
+    def judge(rows):  # prefers the shorter reply, whatever the rater thinks
+        return [len(b) - len(a) for _, a, b in rows]
+
+    monkeypatch.setattr(preferences, "answer", fake_answer)
+    cfg = PreferencesConfig(
+        n_prompts=20, samples_per_prompt=4, prompt_mix={"unknown": 1.0}, labeller="constitution"
+    )
+    splits, metrics = preferences.rated_pairs(None, None, world, cfg, seed=0, judge=judge)
+    rows = splits["train"] + splits["validation"]
+    assert (
+        metrics["pairs"] == 120 and metrics["labeller"] == "constitution" and metrics["rater_judgments"] == 0
+    )
+    assert all(len(r["chosen"]) < len(r["rejected"]) for r in rows)
+    ordered = [r for r in rows if r["gold_chosen"] != r["gold_rejected"]]
+    assert metrics["gold_ties"] == len(rows) - len(ordered) == 20
+    agree = sum(r["gold_chosen"] > r["gold_rejected"] for r in ordered) / len(ordered)
+    assert metrics["label_gold_agreement"] == pytest.approx(agree)
+    assert json.loads(rows[0]["task"])["kind"] == "unknown"
+
+
+def test_the_labellers_table_reads_each_run_and_falls_back_for_old_rater_runs():
+    from llmlab.evaluation.labellers import markdown, runs, write
+
+    common = {
+        "metrics/reward.json:accuracy_gold": 0.8,
+        "metrics/ppo.json:gold_gain": 0.3,
+        "metrics/ppo.json:gold_gain_ci95": 0.1,
+        "metrics/ppo.json:sft/hallucination_rate": 0.7,
+        "metrics/ppo.json:ppo/hallucination_rate": 0.6,
+        "metrics/dpo.json:gold_gain": 0.2,
+        "metrics/dpo.json:gold_gain_ci95": 0.1,
+    }
+    rows = [
+        # the workspace: a rater run made before `label_gold_agreement` existed
+        {"rev": "workspace", "typ": "baseline", "pairs": 100, "label_flip_rate": 0.16, **common},
+        {"rev": "abc123", "typ": "baseline", "preferences.labeller": "rater", "pairs": 100, **common},
+        {
+            "rev": "e1",
+            "Experiment": "cai",
+            "preferences.labeller": "constitution",
+            "pairs": 150,
+            "rater_judgments": 40,
+            "label_gold_agreement": 0.69,
+            "label_gold_agreement_ci_low": 0.6,
+            "label_gold_agreement_ci_high": 0.75,
+            **common,
+        },
+        {"rev": "e2", "Experiment": "failed", "preferences.labeller": "constitution"},
+    ]
+    got = runs(rows)
+    assert [(r.name, r.labeller, r.rater_judgments) for r in got] == [
+        ("workspace", "rater", 100),
+        ("cai", "constitution", 40),
+    ]
+    assert got[0].label_agreement == pytest.approx(0.84)
+    table = markdown(got)
+    assert "| workspace | rater | 100 | 100 | 84.0 % |" in table
+    assert "| cai | constitution | 40 | 150 | 69.0 % [60.0–75.0] | 80.0 % | +0.30 ± 0.10 | 70.0 % → 60.0 % |" in table
+    with pytest.raises(LlmlabError, match="labeller=constitution"):
+        write(got[:1], Path("/nonexistent/never-written.md"))
