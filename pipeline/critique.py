@@ -97,7 +97,10 @@ def main(args, params: Params) -> None:
         samples[n_val:], constitution, cfg.demonstrations, prefs.label_temperature, tok, T, rng
     )
     held_out = demonstrations(samples[:n_val], constitution, 10**9, prefs.label_temperature, tok, T, rng)
-    train_base = ChatDataset(tok, [d[k] for d in taught for k in ("judge", "critique")], T)
+    critiqued = round(cfg.critique_share * len(taught))  # the verdict is taught for every judgment
+    train_base = ChatDataset(
+        tok, [d["judge"] for d in taught] + [d["critique"] for d in taught[:critiqued]], T
+    )
     val_set = ChatDataset(tok, [d[k] for d in held_out for k in ("judge", "critique")], T)
     log.info(
         "%d demonstrations taught (each one rater judgment), %d held-out comparisons, %d principles",
@@ -136,6 +139,7 @@ def main(args, params: Params) -> None:
         )
         metrics = {
             "taught": len(taught),
+            "critiques_taught": critiqued,
             "rater_judgments": len(taught),
             "principles": len(constitution),
             "held_out_comparisons": len(held_out),

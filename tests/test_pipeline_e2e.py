@@ -436,6 +436,11 @@ def test_second_repro_does_nothing(pipeline):
 # Declared keys this run cannot read, because only another configuration takes the branch that reads them.
 READ_IN_OTHER_CONFIGS = {
     ("reward", "preferences.max_new_tokens"),  # the reward shift on SFT replies: real preference data only
+    # Constitutional AI (preferences.labeller: constitution) only: the default run skips the critique stage
+    ("critique", "seed"),
+    ("critique", "critique"),
+    ("critique", "preferences.label_temperature"),
+    ("preferences", "critique.principles_per_pair"),
 }
 
 

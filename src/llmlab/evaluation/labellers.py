@@ -52,7 +52,7 @@ class Run:
 
 def _metric(row: Mapping, file: str, key: str):
     """`dvc.api.exp_show` names a metric `key`, or `<file>:key` when another metrics file has it too."""
-    value = row.get(f"{FILES[file]}:{key}", row.get(key) if file == "preferences" else None)
+    value = row.get(f"{FILES[file]}:{key}", row.get(key))
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
