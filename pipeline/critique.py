@@ -58,26 +58,30 @@ def add_arguments(p):
     p.add_argument("--report", required=True, help="folder for the held-out critiques")
 
 
-def skip(args, why: str) -> None:
-    """Outputs that say the stage taught nothing (DVC needs its outputs to exist)."""
+def skip(args, params: Params, why: str) -> None:
+    """Outputs that say the stage taught nothing (DVC needs its outputs to exist), in a run of its own."""
     note = f"No feedback model: {why}. Run `dvc exp run -S preferences.labeller=constitution` for one.\n"
-    with atomic_path(args.out, is_dir=True) as tmp:
-        (tmp / "NOT_TRAINED.txt").write_text(note, encoding="utf-8")
-    write_files(args.plots, {"train_loss.csv": "step,train_loss\n", "val_loss.csv": "step,val_loss\n"})
-    write_files(args.report, {"critiques.md": note})
-    write_json(args.metrics, {"taught": 0, "rater_judgments": 0})
+    metrics = {"taught": 0, "rater_judgments": 0}
+    with StageRun("critique", {"preferences": {"labeller": params.preferences.labeller}}) as run:
+        with atomic_path(args.out, is_dir=True) as tmp:
+            (tmp / "NOT_TRAINED.txt").write_text(note, encoding="utf-8")
+        write_files(args.plots, {"train_loss.csv": "step,train_loss\n", "val_loss.csv": "step,val_loss\n"})
+        write_files(args.report, {"critiques.md": note})
+        write_json(args.metrics, metrics)
+        run.log_metrics(metrics)
+        run.log_artifact(args.metrics)
     log.info("nothing to teach: %s", why)
 
 
 def main(args, params: Params) -> None:
     cfg, prefs = params.critique, params.preferences
     if prefs.labeller != "constitution":
-        return skip(args, "preferences.labeller is rater")
+        return skip(args, params, "preferences.labeller is rater")
     constitution = load_constitution(args.constitution)
     tok = load_tokenizer(args.tokenizer)
     world = World.load(args.world)
     if not world.people:
-        return skip(args, "no synthetic world (the demonstrations need the rater)")
+        return skip(args, params, "no synthetic world (the demonstrations need the rater)")
     sft = load_model(args.model, stage="sft")
     T = sft.config.context_length
 

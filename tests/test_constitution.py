@@ -53,8 +53,8 @@ def test_comparison_fits_the_context_and_keeps_principle_and_question(tok, a, b,
     principle, question = "Be honest.", "Where does Mara live?"
     text = C.comparison(tok, principle, question, a, b, 96, ask)
     assert text.startswith(f"{principle}\n{question}\nA: ") and text.endswith(f"\n{ask}")
-    assert _length(tok, text) <= 96 - C.ANSWER_ROOM[ask]
-    if _length(tok, f"{principle}\n{question}\nA: {a}\nB: {b}\n{ask}") <= 96 - C.ANSWER_ROOM[ask]:
+    assert _length(tok, text) <= 96 - C.answer_room(ask, 96)
+    if _length(tok, f"{principle}\n{question}\nA: {a}\nB: {b}\n{ask}") <= 96 - C.answer_room(ask, 96):
         assert text == f"{principle}\n{question}\nA: {a}\nB: {b}\n{ask}"  # what fits is not touched
 
 
@@ -67,8 +67,15 @@ def test_a_long_reply_keeps_its_start_and_end_and_a_short_one_stays_whole(tok):
 
 
 def test_a_principle_longer_than_the_context_is_a_clear_error(tok):
-    with pytest.raises(LlmlabError, match="shorten the principle"):
+    with pytest.raises(LlmlabError, match="shorten it in the constitution file"):
         C.comparison(tok, "be honest " * 80, "Q?", "a", "b", 64)
+
+
+def test_in_a_tiny_context_the_question_is_cut_too_but_never_the_principle(tok):
+    question = " ".join(f"word{i}" for i in range(60)) + "?"
+    text = C.comparison(tok, "Be honest.", question, "a reply", "another reply", 64)
+    assert text.startswith("Be honest.\nword0") and C.ELLIPSIS.strip() in text.split("\nA: ")[0]
+    assert _length(tok, text) <= 64 - C.answer_room(C.JUDGE, 64)
 
 
 def test_critique_names_what_differs():
@@ -220,6 +227,9 @@ def test_the_labellers_table_reads_each_run_and_falls_back_for_old_rater_runs():
     assert got[0].label_agreement == pytest.approx(0.84)
     table = markdown(got)
     assert "| workspace | rater | 100 | 100 | 84.0 % |" in table
-    assert "| cai | constitution | 40 | 150 | 69.0 % [60.0–75.0] | 80.0 % | +0.30 ± 0.10 | 70.0 % → 60.0 % |" in table
+    assert (
+        "| cai | constitution | 40 | 150 | 69.0 % [60.0–75.0] | 80.0 % | +0.30 ± 0.10 | 70.0 % → 60.0 % |"
+        in table
+    )
     with pytest.raises(LlmlabError, match="labeller=constitution"):
         write(got[:1], Path("/nonexistent/never-written.md"))

@@ -349,14 +349,21 @@ def test_constitutional_ai_path_is_one_dvc_exp_run_away(pipeline):
     skipped = json.loads((repo / "metrics/critique.json").read_text())
     assert skipped == {"taught": 0, "rater_judgments": 0}  # the default run paid nothing for it
     assert "rater judgments" in (repo / "reports/report.md").read_text()
-    exp = subprocess.run(
-        ["dvc", "exp", "run", "--temp", "-S", "preferences.labeller=constitution", "--name", "cai"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # the tiny model's 64-token context holds a short principle, a question and two replies, not more
+    constitution = repo / "data/constitution.txt"
+    shipped = constitution.read_text()
+    constitution.write_text("# for a 64-token context\nBe honest.\nBe right.\n")
+    try:
+        exp = subprocess.run(
+            ["dvc", "exp", "run", "--temp", "-S", "preferences.labeller=constitution", "--name", "cai"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        constitution.write_text(shipped)  # the workspace's run stays up to date for the tests after this
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
     shown = subprocess.run(
         ["dvc", "exp", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=120

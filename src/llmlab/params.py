@@ -416,6 +416,16 @@ class PreferencesConfig(Section):
     data/constitution.txt (Constitutional AI's feedback model); the rater's scores are kept for evaluation
     only. Measured in docs/results.md, "Constitutional AI"."""
 
+    @field_validator("labeller")
+    @classmethod
+    def _constitution_needs_the_rater(cls, labeller: str, info: ValidationInfo) -> str:
+        if labeller == "constitution" and info.data.get("source", "synthetic") != "synthetic":
+            raise ValueError(
+                "constitution needs preferences.source synthetic: the critique stage is taught by the "
+                "synthetic world's rater, which real data does not have"
+            )
+        return labeller
+
 
 # ---------------------------------------------------------------------------------------- critique
 

@@ -607,6 +607,8 @@ def _reward(m: Mapping, fig: Mapping) -> str:
         gold = (
             "There is no gold rater in this run (real preference data): accuracy is against the labels only."
         )
+    elif "accuracy_gold" not in r:
+        gold = "The rubric scores the two replies of every held-out pair equal: no gold agreement to measure."
     else:
         gold = (
             f"On {r['pairs_validation']:.0f} held-out pairs it orders the two replies as the rater's rubric does "

@@ -17,7 +17,8 @@ prompt. Each judgment teaches two turns, a verdict and a critique:
 The verdict is the rater's preference drawn with the same Bradley–Terry noise as the human-feedback
 labels; the critique names the rubric lines that fired for one reply and not the other. Taught in one
 answer ("B. A invents ..."), the verdict's single token drowned in the critique's and the verdicts
-stayed at chance (46 % on held-out pairs against 72 % taught apart, seed 1337), hence two turns.
+stayed at chance (46 % on held-out pairs, seed 1337; 71.7 % taught alone), hence two conversations, and
+`critique.critique_share` to teach fewer critiques (docs/results.md).
 
 To label a pair, the model reads it with a principle drawn at random (`principles_per_pair` of them),
 once with each reply as A: the preference is logit("A") − logit("B") of the first reading minus that
@@ -25,8 +26,8 @@ of the second, so a taste for one position cancels out (untreated, it put the fi
 most pairs). Only the verdict token is read (one forward pass per reading); the critiques are written
 for the readable report.
 
-Replies too long for the context keep their first and last words around " … " (the principle and the
-question are never cut), so every pair can be labelled.
+Replies too long for the context keep their first and last words around " … " (the principle is never
+cut, the question only in a tiny model's context), so every pair can be labelled.
 """
 
 from __future__ import annotations
@@ -117,8 +118,13 @@ def _fit(tok: Tokenizer, text: str, budget: int) -> str:
 JUDGE = "Which follows this better, A or B?"
 CRITIQUE = "What does each reply do?"
 # Tokens of the context kept free after the prompt for the answer: a verdict is "A." and <|end|>, a
-# critique sentence up to about 20 tokens.
+# critique sentence up to about 20 tokens (less in a tiny model's context: `answer_room`).
 ANSWER_ROOM = {JUDGE: 4, CRITIQUE: 24}
+
+
+def answer_room(ask: str, context_length: int) -> int:
+    """`ANSWER_ROOM[ask]`, but at most 3/16 of the context (24 of 128 tokens; 12 of a tiny model's 64)."""
+    return min(ANSWER_ROOM[ask], context_length * 3 // 16)
 
 
 def comparison(
@@ -126,33 +132,36 @@ def comparison(
 ) -> str:
     """The user turn that shows two replies under `principle` and asks `ask` (which is better: `JUDGE`;
     what each does: `CRITIQUE`). Replies are shortened (`_fit`) so that the rendered prompt leaves
-    `ANSWER_ROOM[ask]` tokens of the context for the answer; the principle and the question are never cut
-    (when they alone overflow, the replies keep only " … " and the prompt is longer than that)."""
+    `answer_room` tokens of the context for the answer; the question too when the principle and the
+    question alone would not leave each reply a token (a tiny model's context); the principle never."""
 
-    def text(x: str, y: str) -> str:
-        return f"{principle}\n{question}\nA: {x}\nB: {y}\n{ask}"
+    def text(q: str, x: str, y: str) -> str:
+        return f"{principle}\n{q}\nA: {x}\nB: {y}\n{ask}"
 
     def length(t: str) -> int:
         return len(render(tok, [{"role": "user", "content": t}], add_generation_prompt=True).ids)
 
-    budget = context_length - ANSWER_ROOM[ask]
-    if length(text(a, b)) <= budget:
-        return text(a, b)
-    fixed = length(text("", ""))
-    if fixed >= context_length:
-        raise LlmlabError(
-            f"the principle {principle!r} and the question alone take {fixed} of the model's "
-            f"{context_length} tokens: shorten the principle in the constitution file"
-        )
-    room = max(2, budget - fixed)  # for both replies
+    budget = context_length - answer_room(ask, context_length)
+    if length(text(question, a, b)) <= budget:
+        return text(question, a, b)
+    ellipsis = len(encode_content(tok, ELLIPSIS.strip()))
+    if length(text(question, "", "")) + 2 * ellipsis > budget:
+        room = budget - length(text("", "", "")) - 2 * ellipsis
+        if room < 1:
+            raise LlmlabError(
+                f"the principle {principle!r} leaves no room for a question and two replies in the "
+                f"model's {context_length} tokens: shorten it in the constitution file"
+            )
+        question = _fit(tok, question, room)
+    room = max(2 * ellipsis, budget - length(text(question, "", "")))  # for both replies
     each = room // 2
     a_len, b_len = len(encode_content(tok, a)), len(encode_content(tok, b))
     # the shorter reply keeps all of itself when it fits in its half; the longer gets what is left
     if a_len <= each:
-        return text(a, _fit(tok, b, room - a_len))
+        return text(question, a, _fit(tok, b, room - a_len))
     if b_len <= each:
-        return text(_fit(tok, a, room - b_len), b)
-    return text(_fit(tok, a, each), _fit(tok, b, each))
+        return text(question, _fit(tok, a, room - b_len), b)
+    return text(question, _fit(tok, a, each), _fit(tok, b, each))
 
 
 def critique(parts_a: dict[str, float], parts_b: dict[str, float]) -> str:
@@ -373,7 +382,10 @@ def held_out_report(
     )
     hits, n = agreement(prefer, [d["gold_a"] for d in held_out], [d["gold_b"] for d in held_out])
     written = reply(
-        model, tok, [d["critique"][:1] for d in held_out[:CRITIQUES_MEASURED]], ANSWER_ROOM[CRITIQUE]
+        model,
+        tok,
+        [d["critique"][:1] for d in held_out[:CRITIQUES_MEASURED]],
+        answer_room(CRITIQUE, model.config.context_length),
     )
     exact = [w.text.strip() == d["critique"][1]["content"] for w, d in zip(written, held_out, strict=False)]
     low, high = wilson_ci(hits, n)

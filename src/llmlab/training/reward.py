@@ -366,8 +366,11 @@ def reward_metrics(
         hits = [
             (float(a - b) > 0) == (gc > gr) for a, b, (gc, gr) in zip(r_c, r_r, gold, strict=True) if gc != gr
         ]
-        metrics["accuracy_gold"] = sum(hits) / max(1, len(hits))
-        metrics["accuracy_gold_ci_low"], metrics["accuracy_gold_ci_high"] = wilson_ci(sum(hits), len(hits))
+        if hits:  # none when the rubric scores every held-out pair's replies equal (a tiny run)
+            metrics["accuracy_gold"] = sum(hits) / len(hits)
+            metrics["accuracy_gold_ci_low"], metrics["accuracy_gold_ci_high"] = wilson_ci(
+                sum(hits), len(hits)
+            )
     return metrics, calibration(r_c, r_r, seed)
 
 
@@ -400,7 +403,7 @@ def calibration_csv(table: list[tuple[float, float, int]]) -> str:
 
 def summary_line(metrics: dict, rated: bool) -> str:
     """The stage's last log line: agreement with the gold rater (rated pairs) and with the pairs' labels."""
-    gold = f"{100 * metrics['accuracy_gold']:.1f}%" if rated else "n/a"
+    gold = f"{100 * metrics['accuracy_gold']:.1f}%" if "accuracy_gold" in metrics else "n/a"
     return (
         f"gold accuracy {gold} · label accuracy {100 * metrics['accuracy_noisy_labels']:.1f}% "
         f"on {metrics['pairs_validation']} held-out pairs"
