@@ -17,3 +17,38 @@ def test_a_claim_is_shown_within_the_noise_or_the_opposite():
     )
     assert opposite.startswith("**Not shown by this model: the opposite was measured:**")
     assert "within the noise" not in opposite and "[-3.9, -1.9]" in opposite
+
+
+def test_section_14_says_who_labelled_and_judges_the_model_path_by_ppo_gold_gain():
+    from llmlab.evaluation.report import _constitution
+
+    rater = {"gold_rater": 1, "model_labels": 0, "pairs": 14000, "rater_judgments": 14000, "gold_ties": 0}
+    rater |= {
+        "label_gold_agreement": 0.9,
+        "label_gold_agreement_ci_low": 0.89,
+        "label_gold_agreement_ci_high": 0.91,
+    }
+    text = _constitution({"preferences": rater, "reward_model": {}, "ppo": {}})
+    assert "**14,000 rater judgments**" in text and "90.0 % [89.0–91.0]" in text and "make cai" in text
+    model = rater | {"model_labels": 1, "pairs": 22000, "rater_judgments": 2000, "gold_ties": 8000}
+    model |= {
+        "label_gold_agreement": 0.65,
+        "label_gold_agreement_ci_low": 0.64,
+        "label_gold_agreement_ci_high": 0.66,
+    }
+    critique = {"verdict_pairs": 200, "verdict_agreement": 0.6, "critique_exact": 0.2}
+    reward = {"accuracy_gold": 0.7}
+    up = {
+        "gold_gain": 0.25,
+        "gold_gain_ci95": 0.1,
+        "sft/hallucination_rate": 0.6,
+        "ppo/hallucination_rate": 0.4,
+    }
+    text = _constitution({"preferences": model, "critique": critique, "reward_model": reward, "ppo": up})
+    assert "**2,000 rater judgments**" in text and "65.0 % [64.0–66.0] (14,000 pairs" in text
+    assert "70.0 %" in text and "+0.25 ± 0.10" in text and "60.0 % → 40.0 %" in text
+    assert "**Shown:**" in text
+    flat = _constitution(
+        {"preferences": model, "critique": critique, "reward_model": reward, "ppo": up | {"gold_gain": 0.05}}
+    )
+    assert "**Not shown convincingly by this model:**" in flat
