@@ -115,7 +115,7 @@ def main(args, params: Params) -> None:
         run.log_metrics(metrics)
         for path in (args.metrics, args.plots, Path(args.out) / "config.json"):
             run.log_artifact(path)
-        log.info(summary_line(metrics, rated))
+        log.info(summary_line(metrics))
 
 
 if __name__ == "__main__":

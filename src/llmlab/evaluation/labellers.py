@@ -15,7 +15,6 @@ whose outputs follow from the evaluate stage's deps alone; each run's report has
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Iterable, Mapping
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmlab.errors import LlmlabError
+from llmlab.evaluation.sweep import experiments_command
 from llmlab.io import write_text
 
 PARAM = "preferences.labeller"
@@ -142,20 +142,12 @@ def write(rs: list[Run], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repo", default=".", help="the DVC repository whose experiments to read (default: .)")
-    ap.add_argument("--out", default="reports/constitution.md", help="the markdown file to write")
-    args = ap.parse_args(argv)
-    import dvc.api  # here: DVC takes a second to import, and only this command needs it
+    def make(rows: list[Mapping], out: Path) -> str:
+        rs = runs(rows)
+        write(rs, out)
+        return f"{out}: {len(rs)} runs"
 
-    try:
-        rs = runs(dvc.api.exp_show(repo=args.repo))
-        write(rs, Path(args.out))
-    except LlmlabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.out}: {len(rs)} runs")
-    return 0
+    return experiments_command(argv, __doc__.splitlines()[0], "reports/constitution.md", make)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,21 +151,32 @@ def write(pts: list[Point], out: Path) -> None:
     write_text(out.with_suffix(".md"), markdown(pts, out.with_suffix(".png").name))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def experiments_command(
+    argv: list[str] | None, description: str, default_out: str, make: Callable[[list[Mapping], Path], str]
+) -> int:
+    """A command that turns the DVC experiments of `--repo` into a report at `--out`: `make(rows, out)`
+    writes it from `dvc.api.exp_show` rows and says what it wrote; an LlmlabError is one line, exit 1."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--repo", default=".", help="the DVC repository whose experiments to read (default: .)")
-    ap.add_argument("--out", default="reports/overoptimisation", help="path of the .md and .png, no suffix")
+    ap.add_argument("--out", default=default_out, help="where to write (default: %(default)s)")
     args = ap.parse_args(argv)
-    import dvc.api  # here: DVC takes a second to import, and only this command needs it
+    import dvc.api  # here: DVC takes a second to import, and only these commands need it
 
     try:
-        pts = points(dvc.api.exp_show(repo=args.repo))
-        write(pts, Path(args.out))
+        print(make(dvc.api.exp_show(repo=args.repo), Path(args.out)))
     except LlmlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{args.out}.md, {args.out}.png: {len(pts)} runs")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def make(rows: list[Mapping], out: Path) -> str:
+        pts = points(rows)
+        write(pts, out)
+        return f"{out}.md, {out}.png: {len(pts)} runs"
+
+    return experiments_command(argv, __doc__.splitlines()[0], "reports/overoptimisation", make)
 
 
 if __name__ == "__main__":

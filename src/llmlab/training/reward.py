@@ -401,8 +401,8 @@ def calibration_csv(table: list[tuple[float, float, int]]) -> str:
     return "predicted,observed,n\n" + "".join(f"{p:.4f},{o:.4f},{n}\n" for p, o, n in table)
 
 
-def summary_line(metrics: dict, rated: bool) -> str:
-    """The stage's last log line: agreement with the gold rater (rated pairs) and with the pairs' labels."""
+def summary_line(metrics: dict) -> str:
+    """The stage's last log line: agreement with the gold rater (when measured) and with the pairs' labels."""
     gold = f"{100 * metrics['accuracy_gold']:.1f}%" if "accuracy_gold" in metrics else "n/a"
     return (
         f"gold accuracy {gold} · label accuracy {100 * metrics['accuracy_noisy_labels']:.1f}% "
