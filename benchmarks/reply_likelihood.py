@@ -33,8 +33,7 @@ def main() -> None:
         out = []
         for i in range(0, len(seqs), 64):
             idx, last = pad_batch(seqs[i : i + 64])
-            logits, _ = model(idx)
-            out.append(reply_likelihood(logits, idx, last)[:, 0])
+            out.append(reply_likelihood(model, idx, last)[:, 0])
         return torch.cat(out)
 
     idk, invented, true = fixed_replies(w)

@@ -52,6 +52,25 @@ def test_loss_is_cross_entropy_of_next_token_and_ignores_minus_100():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_target_logprobs_read_only_the_targets_but_equal_the_full_softmax_and_its_gradient():
+    """`target_logprobs` sends only the positions with a target through the LM head: the values and the
+    gradient must be those of the whole (B, T, V) log-softmax, picked by hand."""
+    model = random_model(std=0.1)
+    x = torch.randint(0, CFG.vocab_size, (2, 9))
+    t = torch.full((2, 9), -100)
+    t[0, 2:6] = torch.tensor([3, 1, 4, 1])
+    t[1, 7] = 5
+    got = model.target_logprobs(x, t)
+    logp = torch.log_softmax(model(x)[0], -1)
+    expected = torch.zeros(2, 9)
+    for b, i in zip(*torch.nonzero(t != -100, as_tuple=True), strict=True):
+        expected[b, i] = logp[b, i, t[b, i]]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    (g_got,) = torch.autograd.grad(got.sum(), model.blocks[0].attn.qkv.weight)
+    (g_expected,) = torch.autograd.grad(expected.sum(), model.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(g_got, g_expected, rtol=1e-4, atol=1e-6)
+
+
 def test_rmsnorm_matches_formula():
     norm = RMSNorm(4, eps=1e-5)
     with torch.no_grad():

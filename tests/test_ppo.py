@@ -135,7 +135,9 @@ def test_sequence_layout_matches_unpadded_forward_passes():
     assert seqs.mask.tolist() == [[True, True, True], [True, False, False]]
     assert seqs.ended.tolist() == [True, False]
     with torch.no_grad():
-        lp, _ = reply_logprobs(model, seqs, temperature=0.7)
+        lp, none = reply_logprobs(model, seqs, temperature=0.7)
+        _, entropy = reply_logprobs(model, seqs, temperature=0.7, entropy=True)
+        assert none is None  # the entropy is computed only where it is logged
         values = reply_values(value, seqs)
         scores = reply_scores(value, seqs, missing_eos_penalty=0.5)
         for i, (p, r) in enumerate(zip(prompts, replies, strict=True)):
@@ -144,6 +146,7 @@ def test_sequence_layout_matches_unpadded_forward_passes():
             logp = torch.log_softmax(logits[0, len(p) - 1 : -1] / 0.7, dim=-1)
             expected = logp.gather(-1, torch.tensor(r)[:, None]).squeeze(-1)
             torch.testing.assert_close(lp[i, : len(r)], expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(entropy[i, : len(r)], -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=0)
             v = value(full)[0, len(p) - 1 : -1]
             torch.testing.assert_close(values[i, : len(r)], v, atol=1e-5, rtol=0)
             alone = value(*pad_batch([p + r]))[0] - (0.0 if r[-1] == END_ID else 0.5)

@@ -137,7 +137,7 @@ def test_reply_likelihood_is_the_sum_and_minimum_of_the_reply_tokens_log_probabi
     idx, last = pad_batch(rows)
     with torch.no_grad():
         logits, _ = lm(idx)
-        got = reply_likelihood(logits, idx, last)
+        got = reply_likelihood(lm, idx, last)
         logp = torch.log_softmax(logits, -1)
     for b, row in enumerate(rows):
         start = max(i for i, t in enumerate(row) if t == A) + 1
@@ -175,3 +175,20 @@ def test_a_reward_model_that_reads_likelihood_starts_as_the_plain_one_and_keeps_
     again = load_reward_model(tmp_path / "rm")
     assert again.reads_likelihood
     torch.testing.assert_close(again(idx, last), reads(idx, last))
+
+
+def test_centring_scores_each_reply_once_but_weighs_it_by_its_pairs():
+    """A reply in three pairs counts three times in the offset and the scale, as if every pair's two
+    replies were scored one by one (which the stage did before, at three times the cost)."""
+    from types import SimpleNamespace
+
+    from llmlab.training.reward import centre_on_sft
+
+    torch.manual_seed(0)
+    model = RewardModel(CFG).eval()
+    a, b, c, d = [1, 5, 6], [1, 5, 7, 8], [1, 9], [1, 5, 6, 2, 3]
+    pairs = SimpleNamespace(items=[(a, b), (a, c), (a, d), (b, c)])
+    every_side = score_sequences(model, [s for pair in pairs.items for s in pair])
+    scale = centre_on_sft(model, None, None, pairs, [], True, 8, 0)
+    assert model.offset == pytest.approx(every_side.mean().item(), abs=1e-6)
+    assert scale == pytest.approx(every_side.std().item(), abs=1e-6)

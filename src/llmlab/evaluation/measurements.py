@@ -58,18 +58,21 @@ def complete(
     model: GPT, tok: Tokenizer, items: Sequence[tuple[str, str]], batch_size: int = 128
 ) -> list[tuple[str, bool]]:
     """Greedy completion of each (prompt, answer) after <|bos|>, graded by `grade_completion`: a list of
-    (completion, correct). A prompt is cut from the left so that it and the answer fit the context."""
-    out: list[tuple[str, bool]] = []
+    (completion, correct), in the order given. A prompt is cut from the left so that it and the answer fit
+    the context. Batched shortest prompt first, so that little of a batch is left padding."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    graded: dict[int, tuple[str, bool]] = {}
     for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
+        chunk = [items[j] for j in order[i : i + batch_size]]
         # Enough new tokens for the longest answer, plus one so a trailing word boundary is visible.
         n_new = max(len(tok.encode(" " + answer, add_special_tokens=False).ids) for _, answer in chunk) + 1
         keep = model.config.context_length - n_new
         prompts = [[BOS_ID, *tok.encode(prompt, add_special_tokens=False).ids][-keep:] for prompt, _ in chunk]
-        for (_, answer), o in zip(chunk, generate(model, prompts, n_new, temperature=0), strict=True):
+        outs = generate(model, prompts, n_new, temperature=0)
+        for j, (_, answer), o in zip(order[i : i + batch_size], chunk, outs, strict=True):
             completion = tok.decode(o, skip_special_tokens=False)
-            out.append((completion, grade_completion(completion, answer)))
-    return out
+            graded[j] = (completion, grade_completion(completion, answer))
+    return [graded[j] for j in range(len(items))]
 
 
 @torch.no_grad()

@@ -104,8 +104,7 @@ def generate(
         """Logits at position end - 1 for the live rows' tokens in [start, end) (all of [0, end) without a cache)."""
         mask = padded_attention_mask(live_valid[:, :end], end - start) if padded else None
         pos = live_positions[:, start:end] if padded else None
-        logits, _ = model(tokens[rows, start:end], positions=pos, attn_mask=mask, cache=cache)
-        return logits[:, -1]  # (live rows, V)
+        return model.next_token_logits(tokens[rows, start:end], pos, mask, cache)  # (live rows, V)
 
     cache = (
         KVCache(model.config, B, S_max, device, dtype=next(model.parameters()).dtype) if use_cache else None
@@ -156,14 +155,16 @@ def stream(
     prompt = list(prompt)[-(ctx - 1) :]
     n_new = max(0, min(max_new_tokens, ctx - len(prompt)))
     cache = KVCache(model.config, 1, len(prompt) + n_new, device, dtype=next(model.parameters()).dtype)
-    logits, _ = model(torch.tensor([prompt], dtype=torch.long, device=device), cache=cache)  # (1, P, V)
+    logits = model.next_token_logits(torch.tensor([prompt], dtype=torch.long, device=device), cache=cache)
     for t in range(n_new):
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (1,)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
         token = int(nxt.item())
         yield token
         if token in stop_ids or t + 1 == n_new:
             return
-        logits, _ = model(nxt[:, None], cache=cache)  # (1, 1, V): only the new token goes through the model
+        logits = model.next_token_logits(
+            nxt[:, None], cache=cache
+        )  # only the new token goes through the model
 
 
 def _cut_at_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:

@@ -279,6 +279,39 @@ class GPT(nn.Module):
         )
         return logits, loss
 
+    def next_token_logits(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The logits for the token after each row's last position, (B, V): all that generation reads.
+        Arguments as in `forward`. The LM head runs on one position per row instead of T, which in the
+        prefill of a long prompt saves the largest matmul and the (B, T, V) tensor."""
+        return self.lm_head(self.hidden(idx, positions, attn_mask, cache)[:, -1])
+
+    def target_logprobs(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log p(targets[b, t] | idx[b, :t + 1]) where a target is given (not -100), 0 elsewhere: (B, T).
+
+        Only the positions with a target go through the LM head and the softmax, so a prompt costs its
+        share of the blocks and nothing of the (T, V) logits: DPO and the reward model's likelihood score
+        replies, and a third to a half of each of their batches is prompt or padding.
+        """
+        keep = targets != -100
+        h = self.hidden(idx, positions, attn_mask)[keep]  # (K, C): the positions that predict a target
+        logp = torch.log_softmax(self.lm_head(h).float(), dim=-1)
+        picked = logp.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)  # (K,)
+        return torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device).masked_scatter(
+            keep, picked
+        )
+
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM's estimate: 6·N + 12·L·C·T.
 

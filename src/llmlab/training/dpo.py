@@ -95,11 +95,7 @@ def collate_dpo(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
 
 def sequence_logps(model: GPT, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum over each row of log p(target | prefix) where the target is not −100: (B,)."""
-    logits, _ = model(idx)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    mask = targets != -100
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(dim=1)
+    return model.target_logprobs(idx, targets).sum(dim=1)
 
 
 def dpo_loss(

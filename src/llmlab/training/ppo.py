@@ -295,8 +295,11 @@ def make_sequences(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[
     return Sequences(ids, valid, positions, padded_attention_mask(valid, P + R), P)
 
 
-def reply_logprobs(policy, seqs: Sequences, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(y_t | context) of each reply token at `temperature`, and the entropy of π there; (B, R) each.
+def reply_logprobs(
+    policy, seqs: Sequences, temperature: float, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log π(y_t | context) of each reply token at `temperature`, and, when asked, the entropy of π there
+    (for the logs only: no gradient flows through it); (B, R) each, the entropy None when not asked.
 
     `policy` is called like GPT (a Fabric-wrapped GPT too, so that DDP sees the forward pass).
     """
@@ -305,8 +308,10 @@ def reply_logprobs(policy, seqs: Sequences, temperature: float) -> tuple[torch.T
     logits = logits[:, P - 1 : P + R - 1].float() / temperature  # the logits that predict reply tokens
     logp_all = torch.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, seqs.response.unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
-    return logprobs, entropy
+    if not entropy:
+        return logprobs, None
+    with torch.no_grad():
+        return logprobs, -(logp_all.exp() * logp_all).sum(dim=-1)
 
 
 def reply_values(value_model, seqs: Sequences) -> torch.Tensor:
@@ -404,7 +409,7 @@ def ppo_update(
             rows = order[start : start + cfg.minibatch_size].to(batch.seqs.ids.device)
             mb = batch.seqs.select(rows).trimmed()
             m, R = mb.mask, mb.mask.shape[1]
-            logprobs, entropy = reply_logprobs(policy, mb, cfg.temperature)
+            logprobs, entropy = reply_logprobs(policy, mb, cfg.temperature, entropy=True)
             values = reply_values(value_model, mb)
             pg = policy_loss(logprobs, batch.logprobs[rows, :R], batch.advantages[rows, :R], m, cfg.cliprange)
             vf = value_loss(values, batch.values[rows, :R], batch.returns[rows, :R], m, cfg.cliprange_value)

@@ -22,7 +22,9 @@ not, and a scalar head on the last hidden state cannot see that on its own.
 from __future__ import annotations
 
 import json
+import math
 import random
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -98,8 +100,7 @@ class RewardModel(nn.Module):
         r = self.head(h_last).squeeze(-1) - self.offset
         if self.reads_likelihood:
             with torch.no_grad():
-                logits, _ = self.reference(idx, positions=positions, attn_mask=attn_mask)
-                features = reply_likelihood(logits, idx, last)
+                features = reply_likelihood(self.reference, idx, last, positions, attn_mask)
             r = r + self.likelihood(features).squeeze(-1)
         return r
 
@@ -117,17 +118,25 @@ def reply_span(idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     return (pos[None, 1:] >= start[:, None]) & (pos[None, 1:] <= last[:, None])
 
 
-def reply_likelihood(logits: torch.Tensor, idx: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """How likely a language model finds each reply: the sum and the minimum of its tokens' log-probabilities
-    (`LIKELIHOOD_FEATURES`), from its logits (B, T, V) over the sequences idx (B, T) -> (B, 2). A reply
-    without tokens gets 0 for both.
+def reply_likelihood(
+    lm: GPT,
+    idx: torch.Tensor,
+    last: torch.Tensor,
+    positions: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """How likely the language model `lm` finds each reply: the sum and the minimum of its tokens'
+    log-probabilities (`LIKELIHOOD_FEATURES`) over the sequences idx (B, T) -> (B, 2). A reply without tokens
+    gets 0 for both. `positions` and `attn_mask` as in `GPT.forward`.
 
     A fact the model has learned is likely at every token; an invented one has at least one token the model
     did not expect (its minimum), and a reply can only be unexpected at length (its sum).
     """
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, idx[:, 1:, None]).squeeze(-1)
-    span = reply_span(idx, last)
-    total = (logp * span).sum(dim=1)
+    span = reply_span(idx, last)  # (B, T - 1): target t + 1 is a reply token
+    targets = torch.full_like(idx, -100)
+    targets[:, :-1] = torch.where(span, idx[:, 1:], -100)
+    logp = lm.target_logprobs(idx, targets, positions, attn_mask)[:, :-1]
+    total = logp.sum(dim=1)
     lowest = torch.where(span, logp, torch.inf).amin(dim=1)
     return torch.stack([total, torch.where(span.any(dim=1), lowest, 0.0)], dim=1)
 
@@ -387,13 +396,19 @@ def centre_on_sft(
     """Shift the reward so that the SFT model's own replies score 0 on average (`model.offset`), and return
     their spread (the scale PPO divides by). Rated pairs are SFT replies already; for real data the SFT
     model first answers the training prompts."""
-    if rated:
-        replies = [seq for pair in train.items for seq in pair]
+    if rated:  # a reply is in several pairs: score it once and count it as often as it appears
+        counts = Counter(tuple(seq) for pair in train.items for seq in pair)
+        replies, weights = [list(seq) for seq in counts], list(counts.values())
     else:
         replies = sft_replies(sft, tok, rows, sft.config.context_length, max_new_tokens, seed)
-    scores = score_sequences(model, replies)
-    model.offset = float(scores.mean())
-    return float(scores.std()) if len(scores) > 1 else 0.0
+        weights = [1] * len(replies)
+    scores = score_sequences(model, replies).double()
+    w = torch.tensor(weights, dtype=torch.float64)
+    mean = float((w * scores).sum() / w.sum())
+    model.offset = mean
+    if w.sum() < 2:
+        return 0.0
+    return math.sqrt(float((w * (scores - mean) ** 2).sum() / (w.sum() - 1)))  # std of every pair's reply
 
 
 def calibration_csv(table: list[tuple[float, float, int]]) -> str:
