@@ -52,6 +52,17 @@ def test_loss_is_cross_entropy_of_next_token_and_ignores_minus_100():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_last_only_gives_the_last_positions_logits_and_no_loss():
+    model = random_model()
+    x = torch.randint(0, CFG.vocab_size, (3, 11))
+    every, _ = model(x)
+    last, _ = model(x, last_only=True)
+    assert last.shape == (3, 1, CFG.vocab_size)
+    torch.testing.assert_close(last[:, 0], every[:, -1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="last_only"):
+        model(x, x, last_only=True)
+
+
 def test_target_logprobs_read_only_the_targets_but_equal_the_full_softmax_and_its_gradient():
     """`target_logprobs` sends only the positions with a target through the LM head: the values and the
     gradient must be those of the whole (B, T, V) log-softmax, picked by hand."""

@@ -104,7 +104,8 @@ def generate(
         """Logits at position end - 1 for the live rows' tokens in [start, end) (all of [0, end) without a cache)."""
         mask = padded_attention_mask(live_valid[:, :end], end - start) if padded else None
         pos = live_positions[:, start:end] if padded else None
-        return model.next_token_logits(tokens[rows, start:end], pos, mask, cache)  # (live rows, V)
+        logits, _ = model(tokens[rows, start:end], positions=pos, attn_mask=mask, cache=cache, last_only=True)
+        return logits[:, -1]  # (live rows, V)
 
     cache = (
         KVCache(model.config, B, S_max, device, dtype=next(model.parameters()).dtype) if use_cache else None
@@ -155,16 +156,14 @@ def stream(
     prompt = list(prompt)[-(ctx - 1) :]
     n_new = max(0, min(max_new_tokens, ctx - len(prompt)))
     cache = KVCache(model.config, 1, len(prompt) + n_new, device, dtype=next(model.parameters()).dtype)
-    logits = model.next_token_logits(torch.tensor([prompt], dtype=torch.long, device=device), cache=cache)
+    logits, _ = model(torch.tensor([prompt], dtype=torch.long, device=device), cache=cache, last_only=True)
     for t in range(n_new):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (1,)
         token = int(nxt.item())
         yield token
         if token in stop_ids or t + 1 == n_new:
             return
-        logits = model.next_token_logits(
-            nxt[:, None], cache=cache
-        )  # only the new token goes through the model
+        logits, _ = model(nxt[:, None], cache=cache, last_only=True)  # only the new token goes through
 
 
 def _cut_at_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:

@@ -264,32 +264,29 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        last_only: bool = False,
     ):
         """Logits for every position, and the mean next-token cross-entropy when `targets` is given.
 
         idx: (B, T) token ids. targets: (B, T), -100 where no loss is taken.
         positions: (B, T) position of each token for RoPE (default: cache.length + arange(T)).
         attn_mask: (B, 1, T, S) bool, True where a query may attend to a key; None = plain causal.
+        last_only: logits for the last position only, (B, 1, V): all that generation reads. The LM head
+        then runs on one position per row instead of T, which in the prefill of a long prompt saves the
+        largest matmul and the (B, T, V) tensor.
         """
-        logits = self.lm_head(self.hidden(idx, positions, attn_mask, cache))  # (B, T, V)
+        h = self.hidden(idx, positions, attn_mask, cache)  # (B, T, C)
+        if last_only:
+            if targets is not None:
+                raise ValueError("last_only gives no loss: targets need the logits of every position")
+            h = h[:, -1:]
+        logits = self.lm_head(h)  # (B, T, V)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(
             logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100
         )
         return logits, loss
-
-    def next_token_logits(
-        self,
-        idx: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """The logits for the token after each row's last position, (B, V): all that generation reads.
-        Arguments as in `forward`. The LM head runs on one position per row instead of T, which in the
-        prefill of a long prompt saves the largest matmul and the (B, T, V) tensor."""
-        return self.lm_head(self.hidden(idx, positions, attn_mask, cache)[:, -1])
 
     def target_logprobs(
         self,
