@@ -82,6 +82,7 @@ def main(args, params: Params) -> None:
         quiet_lightning_warnings,
         resume_and_seed,
         resume_offset,
+        validation_batches,
     )
 
     quiet_lightning_warnings()
@@ -132,10 +133,11 @@ def main(args, params: Params) -> None:
         train_set = Epochs(train_base, cfg.max_steps * per_step, params.seed, first=first)
         train_dl, val_dl = (
             loader(train_set, cfg.batch_size, trainer, collate),
-            loader(val_set, cfg.batch_size, trainer, collate),
+            loader(validation_batches(val_set, cfg, trainer), cfg.batch_size, trainer, collate),
         )
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
-        val_loss = float(trainer.validate(module, val_dl, verbose=False)[0]["val/loss"])
+        every = loader(val_set, cfg.batch_size, trainer, collate)  # the reported loss: every held-out one
+        val_loss = float(trainer.validate(module, every, verbose=False)[0]["val/loss"])
         if not trainer.is_global_zero:
             return
         critic = module.model.eval()

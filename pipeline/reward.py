@@ -13,8 +13,6 @@ import math
 import os
 from pathlib import Path
 
-from torch.utils.data import Subset
-
 from llmlab.data.preferences import read_pairs
 from llmlab.data.tokenizer import load_tokenizer
 from llmlab.io import write_json, write_text
@@ -41,6 +39,7 @@ from llmlab.training.trainer import (
     quiet_lightning_warnings,
     resume_and_seed,
     resume_offset,
+    validation_batches,
 )
 
 log = logging.getLogger("llmlab.reward")
@@ -89,12 +88,8 @@ def main(args, params: Params) -> None:
         lengths = [max(len(c), len(r)) for c, r in train_base.items] if cfg.group_by_length else None
         train_set = Epochs(train_base, cfg.max_steps * per_step, params.seed, first, lengths, per_step)
         train_dl = loader(train_set, cfg.batch_size, trainer, collate_pairs)
-        # The curves validate on the first val_batches batches, the same pairs every time; the metrics at the
-        # end read every held-out pair.
-        shown = Subset(
-            val_set, range(min(len(val_set), cfg.val_batches * cfg.batch_size * trainer.world_size))
-        )
-        val_dl = loader(shown, cfg.batch_size, trainer, collate_pairs)
+        # the curves read val_batches batches; the metrics at the end, every held-out pair
+        val_dl = loader(validation_batches(val_set, cfg, trainer), cfg.batch_size, trainer, collate_pairs)
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
         if not trainer.is_global_zero:
             return

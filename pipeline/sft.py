@@ -29,6 +29,7 @@ from llmlab.training.trainer import (
     quiet_lightning_warnings,
     resume_and_seed,
     resume_offset,
+    validation_batches,
 )
 
 log = logging.getLogger("llmlab.sft")
@@ -79,10 +80,11 @@ def main(args, params: Params) -> None:
         batches = collate_packed if cfg.pack else collate
         train_dl, val_dl = (
             loader(train_set, cfg.batch_size, trainer, batches),
-            loader(data.val, cfg.batch_size, trainer, batches),
+            loader(validation_batches(data.val, cfg, trainer), cfg.batch_size, trainer, batches),
         )
         trainer.fit(module, train_dl, val_dl, ckpt_path=str(resume) if resume else None, weights_only=True)
-        val_loss = float(trainer.validate(module, val_dl, verbose=False)[0]["val/loss"])
+        every = loader(data.val, cfg.batch_size, trainer, batches)  # the reported loss: every held-out one
+        val_loss = float(trainer.validate(module, every, verbose=False)[0]["val/loss"])
         if not trainer.is_global_zero:
             return
 

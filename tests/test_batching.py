@@ -109,3 +109,13 @@ def test_packing_halves_the_rows_of_a_batch_of_short_and_long_conversations():
         for n in (rng.choice([rng.randint(8, 20), rng.randint(60, 120)]) for _ in range(16))
     ]
     assert collate_packed(batch)[0].numel() <= 0.6 * collate(batch)[0].numel()
+
+
+def test_validation_during_training_reads_the_first_val_batches_batches_of_every_process():
+    from types import SimpleNamespace
+
+    from llmlab.training.trainer import validation_batches
+
+    cfg = SimpleNamespace(val_batches=3, batch_size=4)
+    assert list(validation_batches(list(range(100)), cfg, SimpleNamespace(world_size=2))) == list(range(24))
+    assert list(validation_batches(list(range(5)), cfg, SimpleNamespace(world_size=1))) == list(range(5))

@@ -149,12 +149,20 @@ def test_temperature_sweep_measures_diversity(monkeypatch):
     def replies(task, temperature, i):
         return true_answer(task) if temperature == 0 or i % 2 == 0 else f"Something else {i}."
 
-    monkeypatch.setattr(ev, "answer_tasks", scripted(replies))
+    calls = []
+
+    def counted(model, tok, tasks, max_new_tokens, temperature=0.0, generator=None, **kw):
+        calls.append((temperature, len(tasks)))
+        return scripted(replies)(model, tok, tasks, max_new_tokens, temperature, generator, **kw)
+
+    monkeypatch.setattr(ev, "answer_tasks", counted)
     rows = ev.temperature_sweep(None, None, tasks, RATER, [0.0, 1.0], samples=4, max_new_tokens=8, seed=0)
+    assert calls == [(0.0, 5), (1.0, 20)]  # greedy: one reply per prompt; sampled: four
     greedy, hot = rows
     assert (
         greedy["samples_per_prompt"] == 4
         and greedy["accuracy"]["rate"] == 1.0
+        and greedy["accuracy"]["n"] == 20  # the greedy reply, written once per prompt, counted 4 times
         and greedy["unique_share"] == 0.25
     )
     assert hot["samples_per_prompt"] == 4 and hot["accuracy"]["n"] == 20

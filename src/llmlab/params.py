@@ -322,7 +322,8 @@ class SFTConfig(TrainLoop):
     warmup_steps: WarmupSteps = 30
     val_every: ValEvery = 500
     val_batches: int = Field(8, ge=1)
-    """Batches of held-out demonstrations per process per validation run."""
+    """Batches of held-out demonstrations per process per validation run during training (the stage's
+    reported val_loss reads them all)."""
     ckpt_every: CkptEvery = 500
     eval_prompts: int = Field(300, ge=1)
     """Prompts of the evaluation pool answered greedily after training, for the metrics."""
@@ -461,7 +462,8 @@ class CritiqueConfig(TrainLoop):
     warmup_steps: WarmupSteps = 20
     val_every: ValEvery = 200
     val_batches: int = Field(8, ge=1)
-    """Batches of held-out comparisons per process per validation run."""
+    """Batches of held-out comparisons per process per validation run during training (the reported
+    val_loss reads them all)."""
     ckpt_every: CkptEvery = 200
     critiques_shown: int = Field(40, ge=0)
     """Held-out comparisons whose critique the model writes for the readable report (reports/critique/)."""
@@ -484,7 +486,8 @@ class RewardConfig(TrainLoop):
     warmup_steps: WarmupSteps = 20
     val_every: ValEvery = 100
     val_batches: int = Field(10, ge=1)
-    """Batches of held-out pairs per process per validation run."""
+    """Batches of held-out pairs per process per validation run during training (the metrics at the end
+    read every held-out pair)."""
     ckpt_every: CkptEvery = 100
     margin: float = Field(0.0, ge=0)
     """Bradley–Terry margin: the loss wants r(chosen) − r(rejected) > margin."""

@@ -321,14 +321,19 @@ def temperature_sweep(
 
     Diversity: distinct-1 and distinct-2 over all replies, and the share of a task's samples that differ
     from one another (1 = every sample different, 1/samples = all the same). At T = 0 the samples are
-    all the greedy reply; they are drawn anyway so that every temperature's distinct-n counts as many texts.
+    all the greedy reply: written once and counted `samples` times, so that every temperature's distinct-n
+    counts as many texts.
     """
     rows = []
     for T in temperatures:
         k = samples
         batch = [t for t in tasks for _ in range(k)]
         gen = torch.Generator().manual_seed(seed)
-        replies = answer_tasks(model, tok, batch, max_new_tokens, temperature=T, generator=gen)
+        if T == 0:
+            greedy = answer_tasks(model, tok, list(tasks), max_new_tokens, temperature=0.0, generator=gen)
+            replies = [r for r in greedy for _ in range(k)]
+        else:
+            replies = answer_tasks(model, tok, batch, max_new_tokens, temperature=T, generator=gen)
         texts = [r.text for r in replies]
         correct = [rater.score(t, r.text, r.ended).correct for t, r in zip(batch, replies, strict=True)]
         per_task = [len(set(texts[i : i + k])) / k for i in range(0, len(texts), k)]

@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from llmlab.device import uses_cuda
@@ -88,6 +88,12 @@ def loader(
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, sampler=sampler, collate_fn=collate_fn
     )
+
+
+def validation_batches(dataset: Dataset, cfg: PretrainConfig, trainer: L.Trainer) -> Dataset:
+    """The first `cfg.val_batches` batches per process of a validation set: what each validation during
+    training reads, the same items every time. A stage's final figures read the whole set."""
+    return Subset(dataset, range(min(len(dataset), cfg.val_batches * cfg.batch_size * trainer.world_size)))
 
 
 def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:
