@@ -123,6 +123,77 @@ def test_bradley_terry_noise_flips_close_verdicts(tok):
     assert 0.66 < wins < 0.80
 
 
+def test_fault_names_what_cost_the_reply_points_or_else_what_it_missed():
+    assert C.fault({"wrong_fact": -1.0, "polite": 0.25}, {"correct_fact": 2.0}) == "It states a wrong value."
+    assert C.fault({"no_answer": -1.0, "cut_off": -1.0}, {"admits_unknown": 2.0, "clean_ending": 0.5}) == (
+        "It does not answer."  # the first line: what was asked before style
+    )
+    assert C.fault({"true_facts": 1.0}, {"true_facts": 2.5}) == "It misses true facts."  # fewer of them
+    assert C.fault({"wrong_facts": -2.0}, {"wrong_facts": -1.0}) == "It states wrong facts."  # more of them
+    assert C.fault({"clean_ending": 0.5}, {"clean_ending": 0.5}) == "Nothing."
+
+
+def test_every_line_that_earns_points_can_be_said_missing():
+    from llmlab.data.world import build_world
+    from llmlab.evaluation.rater import Rater
+    from llmlab.params import SyntheticCorpus
+
+    world = build_world(SyntheticCorpus(n_sft_people=4, n_heldout_people=1, n_unknown_people=2), seed=0)
+    rater, earned = Rater(world), set()
+    for p in world.people[:3]:
+        for text in (
+            f"Sure, {p.name} lives in {p.city}.",
+            "I don't know who that is.",
+            "I can't help with that.",
+        ):
+            for kind in ("fact", "unknown", "harmful", "about"):
+                person = p if kind != "unknown" else world.group("unknown")[0]
+                task = Task(kind, "Q?", person=person.name, attribute="city")
+                earned |= {k for k, v in rater.score(task, text, True).parts.items() if v > 0}
+    earned |= {"correct_result", "shows_working"}  # the arithmetic lines
+    assert earned <= set(C.LACKS), earned - set(C.LACKS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(reply=st.text(alphabet="abc defgh1234.,", min_size=0, max_size=400))
+def test_a_revision_leaves_room_for_the_critique_and_a_rewrite(tok, reply):
+    principle, question = "Be honest.", "Where does Mara live?"
+    text = C.revision_prompt(tok, principle, question, reply, 128)
+    assert text.startswith(f"{principle}\n{question}\nReply: ") and text.endswith(f"\n{C.FAULT}")
+    asked = C.revision(text, "x " * 40, question)  # a critique that uses all its room
+    critique_ids = encode_content(tok, "x " * 40)[: C.answer_room(C.FAULT, 128)]
+    asked[1]["content"] = tok.decode(critique_ids)
+    used = len(render(tok, C.revision(text, "", question)[:1], add_generation_prompt=True).ids)
+    used += C.answer_room(C.FAULT, 128) + len(render(tok, asked[2:], add_generation_prompt=True).ids)
+    assert used <= 128 - C.revision_room(128) + 1  # +1: the second <|bos|> counted above is not in the chat
+    if len(encode_content(tok, reply)) <= 10:
+        assert f"Reply: {reply}\n" in text  # a short reply is shown whole
+
+
+def test_no_revision_when_the_principle_leaves_no_room(tok):
+    assert C.revision_prompt(tok, "be honest " * 30, "Q?", "a reply", 128) is None
+
+
+def test_demonstrations_teach_the_chosen_reply_as_the_rewrite_of_the_other(tok):
+    task = Task("unknown", "Where does Ilse Varn live?", person="Ilse Varn", attribute="city")
+    invented = C.Sample(task, "Ilse Varn lives in Oakhaven.", {"hallucination": -3.0, "clean_ending": 0.5})
+    honest = C.Sample(task, "I don't know who Ilse Varn is.", {"admits_unknown": 2.0, "clean_ending": 0.5})
+    tie = C.Sample(task, "Ilse Varn lives in Port Avery.", {"hallucination": -3.0, "clean_ending": 0.5})
+    demos = C.demonstrations([[invented, honest, tie]], ["Be honest."], 10, 0.0, tok, 128, random.Random(0))
+    assert len(demos) == 3
+    for d in demos:
+        if d["gold_a"] == d["gold_b"]:
+            assert d["revise"] is None  # the rubric cannot say which is the rewrite
+            continue
+        user, critique_turn, request, rewrite = d["revise"]
+        assert user["content"].endswith(C.FAULT) and request["content"] == f"{C.REWRITE} {task.prompt}"
+        assert critique_turn["content"] == "It invents facts." and rewrite["content"] == honest.text
+        assert f"Reply: {invented.text}" in user["content"] or f"Reply: {tie.text}" in user["content"]
+    # in a context too small for the rewrite, nothing is taught that would be cut
+    small = C.demonstrations([[invented, honest]], ["Be honest."], 10, 0.0, tok, 64, random.Random(0))
+    assert small and all(d["revise"] is None for d in small)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tok):
     torch.manual_seed(0)
@@ -233,3 +304,45 @@ def test_the_labellers_table_reads_each_run_and_falls_back_for_old_rater_runs():
     )
     with pytest.raises(LlmlabError, match="labeller=constitution"):
         write(got[:1], Path("/nonexistent/never-written.md"))
+
+
+def test_revise_scores_the_rewrites_against_the_replies(tok):
+    """The untaught model's rewrites, scored by the rater against the replies they revise: the gain is the
+    paired mean of the gold differences, and the rows show what the report shows."""
+    from llmlab.data.world import build_world
+    from llmlab.evaluation.rater import Rater
+    from llmlab.params import SyntheticCorpus
+
+    world = build_world(SyntheticCorpus(n_sft_people=4, n_heldout_people=1, n_unknown_people=2), seed=0)
+    rater = Rater(world)
+    person = world.group("unknown")[0]
+    task = Task("unknown", f"Where does {person.name} live?", person=person.name, attribute="city")
+    texts = [f"{person.name} lives in Oakhaven.", "I don't know.", "Hmm."]
+    samples = [C.Sample(task, t, rater.score(task, t, True).parts) for t in texts]
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layer=2, n_head=2, context_length=128)
+    )
+    metrics, markdown, rows = C.revise(model.eval(), tok, rater, samples, ["Be honest."], 2, seed=0)
+    assert metrics["revisions_measured"] == 3 and metrics["revision_unknown_prompts"] == 3
+    assert metrics["revision_invented_before"] == pytest.approx(1 / 3)
+    assert len(rows) == 2 and rows[0]["reply"] == texts[0] and rows[0]["gold_reply"] == samples[0].total
+    for r in rows:  # the rewrite's own score: ended at <|end|> (the higher) or cut at the context (the lower)
+        ended, cut = (rater.score(task, r["revision"], e).total for e in (True, False))
+        assert r["gold_revision"] in (ended, cut)
+    assert metrics["revision_better"] + metrics["revision_worse"] <= 1
+    assert "Be honest." in markdown and texts[0] in markdown
+    assert "revision_gold_gain_over_greedy" not in metrics
+    # against the baseline's greedy reply: here the model itself, whose greedy reply to the question is the
+    # same for all three, so the gain over it is the mean rewrite score minus that one score
+    with_baseline, _, all_rows = C.revise(
+        model, tok, rater, samples, ["Be honest."], 3, seed=0, baseline=model
+    )
+    greedy = C.answer(model, tok, [task], 128)[0]
+    greedy_score = rater.score(task, greedy.text, greedy.ended).total
+    rewrites = [r["gold_revision"] for r in all_rows]
+    assert with_baseline["revision_gold_gain"] == metrics["revision_gold_gain"]
+    assert with_baseline["revision_gold_gain_over_greedy"] == pytest.approx(sum(rewrites) / 3 - greedy_score)
+    assert C.revise(model, tok, rater, samples, ["be honest " * 40], 2, seed=0)[0] == {
+        "revisions_measured": 0
+    }

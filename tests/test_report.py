@@ -52,3 +52,23 @@ def test_section_14_says_who_labelled_and_judges_the_model_path_by_ppo_gold_gain
         {"preferences": model, "critique": critique, "reward_model": reward, "ppo": up | {"gold_gain": 0.05}}
     )
     assert "**Not shown convincingly by this model:**" in flat
+    assert "rewrite" not in text  # a critic measured before revisions existed: no sentence about them
+    revised = critique | {
+        "revisions_measured": 240,
+        "revision_gold_gain": 0.4,
+        "revision_gold_gain_ci95": 0.2,
+        "revision_better": 0.3,
+        "revision_worse": 0.1,
+        "revision_invented_before": 0.8,
+        "revision_invented_after": 0.5,
+        "revision_unknown_prompts": 20,
+    }
+    text = _constitution({"preferences": model, "critique": revised, "reward_model": reward, "ppo": up})
+    assert (
+        "score +0.40 ± 0.20 against the replies" in text
+        and "(240 replies: 30.0 % better, 10.0 % worse" in text
+    )
+    assert "80.0 % → 50.0 % of 20" in text and "greedy" not in text
+    revised |= {"revision_gold_gain_over_greedy": -0.1, "revision_gold_gain_over_greedy_ci95": 0.15}
+    text = _constitution({"preferences": model, "critique": revised, "reward_model": reward, "ppo": up})
+    assert "against the SFT model's greedy reply to the same question -0.10 ± 0.15." in text

@@ -451,6 +451,14 @@ class CritiqueConfig(TrainLoop):
     verdicts only, and the critiques in reports/critique/ are untaught). The critique's tokens outweigh the
     one-token verdict in the loss: on seed 1's held-out rl pairs the verdicts agreed with the rubric on
     62.6 % (share 0.25) and 68.2 % (1.0, 1,200 steps) against 70.2 % with none (docs/results.md)."""
+    revision_share: float = Field(1.0, ge=0, le=1)
+    """Share of the demonstrations that also teach a second copy of the SFT model, the reviser, to revise: what
+    the reply the verdict passed over does wrong, then the chosen reply as its rewrite (pairs the rubric
+    scores equal, or whose rewrite does not fit the context, teach none). 0: no reviser."""
+    revision_steps: int = Field(300, ge=0)
+    """Optimizer steps of the reviser (0: none)."""
+    revisions_measured: int = Field(240, ge=0)
+    """Held-out replies the taught model revises, scored by the rater (reports/critique/revisions.md)."""
     principles_per_pair: int = Field(1, ge=1)
     """Principles a pair is judged by when labelling (each drawn at random, both orders of the replies each):
     the label is the mean of the verdicts' log-odds."""

@@ -1001,6 +1001,27 @@ question about the first fact; the prompt always fits the context ({m["distracto
 """
 
 
+def _revisions(crit: Mapping) -> str:
+    """The sentence on the critic's rewrites of its own held-out replies (none when it made none)."""
+    n = crit.get("revisions_measured", 0)
+    if not n:
+        return ""
+    return (
+        f" Asked what is wrong with one of its own held-out replies and to rewrite it, it wrote rewrites that "
+        f"score {crit['revision_gold_gain']:+.2f} ± {crit['revision_gold_gain_ci95']:.2f} against the replies "
+        f"by the rubric ({n:.0f} replies: {100 * crit['revision_better']:.1f} % better, "
+        f"{100 * crit['revision_worse']:.1f} % worse; invented answers about unknown people "
+        f"{100 * crit['revision_invented_before']:.1f} % → {100 * crit['revision_invented_after']:.1f} % of "
+        f"{crit['revision_unknown_prompts']:.0f}; `reports/critique/revisions.md`)"
+        + (
+            f"; against the SFT model's greedy reply to the same question {crit['revision_gold_gain_over_greedy']:+.2f}"
+            f" ± {crit['revision_gold_gain_over_greedy_ci95']:.2f}."
+            if "revision_gold_gain_over_greedy" in crit
+            else "."
+        )
+    )
+
+
 def _constitution(m: Mapping) -> str:
     """Who labelled the preference pairs, how many rater judgments that took, and (when the model did,
     taught by the critique stage) how its labels and what was trained on them compare with the rater."""
@@ -1029,7 +1050,7 @@ def _constitution(m: Mapping) -> str:
         f"used one judgment per pair). On {crit.get('verdict_pairs', 0):.0f} held-out SFT-pool comparisons its "
         f"verdicts order the pair as the rubric does {100 * crit.get('verdict_agreement', math.nan):.1f} % of "
         f"the time, and {100 * crit.get('critique_exact', math.nan):.1f} % of the critiques it writes name what "
-        f"differs exactly as the rater would (`reports/critique/critiques.md`).\n\n"
+        f"differs exactly as the rater would (`reports/critique/critiques.md`).{_revisions(crit)}\n\n"
         f"- its labels on the rl pool agree with the rubric's order: {agree} "
         f"({pref['pairs'] - pref['gold_ties']:,.0f} pairs the rubric orders)\n"
         f"- the reward model trained on them agrees with the rubric on held-out pairs: "

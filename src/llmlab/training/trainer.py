@@ -166,7 +166,8 @@ class CausalLMModule(L.LightningModule):
 def build_trainer(
     cfg: PretrainConfig, ckpt_dir, logger, callbacks: list[L.Callback], total_steps: int
 ) -> L.Trainer:
-    """The Trainer of the pretrain stage (also used by benchmarks/, so that they measure the same thing)."""
+    """The Trainer of the pretrain stage (also used by benchmarks/, so that they measure the same thing).
+    `logger` False: nothing is logged (the critique stage's second model)."""
 
     checkpointing = checkpoint_after_validation(
         cfg.val_every,
@@ -193,7 +194,7 @@ def build_trainer(
         logger=logger,
         callbacks=[
             checkpointing,
-            LearningRateMonitor(logging_interval="step"),
+            *([LearningRateMonitor(logging_interval="step")] if logger else []),  # it needs a logger
             RichProgressBar(refresh_rate=cfg.log_every),
             StopOnNonFiniteLoss(ckpt_dir, cfg.ckpt_every),
             *callbacks,
