@@ -32,31 +32,31 @@ setup: $(STAMP)
 
 ## Run the pipeline (corpus → tokenizer → pretrain → …) with the venv's python on PATH.
 run: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 
 ## Run the test suite (unit tests, property tests, and a real `dvc repro` on the tiny configuration), one
 ## process per core, each test file in one process (its module fixtures, e.g. the e2e pipeline, run once).
 test: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src pipeline tests benchmarks
 
 bench: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) benchmarks/run.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) benchmarks/run.py
 
 ## Over-optimisation: PPO at several KL coefficients β as queued DVC experiments, on the finished run in the
 ## workspace (its β is one more point), then reports/overoptimisation.{md,png}. About 4 minutes per β on 2 cores.
 SWEEP_BETAS ?= 0.01,0.03,0.1,1.0
 sweep: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc exp run ppo --queue -S 'ppo.kl_coef=$(SWEEP_BETAS)'
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc exp run --run-all
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc exp run ppo --queue -S 'ppo.kl_coef=$(SWEEP_BETAS)'
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc exp run --run-all
 	$(PY) -m llmlab.evaluation.sweep
 
 ## Constitutional AI: the model labels the preference pairs itself (the critique stage teaches it), as a DVC
 ## experiment on the finished run in the workspace (the rater's run), then reports/constitution.md, both paths.
 cai: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc exp run --temp -S preferences.labeller=constitution
+	PATH="$(abspath $(VENV))/bin:$$PATH" dvc exp run --temp -S preferences.labeller=constitution
 	$(PY) -m llmlab.evaluation.labellers
 
 clean-venv:
