@@ -335,7 +335,7 @@ def test_revise_scores_the_rewrites_against_the_replies(tok):
     assert "revision_gold_gain_over_greedy" not in metrics
     # against the baseline's greedy reply: here the model itself, whose greedy reply to the question is the
     # same for all three, so the gain over it is the mean rewrite score minus that one score
-    with_baseline, _, all_rows = C.revise(
+    with_baseline, text, all_rows = C.revise(
         model, tok, rater, samples, ["Be honest."], 3, seed=0, baseline=model
     )
     greedy = C.answer(model, tok, [task], 128)[0]
@@ -343,6 +343,7 @@ def test_revise_scores_the_rewrites_against_the_replies(tok):
     rewrites = [r["gold_revision"] for r in all_rows]
     assert with_baseline["revision_gold_gain"] == metrics["revision_gold_gain"]
     assert with_baseline["revision_gold_gain_over_greedy"] == pytest.approx(sum(rewrites) / 3 - greedy_score)
+    assert "Against the SFT model's greedy reply" in text and "greedy reply" not in markdown
     assert C.revise(model, tok, rater, samples, ["be honest " * 40], 2, seed=0)[0] == {
         "revisions_measured": 0
     }

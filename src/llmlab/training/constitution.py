@@ -605,7 +605,14 @@ def revise(
             f"scores {gain:+.2f} ± {ci:.2f} against the reply by the rater's gold rubric ({len(asked)} replies; "
             f"{100 * metrics['revision_better']:.1f} % better, {100 * metrics['revision_worse']:.1f} % worse). "
             f"Invented answers about unknown people: {100 * metrics['revision_invented_before']:.1f} % → "
-            f"{100 * metrics['revision_invented_after']:.1f} % of {len(unknown)}.",
+            f"{100 * metrics['revision_invented_after']:.1f} % of {len(unknown)}."
+            + (
+                " Against the SFT model's greedy reply to the same question, the rewrite scores "
+                f"{metrics['revision_gold_gain_over_greedy']:+.2f} ± "
+                f"{metrics['revision_gold_gain_over_greedy_ci95']:.2f}: what revising adds beyond asking again."
+                if baseline is not None
+                else ""
+            ),
             "",
         ],
     )
