@@ -589,12 +589,12 @@ def revise(
         "revision_invented_after": sum(scores[i].hallucinated for i in unknown) / max(1, len(unknown)),
     }
     if baseline is not None:
-        tasks = [s.task for s, _, _ in asked]
-        greedy = [
-            rater.score(t, r.text, r.ended).total
+        tasks = list(dict.fromkeys(s.task for s, _, _ in asked))  # a prompt's replies share one greedy reply
+        greedy = {
+            t: rater.score(t, r.text, r.ended).total
             for t, r in zip(tasks, answer(baseline, tok, tasks, C), strict=True)
-        ]
-        over, over_ci = paired_diff_ci(after, greedy)
+        }
+        over, over_ci = paired_diff_ci(after, [greedy[s.task] for s, _, _ in asked])
         metrics |= {"revision_gold_gain_over_greedy": over, "revision_gold_gain_over_greedy_ci95": over_ci}
     rows, lines = (
         [],
