@@ -44,12 +44,18 @@ def run(
     n_docs: int = 20_000,
     n_probes: int = 100,
     seed: int = 0,
+    canon_kernel: int = 0,
 ) -> dict:
     params = load_params(ROOT / "params.yaml")
     tok = load_tokenizer(ROOT / "data" / "tokenizer" / "tokenizer.json")
     world = World.load(ROOT / "data" / "corpus" / "world.json")
     cfg = GPTConfig.from_params(params.pretrain.model, tok.get_vocab_size())
-    cfg = dataclasses.replace(cfg, n_layer=n_layer or cfg.n_layer, n_head=n_head or cfg.n_head)
+    cfg = dataclasses.replace(
+        cfg,
+        n_layer=n_layer or cfg.n_layer,
+        n_head=n_head or cfg.n_head,
+        canon_kernel=canon_kernel or cfg.canon_kernel,
+    )
     torch.manual_seed(seed)
     model = GPT(cfg)
     bos = tok.token_to_id("<|bos|>")
@@ -81,6 +87,7 @@ def run(
             )
             print(json.dumps(curve[-1]), flush=True)
     return {
+        "canon_kernel": cfg.canon_kernel,
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "lr": lr,
@@ -119,9 +126,21 @@ if __name__ == "__main__":
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--n-layer", type=int)
     ap.add_argument("--n-head", type=int)
+    ap.add_argument("--canon-kernel", type=int, default=0, help="pretrain.model.canon_kernel (0: none)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write", action="store_true", help="put the table into docs/knowledge.md")
     args = ap.parse_args()
-    table = markdown(run(args.steps, args.every, args.lr, args.n_layer, args.n_head))
+    table = markdown(
+        run(
+            args.steps,
+            args.every,
+            args.lr,
+            args.n_layer,
+            args.n_head,
+            seed=args.seed,
+            canon_kernel=args.canon_kernel,
+        )
+    )
     print(table)
     if args.write:
         doc = ROOT / "docs" / "knowledge.md"

@@ -53,7 +53,9 @@ def test_weights_times_values_reproduce_every_blocks_output():
         block = model.blocks[layer]
         with torch.no_grad():
             w_v = block.attn.qkv.weight[2 * C :]  # the value rows of the fused projection, (C, C)
-            v = (block.attn_norm(x_in) @ w_v.T).view(1, T, nh, hs).transpose(1, 2)  # (1, nh, T, hs)
+            v = (
+                (block.attention_input(x_in, None) @ w_v.T).view(1, T, nh, hs).transpose(1, 2)
+            )  # (1, nh, T, hs)
             y = (weights[layer][None] @ v).transpose(1, 2).reshape(1, T, C)  # heads side by side
             x = x_in + block.attn.proj(y)
             x = x + block.mlp(block.mlp_norm(x))
@@ -67,7 +69,7 @@ def test_one_head_matches_a_plain_loop_softmax_with_rope_written_out():
     x_in, _ = block_inputs_and_outputs(model, IDS)[layer]
     block, C, hs = model.blocks[layer], CFG.d_model, CFG.head_size
     with torch.no_grad():
-        h = block.attn_norm(x_in)[0].double()  # (T, C)
+        h = block.attention_input(x_in, None)[0].double()  # (T, C): normalised, then canon-mixed
         w = block.attn.qkv.weight.double()
         q = h @ w[head * hs : (head + 1) * hs].T  # (T, hs)
         k = h @ w[C + head * hs : C + (head + 1) * hs].T

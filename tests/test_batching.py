@@ -76,10 +76,19 @@ def test_grouped_batches_still_come_in_random_order():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.tuples(st.integers(2, 30), st.integers(0, 2**16)), min_size=1, max_size=12))
-def test_a_packed_batch_gives_the_loss_and_gradient_of_the_padded_one(shapes):
+@given(
+    st.lists(st.tuples(st.integers(2, 30), st.integers(0, 2**16)), min_size=1, max_size=12),
+    st.booleans(),
+)
+def test_a_packed_batch_gives_the_loss_and_gradient_of_the_padded_one(shapes, canon):
+    """With canon mixing too: a packed conversation's first tokens must not mix in the one before."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=40, d_model=16, n_layer=2, n_head=2, context_length=32))
+    model = GPT(
+        GPTConfig(vocab_size=40, d_model=16, n_layer=2, n_head=2, context_length=32, canon_kernel=4 * canon)
+    )
+    if canon:
+        for block in model.blocks:
+            torch.nn.init.normal_(block.canon.weight, std=0.5)
     batch = []
     for length, seed in shapes:
         rng = random.Random(seed)

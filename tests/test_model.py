@@ -8,6 +8,7 @@ import torch
 from llmlab.model.generate import generate, sample_next
 from llmlab.model.transformer import (
     GPT,
+    CanonMix,
     GPTConfig,
     RMSNorm,
     apply_rope,
@@ -16,7 +17,13 @@ from llmlab.model.transformer import (
     rope_tables,
 )
 
-CFG = GPTConfig(vocab_size=97, d_model=32, n_layer=2, n_head=4, context_length=48, ffn_hidden=64)
+CFG = GPTConfig(
+    vocab_size=97, d_model=32, n_layer=2, n_head=4, context_length=48, ffn_hidden=64, canon_kernel=0
+)
+CANON = GPTConfig(**{**CFG.__dict__, "canon_kernel": 4})
+# every test of the cache, padding and batching runs on both: canon mixing reads the previous tokens, which
+# the cache, left padding and rows leaving the batch must hand over exactly
+BOTH = pytest.mark.parametrize("config", [CFG, CANON], ids=["plain", "canon"])
 
 
 def random_model(config=CFG, seed=0, std=0.3, tie=True) -> GPT:
@@ -30,8 +37,9 @@ def random_model(config=CFG, seed=0, std=0.3, tie=True) -> GPT:
     return model.eval()
 
 
-def test_changing_a_future_token_never_changes_earlier_logits():
-    model = random_model()
+@BOTH
+def test_changing_a_future_token_never_changes_earlier_logits(config):
+    model = random_model(config)
     x = torch.randint(0, CFG.vocab_size, (2, 20))
     base, _ = model(x)
     for j in (1, 7, 19):
@@ -116,9 +124,10 @@ def test_padded_mask_lets_queries_see_only_real_past_keys():
     assert m.tolist() == [[[0, 0, 1, 0], [0, 0, 1, 1]], [[1, 1, 1, 0], [1, 1, 1, 1]]]
 
 
+@BOTH
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_cached_and_uncached_greedy_generation_agree(seed):
-    model = random_model(seed=seed)
+def test_cached_and_uncached_greedy_generation_agree(seed, config):
+    model = random_model(config, seed=seed)
     prompts = [[1, 5, 6, 7], [1, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
     cached = generate(model, prompts, 30, temperature=0)
     uncached = generate(model, prompts, 30, temperature=0, use_cache=False)
@@ -126,16 +135,18 @@ def test_cached_and_uncached_greedy_generation_agree(seed):
     assert len(set(cached[0])) > 3, "the test model should not be degenerate"
 
 
-def test_a_row_does_not_depend_on_its_batch_neighbours():
-    model = random_model(seed=3)
+@BOTH
+def test_a_row_does_not_depend_on_its_batch_neighbours(config):
+    model = random_model(config, seed=3)
     prompts = [[1, 5, 6, 7], [1, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
     batched = generate(model, prompts, 20, temperature=0)
     alone = [generate(model, [p], 20, temperature=0)[0] for p in prompts]
     assert batched == alone
 
 
-def test_rows_that_stop_early_leave_the_batch_without_changing_the_others():
-    model = random_model(seed=6)
+@BOTH
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(config):
+    model = random_model(config, seed=6)
     prompts = [[1, *range(2 + i, 4 + 2 * i)] for i in range(8)]  # left-padded: 2 to 16 tokens
     free = generate(model, prompts, 25, temperature=0)
     stops = [free[0][3], free[5][10]]  # rows end at different steps (and some never)
@@ -185,13 +196,52 @@ def test_temperature_flattens_the_distribution():
     assert hot == pytest.approx(p(2.0), abs=0.03)
 
 
+def test_canon_mixing_by_hand():
+    """x_t + Σ_d w_d · x_(t−d) per channel, and a token at position p reaches back at most p tokens."""
+    mix = CanonMix(3, 3)
+    torch.nn.init.normal_(mix.weight)
+    w = mix.weight.detach()
+    x = torch.randn(1, 5, 3)
+    positions = torch.tensor([[0, 1, 0, 1, 2]])  # two sequences packed in one row: 2 tokens, then 3
+    by_hand = []
+    for t in range(5):
+        out = x[0, t] * (1 + w[0])
+        for d in (1, 2):
+            if positions[0, t] >= d:
+                out = out + w[d] * x[0, t - d]
+        by_hand.append(out)
+    torch.testing.assert_close(mix(x, positions), torch.stack(by_hand)[None])
+
+
+def test_canon_with_zero_weights_is_the_plain_model_and_refuses_export(tmp_path):
+    from llmlab.errors import LlmlabError
+    from llmlab.model.export import export_hf
+
+    torch.manual_seed(0)
+    plain, canon = GPT(CFG), GPT(CANON)
+    canon.load_state_dict(plain.state_dict(), strict=False)
+    for block in canon.blocks:
+        torch.nn.init.zeros_(block.canon.weight)  # zero mixing weights: the plain block
+    x = torch.randint(0, CFG.vocab_size, (2, 12))
+    torch.testing.assert_close(canon(x)[0], plain(x)[0], rtol=0, atol=0)
+    with pytest.raises(LlmlabError, match="canon"):
+        export_hf(canon, "unused.json", tmp_path / "out")
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_logits_match_transformers_llama(tie):
     transformers = pytest.importorskip("transformers")
     from llmlab.model.export import llama_config_kwargs, llama_state_dict
 
     config = GPTConfig(
-        vocab_size=97, d_model=32, n_layer=2, n_head=4, context_length=48, ffn_hidden=64, tie_embeddings=tie
+        vocab_size=97,
+        d_model=32,
+        n_layer=2,
+        n_head=4,
+        context_length=48,
+        ffn_hidden=64,
+        tie_embeddings=tie,
+        canon_kernel=0,
     )
     model = random_model(config, seed=6, std=0.1)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config_kwargs(config)))

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmlab.model.transformer import GPT, Block, apply_rope
+from llmlab.model.transformer import GPT, Block
 
 
 def layer_qkv(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -32,11 +32,7 @@ def layer_qkv(block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
     The same steps as `CausalSelfAttention.forward`, stopped before SDPA. Returns 3 × (B, nh, T, hs).
     """
-    attn = block.attn
-    B, T, C = x.shape
-    q, k, v = attn.qkv(block.attn_norm(x)).split(C, dim=2)  # 3 × (B, T, C)
-    q, k, v = (t.view(B, T, attn.n_head, attn.head_size).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return block.attn.heads(block.attention_input(x, None), cos, sin)
 
 
 def causal_attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,11 @@ def export_hf(model: GPT, tokenizer_path: str | Path, out_dir: str | Path, *, fo
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig  # seconds to import: only `llmlab export` needs it
 
+    if model.config.canon_kernel:
+        raise LlmlabError(
+            "this model mixes neighbouring tokens before attention (pretrain.model.canon_kernel), which "
+            "Llama does not: it cannot be exported to transformers"
+        )
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LlmlabError(f"{out_dir} is a file: pass a folder to export into")

@@ -126,7 +126,7 @@ def generate(
             rows, finished = rows[keep], finished[keep]
             live_valid, live_positions = live_valid[keep], live_positions[keep]
             if cache is not None:
-                cache.k, cache.v, cache.valid = cache.k[:, keep], cache.v[:, keep], cache.valid[keep]
+                cache.keep(keep)
         logits = forward(P + t, P + t + 1, cache) if use_cache else forward(0, P + t + 1, None)
     return [_cut_at_stop(row, stop_ids) for row in tokens[:, P : P + steps].tolist()]
 

@@ -49,6 +49,7 @@ class GPTConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    canon_kernel: int = 4
 
     @property
     def head_size(self) -> int:
@@ -70,6 +71,8 @@ class GPTConfig:
     def from_json(cls, path: str | Path, stage: str | None = None) -> GPTConfig:
 
         raw = read_json(path, stage)
+        if isinstance(raw, dict):
+            raw.setdefault("canon_kernel", 0)  # written before the field existed: a plain Llama block
         try:
             return cls(**raw)
         except TypeError as e:
@@ -133,6 +136,16 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0  # positions filled so far (same for every row; padding fills the short rows)
+        # each layer's last canon_kernel - 1 attention inputs, (n_layer, B, K - 1, C): the next tokens' mixing reads them
+        back = max(0, config.canon_kernel - 1)
+        self.recent = torch.zeros(
+            config.n_layer, batch_size, back, config.d_model, device=device, dtype=dtype
+        )
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these rows of the batch (a bool mask or indices): rows that finished leave."""
+        self.k, self.v, self.recent = self.k[:, rows], self.v[:, rows], self.recent[:, rows]
+        self.valid = self.valid[rows]
 
     @property
     def max_len(self) -> int:
@@ -146,13 +159,18 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
+    def heads(self, x, cos, sin):
+        """Queries and keys (rotated) and values of x (B, T, C), 3 × (B, nh, T, hs): all before SDPA."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 × (B, T, C)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.heads(x, cos, sin)
         if cache is not None:
             start = cache.length
             cache.k[layer, :, :, start : start + T] = k
@@ -181,16 +199,56 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+INIT_STD_CANON = 0.2
+
+
+class CanonMix(nn.Module):
+    """A causal depthwise convolution over the last `kernel` tokens, added to its input: each channel of token
+    t becomes x_t + Σ_d w_d · x_(t−d), d = 0 … kernel − 1 ("Canon layers", Allen-Zhu 2025, Physics of Language
+    Models part 4.1). Random at init, as a convolution's weights are (zero weights make it a plain block, but
+    then value reading was no faster to learn: docs/knowledge.md). It hands each token its neighbours'
+    features before attention, so that a later mention can be matched on several earlier tokens at once
+    (the name and the relation a stated value follows) rather than through a chain of attention layers."""
+
+    def __init__(self, d_model: int, kernel: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(kernel, d_model) * INIT_STD_CANON)
+
+    def forward(self, x, positions=None, cache: KVCache | None = None, layer: int = 0):
+        """x (B, T, C). positions (B, T), when given: a token at position p mixes only the p tokens of its
+        own sequence before it (no mixing across a packed conversation's start or from left padding). None:
+        one sequence per row, continuing the cache if there is one (zeros before its first token)."""
+        B, T, C = x.shape
+        back = self.weight.shape[0] - 1
+        before = cache.recent[layer] if cache is not None else x.new_zeros(B, back, C)
+        seen = torch.cat([before, x], dim=1)  # (B, back + T, C)
+        if cache is not None and back:
+            cache.recent[layer] = seen[:, -back:]
+        out = x * (1 + self.weight[0])
+        for d in range(1, back + 1):
+            shifted = seen[:, back - d : back - d + T]  # x_(t−d), (B, T, C)
+            if positions is not None:
+                shifted = shifted * (positions >= d)[..., None]
+            out = out + self.weight[d] * shifted
+        return out
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.canon = CanonMix(config.d_model, config.canon_kernel) if config.canon_kernel else None
         self.attn = CausalSelfAttention(config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, layer)
+    def attention_input(self, x, positions, cache=None, layer=0):
+        """What the attention reads: the normalised residual stream, mixed over recent tokens if canon."""
+        h = self.attn_norm(x)
+        return h if self.canon is None else self.canon(h, positions, cache, layer)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0, positions=None):
+        x = x + self.attn(self.attention_input(x, positions, cache, layer), cos, sin, attn_mask, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -252,7 +310,7 @@ class GPT(nn.Module):
             )
         x = self.embed(idx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, attn_mask, cache, i)
+            x = block(x, cos, sin, attn_mask, cache, i, positions)
         if cache is not None:
             cache.length += T
         return self.norm(x)
