@@ -8,6 +8,7 @@ loop, and measures the copy probes of the pretraining stage (`world.copy_probes`
 `--every` steps. It needs the world and tokenizer of a run: `dvc repro tokenizer` first.
 
     python benchmarks/copy_learning.py --steps 4000 --lr 3e-3 --write   # --write: into docs/knowledge.md
+    python benchmarks/copy_learning.py --steps 1500 --every 250 --lr 6e-3 --canon-kernel 0 --seed 2   # plain blocks
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def run(
     n_docs: int = 20_000,
     n_probes: int = 100,
     seed: int = 0,
-    canon_kernel: int = 0,
+    canon_kernel: int | None = None,
 ) -> dict:
     params = load_params(ROOT / "params.yaml")
     tok = load_tokenizer(ROOT / "data" / "tokenizer" / "tokenizer.json")
@@ -54,7 +55,7 @@ def run(
         cfg,
         n_layer=n_layer or cfg.n_layer,
         n_head=n_head or cfg.n_head,
-        canon_kernel=canon_kernel or cfg.canon_kernel,
+        canon_kernel=cfg.canon_kernel if canon_kernel is None else canon_kernel,
     )
     torch.manual_seed(seed)
     model = GPT(cfg)
@@ -88,6 +89,7 @@ def run(
             print(json.dumps(curve[-1]), flush=True)
     return {
         "canon_kernel": cfg.canon_kernel,
+        "seed": seed,
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "lr": lr,
@@ -101,7 +103,8 @@ def run(
 
 def markdown(result: dict) -> str:
     head = (
-        f"Measured {datetime.date.today()}: {result['n_layer']} layers, {result['n_head']} heads, lr {result['lr']:g}, batch {result['batch_size']} × "
+        f"Measured {datetime.date.today()}: {result['n_layer']} layers, {result['n_head']} heads, canon kernel "
+        f"{result['canon_kernel']}, lr {result['lr']:g}, seed {result['seed']}, batch {result['batch_size']} × "
         f"context length, {result['probes']} probe documents, {result['seconds']} s"
     )
     rows = [
@@ -126,7 +129,9 @@ if __name__ == "__main__":
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--n-layer", type=int)
     ap.add_argument("--n-head", type=int)
-    ap.add_argument("--canon-kernel", type=int, default=0, help="pretrain.model.canon_kernel (0: none)")
+    ap.add_argument(
+        "--canon-kernel", type=int, help="pretrain.model.canon_kernel (default: params.yaml's; 0: none)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write", action="store_true", help="put the table into docs/knowledge.md")
     args = ap.parse_args()

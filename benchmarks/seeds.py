@@ -51,6 +51,21 @@ FIGURES: list[tuple[str, Callable[[dict], float], str]] = [
         lambda m: 100 * m["pretrain"]["copy_accuracy_value"],
         "{:.1f}",
     ),
+    (
+        "a fact told, then asked: answered with the transcript resent, %",
+        lambda m: 100 * m["evaluate"]["context"]["with_transcript"]["rate"],
+        "{:.1f}",
+    ),
+    (
+        "a fact told, then asked: answered without it, %",
+        lambda m: 100 * m["evaluate"]["context"]["without_transcript"]["rate"],
+        "{:.1f}",
+    ),
+    (
+        "SFT names the held-out or unknown person asked about, %",
+        lambda m: 100 * m["sft"]["name_copy_rate"],
+        "{:.1f}",
+    ),
     ("format followed by SFT, % (suite)", _rate("sft", "format_adherence"), "{:.1f}"),
     (
         "SFT: gold gain over base (suite)",
@@ -117,6 +132,13 @@ CLAIMS: list[tuple[str, Callable[[dict], bool]]] = [
     (
         "DPO raises the gold score over SFT (stage)",
         lambda m: m["dpo"]["gold_gain"] > m["dpo"]["gold_gain_ci95"],
+    ),
+    (
+        "the model is stateless: a told fact is used only with the transcript resent",
+        lambda m: (
+            m["evaluate"]["context"]["without_transcript"]["ci_high"]
+            < m["evaluate"]["context"]["with_transcript"]["ci_low"]
+        ),
     ),
     ("PPO lowers invented answers about unknown people (suite)", _below("ppo", "sft", "hallucination")),
     (

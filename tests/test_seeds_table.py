@@ -20,7 +20,9 @@ def model(hallucination: float, formatted: float) -> dict:
     }
 
 
-def run(seed: int, rm_gold: float, ppo_gain: float, ppo_hallucination: float, **extra) -> dict:
+def run(
+    seed: int, rm_gold: float, ppo_gain: float, ppo_hallucination: float, told: float = 0.5, **extra
+) -> dict:
     gain = {"mean": 0.3, "ci95": 0.1}
     return {
         "seed": seed,
@@ -30,10 +32,12 @@ def run(seed: int, rm_gold: float, ppo_gain: float, ppo_hallucination: float, **
         **extra,
         "metrics": {
             "pretrain": {"fact_recall": 0.95, "copy_accuracy_name": 0.96, "copy_accuracy_value": 0.1},
+            "sft": {"name_copy_rate": 0.9},
             "reward": {"accuracy_gold": rm_gold},
             "ppo": {"gold_gain": ppo_gain, "gold_gain_ci95": 0.1, "kl_to_sft": 1.0},
             "dpo": {"gold_gain": 0.3, "gold_gain_ci95": 0.1, "kl_to_sft": 2.0},
             "evaluate": {
+                "context": {"with_transcript": rate(told), "without_transcript": rate(0.02)},
                 "suite": {
                     "base": model(0.9, 0.1),
                     "sft": model(0.8, 0.99),
@@ -42,7 +46,7 @@ def run(seed: int, rm_gold: float, ppo_gain: float, ppo_hallucination: float, **
                     "gold_gain_sft_vs_base": gain,
                     "gold_gain_ppo_vs_sft": gain,
                     "gold_gain_dpo_vs_sft": gain,
-                }
+                },
             },
         },
     }
@@ -57,7 +61,7 @@ def test_mean_spread_per_seed_values_and_each_claim_checked_on_each_seed():
     text = table(
         [
             run(1, rm_gold=0.84, ppo_gain=0.30, ppo_hallucination=0.35),
-            run(2, rm_gold=0.86, ppo_gain=0.05, ppo_hallucination=0.70, untimed="shared the machine"),
+            run(2, 0.86, ppo_gain=0.05, ppo_hallucination=0.70, told=0.05, untimed="shared the machine"),
         ]
     )
     assert row(text, "reward model agrees with gold, %") == ["85.0", "1.4", "84.0", "86.0", "84.0", "86.0"]
@@ -77,6 +81,16 @@ def test_mean_spread_per_seed_values_and_each_claim_checked_on_each_seed():
     assert row(text, "PPO raises the gold score over SFT (stage)") == ["1 of 2", "yes", "**no**"]
     assert row(text, "PPO's invented answers ≤ half of SFT's (suite)") == ["1 of 2", "yes", "**no**"]
     assert row(text, "the reward model agrees with gold on ≥ 85 % of pairs") == ["1 of 2", "**no**", "yes"]
+    # a told fact: 50 % ± 5 with the transcript against 2 % ± 5 without holds; 5 % against 2 % does not
+    assert row(text, "the model is stateless: a told fact is used only with the transcript resent") == [
+        "1 of 2",
+        "yes",
+        "**no**",
+    ]
+    assert row(text, "a fact told, then asked: answered with the transcript resent, %")[-2:] == [
+        "50.0",
+        "5.0",
+    ]
 
 
 def test_runs_left_untimed_for_the_same_reason_are_named_together():
