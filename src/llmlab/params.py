@@ -159,11 +159,12 @@ class ModelConfig(Section):
     """Epsilon of RMSNorm."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the LM head."""
-    canon_kernel: int = Field(4, ge=0, le=16)
-    """Each block mixes every token's attention input with the `canon_kernel - 1` tokens before it (a causal
-    depthwise convolution, "Canon layers", Allen-Zhu 2025), so that attention can match a later mention on
-    several earlier tokens at once: with it the model reads values from its context (docs/knowledge.md).
-    0: none, a plain Llama block. Not a Llama layer: only a model with 0 can be exported to `transformers`."""
+    canon_kernel: int = Field(0, ge=0, le=16)
+    """0: a plain Llama block. Otherwise each block mixes every token's attention input with the
+    `canon_kernel - 1` tokens before it (a causal depthwise convolution, "Canon layers", Allen-Zhu 2025), so
+    that attention can match a later mention on several earlier tokens at once: with 4 the base model reads
+    values from its context on two seeds of three (docs/knowledge.md). Not a Llama layer: such a model
+    cannot be exported to `transformers`."""
 
     @field_validator("n_head")
     @classmethod
