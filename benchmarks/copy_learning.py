@@ -8,7 +8,7 @@ loop, and measures the copy probes of the pretraining stage (`world.copy_probes`
 `--every` steps. It needs the world and tokenizer of a run: `dvc repro tokenizer` first.
 
     python benchmarks/copy_learning.py --steps 4000 --lr 3e-3 --write   # --write: into docs/knowledge.md
-    python benchmarks/copy_learning.py --steps 1500 --every 250 --lr 6e-3 --canon-kernel 0 --seed 2   # plain blocks
+    python benchmarks/copy_learning.py --steps 1500 --every 250 --lr 6e-3 --canon-kernel 4 --seed 2   # the Canon layer
 """
 
 from __future__ import annotations
