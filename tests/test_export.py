@@ -54,7 +54,6 @@ def tiny_model(vocab_size: int, tie: bool) -> GPT:
         context_length=64,
         ffn_hidden=64,
         tie_embeddings=tie,
-        canon_kernel=0,  # only a plain Llama block exports
     )
     model = GPT(config)
     with torch.no_grad():

@@ -220,10 +220,9 @@ class CanonMix(nn.Module):
         """x (B, T, C). positions (B, T), when given: a token at position p mixes only the p tokens of its
         own sequence before it (no mixing across a packed conversation's start or from left padding). None:
         one sequence per row, continuing the cache if there is one (zeros before its first token)."""
-        B, T, C = x.shape
-        back = self.weight.shape[0] - 1
-        before = cache.recent[layer] if cache is not None else x.new_zeros(B, back, C)
-        seen = torch.cat([before, x], dim=1)  # (B, back + T, C)
+        T, back = x.shape[1], self.weight.shape[0] - 1
+        # (B, back + T, C): the cached inputs before this chunk, or zeros before a sequence's first token
+        seen = torch.cat([cache.recent[layer], x], dim=1) if cache is not None else F.pad(x, (0, 0, back, 0))
         if cache is not None and back:
             cache.recent[layer] = seen[:, -back:]
         out = x * (1 + self.weight[0])
