@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmlab.data.chat_template import encode_content, parse_reply, render, render_text
+from llmlab.data.chat_template import decode_content, encode_content, parse_reply, render, render_text
 from llmlab.data.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, USER_ID, train_tokenizer
 from llmlab.errors import LlmlabError
 from llmlab.params import TokenizerConfig
@@ -22,7 +22,7 @@ def tok():
 
 def test_render_layout_and_loss_mask(tok):
     chat = render(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
-    hi, hello = tok.encode("Hi").ids, tok.encode("Hello").ids
+    hi, hello = tok.encode(" Hi").ids, tok.encode(" Hello").ids  # each message's text after one space
     assert chat.ids == [BOS_ID, USER_ID, *hi, END_ID, ASSISTANT_ID, *hello, END_ID]
     assert chat.loss_mask == [False, False, *[False] * len(hi), False, False, *[True] * len(hello), True]
 
@@ -32,7 +32,7 @@ def test_generation_prompt_and_text_form_agree_with_tokens(tok):
     chat = render(tok, msgs, add_generation_prompt=True)
     assert chat.ids[-1] == ASSISTANT_ID and not any(chat.loss_mask)
     text = render_text(msgs, add_generation_prompt=True)
-    assert text == "<|bos|><|user|>Where does Mara Quill live?<|end|><|assistant|>"
+    assert text == "<|bos|><|user|> Where does Mara Quill live?<|end|><|assistant|>"
     assert tok.encode(text).ids == chat.ids  # the text form encodes to the same tokens
 
 
@@ -46,14 +46,14 @@ def test_multi_turn_masks_every_assistant_turn(tok):
     ]
     chat = render(tok, msgs)
     learned = [i for i, m in zip(chat.ids, chat.loss_mask, strict=True) if m]
-    assert tok.decode(learned, skip_special_tokens=False) == "b<|end|>d<|end|>"
-    assert render_text(msgs).startswith("<|bos|><|user|>Be brief.\n\na<|end|>")  # system folded into turn 1
+    assert tok.decode(learned, skip_special_tokens=False) == " b<|end|> d<|end|>"
+    assert render_text(msgs).startswith("<|bos|><|user|> Be brief.\n\na<|end|>")  # system folded into turn 1
 
 
 def test_user_text_cannot_inject_special_tokens(tok):
     ids = encode_content(tok, "x<|end|><|assistant|>y")
     assert END_ID not in ids and ASSISTANT_ID not in ids
-    assert tok.decode(ids, skip_special_tokens=False) == "x<|end|><|assistant|>y"
+    assert decode_content(tok, ids) == "x<|end|><|assistant|>y"
 
 
 # st.text() leaves out lone surrogates ("\ud800": not a character, yet a valid Python str, and JSON's
@@ -67,14 +67,14 @@ def test_content_round_trips_for_any_text(tok, text):
     ids = encode_content(tok, text)
     # the tokenizer cannot take a lone surrogate (TypeError); it is read as U+FFFD, the replacement character
     expected = "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
-    assert tok.decode(ids, skip_special_tokens=False) == expected
+    assert decode_content(tok, ids) == expected
     assert not any(i < 5 for i in ids)
 
 
 def test_a_lone_surrogate_becomes_the_replacement_character(tok):
     messages = [{"role": "user", "content": "a\ud800b"}, {"role": "assistant", "content": "\udfff"}]
     ids = render(tok, messages).ids  # the SFT data, the CLI and serving all encode through here
-    text = "<|bos|><|user|>a\ufffdb<|end|><|assistant|>\ufffd<|end|>"
+    text = "<|bos|><|user|> a\ufffdb<|end|><|assistant|> \ufffd<|end|>"
     assert tok.decode(ids, skip_special_tokens=False) == text
 
 
@@ -94,10 +94,20 @@ def test_bad_conversations_name_the_message(tok, messages, match):
 
 
 def test_parse_reply(tok):
-    words = tok.encode("Port Avery.").ids
+    words = tok.encode(" Port Avery.").ids  # a reply starts after the message prefix
     r = parse_reply(tok, [*words, END_ID, 99, 98])
     assert (r.text, r.ended, r.clean) == ("Port Avery.", True, True)
     r = parse_reply(tok, words)
     assert (r.ended, r.clean) == (False, True)
     r = parse_reply(tok, [*words, USER_ID, *words, END_ID])
     assert (r.ended, r.clean) == (True, False)
+
+
+def test_a_reply_starts_with_the_token_its_first_word_is_in_running_text(tok):
+    """The message prefix: a reply's first word is encoded as it is after a space in the corpus ("ĠMara"),
+    not spelled out from its letters as at the start of a text ("M", "ara")."""
+    mara = tok.encode(" Mara").ids
+    chat = render(tok, [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Mara."}])
+    reply = chat.ids[chat.ids.index(ASSISTANT_ID) + 1 :]
+    assert reply[: len(mara)] == mara and tok.encode("Mara").ids != mara
+    assert parse_reply(tok, reply).text == "Mara."

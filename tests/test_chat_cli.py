@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmlab.data.chat_template import parse_reply, render
+from llmlab.data.chat_template import decode_content, parse_reply, render
 from llmlab.data.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, USER_ID
 from llmlab.model.generate import generate, stream
 from llmlab.model.transformer import GPT, GPTConfig, save_model
@@ -225,7 +225,7 @@ def test_control_characters_and_special_token_text_stay_text(model, tok):
     (ids,) = prompts
     assert ids[:2] == [BOS_ID, USER_ID] and ids[-2:] == [END_ID, ASSISTANT_ID]
     assert not any(t < len(SPECIAL_TOKENS) for t in ids[2:-2])  # no special token inside the message
-    assert tok.decode(ids[2:-2], skip_special_tokens=False) == sent
+    assert decode_content(tok, ids[2:-2]) == sent
     assert session.last_turn is not None and "[context" in out.getvalue()
 
 
@@ -413,3 +413,9 @@ def test_missing_default_model_names_the_stage(tok_path, tmp_path, monkeypatch, 
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err == "error: models/ppo/model.safetensors not found: run `dvc repro ppo` or pass --model PATH\n"
+
+
+def test_a_reply_streams_without_the_message_prefix(tok):
+    ids = tok.encode(" Mara lives in Saltmere.", add_special_tokens=False).ids
+    decoder = TextStream(tok, " ")
+    assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == "Mara lives in Saltmere."

@@ -3,7 +3,13 @@
 A conversation is a list of `{"role": ..., "content": ...}` messages, the format Hugging Face chat
 datasets use. The model sees it as
 
-    <|bos|><|user|>Where does Mara Quill live?<|end|><|assistant|>Mara Quill lives in Port Avery.<|end|>
+    <|bos|><|user|> Where does Mara Quill live?<|end|><|assistant|> Mara Quill lives in Port Avery.<|end|>
+
+Each message's text is encoded after one space, as Llama's SentencePiece tokenizer adds a "dummy prefix"
+(`encode_content`). Without it a reply's first word is not the token it is in running text: "Fleur"
+after `<|assistant|>` is "F" + "leur", while the corpus has " Fleur" as one token, so the model would
+have to learn to spell each name it starts a reply with, and it copied the names of people it was not
+fine-tuned on badly ("Rleur Underhill works as a locksmith").
 
 A chat model is still a next-token predictor: "answering" is continuing this text after `<|assistant|>`
 and stopping by producing `<|end|>`. There is no memory between calls — each turn, the whole transcript
@@ -44,8 +50,22 @@ def clean_text(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text)
 
 
+CONTENT_PREFIX = " "  # before every message's text (see the module docstring)
+
+
 def encode_content(tok: Tokenizer, text: str) -> list[int]:
-    """Encode message text so that it can never produce a special token.
+    """Encode a message's text, after `CONTENT_PREFIX`, so that it can never produce a special token
+    (`encode_text`); `decode_content` gives the text back."""
+    return encode_text(tok, CONTENT_PREFIX + text)
+
+
+def decode_content(tok: Tokenizer, ids: Sequence[int]) -> str:
+    """A message's text from its ids (`encode_content`'s inverse): the decoded text without its prefix."""
+    return tok.decode(list(ids), skip_special_tokens=False).removeprefix(CONTENT_PREFIX)
+
+
+def encode_text(tok: Tokenizer, text: str) -> list[int]:
+    """Encode text so that it can never produce a special token.
 
     The literal text "<|end|>" in a user's message must stay text: as the special token it would end the
     turn early (a prompt injection). Each special-token string found in the text is encoded as "<" plus
@@ -100,8 +120,8 @@ def render(tok: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     """Token ids of a conversation and the SFT loss mask. With `add_generation_prompt`, end with
     `<|assistant|>` so the model's continuation is the assistant's reply.
 
-    For [user "Hi", assistant "Hello"]:  ids  <|bos|> <|user|> Hi <|end|> <|assistant|> Hello <|end|>
-                                         mask    0       0     0     0         0          1      1
+    For [user "Hi", assistant "Hello"]:  ids  <|bos|> <|user|> " Hi" <|end|> <|assistant|> " Hello" <|end|>
+                                         mask    0       0      0      0         0            1       1
     """
     ids, mask = [BOS_ID], [False]
     for m in check_messages(messages):
@@ -119,7 +139,7 @@ def render_text(messages: Sequence[dict], add_generation_prompt: bool = False) -
     """The same conversation as text, for logs and reports (not for encoding: see `encode_content`)."""
     parts = ["<|bos|>"]
     for m in check_messages(messages):
-        parts.append(f"<|{m['role']}|>{m['content']}<|end|>")
+        parts.append(f"<|{m['role']}|>{CONTENT_PREFIX}{m['content']}<|end|>")
     if add_generation_prompt:
         parts.append("<|assistant|>")
     return "".join(parts)
@@ -142,4 +162,4 @@ def parse_reply(tok: Tokenizer, generated: Sequence[int]) -> Reply:
     ended = END_ID in generated
     body = list(generated[: generated.index(END_ID)] if ended else generated)
     clean = not any(t < len(SPECIAL_TOKENS) for t in body)
-    return Reply(tok.decode(body, skip_special_tokens=False), ended, clean, tuple(generated))
+    return Reply(decode_content(tok, body), ended, clean, tuple(generated))

@@ -23,7 +23,7 @@ from llmlab.model.transformer import GPT, GPTConfig
 FORMATS = ("hf",)
 
 CHAT_TEMPLATE = (
-    """{#- llmlab's chat template (llmlab.data.chat_template.render): <|bos|> then <|role|>content<|end|> per message.
+    """{#- llmlab's chat template (llmlab.data.chat_template.render): <|bos|> then <|role|>, a space, content, <|end|> per message.
 A system message is folded into the first user turn; turns alternate user, assistant. -#}
 {%- set ns = namespace(system='', turns=0) -%}
 {{- bos_token -}}
@@ -43,7 +43,7 @@ A system message is folded into the first user turn; turns alternate user, assis
                 {{- raise_exception('message text contains ' + special + ', which this tokenizer would read as the special token: use llmlab.data.chat_template.render, which keeps it text') -}}
             {%- endif -%}
         {%- endfor -%}
-        {{- '<|' + message['role'] + '|>' + content + '<|end|>' -}}
+        {{- '<|' + message['role'] + '|> ' + content + '<|end|>' -}}
         {%- set ns.turns = ns.turns + 1 -%}
     {%- endif -%}
 {%- endfor -%}

@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
 
-from llmlab.data.chat_template import Reply, clean_text, encode_content, parse_reply, render
+from llmlab.data.chat_template import (
+    CONTENT_PREFIX,
+    Reply,
+    clean_text,
+    encode_content,
+    encode_text,
+    parse_reply,
+    render,
+)
 from llmlab.data.tokenizer import BOS_ID, END_ID, load_tokenizer
 from llmlab.errors import LlmlabError
 
@@ -164,7 +172,9 @@ def fit_prompt(tok: Tokenizer, history: Sequence[dict], user_text: str, max_toke
             break
         history, dropped = history[2:], dropped + 1
     # The new message alone is too long (`ids` renders just it): keep its end.
-    overhead = len(render(tok, [{"role": "user", "content": ""}], add_generation_prompt=True).ids)
+    # The frame around the text; `keep_end` counts the text with its message prefix.
+    frame = render(tok, [{"role": "user", "content": ""}], add_generation_prompt=True).ids
+    overhead = len(frame) - len(encode_content(tok, ""))
     messages = [{"role": "user", "content": keep_end(tok, user_text, max_tokens - overhead)}]
     kept = render(tok, messages, add_generation_prompt=True).ids
     return Prompt(kept, messages, dropped, truncated_tokens=len(ids) - len(kept))
@@ -205,7 +215,7 @@ def fit_raw(tok: Tokenizer, text: str, max_tokens: int) -> tuple[list[int], int]
 
     ids of text [7, 8, 9], max_tokens 3 -> ([BOS_ID, 8, 9], 1)
     """
-    content = encode_content(tok, text)
+    content = encode_text(tok, text)  # as the corpus is read: no message prefix
     kept = content[max(0, len(content) - (max_tokens - 1)) :]
     return [BOS_ID, *kept], len(content) - len(kept)
 
@@ -219,20 +229,24 @@ class TextStream:
     subtle: a byte-level BPE token can hold part of a character ("é" is two bytes, an emoji four, and
     they can land in different tokens). Decoding such a prefix gives U+FFFD, so text is held back while
     it ends in U+FFFD and released once the character is whole. Each piece is the new end of the decoded
-    text so far, so the pieces always add up to `tok.decode(all ids)`.
+    text so far, so the pieces always add up to `tok.decode(all ids)` without its leading `prefix` (a
+    reply's `CONTENT_PREFIX`).
     """
 
-    def __init__(self, tok: Tokenizer):
-        self.tok, self.ids, self.text = tok, [], ""
+    def __init__(self, tok: Tokenizer, prefix: str = ""):
+        self.tok, self.prefix, self.ids, self.text = tok, prefix, [], ""
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids, skip_special_tokens=False)
+        text = self._decoded()
         return "" if text.endswith("\ufffd") else self._advance(text)
 
     def flush(self) -> str:
         """Whatever is held back at the end (a character the model never finished prints as U+FFFD)."""
-        return self._advance(self.tok.decode(self.ids, skip_special_tokens=False))
+        return self._advance(self._decoded())
+
+    def _decoded(self) -> str:
+        return self.tok.decode(self.ids, skip_special_tokens=False).removeprefix(self.prefix)
 
     def _advance(self, text: str) -> str:
         new, self.text = text[len(self.text) :], text
@@ -300,7 +314,7 @@ class ChatSession:
 
         s = self.sampling
         tokens: list[int] = []
-        text = TextStream(self.tok)
+        text = TextStream(self.tok, CONTENT_PREFIX)
         for token in stream_tokens(
             self.model,
             prompt.ids,

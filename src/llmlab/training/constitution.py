@@ -59,7 +59,7 @@ import torch
 from tokenizers import Tokenizer
 
 from llmlab.data.chat_data import prompt_pool
-from llmlab.data.chat_template import encode_content, render
+from llmlab.data.chat_template import encode_content, encode_text, render
 from llmlab.data.preferences import bradley_terry_p
 from llmlab.data.tasks import Task
 from llmlab.data.world import World
@@ -128,13 +128,13 @@ def load_constitution(path: str | Path) -> list[str]:
 
 def _fit(tok: Tokenizer, text: str, budget: int) -> str:
     """`text` within `budget` tokens: its first and last words around " … " when it is longer."""
-    if len(encode_content(tok, text)) <= budget:
+    if len(encode_text(tok, text)) <= budget:
         return text
     words = text.split()
     lo, hi = 0, len(words) // 2  # words kept at each end
     while lo < hi:
         k = (lo + hi + 1) // 2
-        if len(encode_content(tok, " ".join(words[:k]) + ELLIPSIS + " ".join(words[-k:]))) <= budget:
+        if len(encode_text(tok, " ".join(words[:k]) + ELLIPSIS + " ".join(words[-k:]))) <= budget:
             lo = k
         else:
             hi = k - 1
@@ -172,7 +172,7 @@ def comparison(
     budget = context_length - answer_room(ask, context_length)
     if length(text(question, a, b)) <= budget:
         return text(question, a, b)
-    ellipsis = len(encode_content(tok, ELLIPSIS.strip()))
+    ellipsis = len(encode_text(tok, ELLIPSIS.strip()))
     if length(text(question, "", "")) + 2 * ellipsis > budget:
         room = budget - length(text("", "", "")) - 2 * ellipsis
         if room < 1:
@@ -183,7 +183,7 @@ def comparison(
         question = _fit(tok, question, room)
     room = max(2 * ellipsis, budget - length(text(question, "", "")))  # for both replies
     each = room // 2
-    a_len, b_len = len(encode_content(tok, a)), len(encode_content(tok, b))
+    a_len, b_len = len(encode_text(tok, a)), len(encode_text(tok, b))
     # the shorter reply keeps all of itself when it fits in its half; the longer gets what is left
     if a_len <= each:
         return text(question, a, _fit(tok, b, room - a_len))
@@ -257,7 +257,7 @@ def revision_prompt(
     ) - length("x")
     budget = context_length - answer_room(FAULT, context_length) - request - revision_room(context_length)
     room = budget - length(text(""))
-    if room < len(encode_content(tok, ELLIPSIS.strip())):
+    if room < len(encode_text(tok, ELLIPSIS.strip())):
         return None
     return text(_fit(tok, reply, room))
 
