@@ -419,3 +419,13 @@ def test_a_reply_streams_without_the_message_prefix(tok):
     ids = tok.encode(" Mara lives in Saltmere.", add_special_tokens=False).ids
     decoder = TextStream(tok, " ")
     assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == "Mara lives in Saltmere."
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_completion_reads_like_the_reply_the_model_wrote(model, tok, monkeypatch, raw):
+    """A chat reply comes back without the message prefix (as `parse_reply` reads it); a raw
+    continuation comes back exactly as decoded."""
+    written = tok.encode(" Mara lives in Saltmere.", add_special_tokens=False).ids
+    monkeypatch.setattr("llmlab.model.generate.generate", lambda model, prompts, *a, **k: [written] * len(prompts))
+    text = complete(model, tok, "Where does Mara live?", raw=raw).completions[0].text
+    assert text == (" Mara lives in Saltmere." if raw else "Mara lives in Saltmere.")

@@ -24,6 +24,7 @@ from llmlab.data.chat_template import (
     CONTENT_PREFIX,
     Reply,
     clean_text,
+    decode_content,
     encode_content,
     encode_text,
     parse_reply,
@@ -398,5 +399,6 @@ def complete(
     for out in outs:
         ended = bool(out) and out[-1] in stop
         body = out[:-1] if ended else out
-        completions.append(Completion(tok.decode(body, skip_special_tokens=False), ended, len(out)))
+        text = tok.decode(body, skip_special_tokens=False) if raw else decode_content(tok, body)
+        completions.append(Completion(text, ended, len(out)))
     return Completions(ids, completions, cut)
