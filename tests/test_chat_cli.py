@@ -426,6 +426,8 @@ def test_a_completion_reads_like_the_reply_the_model_wrote(model, tok, monkeypat
     """A chat reply comes back without the message prefix (as `parse_reply` reads it); a raw
     continuation comes back exactly as decoded."""
     written = tok.encode(" Mara lives in Saltmere.", add_special_tokens=False).ids
-    monkeypatch.setattr("llmlab.model.generate.generate", lambda model, prompts, *a, **k: [written] * len(prompts))
+    monkeypatch.setattr(
+        "llmlab.model.generate.generate", lambda model, prompts, *a, **k: [written] * len(prompts)
+    )
     text = complete(model, tok, "Where does Mara live?", raw=raw).completions[0].text
     assert text == (" Mara lives in Saltmere." if raw else "Mara lives in Saltmere.")
