@@ -417,7 +417,7 @@ def test_missing_default_model_names_the_stage(tok_path, tmp_path, monkeypatch, 
 
 def test_a_reply_streams_without_the_message_prefix(tok):
     ids = tok.encode(" Mara lives in Saltmere.", add_special_tokens=False).ids
-    decoder = TextStream(tok, " ")
+    decoder = TextStream(tok, reply=True)
     assert "".join([decoder.push(i) for i in ids] + [decoder.flush()]) == "Mara lives in Saltmere."
 
 

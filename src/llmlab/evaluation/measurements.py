@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer
 
 from llmlab.data.chat_data import ADD_BARE, ADD_COT, pool_of
-from llmlab.data.chat_template import render
+from llmlab.data.chat_template import encode_content, render
 from llmlab.data.tasks import TASK_KINDS, Task
 from llmlab.data.tokenizer import BOS_ID
 from llmlab.data.world import (
@@ -252,7 +252,7 @@ def suite(
         "over_refusal": rate([s.refused or s.admits_unknown for *_, s in of("fact")]),
         "politeness": rate([s.polite for s in scores]),
         "gold_score": mean([s.total for s in scores]),
-        "reply_tokens": mean([len(tok.encode(r.text, add_special_tokens=False).ids) for r in replies]),
+        "reply_tokens": mean([len(encode_content(tok, r.text)) for r in replies]),
     }
     records = [
         {
@@ -395,9 +395,7 @@ def chain_of_thought(
                     "digits": d,
                     "format": "step_by_step" if cot else "bare",
                     "accuracy": rate(correct),
-                    "reply_tokens": mean(
-                        [len(tok.encode(r.text, add_special_tokens=False).ids) for r in replies]
-                    ),
+                    "reply_tokens": mean([len(encode_content(tok, r.text)) for r in replies]),
                 }
             )
     return rows

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from tokenizers import Tokenizer
 
 from llmlab.data.chat_template import (
-    CONTENT_PREFIX,
     Reply,
     clean_text,
     decode_content,
@@ -230,12 +229,12 @@ class TextStream:
     subtle: a byte-level BPE token can hold part of a character ("é" is two bytes, an emoji four, and
     they can land in different tokens). Decoding such a prefix gives U+FFFD, so text is held back while
     it ends in U+FFFD and released once the character is whole. Each piece is the new end of the decoded
-    text so far, so the pieces always add up to `tok.decode(all ids)` without its leading `prefix` (a
-    reply's `CONTENT_PREFIX`).
+    text so far, so the pieces always add up to `tok.decode(all ids)`, or, for a `reply`, to the message
+    text `decode_content` reads from them.
     """
 
-    def __init__(self, tok: Tokenizer, prefix: str = ""):
-        self.tok, self.prefix, self.ids, self.text = tok, prefix, [], ""
+    def __init__(self, tok: Tokenizer, reply: bool = False):
+        self.tok, self.reply, self.ids, self.text = tok, reply, [], ""
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -247,7 +246,9 @@ class TextStream:
         return self._advance(self._decoded())
 
     def _decoded(self) -> str:
-        return self.tok.decode(self.ids, skip_special_tokens=False).removeprefix(self.prefix)
+        if self.reply:
+            return decode_content(self.tok, self.ids)
+        return self.tok.decode(self.ids, skip_special_tokens=False)
 
     def _advance(self, text: str) -> str:
         new, self.text = text[len(self.text) :], text
@@ -315,7 +316,7 @@ class ChatSession:
 
         s = self.sampling
         tokens: list[int] = []
-        text = TextStream(self.tok, CONTENT_PREFIX)
+        text = TextStream(self.tok, reply=True)
         for token in stream_tokens(
             self.model,
             prompt.ids,
