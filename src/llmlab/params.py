@@ -375,8 +375,12 @@ class LocalPreferences(PairColumns):
     paths: Globs = ["data/raw/preferences/*.jsonl"]
 
 
-DEFAULT_MIX = {"fact": 0.5, "about": 0.1, "arithmetic": 0.2, "unknown": 0.1, "harmful": 0.1}
-"""The task kinds of the rl prompt pool, as shares (SFT's own tasks have theirs in sft.data)."""
+DEFAULT_MIX = {"fact": 0.5, "about": 0.1, "arithmetic": 0.05, "unknown": 0.25, "harmful": 0.1}
+"""The task kinds of the rl prompt pool, as shares (SFT's own tasks have theirs in sft.data). A quarter
+are questions about unknown people, where two replies differ in substance ("I don't know" or an invented
+fact); additions, whose pairs differ almost only in style, get 5 %. With a tenth about unknown people and a
+fifth additions, PPO lowered invented answers on none of 3 seeds, DPO on one (docs/results.md, "A quarter
+of the rl prompts about unknown people")."""
 
 
 def _check_shares(mix: dict) -> dict:
@@ -398,8 +402,7 @@ class PreferencesConfig(Section):
     n_prompts: int = Field(1600, ge=2)
     """Prompts of the rl pool (never seen in SFT) for which the SFT model samples replies."""
     prompt_mix: PromptMix = dict(DEFAULT_MIX)
-    """Share of each task kind among those prompts. 25 % unknown people (with `reward.lm_coef` 0.3) did not
-    make PPO lower invented answers on two seeds (docs/results.md)."""
+    """Share of each task kind among those prompts (`DEFAULT_MIX`)."""
     samples_per_prompt: int = Field(6, ge=2)
     """Replies sampled per prompt; every two with different gold scores make a pair. Measured at the same
     9,600 replies: 1,600 × 6 gave the reward model 85.9 % gold accuracy, 2,400 × 4 84.4 %, 3,200 × 3 83.9 %
