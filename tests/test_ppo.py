@@ -4,15 +4,18 @@ on a toy task (it raises the reward; with a huge KL coefficient it stays at the 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import lightning as L
 import pytest
 import torch
 
+from llmlab.data.chat_data import GRADING_MIX
 from llmlab.data.tokenizer import END_ID
+from llmlab.data.world import build_world
 from llmlab.errors import LlmlabError
 from llmlab.model.transformer import GPT, GPTConfig
-from llmlab.params import PPOConfig
+from llmlab.params import PPOConfig, SyntheticCorpus
 from llmlab.training.ppo import (
     KLController,
     check_replicas_agree,
@@ -22,6 +25,7 @@ from llmlab.training.ppo import (
     masked_whiten,
     policy_loss,
     ppo_update,
+    prompts,
     reply_logprobs,
     reply_scores,
     reply_values,
@@ -248,3 +252,19 @@ def test_replicas_that_drifted_apart_fail_loudly_and_equal_ones_pass():
         w[0, 0], w[0, 1] = w[0, 1].clone(), w[0, 0].clone()
     with pytest.raises(LlmlabError, match="the 2 processes' policy weights differ after training"):
         check_replicas_agree(_TwoProcesses(twin), {"policy": policy})
+
+
+def test_the_prompt_mix_changes_what_ppo_trains_on_not_what_it_is_graded_on():
+    """`ppo.prompt_mix` draws the training prompts; the held-out prompts the stage grades SFT and PPO on keep
+    `GRADING_MIX`, so that figures stay comparable when the mix changes."""
+    world = build_world(SyntheticCorpus(n_sft_people=40, n_heldout_people=10, n_unknown_people=10), seed=3)
+    mixes = [{"fact": 1.0}, {"fact": 0.5, "unknown": 0.5}]
+    cfgs = [PPOConfig(n_prompts=200, eval_prompts=100, prompt_mix=m) for m in mixes]
+    trained = [Counter(t.kind for t in prompts(world, "", "rl", c, seed=0)) for c in cfgs]
+    assert trained[0] == {"fact": 200} and 80 <= trained[1]["unknown"] <= 120
+    graded = [[t.prompt for t in prompts(world, "", "eval", c, seed=0)] for c in cfgs]
+    assert graded[0] == graded[1] and len(graded[0]) == 100
+    # nor does the default mix: the graded prompts keep GRADING_MIX's shares whatever DEFAULT_MIX says
+    kinds = Counter(t.kind for t in prompts(world, "", "eval", PPOConfig(eval_prompts=400), seed=0))
+    for kind, share in GRADING_MIX.items():
+        assert abs(kinds[kind] / 400 - share) < 0.06, (kind, kinds)

@@ -45,9 +45,14 @@ from llmlab.data.world import (
     random_addend,
 )
 from llmlab.errors import LlmlabError
-from llmlab.params import DEFAULT_MIX, SFTData
+from llmlab.params import SFTData
 
 POOLS = ("sft", "rl", "eval")
+
+GRADING_MIX = {"fact": 0.5, "about": 0.1, "arithmetic": 0.2, "unknown": 0.1, "harmful": 0.1}
+"""The task kinds of the prompts a stage grades its own model on (the sft, ppo and dpo stages' held-out
+prompts, the evaluate stage's temperature sweep): fixed here, apart from `preferences.prompt_mix` and
+`ppo.prompt_mix`, so that changing what RLHF trains on does not change what those figures measure."""
 
 ABOUT = (
     "Tell me about {name}.",
@@ -312,15 +317,16 @@ def sft_examples(world: World, cfg: SFTData, seed: int) -> list[Example]:
 def prompt_pool(
     world: World, pool: str, n: int, seed: int, max_digits: int, mix: dict[str, float] | None = None
 ) -> list[Task]:
-    """`n` distinct prompts of the `rl` or `eval` pool (never in SFT), by kind shares `mix`; or of the `sft`
-    pool (SFT's people, questions and unknown names: the critique stage's demonstrations).
+    """`n` distinct prompts of the `rl` or `eval` pool (never in SFT), by kind shares `mix` (`GRADING_MIX`
+    if not given); or of the `sft` pool (SFT's people, questions and unknown names: the critique stage's
+    demonstrations).
 
     Fact and about prompts of the rl and eval pools ask about SFT people (questions SFT never asked) and
     held-out people alike.
     """
     if pool not in ("rl", "eval", "sft"):
         raise ValueError(f"pool must be 'rl', 'eval' or 'sft', got {pool!r}")
-    mix = mix or DEFAULT_MIX
+    mix = mix or GRADING_MIX
     rng = random.Random(f"{seed}/{pool}")
     known = world.group("sft") if pool == "sft" else world.known()
     unknown = world.group("unknown")
