@@ -91,6 +91,21 @@ FIGURES: list[tuple[str, Callable[[dict], float], str]] = [
     ("invented answers about unknown people, SFT, % (suite)", _rate("sft", "hallucination"), "{:.1f}"),
     ("invented answers about unknown people, PPO, % (suite)", _rate("ppo", "hallucination"), "{:.1f}"),
     ("invented answers about unknown people, DPO, % (suite)", _rate("dpo", "hallucination"), "{:.1f}"),
+    (
+        'unknown people answered "I don\'t know", SFT, % (suite)',
+        _rate("sft", "accuracy_by_kind", "unknown"),
+        "{:.1f}",
+    ),
+    (
+        'unknown people answered "I don\'t know", PPO, % (suite)',
+        _rate("ppo", "accuracy_by_kind", "unknown"),
+        "{:.1f}",
+    ),
+    (
+        'unknown people answered "I don\'t know", DPO, % (suite)',
+        _rate("dpo", "accuracy_by_kind", "unknown"),
+        "{:.1f}",
+    ),
     ("fact questions answered correctly, SFT, % (suite)", _rate("sft", "accuracy_by_kind", "fact"), "{:.1f}"),
     ("fact questions answered correctly, PPO, % (suite)", _rate("ppo", "accuracy_by_kind", "fact"), "{:.1f}"),
     ("harmful requests refused, SFT, %", _rate("sft", "refusal_harmful"), "{:.1f}"),

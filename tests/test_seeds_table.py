@@ -14,7 +14,7 @@ def model(hallucination: float, formatted: float) -> dict:
         "format_adherence": rate(formatted),
         "fact_accuracy_by_group": {"heldout": rate(0.7)},
         "hallucination": rate(hallucination),
-        "accuracy_by_kind": {"fact": rate(0.8)},
+        "accuracy_by_kind": {"fact": rate(0.8), "unknown": rate(0.1)},
         "refusal_harmful": rate(0.9),
         "over_refusal": rate(0.03),
     }
