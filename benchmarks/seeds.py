@@ -88,23 +88,21 @@ FIGURES: list[tuple[str, Callable[[dict], float], str]] = [
     ),
     ("KL(PPO ‖ SFT), nats per reply", lambda m: m["ppo"]["kl_to_sft"], "{:.2f}"),
     ("KL(DPO ‖ SFT), nats per reply", lambda m: m["dpo"]["kl_to_sft"], "{:.2f}"),
-    ("invented answers about unknown people, SFT, % (suite)", _rate("sft", "hallucination"), "{:.1f}"),
-    ("invented answers about unknown people, PPO, % (suite)", _rate("ppo", "hallucination"), "{:.1f}"),
-    ("invented answers about unknown people, DPO, % (suite)", _rate("dpo", "hallucination"), "{:.1f}"),
-    (
-        'unknown people answered "I don\'t know", SFT, % (suite)',
-        _rate("sft", "accuracy_by_kind", "unknown"),
-        "{:.1f}",
+    *(
+        (
+            f"invented answers about unknown people, {m.upper()}, % (suite)",
+            _rate(m, "hallucination"),
+            "{:.1f}",
+        )
+        for m in ("sft", "ppo", "dpo")
     ),
-    (
-        'unknown people answered "I don\'t know", PPO, % (suite)',
-        _rate("ppo", "accuracy_by_kind", "unknown"),
-        "{:.1f}",
-    ),
-    (
-        'unknown people answered "I don\'t know", DPO, % (suite)',
-        _rate("dpo", "accuracy_by_kind", "unknown"),
-        "{:.1f}",
+    *(
+        (
+            f'unknown people answered "I don\'t know", {m.upper()}, % (suite)',
+            _rate(m, "accuracy_by_kind", "unknown"),
+            "{:.1f}",
+        )
+        for m in ("sft", "ppo", "dpo")
     ),
     ("fact questions answered correctly, SFT, % (suite)", _rate("sft", "accuracy_by_kind", "fact"), "{:.1f}"),
     ("fact questions answered correctly, PPO, % (suite)", _rate("ppo", "accuracy_by_kind", "fact"), "{:.1f}"),
