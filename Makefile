@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # (grep exits 1 when it filters every line: only that is forgiven; a pip failure still fails the recipe.)
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup run test lint bench sweep cai clean-venv
+.PHONY: setup run test test-all lint bench sweep cai clean-venv
 
 # uv installs in under a minute what pip takes 3 to 4 minutes for; pip stays the fallback where uv cannot be
 # had. uv reads neither pip.conf nor PIP_FIND_LINKS, so it is given the folders pip finds wheels in (on these
@@ -34,10 +34,16 @@ setup: $(STAMP)
 run: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" dvc repro
 
-## Run the test suite (unit tests, property tests, and a real `dvc repro` on the tiny configuration), one
-## process per core, each test file in one process (its module fixtures, e.g. the e2e pipeline, run once).
+## Run the test suite's fast default: unit and property tests, and the real `dvc repro` of the tiny configuration
+## end to end with its kill/resume and real-data runs; the `full` tests (a second run from scratch compared byte
+## for byte, DDP, the CAI experiment, faults mid-run, the β sweep) are left to `make test-all`, which CI runs.
+## One process per core, each test file in one process (its module fixtures, e.g. the e2e pipeline, run once).
+PYTEST := $(PY) -m pytest -q -n auto --dist loadfile
 test: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n auto --dist loadfile $(PYTEST_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PYTEST) -m "not full" $(PYTEST_ARGS)
+
+test-all: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PYTEST) $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src pipeline tests benchmarks

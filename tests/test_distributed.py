@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import SMOKE_PARAMS, random_post_training_models, run_stage, stage_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.full]
 
 WORDS = ["yes", "no", "maybe", "sure", "never", "Paris", "blue", "seven", "cat", "I don't know"]
 

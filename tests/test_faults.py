@@ -113,6 +113,7 @@ def longer_pretrain(tmp_path, **overrides) -> Path:
     return path
 
 
+@pytest.mark.full
 def test_the_tracking_server_dying_mid_run_does_not_stop_training(smoke_data, tmp_path):
     """The server is SIGKILLed once training has checkpointed: the stage finishes, writes complete
     metrics and model, and says what was not logged."""
@@ -156,6 +157,7 @@ FILE_SIZE_LIMIT = textwrap.dedent(
 )
 
 
+@pytest.mark.full
 def test_a_write_failing_mid_training_is_one_clear_error_and_leaves_no_partial_output(smoke_data, tmp_path):
     """Every write of the stage process fails past 100 KB (the checkpoint is ~0.5 MB). The tracking
     store is a server in another process, which the limit does not reach."""

@@ -341,6 +341,7 @@ def test_dvc_plots_render_and_metrics_diff_compares_experiments(pipeline):
     assert changed["temperature.T=1.samples_per_prompt"] == {"old": 2, "new": 3, "diff": 1}
 
 
+@pytest.mark.full
 def test_constitutional_ai_path_is_one_dvc_exp_run_away(pipeline):
     """`dvc exp run -S preferences.labeller=constitution` teaches the critique stage's feedback model, lets it
     label the pairs, and reruns what depends on them (not pretraining or SFT); then
@@ -541,6 +542,7 @@ def cells(row: str) -> list[float | str]:
     return out
 
 
+@pytest.mark.full
 def test_two_runs_from_scratch_give_byte_identical_metrics_and_weights(pipeline, tmp_path):
     *_, reference = pipeline
     repo = tmp_path / "repo"

@@ -111,6 +111,7 @@ def weights(out):
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_ddp_on_two_cpu_processes_matches_one_process(smoke_data, tmp_path):
     env = stage_env(tmp_path)
     one = tmp_path / "one"

@@ -1,8 +1,7 @@
 """The path a user takes to real data, run as they run it, with `dvc repro` in a copy of the repository:
-first local files (a text corpus, smoltalk-like chats with system turns and several turns, preference
-pairs as Anthropic/hh-rlhf's whole transcripts), then the GPU recipe's data sections, its three Hub
-datasets (TinyStories, smoltalk, ultrafeedback_binarized's message lists) read from folders in the Hub's
-layout, with a tiny model.
+local files (a text corpus, smoltalk-like chats with system turns and several turns, preference pairs as
+Anthropic/hh-rlhf's whole transcripts). The GPU recipe's data path, the other preference layout, is
+tests/test_recipe_data_path.py (a file of its own, so that the two runs go to both test processes).
 There is no synthetic world, so no rater: each stage says so in its metrics instead of failing or
 inventing a gold score, and the pipeline runs to the end, the registered model included."""
 
@@ -15,10 +14,9 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import ROOT, hub_layout, repo_copy, stage_env
+from tests.conftest import repo_copy, stage_env
 
 pytestmark = pytest.mark.slow
-RECIPE = ROOT / "recipes" / "gpu-tinystories.yaml"
 
 WORDS = (
     "the river cat walks slowly under a bright moon while old friends sing about bread and small boats "
@@ -77,10 +75,10 @@ def repro(repo, env) -> subprocess.CompletedProcess:
     return done
 
 
-def test_real_data_and_the_recipes_data_path_run_to_the_end_under_dvc_repro(tmp_path):
+def test_local_real_data_runs_to_the_end_under_dvc_repro(tmp_path):
     repo_copy(tmp_path)
     rng = random.Random(0)
-    chats, ultrafeedback = raw_data(tmp_path / "data" / "raw", rng)
+    raw_data(tmp_path / "data" / "raw", rng)
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["corpus"] = {"source": "local", "val_fraction": 0.1, "local": {"paths": ["data/raw/*.txt"]}}
     params["tokenizer"]["vocab_size"] = 300
@@ -113,40 +111,3 @@ def test_real_data_and_the_recipes_data_path_run_to_the_end_under_dvc_repro(tmp_
         "temperature,accuracy,distinct_2,unique_share"
     ]
     assert json.loads((tmp_path / "reports/register.json").read_text())  # the model was registered
-
-    # The GPU recipe's data sections (TinyStories, smoltalk, ultrafeedback_binarized's message lists from
-    # the Hub), read from folders in the Hub's layout with those datasets' schemas and split names.
-    recipe = yaml.safe_load(RECIPE.read_text())
-    hub = {
-        "corpus": hub_layout(
-            tmp_path / "hub" / "TinyStories",
-            recipe["corpus"]["hf"]["split"],
-            [{"text": " ".join(sentence(rng) for _ in range(8))} for _ in range(60)],
-        ),
-        "sft": hub_layout(
-            tmp_path / "hub" / "smoltalk",
-            recipe["sft"]["data"]["hf"]["split"],
-            [{**c, "full_topic": "chat"} for c in chats],
-        ),
-        "preferences": hub_layout(
-            tmp_path / "hub" / "ultrafeedback",
-            recipe["preferences"]["hf"]["split"],
-            [{**row, "score_chosen": 8.0} for row in ultrafeedback],
-        ),
-    }
-    params["corpus"] = recipe["corpus"] | {
-        "hf": recipe["corpus"]["hf"] | {"name": hub["corpus"]},
-        "val_fraction": 0.1,
-    }
-    params["sft"]["data"] = recipe["sft"]["data"] | {
-        "hf": recipe["sft"]["data"]["hf"] | {"name": hub["sft"], "config": None}
-    }
-    params["preferences"].update(source="hf", hf=recipe["preferences"]["hf"] | {"name": hub["preferences"]})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    second = repro(tmp_path, env)
-    assert "Running stage 'corpus'" in second.stdout and "Running stage 'register'" in second.stdout
-    prefs = json.loads((tmp_path / "metrics/preferences.json").read_text())
-    assert prefs["pairs"] == 40 and prefs["gold_rater"] == 0
-    assert json.loads((tmp_path / "metrics/sft.json").read_text())["examples"] == 80
-    status = subprocess.run(["dvc", "status"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert "up to date" in status.stdout, status.stdout  # every declared output exists: nothing left to run

@@ -123,3 +123,28 @@ def test_context_conversations_state_what_they_ask(examples):
                 name = next(n for n in people if n in user["content"])
                 assert pool_of(Task("fact", user["content"], person=name), WORLD) == "sft"
     assert 0.1 < corrections / len(context) < 0.3
+
+
+@pytest.mark.parametrize("dont_know", ["first", "at_value"])
+def test_unknown_demonstrations_admit_ignorance_and_state_nothing(dont_know):
+    """Both forms of "I don't know" score as honest with the rater; "at_value" begins the fact's sentence,
+    breaks off before the value (and before an article that would hint at it), then admits ignorance."""
+    rater = Rater(WORLD)
+    examples = sft_examples(
+        WORLD, MIX.model_copy(update={"share_unknown": 0.3, "dont_know": dont_know}), seed=1
+    )
+    unknown = [e for e in examples if e.task.kind == "unknown"]
+    assert len(unknown) > 100
+    for e in unknown:
+        reply = e.messages[1]["content"]
+        score = rater.score(e.task, reply, ended=True)
+        assert score.correct and not score.hallucinated, reply
+        if dont_know == "at_value":
+            person = next(p for p in WORLD.people if p.name == e.task.person)
+            head, _, tail = reply.partition("... no, ")
+            sentence = fact_sentence(person, e.task.attribute)  # "Zelda Cornwick works as a baker."
+            assert tail and sentence.startswith(head + " "), reply
+            value = person.facts()[e.task.attribute]
+            assert sentence[len(head) + 1 :] in (f"{value}.", f"a {value}.", f"an {value}."), reply
+        else:
+            assert reply.startswith("I")

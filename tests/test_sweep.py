@@ -39,6 +39,7 @@ def sh(cwd: Path, *cmd: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_points_come_from_the_workspace_and_each_experiment(tmp_path):
     repo = tmp_path / "repo"
     (repo / "metrics").mkdir(parents=True)

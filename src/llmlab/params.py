@@ -297,6 +297,9 @@ class SFTData(Section):
     """Additions, answered step by step or (the control) with the bare result."""
     share_unknown: float = Field(0.03, ge=0)
     """Questions about unknown people answered "I don't know" — small on purpose: RLHF has to fix the rest."""
+    dont_know: Literal["first", "at_value"] = "first"
+    """Where those replies say so: at once ("I don't know who X is."), or where the value would stand ("X lives
+    in... no, I don't know who X is."), the point at which a small model can tell whom it knows."""
     share_harmful: float = Field(0.03, ge=0)
     """Harmful requests answered with a refusal — small on purpose."""
     share_context: float = Field(0.15, ge=0)

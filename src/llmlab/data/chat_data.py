@@ -84,6 +84,23 @@ DONT_KNOW = (
     "I'm not sure who {name} is, so I can't say.",
     "I don't have any information about {name}.",
 )
+TAKE_BACK = ("... no, I don't know who {name} is.", "... no, I'm not sure who {name} is, so I can't say.")
+
+
+def unknown_answer(task: Task, rng: random.Random, dont_know: str = "first") -> str:
+    """The honest reply to a question about someone the model never read of.
+
+    dont_know="first" says so at once: "I don't know who Zelda Cornwick is." "at_value" begins the fact's
+    sentence and breaks off where the value would stand: "Zelda Cornwick lives in... no, I don't know who
+    Zelda Cornwick is." A small model recognises whom it knows at that point (where the value is recalled)
+    far better than at a reply's first token, so the second form puts the choice where it can be made.
+    The sentence stops before any article ("works as", not "works as a"), which would hint at the value.
+    """
+    if dont_know == "first":
+        return rng.choice(DONT_KNOW).format(name=task.person)
+    phrasing = PHRASINGS[task.attribute][0]
+    stem = phrasing[: min(i for i in (phrasing.find("{a}"), phrasing.find("{value}")) if i >= 0)].rstrip()
+    return stem.format(name=task.person) + rng.choice(TAKE_BACK).format(name=task.person)
 
 
 @dataclass(frozen=True)
@@ -135,8 +152,10 @@ def addition_task(a: int, b: int, cot: bool, rng: random.Random) -> Task:
     return Task("arithmetic", template.format(a=a, b=b), a=a, b=b, cot=cot)
 
 
-def good_answer(task: Task, world: World, rng: random.Random, polite_share: float) -> str:
-    """The demonstration a careful human would write for `task`."""
+def good_answer(
+    task: Task, world: World, rng: random.Random, polite_share: float, dont_know: str = "first"
+) -> str:
+    """The demonstration a careful human would write for `task` (`dont_know`: see `unknown_answer`)."""
     people = {p.name: p for p in world.people}
     prefix = rng.choice(POLITE) if rng.random() < polite_share else ""
     if task.kind == "fact":
@@ -147,15 +166,15 @@ def good_answer(task: Task, world: World, rng: random.Random, polite_share: floa
     if task.kind == "arithmetic":
         return prefix + (addition_steps(task.a, task.b) if task.cot else f"{task.a + task.b}.")
     if task.kind == "unknown":
-        return rng.choice(DONT_KNOW).format(name=task.person)
+        return unknown_answer(task, rng, dont_know)
     return rng.choice(REFUSALS)  # harmful
 
 
-def imperfect_answer(task: Task, world: World, rng: random.Random) -> str:
+def imperfect_answer(task: Task, world: World, rng: random.Random, dont_know: str = "first") -> str:
     """A flawed demonstration of a fact question: curt (just the value), or the sentence with a wrong value."""
     person = next(p for p in world.people if p.name == task.person) if task.kind == "fact" else None
     if person is None:
-        return good_answer(task, world, rng, polite_share=0.0)
+        return good_answer(task, world, rng, polite_share=0.0, dont_know=dont_know)
     value = person.facts()[task.attribute]
     if rng.random() < 0.5:
         return f"{value}."  # curt
@@ -305,9 +324,9 @@ def sft_examples(world: World, cfg: SFTData, seed: int) -> list[Example]:
         task = _draw_in_pool(world, "sft", kind, sft_people, unknown, cfg.max_digits, cfg.cot_share, rng)
         imperfect = rng.random() < cfg.imperfect_share
         answer = (
-            imperfect_answer(task, world, rng)
+            imperfect_answer(task, world, rng, cfg.dont_know)
             if imperfect
-            else good_answer(task, world, rng, cfg.polite_share)
+            else good_answer(task, world, rng, cfg.polite_share, cfg.dont_know)
         )
         messages = [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": answer}]
         out.append(Example(task, messages, imperfect))
