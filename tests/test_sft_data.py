@@ -141,7 +141,7 @@ def test_unknown_demonstrations_admit_ignorance_and_state_nothing(dont_know):
         assert score.correct and not score.hallucinated, reply
         if dont_know == "at_value":
             person = next(p for p in WORLD.people if p.name == e.task.person)
-            head, _, tail = reply.partition("... no, ")
+            head, _, tail = reply.partition(", sorry, ")
             sentence = fact_sentence(person, e.task.attribute)  # "Zelda Cornwick works as a baker."
             assert tail and sentence.startswith(head + " "), reply
             value = person.facts()[e.task.attribute]

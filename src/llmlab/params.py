@@ -299,7 +299,7 @@ class SFTData(Section):
     """Questions about unknown people answered "I don't know" — small on purpose: RLHF has to fix the rest."""
     dont_know: Literal["first", "at_value"] = "first"
     """Where those replies say so: at once ("I don't know who X is."), or where the value would stand ("X lives
-    in... no, I don't know who X is."), the point at which a small model can tell whom it knows."""
+    in, sorry, I don't know who X is."), the point at which a small model can tell whom it knows."""
     share_harmful: float = Field(0.03, ge=0)
     """Harmful requests answered with a refusal — small on purpose."""
     share_context: float = Field(0.15, ge=0)

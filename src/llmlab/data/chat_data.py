@@ -84,17 +84,19 @@ DONT_KNOW = (
     "I'm not sure who {name} is, so I can't say.",
     "I don't have any information about {name}.",
 )
-TAKE_BACK = ("... no, I don't know who {name} is.", "... no, I'm not sure who {name} is, so I can't say.")
+TAKE_BACK = (", sorry, I don't know who {name} is.", ", sorry, I'm not sure who {name} is, so I can't say.")
 
 
 def unknown_answer(task: Task, rng: random.Random, dont_know: str = "first") -> str:
     """The honest reply to a question about someone the model never read of.
 
     dont_know="first" says so at once: "I don't know who Zelda Cornwick is." "at_value" begins the fact's
-    sentence and breaks off where the value would stand: "Zelda Cornwick lives in... no, I don't know who
+    sentence and breaks off where the value would stand: "Zelda Cornwick lives in, sorry, I don't know who
     Zelda Cornwick is." A small model recognises whom it knows at that point (where the value is recalled)
     far better than at a reply's first token, so the second form puts the choice where it can be made.
-    The sentence stops before any article ("works as", not "works as a"), which would hint at the value.
+    The sentence stops before any article ("works as", not "works as a"), which would hint at the value,
+    and breaks off with a comma: with "..." (first tried) the break's first token was the sentence's
+    final ".", and the model learnt to end "Zelda Cornwick lives in." (docs/results.md).
     """
     if dont_know == "first":
         return rng.choice(DONT_KNOW).format(name=task.person)
