@@ -100,9 +100,11 @@ def unknown_answer(task: Task, rng: random.Random, dont_know: str = "first") -> 
     """
     if dont_know == "first":
         return rng.choice(DONT_KNOW).format(name=task.person)
-    phrasing = PHRASINGS[task.attribute][0]
-    stem = phrasing[: min(i for i in (phrasing.find("{a}"), phrasing.find("{value}")) if i >= 0)].rstrip()
-    return stem.format(name=task.person) + rng.choice(TAKE_BACK).format(name=task.person)
+    # the canonical sentence cut before the value or its article: "{name} works as {a} {value}." -> "{name} works as"
+    sentence = PHRASINGS[task.attribute][0]
+    cut = min(i for i in (sentence.find("{a}"), sentence.find("{value}")) if i >= 0)
+    stem = sentence[:cut].rstrip().format(name=task.person)
+    return stem + rng.choice(TAKE_BACK).format(name=task.person)
 
 
 @dataclass(frozen=True)
