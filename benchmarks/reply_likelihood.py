@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.familiarity import auc  # noqa: E402
 from benchmarks.known_unknown import fixed_replies  # noqa: E402
 from llmlab.data.chat_data import prompt_pool  # noqa: E402
 from llmlab.data.tokenizer import load_tokenizer  # noqa: E402
@@ -42,7 +43,6 @@ def main() -> None:
     fact = prompt_pool(w, "eval", 200, 7, 4, {"fact": 1.0})
     u_idk, u_inv = total(unk, idk), total(unk, invented)
     k_true, k_idk, k_inv = total(fact, true), total(fact, idk), total(fact, invented)
-    auc = (k_true[:, None] > u_inv[None, :]).float().mean().item()
     print(
         f"mean reply log-probability: known people: true {k_true.mean():.2f}, invented {k_inv.mean():.2f}, "
         f"I don't know {k_idk.mean():.2f} · unknown people: invented {u_inv.mean():.2f}, "
@@ -51,7 +51,7 @@ def main() -> None:
     print(
         f"known people: true > invented {(k_true > k_inv).float().mean():.1%}, true > I don't know "
         f"{(k_true > k_idk).float().mean():.1%} · unknown people: I don't know > invented "
-        f"{(u_idk > u_inv).float().mean():.1%} · AUC true (known) against invented (unknown) {auc:.3f}"
+        f"{(u_idk > u_inv).float().mean():.1%} · AUC true (known) against invented (unknown) {auc(k_true, u_inv):.3f}"
     )
 
 
