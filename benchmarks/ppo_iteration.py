@@ -5,6 +5,7 @@ and value passes, GAE) and optimisation (the PPO epochs); episodes (replies) per
 Random weights and random prompts: this measures speed and that the GPU path runs with finite losses,
 not learning. Random weights write long replies (most run to max_new_tokens), the slow case.
 Usage: python benchmarks/ppo_iteration.py --accelerator cuda --precision bf16-mixed
+       python benchmarks/ppo_iteration.py --advantage rloo --samples-per-prompt 4   # no value model
 """
 
 from __future__ import annotations
@@ -46,13 +47,30 @@ def main() -> None:
     ap.add_argument("--accelerator", default="cpu")
     ap.add_argument("--precision", default="32-true")
     ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--advantage", default="gae", choices=["gae", "rloo"])
+    ap.add_argument("--samples-per-prompt", type=int, default=1)
     args = ap.parse_args()
-    print(json.dumps(run(args.accelerator, args.precision, args.iterations)))
+    print(
+        json.dumps(
+            run(args.accelerator, args.precision, args.iterations, args.advantage, args.samples_per_prompt)
+        )
+    )
 
 
-def run(accelerator: str = "cpu", precision: str = "32-true", iterations: int = 5) -> dict:
+def run(
+    accelerator: str = "cpu",
+    precision: str = "32-true",
+    iterations: int = 5,
+    advantage: str = "gae",
+    samples_per_prompt: int = 1,
+) -> dict:
     args = SimpleNamespace(accelerator=accelerator, precision=precision, iterations=iterations)
-    cfg = PPOConfig(accelerator=args.accelerator, precision=args.precision)
+    cfg = PPOConfig(
+        accelerator=args.accelerator,
+        precision=args.precision,
+        advantage=advantage,
+        samples_per_prompt=samples_per_prompt,
+    )
     fabric = L.Fabric(accelerator=args.accelerator, devices=1, precision=args.precision)
     fabric.seed_everything(0, verbose=False)
     shape = GPTConfig(vocab_size=2048, d_model=128, n_layer=4, n_head=4, context_length=128)
@@ -66,7 +84,8 @@ def run(accelerator: str = "cpu", precision: str = "32-true", iterations: int = 
     g = torch.Generator().manual_seed(0)
     prompts = [
         [1, 2, *torch.randint(5, 2048, (int(n),), generator=g).tolist(), 3]
-        for n in torch.randint(8, 24, (64,), generator=g)
+        for n in torch.randint(8, 24, (cfg.rollout_batch_size // samples_per_prompt,), generator=g)
+        for _ in range(samples_per_prompt)
     ]
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     timed = _Timed(llmlab.training.ppo.generate, sync)
@@ -111,6 +130,8 @@ def run(accelerator: str = "cpu", precision: str = "32-true", iterations: int = 
         "device_name": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "rollout_batch_size": len(prompts),
+        "advantage": advantage,
+        "samples_per_prompt": samples_per_prompt,
         "generation_s": mean(0),
         "scoring_s": mean(1),
         "update_s": mean(2),

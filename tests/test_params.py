@@ -274,6 +274,16 @@ INCONSISTENT = [
         (),
     ),
     (
+        {"ppo.rollout_batch_size": 8, "ppo.samples_per_prompt": 3},
+        "ppo.samples_per_prompt: must divide rollout_batch_size (8)",
+        (),
+    ),
+    (
+        {"ppo.advantage": "rloo", "ppo.samples_per_prompt": 1},
+        "ppo.advantage: rloo needs samples_per_prompt",
+        (),
+    ),
+    (
         {"pretrain.max_tokens": 1000},
         "pretrain.max_tokens: set exactly one of max_steps and max_tokens",
         ("pretrain.max_steps",),

@@ -20,7 +20,9 @@ from llmlab.training.ppo import (
     KLController,
     check_replicas_agree,
     gae,
+    iteration_prompts,
     kl_penalised_rewards,
+    leave_one_out,
     make_sequences,
     masked_whiten,
     policy_loss,
@@ -178,10 +180,11 @@ class CountReward(torch.nn.Module):
         return ((idx == 7) & in_reply).sum(dim=1).float()
 
 
-def toy_ppo(kl_coef: float, iterations: int = 12) -> tuple[float, float, float]:
+def toy_ppo(kl_coef: float, iterations: int = 12, **ppo) -> tuple[float, float, float]:
     """Train a tiny policy to emit token 7; return (score before, score after, KL to the reference after)."""
     L.seed_everything(0, verbose=False)
     cfg = PPOConfig(
+        **ppo,
         rollout_batch_size=32,
         minibatch_size=16,
         ppo_epochs=4,
@@ -204,6 +207,7 @@ def toy_ppo(kl_coef: float, iterations: int = 12) -> tuple[float, float, float]:
     value, value_opt = fabric.setup(value, value_opt)
     prompts = [[1, 2, 3]] * cfg.rollout_batch_size
     reward = CountReward(prompt_len=3)
+    value_before = [p.detach().clone() for p in value.parameters()]
     scores, kls = [], []
     for it in range(iterations):
         gen = torch.Generator().manual_seed(it)
@@ -211,6 +215,8 @@ def toy_ppo(kl_coef: float, iterations: int = 12) -> tuple[float, float, float]:
         scores.append(batch.scores.mean().item())
         kls.append(batch.kl.sum(dim=1).mean().item())
         ppo_update(fabric, policy, value, policy_opt, value_opt, batch, cfg, gen)
+    value_trained = any(not torch.equal(a, b) for a, b in zip(value_before, value.parameters(), strict=True))
+    assert value_trained == (cfg.advantage == "gae")  # rloo has no value model to train
     return scores[0], sum(scores[-3:]) / 3, sum(kls[-3:]) / 3
 
 
@@ -221,6 +227,49 @@ def test_ppo_raises_the_reward_and_huge_beta_keeps_the_policy_at_the_reference()
     _, after_tied, kl_tied = toy_ppo(kl_coef=100.0)
     assert kl_tied < 0.1 * kl_free, (kl_tied, kl_free)
     assert after_tied < after
+
+
+def test_rloo_raises_the_reward_without_a_value_model():
+    before, after, kl = toy_ppo(kl_coef=0.0, advantage="rloo", samples_per_prompt=4)
+    assert after > before + 1.0, (before, after)
+    assert kl > 1.0
+
+
+def test_leave_one_out_matches_a_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 3, 5):
+        rewards = torch.randn(4 * k, generator=g)
+        expected = []
+        for i in range(len(rewards)):
+            group = range(i // k * k, i // k * k + k)
+            others = [rewards[j].item() for j in group if j != i]
+            expected.append(rewards[i].item() - sum(others) / len(others))
+        torch.testing.assert_close(leave_one_out(rewards, k), torch.tensor(expected))
+        assert leave_one_out(rewards, k).view(-1, k).sum(dim=1).abs().max() < 1e-5  # each group sums to 0
+
+
+def test_rloo_advantages_do_not_depend_on_the_reply_they_credit():
+    """Identical replies to a prompt get advantage 0; a better reply in its group gets a positive one."""
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 4.0])
+    adv = leave_one_out(rewards, 4)
+    assert adv[:4].abs().max() == 0 and adv[7] > 0 and (adv[4:7] < 0).all()
+
+
+@pytest.mark.parametrize("k, world_size", [(1, 1), (1, 2), (4, 1), (4, 2), (2, 4)])
+def test_iteration_prompts_keep_each_group_of_replies_on_one_process(k, world_size):
+    replies, stream = 16, [f"p{i}" for i in range(100)]
+    for it in (0, 3):
+        per_process = [iteration_prompts(stream, it, replies, k, r, world_size) for r in range(world_size)]
+        assert sum(map(len, per_process)) == replies
+        drawn = Counter(p for ps in per_process for p in ps)
+        assert set(drawn) == set(stream[it * replies // k : (it + 1) * replies // k])  # the next prompts
+        assert set(drawn.values()) == {k}
+        for ps in per_process:  # each prompt's k replies side by side, on one process
+            assert ps == [p for p in dict.fromkeys(ps) for _ in range(k)]
+        if k == 1:  # one reply per prompt: the layout before samples_per_prompt existed
+            assert per_process == [
+                [stream[it * replies + j] for j in range(r, replies, world_size)] for r in range(world_size)
+            ]
 
 
 class _TwoProcesses:

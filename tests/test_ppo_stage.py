@@ -1,5 +1,5 @@
-"""The ppo stage as a process: it stops at a NaN loss keeping the last good checkpoint, and rejects a
-rollout batch that does not split into minibatches. (Its run and its resumption after a kill are tested
+"""The ppo stage as a process: it stops at a NaN loss keeping the last good checkpoint, rejects a
+rollout batch that does not split into minibatches, and trains with RLOO's advantages. (Its run and its resumption after a kill are tested
 under `dvc repro` in tests/test_pipeline_e2e.py.)"""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from llmlab.model.transformer import load_model
+from llmlab.training.reward import load_reward_model
 from tests.conftest import SMOKE_PARAMS, random_post_training_models, run_stage, stage_env, with_sitecustomize
 
 pytestmark = pytest.mark.slow
@@ -102,3 +104,22 @@ def test_a_nan_loss_stops_ppo_naming_the_iteration_and_keeps_the_last_good_check
     state = torch.load(tmp_path / "out" / "ckpt" / "last.ckpt", weights_only=True)
     assert state["iteration"] == 4
     assert all(torch.isfinite(w).all() for w in state["policy"].values())
+
+
+def test_rloo_trains_the_policy_on_groups_of_replies_and_leaves_the_value_model_alone(
+    smoke_data, inputs, tmp_path
+):
+    params = params_file(tmp_path, "rloo", advantage="rloo", samples_per_prompt=4, iterations=2)
+    out = tmp_path / "out"
+    r = run_stage("ppo", stage_args(smoke_data, inputs, out), tmp_path, stage_env(tmp_path), params)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["episodes"] == 2 * 8 and metrics["iterations"] == 2
+    state = torch.load(out / "ckpt" / "last.ckpt", weights_only=True)
+    reward = load_reward_model(inputs / "reward").state_dict()
+    policy_moved = any(
+        not torch.equal(w, state["policy"][name])
+        for name, w in load_model(inputs / "sft").state_dict().items()
+    )
+    assert policy_moved
+    assert all(torch.equal(w, reward[name]) for name, w in state["value"].items() if name in reward)

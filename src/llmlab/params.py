@@ -564,7 +564,15 @@ class PPOConfig(Hardware):
     iterations: int = Field(40, ge=1)
     """Rounds of (sample a batch of replies, score them, several epochs of PPO updates on them)."""
     rollout_batch_size: int = Field(64, ge=1)
-    """Prompts sampled per iteration, over all processes (one reply each)."""
+    """Replies sampled per iteration, over all processes: rollout_batch_size / samples_per_prompt prompts."""
+    samples_per_prompt: int = Field(1, ge=1)
+    """Replies sampled to each prompt of a rollout (side by side in one batch). 1 for `advantage: gae`
+    (InstructGPT); 2 or more for `rloo`, whose baseline is the other replies to the same prompt."""
+    advantage: Literal["gae", "rloo"] = "gae"
+    """How a reply's tokens are credited. gae: per token, GAE against a value model initialised from the
+    reward model (InstructGPT). rloo: one advantage per reply, its KL-penalised reward minus the mean of
+    the other samples_per_prompt − 1 replies to the same prompt (REINFORCE leave-one-out, Ahmadian et al.
+    2024, as TRL's RLOOTrainer); no value model is trained. Either way PPO's clipped loss updates the policy."""
     minibatch_size: int = Field(16, ge=1, validate_default=True)
     """Replies per PPO update, per process; the rollout batch is split into minibatches of this size."""
     ppo_epochs: int = Field(2, ge=1)
@@ -623,6 +631,26 @@ class PPOConfig(Hardware):
                 f"rollout_batch_size ({rollout}) must be a multiple of minibatch_size ({minibatch_size})"
             )
         return minibatch_size
+
+    @field_validator("samples_per_prompt")
+    @classmethod
+    def _groups_fit(cls, k: int, info: ValidationInfo) -> int:
+        rollout = info.data.get("rollout_batch_size")
+        if rollout is not None and rollout % k:
+            raise ValueError(
+                f"must divide rollout_batch_size ({rollout}): every prompt gets all its replies in one rollout"
+            )
+        return k
+
+    @field_validator("advantage")
+    @classmethod
+    def _rloo_has_groups(cls, advantage: str, info: ValidationInfo) -> str:
+        if advantage == "rloo" and info.data.get("samples_per_prompt", 2) < 2:
+            raise ValueError(
+                "rloo needs samples_per_prompt ≥ 2 (each reply's baseline is the other replies to its "
+                "prompt); set ppo.samples_per_prompt too, e.g. 4"
+            )
+        return advantage
 
 
 class EvaluateConfig(Section):

@@ -14,7 +14,9 @@ Each iteration (numbered as in the code below):
     2. log-probabilities of the sampled tokens under π and π_ref, at the sampling temperature;
     3. score each reply with r, minus `missing_eos_penalty` when it never produced <|end|>;
     4. per-token reward  r_t = −β·(log π(y_t) − log π_ref(y_t)),  plus the score at the reply's last token;
-    5. advantages by GAE(γ, λ) against V, then whitened; returns = advantages + values;
+    5. advantages by GAE(γ, λ) against V, then whitened; returns = advantages + values
+       (or, with `advantage: rloo`, one per reply: its KL-penalised reward minus the mean of the other
+       replies to the same prompt, scaled to unit spread; V is then neither used nor trained);
     6. `ppo_epochs` passes over shuffled minibatches: the clipped policy loss
            max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)),  ρ = π_new(y_t) / π_old(y_t)
        plus vf_coef × the clipped value loss
@@ -180,6 +182,19 @@ def kl_penalised_rewards(
     last = m.sum(dim=1).long() - 1  # (B,) index of each reply's last token
     rewards[torch.arange(len(last), device=rewards.device), last] += scores
     return rewards, kl
+
+
+def leave_one_out(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024): rewards (B,) hold k
+    consecutive replies to each prompt; each reply's advantage is its reward minus the mean reward of the
+    other k − 1 replies to the same prompt, a baseline that does not depend on the reply itself.
+
+    >>> leave_one_out(torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0]), 3)
+    tensor([-3.0000, -1.5000,  4.5000, -1.5000, -1.5000,  3.0000])
+    """
+    groups = rewards.view(-1, k)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (k - 1)
+    return (groups - baseline).view(-1)
 
 
 class KLController:
@@ -375,10 +390,16 @@ def rollout(
     scores = reply_scores(reward_model, seqs, cfg.missing_eos_penalty)
     # 4. per-token rewards: the KL penalty on every token, the score on the last
     rewards, kl = kl_penalised_rewards(logprobs, ref_logprobs, scores, seqs.mask, kl_coef)
-    # 5. GAE against the value model's estimates, advantages whitened
-    values = reply_values(value_model, seqs) * seqs.mask
-    advantages, returns = gae(rewards, values, seqs.mask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, seqs.mask)
+    # 5. advantages: GAE against the value model's estimates, whitened; or each reply's against the others
+    #    to its prompt (rloo), with no value model
+    if cfg.advantage == "rloo":
+        per_reply = leave_one_out(scores - kl_coef * kl.sum(dim=1), cfg.samples_per_prompt)
+        advantages = (per_reply / per_reply.std().clamp(min=1e-8))[:, None] * seqs.mask
+        values = returns = torch.zeros_like(advantages)
+    else:
+        values = reply_values(value_model, seqs) * seqs.mask
+        advantages, returns = gae(rewards, values, seqs.mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, seqs.mask)
     return Rollout(
         seqs, logprobs * seqs.mask, ref_logprobs * seqs.mask, values, scores, rewards, kl, advantages, returns
     )
@@ -399,7 +420,7 @@ def ppo_update(
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """Phase 6: `ppo_epochs` passes over shuffled minibatches; returns the averages TRL logs."""
-    n = len(batch.seqs)
+    n, trains_value = len(batch.seqs), cfg.advantage == "gae"
     stats: dict[str, list[torch.Tensor]] = {
         k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")
     }
@@ -410,10 +431,16 @@ def ppo_update(
             mb = batch.seqs.select(rows).trimmed()
             m, R = mb.mask, mb.mask.shape[1]
             logprobs, entropy = reply_logprobs(policy, mb, cfg.temperature, entropy=True)
-            values = reply_values(value_model, mb)
             pg = policy_loss(logprobs, batch.logprobs[rows, :R], batch.advantages[rows, :R], m, cfg.cliprange)
-            vf = value_loss(values, batch.values[rows, :R], batch.returns[rows, :R], m, cfg.cliprange_value)
-            loss = pg["loss"] + cfg.vf_coef * vf["loss"]
+            if trains_value:
+                values = reply_values(value_model, mb)
+                vf = value_loss(
+                    values, batch.values[rows, :R], batch.returns[rows, :R], m, cfg.cliprange_value
+                )
+                loss = pg["loss"] + cfg.vf_coef * vf["loss"]
+            else:
+                vf = {"loss": torch.zeros_like(pg["loss"]), "clipfrac": torch.zeros_like(pg["loss"])}
+                loss = pg["loss"]
             if not torch.isfinite(loss):  # before backward: the weights stay those of the last good update
                 raise NonFiniteLoss(f"policy loss {pg['loss'].item()}, value loss {vf['loss'].item()}")
             policy_opt.zero_grad(set_to_none=True)
@@ -421,9 +448,11 @@ def ppo_update(
             fabric.backward(loss)
             if cfg.grad_clip:
                 fabric.clip_gradients(policy, policy_opt, max_norm=cfg.grad_clip)
-                fabric.clip_gradients(value_model, value_opt, max_norm=cfg.grad_clip)
+                if trains_value:
+                    fabric.clip_gradients(value_model, value_opt, max_norm=cfg.grad_clip)
             policy_opt.step()
-            value_opt.step()
+            if trains_value:
+                value_opt.step()
             with torch.no_grad():
                 for k, v in (
                     ("pg_loss", pg["loss"]),
@@ -713,6 +742,11 @@ def launch_fabric(cfg) -> L.Fabric:
             f"ppo.rollout_batch_size ({cfg.rollout_batch_size}) must split into {fabric.world_size} processes × whole "
             f"minibatches of ppo.minibatch_size ({cfg.minibatch_size})"
         )
+    if (cfg.rollout_batch_size // cfg.samples_per_prompt) % fabric.world_size:
+        raise LlmlabError(
+            f"the {cfg.rollout_batch_size // cfg.samples_per_prompt} prompts of a rollout (ppo.rollout_batch_size / "
+            f"ppo.samples_per_prompt) must split evenly into {fabric.world_size} processes"
+        )
     return fabric
 
 
@@ -735,6 +769,18 @@ def prompts(world: World, pairs: str | Path, purpose: str, cfg, seed: int) -> li
         return prompt_pool(world, "eval", cfg.eval_prompts, seed, cfg.max_digits)
     n = cfg.n_prompts if purpose == "rl" else cfg.eval_prompts
     return pair_contexts(Path(pairs), "train" if purpose == "rl" else "validation")[:n]
+
+
+def iteration_prompts(stream: Sequence, it: int, replies: int, k: int, rank: int, world_size: int) -> list:
+    """This process's prompts of iteration `it`, one per reply: the iteration's replies / k prompts are
+    stream[it·(replies / k) …], each process takes every world_size-th of them, and each appears k times
+    side by side (a whole group of replies stays on one process).
+
+    >>> iteration_prompts("abcdefgh", 1, 8, 2, 0, 2)   # iteration 1 draws e f g h; process 0 gets e and g
+    ['e', 'e', 'g', 'g']
+    """
+    n = replies // k
+    return [stream[it * n + j] for j in range(rank, n, world_size) for _ in range(k)]
 
 
 def restored_state(fabric: L.Fabric, m: Models, kl: KLController, ckpt_dir: str | Path, fp) -> dict:
@@ -771,14 +817,15 @@ def train(
     log_metrics,
 ) -> list[dict[str, float]]:
     """PPO's iterations from `state["iteration"]` on (`restored_state`), each on the next
-    rollout_batch_size prompts of `pool` (shuffled epoch by epoch), checkpointed every ppo.ckpt_every;
-    returns the per-iteration history. Each process takes every world_size-th prompt of an iteration, and
-    its sampling seed depends on the iteration, so a resumed run draws what the first would have."""
-    B, W, rank = cfg.rollout_batch_size, fabric.world_size, fabric.global_rank
-    stream = Epochs(pool, cfg.iterations * B, seed)  # prompt j of iteration i is stream[i·B + j]
+    rollout_batch_size / samples_per_prompt prompts of `pool` (shuffled epoch by epoch), each prompt
+    samples_per_prompt times side by side, checkpointed every ppo.ckpt_every; returns the per-iteration
+    history. Each process takes every world_size-th prompt of an iteration, and its sampling seed depends
+    on the iteration, so a resumed run draws what the first would have."""
+    B, W, rank, k = cfg.rollout_batch_size, fabric.world_size, fabric.global_rank, cfg.samples_per_prompt
+    stream = Epochs(pool, cfg.iterations * B // k, seed)
     history: list[dict[str, float]] = state["history"]
     for it in range(state["iteration"], cfg.iterations):
-        tasks = [stream[it * B + j] for j in range(rank, B, W)]
+        tasks = iteration_prompts(stream, it, B, k, rank, W)
         try:
             metrics = iteration(
                 fabric, m, tok, tasks, cfg, kl.value, seed * 1_000_003 + it * 1009 + rank, rater
