@@ -1,0 +1,67 @@
+"""Where a model says "I don't know": 8 samples at T = 1 to each of 120 rl-pool questions about unknown
+people (the people PPO trains on), counted per question and per person, and how often the run's reward
+model scores an "I don't know" above an invented answer to the same question. PPO can only raise a reply
+it samples: a person the model never says "I don't know" about gives it nothing to learn from
+(docs/results.md, "Leave-one-out advantages").
+
+    python benchmarks/unknown_spread.py RUN [MODEL_DIR]      # MODEL_DIR: default RUN/models/sft
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from llmlab.data.chat_data import prompt_pool  # noqa: E402
+from llmlab.data.tokenizer import load_tokenizer  # noqa: E402
+from llmlab.data.world import World  # noqa: E402
+from llmlab.evaluation.rater import Rater  # noqa: E402
+from llmlab.model.replies import reply  # noqa: E402
+from llmlab.model.transformer import load_model  # noqa: E402
+from llmlab.training.reward import load_reward_model, reply_ids, score_sequences  # noqa: E402
+
+SAMPLES, QUESTIONS = 8, 120
+
+
+def main() -> None:
+    run = Path(sys.argv[1])
+    model = load_model(sys.argv[2] if len(sys.argv) > 2 else run / "models/sft")
+    world, tok = (
+        World.load(run / "data/corpus/world.json"),
+        load_tokenizer(run / "data/tokenizer/tokenizer.json"),
+    )
+    rm, rater = load_reward_model(run / "models/reward"), Rater(world)
+    tasks = prompt_pool(world, "rl", QUESTIONS, 7, 4, {"unknown": 1.0})
+    contexts = [[{"role": "user", "content": t.prompt}] for t in tasks]
+    length = rm.backbone.config.context_length
+    samples: dict[int, list[tuple[str, float]]] = defaultdict(list)
+    for k in range(SAMPLES):
+        out = reply(model, tok, contexts, 96, temperature=1.0, generator=torch.Generator().manual_seed(k))
+        rewards = score_sequences(
+            rm, [reply_ids(tok, c, o.text, o.ended, length) for c, o in zip(contexts, out, strict=True)]
+        )
+        for i, (task, o, r) in enumerate(zip(tasks, out, rewards.tolist(), strict=True)):
+            score = rater.score(task, o.text, o.ended)
+            kind = "idk" if "admits_unknown" in score.parts else "invented" if score.hallucinated else "other"
+            samples[i].append((kind, r))
+    idk = {i: sum(kind == "idk" for kind, _ in s) for i, s in samples.items()}
+    people: dict[str, int] = defaultdict(int)
+    for i, n in idk.items():
+        people[tasks[i].person] += n
+    wins = [a > b for s in samples.values() for ka, a in s for kb, b in s if ka == "idk" and kb == "invented"]
+    print(
+        f"questions by how many of {SAMPLES} samples say I don't know: {sorted(Counter(idk.values()).items())}"
+    )
+    print(
+        f"questions with at least one: {sum(n > 0 for n in idk.values())} of {len(idk)}; people: "
+        f"{sum(n > 0 for n in people.values())} of {len(people)}"
+    )
+    print(f"reward model, same question, I don't know above an invented answer: {sum(wins)} of {len(wins)}")
+
+
+if __name__ == "__main__":
+    main()
