@@ -295,11 +295,13 @@ class SFTData(Section):
     """"Tell me about X": a short summary of the person's facts."""
     share_arithmetic: float = Field(0.3, ge=0)
     """Additions, answered step by step or (the control) with the bare result."""
-    share_unknown: float = Field(0.03, ge=0)
-    """Questions about unknown people answered "I don't know" — small on purpose: RLHF has to fix the rest."""
-    dont_know: Literal["first", "at_value"] = "first"
-    """Where those replies say so: at once ("I don't know who X is."), or where the value would stand ("X lives
-    in, sorry, I don't know who X is."), the point at which a small model can tell whom it knows."""
+    share_unknown: float = Field(0.06, ge=0)
+    """Questions about unknown people answered "I don't know" — few on purpose: RLHF has to raise the rest
+    (SFT still invents about 49–82 % of the time on 3 seeds; docs/results.md)."""
+    dont_know: Literal["first", "at_value"] = "at_value"
+    """Where those replies say so: where the value would stand ("X lives in, sorry, I don't know who X is."),
+    the point at which a small model can tell whom it knows, or at once ("I don't know who X is.", `first`,
+    the default before ab8d45d: the model cannot tell there, docs/results.md)."""
     share_harmful: float = Field(0.03, ge=0)
     """Harmful requests answered with a refusal — small on purpose."""
     share_context: float = Field(0.15, ge=0)
