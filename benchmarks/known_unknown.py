@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmlab.data.chat_data import prompt_pool  # noqa: E402
 from llmlab.data.tokenizer import load_tokenizer  # noqa: E402
 from llmlab.data.world import World, fact_sentence  # noqa: E402
-from llmlab.evaluation.rater import Rater  # noqa: E402
+from llmlab.evaluation.rater import Rater, Score  # noqa: E402
 from llmlab.model.replies import reply  # noqa: E402
 from llmlab.model.transformer import load_model  # noqa: E402
 from llmlab.training.reward import load_reward_model, reply_ids, score_sequences  # noqa: E402
@@ -42,6 +42,22 @@ def fixed_replies(w: World, seed: int = 0) -> tuple[Callable, Callable, Callable
         return fact_sentence(byname[t.person], t.attribute)
 
     return idk, invented, true
+
+
+def sampled_replies(model, rm, rater: Rater, tok, tasks, samples: int) -> list[list[tuple[Score, float]]]:
+    """`samples` replies at T = 1 (seeds 0, 1, …) to each task: per task, each reply's gold score (the
+    rater's `Score`) and the reward model's."""
+    contexts = [[{"role": "user", "content": t.prompt}] for t in tasks]
+    length = rm.backbone.config.context_length
+    out: list[list[tuple[Score, float]]] = [[] for _ in tasks]
+    for k in range(samples):
+        replies = reply(model, tok, contexts, 96, temperature=1.0, generator=torch.Generator().manual_seed(k))
+        rewards = score_sequences(
+            rm, [reply_ids(tok, c, r.text, r.ended, length) for c, r in zip(contexts, replies, strict=True)]
+        )
+        for i, (t, r, x) in enumerate(zip(tasks, replies, rewards.tolist(), strict=True)):
+            out[i].append((rater.score(t, r.text, r.ended), x))
+    return out
 
 
 def main() -> None:
@@ -70,19 +86,12 @@ def main() -> None:
             f"known people, true fact > I don't know: {wins(fact, true, idk)}"
         )
 
-    sft, rater = load_model(run / "models/sft"), Rater(w)
     unk = prompt_pool(w, "rl", 150, 7, 4, {"unknown": 1.0})
-    contexts = [[{"role": "user", "content": t.prompt}] for t in unk]
     by_class: dict[str, list[tuple[float, float]]] = {"I don't know": [], "invented": [], "other": []}
-    for k in range(4):
-        out = reply(sft, tok, contexts, 96, temperature=1.0, generator=torch.Generator().manual_seed(k))
-        rewards = score_sequences(
-            rm, [reply_ids(tok, c, r.text, r.ended, L) for c, r in zip(contexts, out, strict=True)]
-        )
-        for t, r, x in zip(unk, out, rewards.tolist(), strict=True):
-            s = rater.score(t, r.text, r.ended)
+    for replies in sampled_replies(load_model(run / "models/sft"), rm, Rater(w), tok, unk, 4):
+        for s, reward in replies:
             kind = "I don't know" if s.admits_unknown else "invented" if s.hallucinated else "other"
-            by_class[kind].append((x, s.total))
+            by_class[kind].append((reward, s.total))
     for kind, xs in by_class.items():
         if xs:
             r, g = torch.tensor(xs).T

@@ -13,18 +13,30 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from known_unknown import sampled_replies  # noqa: E402
+
 from llmlab.data.chat_data import prompt_pool  # noqa: E402
 from llmlab.data.tokenizer import load_tokenizer  # noqa: E402
 from llmlab.data.world import World  # noqa: E402
 from llmlab.evaluation.rater import Rater  # noqa: E402
-from llmlab.model.replies import reply  # noqa: E402
 from llmlab.model.transformer import load_model  # noqa: E402
-from llmlab.training.reward import load_reward_model, reply_ids, score_sequences  # noqa: E402
+from llmlab.training.reward import load_reward_model  # noqa: E402
 
 SAMPLES, QUESTIONS = 8, 120
+
+
+def kinds(per_task):
+    """Each (gold score, reward) as (kind, reward): "I don't know" by the rubric's line for it (nothing
+    stated), "invented", or "other"."""
+    return [
+        [
+            ("I don't know" if "admits_unknown" in s.parts else "invented" if s.hallucinated else "other", r)
+            for s, r in replies
+        ]
+        for replies in per_task
+    ]
 
 
 def main() -> None:
@@ -36,23 +48,18 @@ def main() -> None:
     )
     rm, rater = load_reward_model(run / "models/reward"), Rater(world)
     tasks = prompt_pool(world, "rl", QUESTIONS, 7, 4, {"unknown": 1.0})
-    contexts = [[{"role": "user", "content": t.prompt}] for t in tasks]
-    length = rm.backbone.config.context_length
-    samples: dict[int, list[tuple[str, float]]] = defaultdict(list)
-    for k in range(SAMPLES):
-        out = reply(model, tok, contexts, 96, temperature=1.0, generator=torch.Generator().manual_seed(k))
-        rewards = score_sequences(
-            rm, [reply_ids(tok, c, o.text, o.ended, length) for c, o in zip(contexts, out, strict=True)]
-        )
-        for i, (task, o, r) in enumerate(zip(tasks, out, rewards.tolist(), strict=True)):
-            score = rater.score(task, o.text, o.ended)
-            kind = "idk" if "admits_unknown" in score.parts else "invented" if score.hallucinated else "other"
-            samples[i].append((kind, r))
-    idk = {i: sum(kind == "idk" for kind, _ in s) for i, s in samples.items()}
+    samples = dict(enumerate(kinds(sampled_replies(model, rm, rater, tok, tasks, SAMPLES))))
+    idk = {i: sum(kind == "I don't know" for kind, _ in s) for i, s in samples.items()}
     people: dict[str, int] = defaultdict(int)
     for i, n in idk.items():
         people[tasks[i].person] += n
-    wins = [a > b for s in samples.values() for ka, a in s for kb, b in s if ka == "idk" and kb == "invented"]
+    wins = [
+        a > b
+        for s in samples.values()
+        for ka, a in s
+        for kb, b in s
+        if ka == "I don't know" and kb == "invented"
+    ]
     print(
         f"questions by how many of {SAMPLES} samples say I don't know: {sorted(Counter(idk.values()).items())}"
     )
