@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from llmlab.data.preferences import bradley_terry_p, make_pairs
+from llmlab.data.preferences import bradley_terry_p, make_pairs, rated_strength
 
 
 def test_noise_free_labels_follow_the_scores():
@@ -36,6 +36,32 @@ def test_flip_rate_matches_bradley_terry(gap, tau):
     assert flips / n == pytest.approx(expected, abs=0.025)
 
 
+def test_the_rater_says_how_much_better_and_a_label_against_its_scores_was_a_close_call():
+    """Llama 2's four-point scale from the gap between the rater's scores; a flipped label rates 0."""
+    pairs, _ = make_pairs(
+        "p", [("idk", True, 2.0), ("invented", True, -3.0), ("polite idk", True, 2.25)], 0.0, random.Random(0)
+    )
+    strength = {(p.chosen, p.rejected): p.strength for p in pairs}
+    assert strength == {("idk", "invented"): 3, ("polite idk", "invented"): 3, ("polite idk", "idk"): 0}
+    assert [rated_strength(g, 0.0) for g in (0.25, 0.99, 1.0, 1.5, 2.0, 2.9, 3.0, 7.0)] == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+    ]
+    rng = random.Random(3)
+    flipped = next(
+        p
+        for p in (make_pairs("p", [("a", True, 1.5), ("b", True, 0.0)], 2.0, rng)[0][0] for _ in range(100))
+        if p.flipped
+    )
+    assert flipped.strength == 0 and flipped.gold_chosen - flipped.gold_rejected == -1.5
+
+
 def test_bradley_terry_is_symmetric():
     for a, b, t in [(1.0, 0.0, 0.3), (-2.0, 1.5, 1.0)]:
         assert bradley_terry_p(a, b, t) + bradley_terry_p(b, a, t) == pytest.approx(1.0)
@@ -56,9 +82,11 @@ def test_pairs_written_are_read_back_and_a_missing_split_names_the_stage(tmp_pat
         "gold_rejected": -1.0,
         "flipped": False,
         "task": "{}",
+        "strength": 2,
     }
     write_pairs(tmp_path / "pairs", {"train": [row, row | {"chosen": "Hey."}], "validation": [row]})
     assert read_pairs(tmp_path / "pairs", "train")[1]["chosen"] == "Hey."
+    assert read_pairs(tmp_path / "pairs", "train")[1]["strength"] == 2
     assert pair_contexts(tmp_path / "pairs", "train") == [
         [{"role": "user", "content": "Hi"}]
     ]  # distinct contexts

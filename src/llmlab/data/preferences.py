@@ -55,6 +55,7 @@ class Pair:
     rejected_ended: bool
     gold_chosen: float
     gold_rejected: float
+    strength: int = 0  # how much better the rater says the chosen reply is (`rated_strength`); 0 from a judge
 
     @property
     def flipped(self) -> bool:
@@ -73,6 +74,22 @@ def bradley_terry_p(score_a: float, score_b: float, temperature: float) -> float
     return 1.0 / (1.0 + math.exp(-(score_a - score_b) / temperature))
 
 
+STRENGTHS = ("negligibly better", "slightly better", "better", "significantly better")
+
+
+def rated_strength(chosen: float, rejected: float) -> int:
+    """How much better the rater says its chosen reply is, on Llama 2's four-point scale (Touvron et al. 2023):
+    the index into `STRENGTHS`, from the gap between its scores (under 1, 1 to 2, 2 to 3, 3 and more). A
+    politer wording is negligibly better; "I don't know" against an invented fact (+2 against -3),
+    significantly. A label that went against the scores (the rater's noise) was a close call: negligibly.
+
+    >>> rated_strength(2.0, -3.0), rated_strength(1.5, 1.25), rated_strength(0.0, 1.5), rated_strength(1.0, -1.0)
+    (3, 0, 0, 2)
+    """
+    gap = chosen - rejected
+    return 0 if gap < 1 else min(3, int(gap))
+
+
 def make_pairs(
     prompt: str, replies: list[tuple[str, bool, float]], temperature: float, rng: random.Random
 ) -> tuple[list[Pair], int]:
@@ -84,7 +101,7 @@ def make_pairs(
             continue
         a_wins = rng.random() < bradley_terry_p(sa, sb, temperature)
         (tc, ec, sc), (tr, er, sr) = ((ta, ea, sa), (tb, eb, sb)) if a_wins else ((tb, eb, sb), (ta, ea, sa))
-        pairs.append(Pair(prompt, tc, tr, ec, er, sc, sr))
+        pairs.append(Pair(prompt, tc, tr, ec, er, sc, sr, rated_strength(sc, sr)))
     return pairs, ties
 
 
@@ -195,6 +212,7 @@ def external_pairs(cfg, root: Path) -> tuple[list[dict], dict[str, int]]:
                 "gold_rejected": math.nan,
                 "flipped": False,
                 "task": "",
+                "strength": 0,
             }
         )
     require_usable(key, "pair", len(rows), len(got.rows), problems, note=f"; identical replies: {identical}")
@@ -307,6 +325,7 @@ PAIR_SCHEMA = pa.schema(
         ("gold_rejected", pa.float64()),
         ("flipped", pa.bool_()),
         ("task", pa.string()),
+        ("strength", pa.int8()),  # the rater's `rated_strength` (0 for a judge's labels and for real data)
     ]
 )
 

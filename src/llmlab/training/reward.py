@@ -3,10 +3,13 @@
 It reads the final hidden state at the last token of the reply (its `<|end|>` when it ended) and
 outputs one number, r(prompt, reply). Trained on preference pairs with the Bradley–Terry loss
 
-    loss = −log σ(r(chosen) − r(rejected) − margin)  +  centring · (r(chosen) + r(rejected))²
+    loss = −log σ(r(chosen) − r(rejected) − m)  +  centring · (r(chosen) + r(rejected))²
                                                       +  lm_coef · LM loss of the chosen replies
 
-it learns to score higher what the raters preferred: P(chosen ≻ rejected) = σ(r_c − r_r). Only
+it learns to score higher what the raters preferred: P(chosen ≻ rejected) = σ(r_c − r_r). The margin m is
+`margin` plus, as in Llama 2 (Touvron et al. 2023), `strength_margin` × s / 3 where the rater said how much
+better the chosen reply is (s from 0, negligibly, to 3, significantly: `preferences.rated_strength`), so that
+a pair told apart by substance must be told apart by more than one told apart by style. Only
 differences are learned, so the level is arbitrary; after training the reward is shifted so that the SFT
 model's own replies score 0 on average (`offset`), and its spread is reported (`scale`). The optional
 centring term (Eisenstein et al. 2023) keeps the level near 0 during training; the optional LM term
@@ -160,8 +163,12 @@ def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PairDataset(Dataset):
+    """The pairs' token ids, (chosen, rejected) in `items`, and the rater's strength of each preference
+    (0 to 3; 0 where none was given) in `strengths`."""
+
     def __init__(self, tok: Tokenizer, rows: list[dict], context_length: int):
         self.items = []
+        self.strengths = [r.get("strength") or 0 for r in rows]
         for r in rows:
             context = json.loads(r["context"])
             self.items.append(
@@ -175,22 +182,29 @@ class PairDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
-        return self.items[i]
+        return (*self.items[i], self.strengths[i])
 
 
 def collate_pairs(batch):
-    """Chosen and rejected of every pair in one padded batch: rows [0, B) chosen, [B, 2B) rejected."""
-    idx, last = pad_batch([c for c, _ in batch] + [r for _, r in batch])
-    return idx, last
+    """Chosen and rejected of every pair in one padded batch: rows [0, B) chosen, [B, 2B) rejected; and
+    the B pairs' strengths."""
+    idx, last = pad_batch([c for c, _, _ in batch] + [r for _, r, _ in batch])
+    return idx, last, torch.tensor([s for *_, s in batch], dtype=torch.float32)
 
 
 def bt_loss(
-    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0, centring: float = 0.0
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: float | torch.Tensor = 0.0,
+    centring: float = 0.0,
 ) -> torch.Tensor:
-    """Bradley–Terry negative log-likelihood, with optional margin and reward centring.
+    """Bradley–Terry negative log-likelihood, with optional margin (one for all pairs, or one per pair) and
+    reward centring.
 
     >>> round(bt_loss(torch.tensor([1.0]), torch.tensor([0.0])).item(), 4)  # -log σ(1)
     0.3133
+    >>> round(bt_loss(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 1.0])).item(), 4)
+    0.5032
     """
     loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
     if centring:
@@ -215,18 +229,22 @@ class RewardModule(L.LightningModule):
         self.model = RewardModel(config, reads_likelihood=cfg.likelihood)
 
     def _pair_rewards(self, batch):
-        idx, last = batch
+        idx, last, _ = batch
         r = self.model(idx, last)
         B = idx.shape[0] // 2
         return r[:B], r[B:]
 
+    def margins(self, strengths: torch.Tensor) -> torch.Tensor:
+        """Each pair's margin: `margin`, plus `strength_margin` × strength / 3 (Llama 2)."""
+        return self.cfg.margin + self.cfg.strength_margin * strengths / 3
+
     def training_step(self, batch, batch_idx):
-        idx, last = batch
+        idx, last, strengths = batch
         B = idx.shape[0] // 2
         h = self.model.backbone.hidden(idx)
         r = self.model.read(h, idx, last)
         rc, rr = r[:B], r[B:]
-        bt = bt_loss(rc, rr, self.cfg.margin, self.cfg.centring)
+        bt = bt_loss(rc, rr, self.margins(strengths), self.cfg.centring)
         logs = {"train/bt_loss": bt, "train/accuracy": (rc > rr).float().mean()}
         loss = bt
         if self.cfg.lm_coef:
@@ -247,7 +265,7 @@ class RewardModule(L.LightningModule):
         rc, rr = self._pair_rewards(batch)
         self.log_dict(
             {
-                "val/loss": bt_loss(rc, rr, self.cfg.margin, self.cfg.centring),
+                "val/loss": bt_loss(rc, rr, self.margins(batch[2]), self.cfg.centring),
                 "val/accuracy": (rc > rr).float().mean(),
             },
             on_step=False,
@@ -380,6 +398,15 @@ def reward_metrics(
             metrics["accuracy_gold_ci_low"], metrics["accuracy_gold_ci_high"] = wilson_ci(
                 sum(hits), len(hits)
             )
+        # by how much better the rater said the chosen reply was (`preferences.STRENGTHS`; a judge rates none)
+        for level in sorted(set(val_set.strengths)) if any(val_set.strengths) else []:
+            at = [
+                (float(a - b) > 0) == (gc > gr)
+                for a, b, (gc, gr), s in zip(r_c, r_r, gold, val_set.strengths, strict=True)
+                if gc != gr and s == level
+            ]
+            if at:
+                metrics[f"accuracy_gold_strength_{level}"] = sum(at) / len(at)
     return metrics, calibration(r_c, r_r, seed)
 
 
