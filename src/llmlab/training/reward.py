@@ -390,22 +390,21 @@ def reward_metrics(
     }
     if rated:  # pairs the rater scores equal (possible when a judge, not the rater, made them) have no order
         gold = [(row["gold_chosen"], row["gold_rejected"]) for row in val_rows]
-        hits = [
-            (float(a - b) > 0) == (gc > gr) for a, b, (gc, gr) in zip(r_c, r_r, gold, strict=True) if gc != gr
+        judged = [  # (the reward model orders the pair as gold does, the rater's strength of the preference)
+            ((float(a - b) > 0) == (gc > gr), s)
+            for a, b, (gc, gr), s in zip(r_c, r_r, gold, val_set.strengths, strict=True)
+            if gc != gr
         ]
+        hits = [hit for hit, _ in judged]
         if hits:  # none when the rubric scores every held-out pair's replies equal (a tiny run)
             metrics["accuracy_gold"] = sum(hits) / len(hits)
             metrics["accuracy_gold_ci_low"], metrics["accuracy_gold_ci_high"] = wilson_ci(
                 sum(hits), len(hits)
             )
         # by how much better the rater said the chosen reply was (`preferences.STRENGTHS`; a judge rates none)
-        for level in sorted(set(val_set.strengths)) if any(val_set.strengths) else []:
-            at = [
-                (float(a - b) > 0) == (gc > gr)
-                for a, b, (gc, gr), s in zip(r_c, r_r, gold, val_set.strengths, strict=True)
-                if gc != gr and s == level
-            ]
-            if at:
+        if any(val_set.strengths):
+            for level in sorted({s for _, s in judged}):
+                at = [hit for hit, s in judged if s == level]
                 metrics[f"accuracy_gold_strength_{level}"] = sum(at) / len(at)
     return metrics, calibration(r_c, r_r, seed)
 
