@@ -142,3 +142,26 @@ def test_training_raises_the_chosen_reply_over_the_rejected_against_the_referenc
         loss.backward()
         opt.step()
     assert loss.item() < math.log(2) - 0.1 and (rc > rr).all()
+
+
+def test_reference_logps_batches_replies_by_length_and_scores_only_the_needed_pairs(tok):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layer=2, n_head=2, context_length=128)
+    ref = GPT(config).eval()
+    rows = [  # a short reply against a long one, in both orders, so batches mix replies of several pairs
+        row(tok, f"Where does person {i} live?", "No." if i % 2 else f"Person {i} lives in Port Avery " * 3, "Hm.")
+        for i in range(6)
+    ]
+    pairs = DPOPairs(tok, rows, 128)
+    pairs.reference_logps(ref, needed=[0, 2, 5, 2], batch_size=3)
+    for i in range(6):
+        for side in (0, 1):
+            if i not in (0, 2, 5):
+                assert pairs.ref[i, side] == 0
+                continue
+            seq, start = pairs.items[i][2 * side : 2 * side + 2]
+            targets = torch.full((1, len(seq)), -100)
+            targets[0, start - 1 : -1] = torch.tensor(seq[start:])
+            with torch.no_grad():
+                alone = sequence_logps(ref, torch.tensor([seq]), targets)
+            assert pairs.ref[i, side].item() == pytest.approx(alone.item(), abs=1e-4)
