@@ -149,7 +149,12 @@ def test_reference_logps_batches_replies_by_length_and_scores_only_the_needed_pa
     config = GPTConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layer=2, n_head=2, context_length=128)
     ref = GPT(config).eval()
     rows = [  # a short reply against a long one, in both orders, so batches mix replies of several pairs
-        row(tok, f"Where does person {i} live?", "No." if i % 2 else f"Person {i} lives in Port Avery " * 3, "Hm.")
+        row(
+            tok,
+            f"Where does person {i} live?",
+            "No." if i % 2 else f"Person {i} lives in Port Avery " * 3,
+            "Hm.",
+        )
         for i in range(6)
     ]
     pairs = DPOPairs(tok, rows, 128)
