@@ -69,6 +69,17 @@ def test_last_only_gives_the_last_positions_logits_and_no_loss():
         model(x, x, last_only=True)
 
 
+def test_logits_from_gives_the_later_positions_logits_and_no_loss():
+    model = random_model()
+    x = torch.randint(0, CFG.vocab_size, (3, 11))
+    every, _ = model(x)
+    later, _ = model(x, logits_from=4)
+    assert later.shape == (3, 7, CFG.vocab_size)
+    torch.testing.assert_close(later, every[:, 4:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits_from"):
+        model(x, x, logits_from=4)
+
+
 def test_target_logprobs_read_only_the_targets_but_equal_the_full_softmax_and_its_gradient():
     """`target_logprobs` sends only the positions with a target through the LM head: the values and the
     gradient must be those of the whole (B, T, V) log-softmax, picked by hand."""

@@ -324,6 +324,7 @@ class GPT(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        logits_from: int = 0,
     ):
         """Logits for every position, and the mean next-token cross-entropy when `targets` is given.
 
@@ -333,12 +334,18 @@ class GPT(nn.Module):
         last_only: logits for the last position only, (B, 1, V): all that generation reads. The LM head
         then runs on one position per row instead of T, which in the prefill of a long prompt saves the
         largest matmul and the (B, T, V) tensor.
+        logits_from: logits for positions logits_from.. only, (B, T - logits_from, V): PPO reads only those
+        that predict a reply, and the prompt's positions skip the LM head.
         """
         h = self.hidden(idx, positions, attn_mask, cache)  # (B, T, C)
+        if (last_only or logits_from) and targets is not None:
+            raise ValueError(
+                "last_only and logits_from give no loss: targets need the logits of every position"
+            )
         if last_only:
-            if targets is not None:
-                raise ValueError("last_only gives no loss: targets need the logits of every position")
             h = h[:, -1:]
+        elif logits_from:
+            h = h[:, logits_from:]
         logits = self.lm_head(h)  # (B, T, V)
         if targets is None:
             return logits, None

@@ -318,9 +318,10 @@ def reply_logprobs(
 
     `policy` is called like GPT (a Fabric-wrapped GPT too, so that DDP sees the forward pass).
     """
-    logits, _ = policy(seqs.ids, positions=seqs.positions, attn_mask=seqs.attn_mask)
     P, R = seqs.prompt_width, seqs.response.shape[1]
-    logits = logits[:, P - 1 : P + R - 1].float() / temperature  # the logits that predict reply tokens
+    # only the logits that predict reply tokens: the prompt's positions skip the LM head
+    logits, _ = policy(seqs.ids, positions=seqs.positions, attn_mask=seqs.attn_mask, logits_from=P - 1)
+    logits = logits[:, :R].float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, seqs.response.unsqueeze(-1)).squeeze(-1)
     if not entropy:
