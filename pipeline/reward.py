@@ -15,6 +15,7 @@ from pathlib import Path
 
 from llmlab.data.preferences import read_pairs
 from llmlab.data.tokenizer import load_tokenizer
+from llmlab.device import pick_device
 from llmlab.io import write_json, write_text
 from llmlab.model.transformer import load_model
 from llmlab.params import Params
@@ -78,8 +79,12 @@ def main(args, params: Params) -> None:
     )
     module = RewardModule(sft.config, cfg, cfg.max_steps)
     module.model.backbone.load_state_dict(sft.state_dict())
+    known = None  # each distinct reply's likelihood under the frozen reference, computed once
     if cfg.likelihood:
         module.model.reference.load_state_dict(sft.state_dict())
+        reference = module.model.reference.to(pick_device(cfg.accelerator))
+        known = val_set.read_likelihood(reference, train_base.read_likelihood(reference))
+        reference.cpu()
     curves = CurveRecorder(cfg.log_every)
 
     with StageRun("reward", {"seed": params.seed, "reward": cfg.model_dump()}) as run:
@@ -97,10 +102,10 @@ def main(args, params: Params) -> None:
         model = module.model.eval()
         rated = all(math.isfinite(row["gold_chosen"]) for row in train_rows + val_rows)
         max_new = params.preferences.max_new_tokens
-        scale = centre_on_sft(model, sft, tok, train_base, train_rows, rated, max_new, params.seed)
+        scale = centre_on_sft(model, sft, tok, train_base, train_rows, rated, max_new, params.seed, known)
         save_reward_model(model, args.out, scale)
 
-        metrics, table = reward_metrics(model, val_set, val_rows, rated, params.seed)
+        metrics, table = reward_metrics(model, val_set, val_rows, rated, params.seed, known)
         metrics |= {
             "pairs_train": len(train_rows),
             "pairs_validation": len(val_rows),

@@ -39,8 +39,11 @@ def test_per_pair_margins_by_hand_and_from_the_rated_strength():
     by_hand = (math.log1p(math.exp(-1.5)) + math.log1p(math.exp(3.0))) / 2  # -log σ(rc - rr - m), each pair
     assert bt_loss(rc, rr, m).item() == pytest.approx(by_hand, rel=1e-6)
     module = RewardModule(CFG, RewardConfig(margin=0.25, strength_margin=1.5), total_steps=1)
-    idx, last, strengths = collate_pairs([([1, 2], [1, 3, 4], 3), ([1, 5, 6], [1, 7], 0), ([1], [1, 8], 1)])
+    idx, last, strengths, likelihood = collate_pairs(
+        [([1, 2], [1, 3, 4], 3), ([1, 5, 6], [1, 7], 0), ([1], [1, 8], 1)]
+    )
     assert idx.shape == (6, 3) and last.tolist() == [1, 2, 0, 2, 1, 1] and strengths.tolist() == [3, 0, 1]
+    assert likelihood is None  # not read: the reward model computes it (or does not read likelihood)
     assert module.margins(strengths).tolist() == pytest.approx([1.75, 0.25, 0.75])
 
 
@@ -233,3 +236,48 @@ def test_centring_scores_each_reply_once_but_weighs_it_by_its_pairs():
     scale = centre_on_sft(model, None, None, pairs, [], True, 8, 0)
     assert model.offset == pytest.approx(every_side.mean().item(), abs=1e-6)
     assert scale == pytest.approx(every_side.std().item(), abs=1e-6)
+
+
+def test_likelihood_read_once_per_reply_gives_the_rewards_computed_batch_by_batch():
+    """The stage scores each distinct reply under the frozen reference once, before training
+    (`PairDataset.read_likelihood`); training batches, the held-out metrics and the centring then read those
+    features. Rewards and the loss's gradient must be what the model computes on its own, batch by batch."""
+    from llmlab.training.reward import PairDataset, collate_pairs, likelihood_features, reply_likelihood
+
+    torch.manual_seed(0)
+    model = RewardModel(CFG, reads_likelihood=True)
+    torch.nn.init.normal_(model.likelihood.weight)  # read it, or the test could not fail
+    a = [1, USER_ID, 7, ASSISTANT_ID, 9, 10]
+    b = [1, USER_ID, 7, ASSISTANT_ID, 11]
+    c = [1, USER_ID, 8, ASSISTANT_ID, 12, 13, 14]
+    pairs = PairDataset.__new__(PairDataset)
+    pairs.items, pairs.strengths, pairs.likelihood = [(a, b), (a, c), (c, b)], [3, 1, 0], None
+    assert pairs.replies() == [a, b, c]  # each reply once, in order of appearance
+    known = pairs.read_likelihood(model.reference)
+    for seq in (a, b, c):
+        alone = reply_likelihood(model.reference, torch.tensor([seq]), torch.tensor([len(seq) - 1]))[0]
+        torch.testing.assert_close(known[tuple(seq)], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        likelihood_features(model.reference, [c, a]), torch.stack([known[tuple(c)], known[tuple(a)]])
+    )
+
+    idx, last, strengths, likelihood = collate_pairs([pairs[i] for i in range(3)])
+    assert likelihood.shape == (6, 2)
+    given = model(idx, last, likelihood=likelihood)
+    computed = model(idx, last)
+    torch.testing.assert_close(given, computed, atol=1e-5, rtol=0)
+    grads = []
+    for kwargs in ({"likelihood": likelihood}, {}):
+        model.zero_grad()
+        r = model(idx, last, **kwargs)
+        bt_loss(r[:3], r[3:]).backward()
+        grads.append(model.likelihood.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=0)
+
+    seqs = [c, a, b]
+    torch.testing.assert_close(
+        score_sequences(model, seqs, likelihood=known), score_sequences(model, seqs), atol=1e-5, rtol=0
+    )
+    # a reply without known features (a new one) is an error, not a silent zero
+    with pytest.raises(KeyError):
+        score_sequences(model, [[1, USER_ID, 5, ASSISTANT_ID, 6]], likelihood=known)

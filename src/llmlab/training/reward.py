@@ -78,16 +78,18 @@ class RewardModel(nn.Module):
         last: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        likelihood: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx: (B, T) sequences; last: (B,) index of each sequence's last token -> rewards (B,).
 
         Without `last`, the head's output at every position, (B, T): PPO's value model is this network
         read at each token. `positions` and `attn_mask` as in `GPT.forward` (for left-padded batches).
+        `likelihood`: the sequences' `reply_likelihood` under the reference, (B, 2), when already known.
         """
         h = self.backbone.hidden(idx, positions, attn_mask)  # (B, T, C)
         if last is None:
             return self.head(h).squeeze(-1) - self.offset
-        return self.read(h, idx, last, positions, attn_mask)
+        return self.read(h, idx, last, positions, attn_mask, likelihood)
 
     def read(
         self,
@@ -96,15 +98,18 @@ class RewardModel(nn.Module):
         last: torch.Tensor,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        likelihood: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The reward from the backbone's hidden states h (B, T, C), read at each row's `last` token, plus,
-        when the model reads likelihood, the weighted `reply_likelihood` of the reply -> (B,)."""
+        when the model reads likelihood, the weighted `reply_likelihood` of the reply (`likelihood`, (B, 2),
+        when already known; else computed here) -> (B,)."""
         h_last = h[torch.arange(h.shape[0], device=h.device), last]  # (B, C)
         r = self.head(h_last).squeeze(-1) - self.offset
         if self.reads_likelihood:
-            with torch.no_grad():
-                features = reply_likelihood(self.reference, idx, last, positions, attn_mask)
-            r = r + self.likelihood(features).squeeze(-1)
+            if likelihood is None:
+                with torch.no_grad():
+                    likelihood = reply_likelihood(self.reference, idx, last, positions, attn_mask)
+            r = r + self.likelihood(likelihood.to(h.dtype)).squeeze(-1)
         return r
 
 
@@ -163,12 +168,14 @@ def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PairDataset(Dataset):
-    """The pairs' token ids, (chosen, rejected) in `items`, and the rater's strength of each preference
-    (0 to 3; 0 where none was given) in `strengths`."""
+    """The pairs' token ids, (chosen, rejected) in `items`, the rater's strength of each preference (0 to 3;
+    0 where none was given) in `strengths`, and, once `read_likelihood` has run, each reply's
+    `reply_likelihood` under the frozen reference in `likelihood` ((N, 2, 2): pair, side, feature)."""
 
     def __init__(self, tok: Tokenizer, rows: list[dict], context_length: int):
         self.items = []
         self.strengths = [r.get("strength") or 0 for r in rows]
+        self.likelihood: torch.Tensor | None = None
         for r in rows:
             context = json.loads(r["context"])
             self.items.append(
@@ -182,14 +189,34 @@ class PairDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
-        return (*self.items[i], self.strengths[i])
+        return (*self.items[i], self.strengths[i], None if self.likelihood is None else self.likelihood[i])
+
+    def replies(self) -> list[list[int]]:
+        """Every distinct reply sequence of the pairs (a reply is in several pairs of its prompt)."""
+        return [list(seq) for seq in dict.fromkeys(tuple(seq) for pair in self.items for seq in pair)]
+
+    def read_likelihood(self, reference: GPT, known: dict[tuple, torch.Tensor] | None = None) -> dict:
+        """Fill `likelihood`: each distinct reply scored once by the frozen `reference` (it never changes, so
+        training need not run it on every batch), or taken from `known` (reply -> features). Returns the
+        features of every reply here, `known` included, for the next dataset or the centring."""
+        known = dict(known or {})
+        todo = [seq for seq in self.replies() if tuple(seq) not in known]
+        known |= dict(zip(map(tuple, todo), likelihood_features(reference, todo), strict=True))
+        self.likelihood = torch.stack(
+            [torch.stack([known[tuple(c)], known[tuple(r)]]) for c, r in self.items]
+        ).reshape(len(self.items), 2, len(LIKELIHOOD_FEATURES))
+        return known
 
 
 def collate_pairs(batch):
-    """Chosen and rejected of every pair in one padded batch: rows [0, B) chosen, [B, 2B) rejected; and
-    the B pairs' strengths."""
-    idx, last = pad_batch([c for c, _, _ in batch] + [r for _, r, _ in batch])
-    return idx, last, torch.tensor([s for *_, s in batch], dtype=torch.float32)
+    """Chosen and rejected of every pair in one padded batch: rows [0, B) chosen, [B, 2B) rejected; the B
+    pairs' strengths; and the 2B replies' likelihood features in the same order (None when not read)."""
+    idx, last = pad_batch([b[0] for b in batch] + [b[1] for b in batch])
+    strengths = torch.tensor([b[2] for b in batch], dtype=torch.float32)
+    if len(batch[0]) < 4 or batch[0][3] is None:
+        return idx, last, strengths, None
+    likelihood = torch.stack([b[3] for b in batch])  # (B, 2, 2)
+    return idx, last, strengths, torch.cat([likelihood[:, 0], likelihood[:, 1]])
 
 
 def bt_loss(
@@ -229,8 +256,8 @@ class RewardModule(L.LightningModule):
         self.model = RewardModel(config, reads_likelihood=cfg.likelihood)
 
     def _pair_rewards(self, batch):
-        idx, last, _ = batch
-        r = self.model(idx, last)
+        idx, last, _, likelihood = batch
+        r = self.model(idx, last, likelihood=likelihood)
         B = idx.shape[0] // 2
         return r[:B], r[B:]
 
@@ -239,10 +266,10 @@ class RewardModule(L.LightningModule):
         return self.cfg.margin + self.cfg.strength_margin * strengths / 3
 
     def training_step(self, batch, batch_idx):
-        idx, last, strengths = batch
+        idx, last, strengths, likelihood = batch
         B = idx.shape[0] // 2
         h = self.model.backbone.hidden(idx)
-        r = self.model.read(h, idx, last)
+        r = self.model.read(h, idx, last, likelihood=likelihood)
         rc, rr = r[:B], r[B:]
         bt = bt_loss(rc, rr, self.margins(strengths), self.cfg.centring)
         logs = {"train/bt_loss": bt, "train/accuracy": (rc > rr).float().mean()}
@@ -279,16 +306,41 @@ class RewardModule(L.LightningModule):
 
 
 @torch.no_grad()
-def score_sequences(model: RewardModel, seqs: list[list[int]], batch_size: int = 64) -> torch.Tensor:
-    """The reward of each sequence, in the order given; batched shortest first, so little is padding."""
+def score_sequences(
+    model: RewardModel,
+    seqs: list[list[int]],
+    batch_size: int = 64,
+    likelihood: dict[tuple, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The reward of each sequence, in the order given; batched shortest first, so little is padding.
+    `likelihood`: the sequences' features under the reference (`PairDataset.read_likelihood`), when known."""
     if not seqs:
         return torch.zeros(0)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = []
+    for i in range(0, len(order), batch_size):
+        batch = [seqs[j] for j in order[i : i + batch_size]]
+        known = torch.stack([likelihood[tuple(s)] for s in batch]) if likelihood else None
+        out.append(model(*pad_batch(batch), likelihood=known))
+    return torch.cat(out)[torch.argsort(torch.tensor(order))]
+
+
+@torch.no_grad()
+def likelihood_features(reference: GPT, seqs: list[list[int]], batch_size: int = 128) -> torch.Tensor:
+    """`reply_likelihood` of each whole sequence under `reference`, in the order given, (N, 2); batched
+    shortest first."""
+    if not seqs:
+        return torch.zeros(0, len(LIKELIHOOD_FEATURES))
+    reference.eval()
+    device = next(reference.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = [
-        model(*pad_batch([seqs[j] for j in order[i : i + batch_size]]))
+        reply_likelihood(
+            reference, *(t.to(device) for t in pad_batch([seqs[j] for j in order[i : i + batch_size]]))
+        )
         for i in range(0, len(order), batch_size)
     ]
-    return torch.cat(out)[torch.argsort(torch.tensor(order))]
+    return torch.cat(out).cpu()[torch.argsort(torch.tensor(order))]
 
 
 def save_reward_model(model: RewardModel, out_dir, scale: float) -> None:
@@ -377,13 +429,18 @@ def calibration(
 
 
 def reward_metrics(
-    model: RewardModel, val_set: PairDataset, val_rows: list[dict], rated: bool, seed: int
+    model: RewardModel,
+    val_set: PairDataset,
+    val_rows: list[dict],
+    rated: bool,
+    seed: int,
+    likelihood: dict[tuple, torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], list[tuple[float, float, int]]]:
     """How often the reward model ranks each held-out pair as labelled (`accuracy_noisy_labels`), its mean
     margin, and, for rated synthetic pairs, how often it agrees with the gold ordering (with a 95 % interval);
-    and its calibration table (`calibration`)."""
-    r_c = score_sequences(model, [c for c, _ in val_set.items])
-    r_r = score_sequences(model, [r for _, r in val_set.items])
+    and its calibration table (`calibration`). `likelihood` as in `score_sequences`."""
+    r_c = score_sequences(model, [c for c, _ in val_set.items], likelihood=likelihood)
+    r_r = score_sequences(model, [r for _, r in val_set.items], likelihood=likelihood)
     metrics = {
         "accuracy_noisy_labels": float((r_c > r_r).float().mean()),
         "margin_mean": float((r_c - r_r).mean()),
@@ -418,17 +475,19 @@ def centre_on_sft(
     rated: bool,
     max_new_tokens: int,
     seed: int,
+    likelihood: dict[tuple, torch.Tensor] | None = None,
 ) -> float:
     """Shift the reward so that the SFT model's own replies score 0 on average (`model.offset`), and return
     their spread (the scale PPO divides by). Rated pairs are SFT replies already; for real data the SFT
-    model first answers the training prompts."""
+    model first answers the training prompts. `likelihood` as in `score_sequences` (for the pairs' replies)."""
     if rated:  # a reply is in several pairs: score it once and count it as often as it appears
         counts = Counter(tuple(seq) for pair in train.items for seq in pair)
         replies, weights = [list(seq) for seq in counts], list(counts.values())
     else:
         replies = sft_replies(sft, tok, rows, sft.config.context_length, max_new_tokens, seed)
         weights = [1] * len(replies)
-    scores = score_sequences(model, replies).double()
+        likelihood = None  # new replies
+    scores = score_sequences(model, replies, likelihood=likelihood).double()
     w = torch.tensor(weights, dtype=torch.float64)
     mean = float((w * scores).sum() / w.sum())
     model.offset = mean
