@@ -174,7 +174,7 @@ class CountReward(torch.nn.Module):
         self.prompt_len = prompt_len
         self.dummy = torch.nn.Parameter(torch.zeros(()), requires_grad=False)
 
-    def forward(self, idx, last, positions=None, attn_mask=None):
+    def forward(self, idx, last, positions=None, attn_mask=None, likelihood=None):
         cols = torch.arange(idx.shape[1])[None]
         in_reply = (cols >= self.prompt_len) & (cols <= last[:, None])
         return ((idx == 7) & in_reply).sum(dim=1).float()
@@ -317,3 +317,30 @@ def test_the_prompt_mix_changes_what_ppo_trains_on_not_what_it_is_graded_on():
     kinds = Counter(t.kind for t in prompts(world, "", "eval", PPOConfig(eval_prompts=400), seed=0))
     for kind, share in GRADING_MIX.items():
         assert abs(kinds[kind] / 400 - share) < 0.06, (kind, kinds)
+
+
+def test_the_reward_reads_its_likelihood_from_ppos_reference_log_probs_when_they_are_one_model():
+    """When the reward model's frozen reference is PPO's reference (the SFT model, at temperature 1), the
+    rollout reads the reward's likelihood features from the reference log-probs it already has: the scores
+    must be those the reward model computes with its own reference. Replies may hold an <|assistant|> token:
+    the reward model reads only what follows the last one, and so must the shared path."""
+    from llmlab.data.tokenizer import ASSISTANT_ID
+    from llmlab.training.ppo import shares_reference
+
+    torch.manual_seed(0)
+    ref = GPT(TINY).eval().requires_grad_(False)
+    reward = RewardModel(TINY, reads_likelihood=True).eval()
+    reward.reference.load_state_dict(ref.state_dict())
+    torch.nn.init.normal_(reward.likelihood.weight)
+    assert shares_reference(ref, reward, 1.0)
+    assert not shares_reference(ref, reward, 0.7) and not shares_reference(ref, RewardModel(TINY), 1.0)
+    assert not shares_reference(GPT(TINY), reward, 1.0)  # another model's weights
+
+    prompts = [[1, 2, 5, ASSISTANT_ID], [1, 2, 6, 7, 8, ASSISTANT_ID], [1, ASSISTANT_ID]]
+    replies = [[9, 10, END_ID], [11, ASSISTANT_ID, 12, 13], [14]]
+    seqs = make_sequences(prompts, replies)
+    ref_logprobs, _ = reply_logprobs(ref, seqs, 1.0)
+    with torch.no_grad():
+        shared = reply_scores(reward, seqs, 1.0, ref_logprobs)
+        own = reply_scores(reward, seqs, 1.0)
+    torch.testing.assert_close(shared, own, atol=1e-5, rtol=0)

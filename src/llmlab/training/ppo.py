@@ -76,7 +76,7 @@ from llmlab.stats import mean_ci, paired_diff_ci, wilson_ci
 from llmlab.tracking import is_global_zero
 from llmlab.training import checkpoints
 from llmlab.training.checkpoints import AtomicCheckpointIO
-from llmlab.training.reward import RewardModel
+from llmlab.training.reward import RewardModel, reply_span
 from llmlab.training.trainer import Epochs, adamw
 
 log = logging.getLogger("llmlab.training.ppo")
@@ -337,11 +337,37 @@ def reply_values(value_model, seqs: Sequences) -> torch.Tensor:
     return v[:, P - 1 : P + R - 1].float()
 
 
-def reply_scores(reward_model: RewardModel, seqs: Sequences, missing_eos_penalty: float) -> torch.Tensor:
-    """The reward model's score of each whole reply, read at its last token; minus the penalty if it never ended."""
+def reply_scores(
+    reward_model: RewardModel,
+    seqs: Sequences,
+    missing_eos_penalty: float,
+    ref_logprobs: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reward model's score of each whole reply, read at its last token; minus the penalty if it never ended.
+
+    `ref_logprobs`: the reply tokens' log-probabilities (B, R) at temperature 1 under the model that *is* the
+    reward model's reference (`shares_reference`): its likelihood features are read from them instead of
+    running that model over the sequences again."""
     last = seqs.prompt_width + seqs.lengths - 1
-    scores = reward_model(seqs.ids, last, seqs.positions, seqs.attn_mask).float()
+    likelihood = None
+    if ref_logprobs is not None:
+        P, R = seqs.prompt_width, seqs.response.shape[1]
+        span = reply_span(seqs.ids, last)[:, P - 1 : P + R - 1]  # (B, R): the reply tokens the reward reads
+        total = torch.where(span, ref_logprobs, 0.0).sum(dim=1)
+        lowest = torch.where(span, ref_logprobs, torch.inf).amin(dim=1)
+        likelihood = torch.stack([total, torch.where(span.any(dim=1), lowest, 0.0)], dim=1)
+    scores = reward_model(seqs.ids, last, seqs.positions, seqs.attn_mask, likelihood=likelihood).float()
     return scores - missing_eos_penalty * (~seqs.ended).float()
+
+
+def shares_reference(ref: GPT, reward_model, temperature: float) -> bool:
+    """Whether the reward model reads its likelihood features from the very model PPO holds as its reference,
+    at the temperature PPO scores replies at (1): then one forward pass of it serves both."""
+    other = getattr(reward_model, "reference", None)
+    if not getattr(reward_model, "reads_likelihood", False) or temperature != 1.0 or other is None:
+        return False
+    mine, theirs = ref.state_dict(), other.state_dict()
+    return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 @dataclass
@@ -370,8 +396,10 @@ def rollout(
     kl_coef: float,
     generator: torch.Generator | None = None,
     sampler: GPT | None = None,
+    shared_reference: bool = False,
 ) -> Rollout:
-    """Phases 1–5 for one batch of prompts. `sampler` is the bare policy for generation (default: policy)."""
+    """Phases 1–5 for one batch of prompts. `sampler` is the bare policy for generation (default: policy);
+    `shared_reference`: `ref` is the reward model's reference too (`shares_reference`)."""
     device = next(ref.parameters()).device
     # 1. sample
     replies = generate(
@@ -388,7 +416,9 @@ def rollout(
     logprobs, _ = reply_logprobs(policy, seqs, cfg.temperature)
     ref_logprobs, _ = reply_logprobs(ref, seqs, cfg.temperature)
     # 3. score, with the penalty for a reply that never ended
-    scores = reply_scores(reward_model, seqs, cfg.missing_eos_penalty)
+    scores = reply_scores(
+        reward_model, seqs, cfg.missing_eos_penalty, ref_logprobs if shared_reference else None
+    )
     # 4. per-token rewards: the KL penalty on every token, the score on the last
     rewards, kl = kl_penalised_rewards(logprobs, ref_logprobs, scores, seqs.mask, kl_coef)
     # 5. advantages: GAE against the value model's estimates, whitened; or each reply's against the others
@@ -656,6 +686,7 @@ class Models:
     value_opt: torch.optim.Optimizer
     ref: GPT
     reward: RewardModel
+    shared_reference: bool = False  # ref is the reward model's reference too: its log-probs serve both
 
 
 def setup_models(fabric: L.Fabric, sft: GPT, reward_model: RewardModel, cfg) -> Models:
@@ -671,7 +702,9 @@ def setup_models(fabric: L.Fabric, sft: GPT, reward_model: RewardModel, cfg) -> 
         policy, adamw(policy, cfg.lr, cfg.weight_decay, betas, fabric.device.type)
     )
     value, value_opt = fabric.setup(value, adamw(value, cfg.lr, cfg.weight_decay, betas, fabric.device.type))
-    return Models(policy, value, policy_opt, value_opt, frozen(fabric, sft), frozen(fabric, reward_model))
+    ref, reward = frozen(fabric, sft), frozen(fabric, reward_model)
+    shared = shares_reference(ref, reward, cfg.temperature)
+    return Models(policy, value, policy_opt, value_opt, ref, reward, shared)
 
 
 def iteration(
@@ -684,7 +717,16 @@ def iteration(
     sample_gen = torch.Generator(fabric.device).manual_seed(seed)
     shuffle_gen = torch.Generator().manual_seed(seed)
     batch = rollout(
-        m.policy, m.ref, m.reward, m.value, prompts, cfg, kl_coef, sample_gen, sampler=m.policy.module
+        m.policy,
+        m.ref,
+        m.reward,
+        m.value,
+        prompts,
+        cfg,
+        kl_coef,
+        sample_gen,
+        sampler=m.policy.module,
+        shared_reference=m.shared_reference,
     )
     stats = ppo_update(fabric, m.policy, m.value, m.policy_opt, m.value_opt, batch, cfg, shuffle_gen)
     metrics = {**rollout_metrics(batch, kl_coef), **update_metrics(stats)}
