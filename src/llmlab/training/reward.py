@@ -305,6 +305,14 @@ class RewardModule(L.LightningModule):
         return adamw_with_schedule(self.model, self.cfg, self.total_steps, self.device.type)
 
 
+def by_length(seqs: list[list[int]], batch_size: int, run) -> torch.Tensor:
+    """`run(batch)` on batches of the sequences, shortest first so that little of a batch is padding; its
+    per-sequence outputs concatenated back into the order given."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [run([seqs[j] for j in order[i : i + batch_size]]) for i in range(0, len(order), batch_size)]
+    return torch.cat(out)[torch.argsort(torch.tensor(order))]
+
+
 @torch.no_grad()
 def score_sequences(
     model: RewardModel,
@@ -312,35 +320,31 @@ def score_sequences(
     batch_size: int = 64,
     likelihood: dict[tuple, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The reward of each sequence, in the order given; batched shortest first, so little is padding.
-    `likelihood`: the sequences' features under the reference (`PairDataset.read_likelihood`), when known."""
+    """The reward of each sequence, in the order given. `likelihood`: the sequences' features under the
+    reference (`PairDataset.read_likelihood`), when known."""
     if not seqs:
         return torch.zeros(0)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = []
-    for i in range(0, len(order), batch_size):
-        batch = [seqs[j] for j in order[i : i + batch_size]]
+
+    def run(batch):
         known = torch.stack([likelihood[tuple(s)] for s in batch]) if likelihood else None
-        out.append(model(*pad_batch(batch), likelihood=known))
-    return torch.cat(out)[torch.argsort(torch.tensor(order))]
+        return model(*pad_batch(batch), likelihood=known)
+
+    return by_length(seqs, batch_size, run)
 
 
 @torch.no_grad()
 def likelihood_features(reference: GPT, seqs: list[list[int]], batch_size: int = 128) -> torch.Tensor:
-    """`reply_likelihood` of each whole sequence under `reference`, in the order given, (N, 2); batched
-    shortest first."""
+    """`reply_likelihood` of each whole sequence under `reference`, in the order given, (N, 2), on the CPU
+    whatever the reference's device."""
     if not seqs:
         return torch.zeros(0, len(LIKELIHOOD_FEATURES))
     reference.eval()
     device = next(reference.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = [
-        reply_likelihood(
-            reference, *(t.to(device) for t in pad_batch([seqs[j] for j in order[i : i + batch_size]]))
-        )
-        for i in range(0, len(order), batch_size)
-    ]
-    return torch.cat(out).cpu()[torch.argsort(torch.tensor(order))]
+    return by_length(
+        seqs,
+        batch_size,
+        lambda batch: reply_likelihood(reference, *(t.to(device) for t in pad_batch(batch))).cpu(),
+    )
 
 
 def save_reward_model(model: RewardModel, out_dir, scale: float) -> None:
