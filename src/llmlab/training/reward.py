@@ -202,9 +202,8 @@ class PairDataset(Dataset):
         known = dict(known or {})
         todo = [seq for seq in self.replies() if tuple(seq) not in known]
         known |= dict(zip(map(tuple, todo), likelihood_features(reference, todo), strict=True))
-        self.likelihood = torch.stack(
-            [torch.stack([known[tuple(c)], known[tuple(r)]]) for c, r in self.items]
-        ).reshape(len(self.items), 2, len(LIKELIHOOD_FEATURES))
+        pairs = [torch.stack([known[tuple(c)], known[tuple(r)]]) for c, r in self.items]
+        self.likelihood = torch.stack(pairs) if pairs else torch.zeros(0, 2, len(LIKELIHOOD_FEATURES))
         return known
 
 
