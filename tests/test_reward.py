@@ -40,7 +40,7 @@ def test_per_pair_margins_by_hand_and_from_the_rated_strength():
     assert bt_loss(rc, rr, m).item() == pytest.approx(by_hand, rel=1e-6)
     module = RewardModule(CFG, RewardConfig(margin=0.25, strength_margin=1.5), total_steps=1)
     idx, last, strengths, likelihood = collate_pairs(
-        [([1, 2], [1, 3, 4], 3), ([1, 5, 6], [1, 7], 0), ([1], [1, 8], 1)]
+        [([1, 2], [1, 3, 4], 3, None), ([1, 5, 6], [1, 7], 0, None), ([1], [1, 8], 1, None)]
     )
     assert idx.shape == (6, 3) and last.tolist() == [1, 2, 0, 2, 1, 1] and strengths.tolist() == [3, 0, 1]
     assert likelihood is None  # not read: the reward model computes it (or does not read likelihood)

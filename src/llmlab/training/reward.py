@@ -212,7 +212,7 @@ def collate_pairs(batch):
     pairs' strengths; and the 2B replies' likelihood features in the same order (None when not read)."""
     idx, last = pad_batch([b[0] for b in batch] + [b[1] for b in batch])
     strengths = torch.tensor([b[2] for b in batch], dtype=torch.float32)
-    if len(batch[0]) < 4 or batch[0][3] is None:
+    if batch[0][3] is None:
         return idx, last, strengths, None
     likelihood = torch.stack([b[3] for b in batch])  # (B, 2, 2)
     return idx, last, strengths, torch.cat([likelihood[:, 0], likelihood[:, 1]])
