@@ -29,6 +29,7 @@ from llmlab.training.constitution import (
     demonstrations,
     held_out_report,
     load_constitution,
+    own_answers,
     revise,
     sft_pool_samples,
 )
@@ -104,10 +105,15 @@ def main(args, params: Params) -> None:
     )
     n_val = max(1, round(len(samples) * HELD_OUT))
     rng = random.Random(f"{params.seed}/critique")
-    taught = demonstrations(
-        samples[n_val:], constitution, cfg.demonstrations, prefs.label_temperature, tok, T, rng
+    own = (
+        own_answers(sft, tok, [replies[0].task.prompt for replies in samples], cfg.max_new_tokens)
+        if cfg.own_answer
+        else None
     )
-    held_out = demonstrations(samples[:n_val], constitution, 10**9, prefs.label_temperature, tok, T, rng)
+    taught = demonstrations(
+        samples[n_val:], constitution, cfg.demonstrations, prefs.label_temperature, tok, T, rng, own
+    )
+    held_out = demonstrations(samples[:n_val], constitution, 10**9, prefs.label_temperature, tok, T, rng, own)
     critiqued = round(cfg.critique_share * len(taught))  # the verdict is taught for every judgment
     revisions = [d["revise"] for d in taught[: round(cfg.revision_share * len(taught))] if d["revise"]]
     critic_data = (

@@ -57,6 +57,8 @@ def main(args, params: Params) -> None:
                     load_constitution(args.constitution),
                     params.critique.principles_per_pair,
                     params.seed,
+                    answerer=model if params.critique.own_answer else None,
+                    max_new_tokens=params.critique.max_new_tokens,
                 )
             splits, metrics = rated_pairs(model, tok, world, cfg, params.seed, judge)
             if judge is not None:

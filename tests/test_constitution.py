@@ -58,6 +58,56 @@ def test_comparison_fits_the_context_and_keeps_principle_and_question(tok, a, b,
         assert text == f"{principle}\n{question}\nA: {a}\nB: {b}\n{ask}"  # what fits is not touched
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    own=st.text(alphabet="lmn opq0.", min_size=0, max_size=300),
+    a=st.text(alphabet="abc defgh1234.,", min_size=0, max_size=300),
+    b=st.text(alphabet="xyz uvw56789!?", min_size=0, max_size=300),
+)
+def test_the_own_answer_stands_before_the_replies_and_takes_at_most_a_third_of_the_room(tok, own, a, b):
+    principle, question, budget = "Be honest.", "Where does Mara live?", 128 - C.answer_room(C.JUDGE, 128)
+    text = C.comparison(tok, principle, question, a, b, 128, own=own)
+    assert (
+        text.startswith(f"{principle}\n{question}\n{C.OWN} ")
+        and "\nA: " in text
+        and _length(tok, text) <= budget
+    )
+    whole = f"{principle}\n{question}\n{C.OWN} {own}\nA: {a}\nB: {b}\n{C.JUDGE}"
+    if _length(tok, whole) <= budget:
+        assert text == whole
+    else:
+        shown = text.split(f"{C.OWN} ")[1].split("\nA: ")[0]
+        room = budget - _length(tok, f"{principle}\n{question}\n{C.OWN} \nA: \nB: \n{C.JUDGE}")
+        assert shown == own or len(C.encode_text(tok, shown)) <= max(1, room // 3)
+
+
+def test_own_answers_are_the_models_greedy_reply_once_per_question(tok, tiny_model):
+    from llmlab.model.replies import reply
+
+    questions = ["Where does Mara live?", "2+2?", "Where does Mara live?"]
+    got = C.own_answers(tiny_model, tok, questions, 8)
+    assert set(got) == {"Where does Mara live?", "2+2?"}
+    for q, text in got.items():
+        assert text == reply(tiny_model, tok, [[{"role": "user", "content": q}]], 8)[0].text
+
+
+def test_the_judge_shows_each_comparison_the_answerers_own_answer(tok, tiny_model, monkeypatch):
+    shown = []
+
+    def logodds(model, tok, prompts, batch_size=128):
+        shown.extend(prompts)
+        return torch.zeros(len(prompts))
+
+    monkeypatch.setattr(C, "verdict_logodds", logodds)
+    monkeypatch.setattr(C, "own_answers", lambda model, tok, qs, n: {q: f"mine for {q}" for q in qs})
+    rows = [("Where does Mara live?", "In Port Avery.", "I don't know."), ("2+2?", "4", "5")]
+    C.judge(tiny_model, tok, ["Be honest."], 1, 0, answerer=tiny_model)(rows)
+    assert len(shown) == 4 and all(f"{C.OWN} mine for {p.split(chr(10))[1]}\n" in p for p in shown)
+    shown.clear()
+    C.judge(tiny_model, tok, ["Be honest."], 1, 0)(rows)
+    assert len(shown) == 4 and not any(C.OWN in p for p in shown)
+
+
 def test_a_long_reply_keeps_its_start_and_end_and_a_short_one_stays_whole(tok):
     long = " ".join(f"w{i}" for i in range(200))
     text = C.comparison(tok, "Be honest.", "Q?", long, "Short one.", 96)
@@ -105,6 +155,17 @@ def test_demonstrations_are_counted_judgments_with_noise_free_verdicts_at_zero_t
         assert d["verdict"] == better and d["judge"][1]["content"] == f"{better}."
         assert d["judge"][0]["content"].endswith(C.JUDGE) and d["critique"][0]["content"].endswith(C.CRITIQUE)
     assert len(C.demonstrations(samples, ["Be right."], 10**6, 0.0, tok, 128, random.Random(0))) == 60
+
+
+def test_demonstrations_show_the_own_answer_in_the_verdict_and_critique_conversations(tok):
+    own = {"Where does Mara Quill live?": "Mara Quill lives in Duskmere."}
+    demos = C.demonstrations(
+        _samples([[2.0, -1.0]] * 3), ["Be right."], 3, 0.0, tok, 128, random.Random(0), own
+    )
+    for d in demos:
+        assert d["own"] == own[d["question"]]
+        for turn in ("judge", "critique"):
+            assert f"\n{C.OWN} Mara Quill lives in Duskmere.\nA: " in d[turn][0]["content"]
 
 
 def test_demonstrations_skip_identical_replies(tok):
@@ -258,6 +319,7 @@ def test_preference_pairs_labelled_by_a_judge_keep_gold_for_evaluation(monkeypat
     assert metrics["gold_ties"] == len(rows) - len(ordered) == 20
     agree = sum(r["gold_chosen"] > r["gold_rejected"] for r in ordered) / len(ordered)
     assert metrics["label_gold_agreement"] == pytest.approx(agree)
+    assert metrics["label_gold_agreement/unknown"] == pytest.approx(agree)  # the only kind asked
     assert json.loads(rows[0]["task"])["kind"] == "unknown"
 
 

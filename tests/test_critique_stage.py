@@ -53,6 +53,7 @@ def test_the_stage_teaches_a_reviser_beside_the_feedback_model(smoke_data, tok, 
     raw = yaml.safe_load(SMOKE_PARAMS.read_text())
     raw["preferences"]["labeller"] = "constitution"
     raw["critique"] |= {"n_prompts": 20, "revision_steps": 4, "revisions_measured": 12, "critiques_shown": 3}
+    raw["critique"]["own_answer"] = True  # the comparisons show the SFT model's own answer
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "constitution.txt").write_text("Be honest.\nBe right.\n")
     out = tmp_path / "out"
@@ -82,3 +83,4 @@ def test_the_stage_teaches_a_reviser_beside_the_feedback_model(smoke_data, tok, 
     rows = json.loads((out / "report" / "revisions.json").read_text())
     assert len(rows) == 3 and all(r["principle"] in ("Be honest.", "Be right.") for r in rows)
     assert "Where does" in (out / "report" / "revisions.md").read_text()
+    assert (out / "report" / "critiques.md").read_text().count("its own answer, shown beside them") == 3

@@ -23,7 +23,7 @@ import random
 import re
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,9 @@ class Pair:
     gold_chosen: float
     gold_rejected: float
     strength: int = 0  # how much better the rater says the chosen reply is (`rated_strength`); 0 from a judge
+    preference: float = (
+        math.nan
+    )  # a judge's log-odds for the chosen reply over the rejected one; NaN: the rater
 
     @property
     def flipped(self) -> bool:
@@ -213,6 +216,7 @@ def external_pairs(cfg, root: Path) -> tuple[list[dict], dict[str, int]]:
                 "flipped": False,
                 "task": "",
                 "strength": 0,
+                "preference": math.nan,
             }
         )
     require_usable(key, "pair", len(rows), len(got.rows), problems, note=f"; identical replies: {identical}")
@@ -269,7 +273,10 @@ def rated_pairs(
     if judge is not None:
         every = [p for _, pairs in per_task for p in pairs]
         prefer = judge([(p.prompt, p.chosen, p.rejected) for p in every])
-        oriented = iter(p if x > 0 else _swapped(p) for p, x in zip(every, prefer, strict=True))
+        oriented = iter(
+            replace(p, preference=x) if x > 0 else replace(_swapped(p), preference=-x)
+            for p, x in zip(every, prefer, strict=True)
+        )
         per_task = [(task, [next(oriented) for _ in pairs]) for task, pairs in per_task]
 
     splits: dict[str, list[dict]] = {"train": [], "validation": []}
@@ -284,6 +291,9 @@ def rated_pairs(
     ordered = [r for r in every_row if r["gold_chosen"] != r["gold_rejected"]]
     agree = sum(not r["flipped"] for r in ordered)
     low, high = wilson_ci(agree, len(ordered))
+    by_kind: dict[str, list[bool]] = {}
+    for r in ordered:
+        by_kind.setdefault(json.loads(r["task"])["kind"], []).append(not r["flipped"])
     metrics = {
         "labeller": "rater" if judge is None else "constitution",
         "model_labels": int(judge is not None),
@@ -297,6 +307,7 @@ def rated_pairs(
         "label_gold_agreement": agree / max(1, len(ordered)),
         "label_gold_agreement_ci_low": low,
         "label_gold_agreement_ci_high": high,
+        **{f"label_gold_agreement/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())},
         "rater_judgments": len(every_row) if judge is None else 0,
         "score_mean": statistics.fmean(scores),
         "score_std": statistics.pstdev(scores),
@@ -326,6 +337,10 @@ PAIR_SCHEMA = pa.schema(
         ("flipped", pa.bool_()),
         ("task", pa.string()),
         ("strength", pa.int8()),  # the rater's `rated_strength` (0 for a judge's labels and for real data)
+        (
+            "preference",
+            pa.float64(),
+        ),  # a judge's log-odds for chosen over rejected (NaN: the rater, real data)
     ]
 )
 

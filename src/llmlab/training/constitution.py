@@ -50,7 +50,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -142,6 +142,7 @@ def _fit(tok: Tokenizer, text: str, budget: int) -> str:
 
 
 JUDGE = "Which follows this better, A or B?"
+OWN = "My answer:"
 CRITIQUE = "What does each reply do?"
 FAULT = "What is wrong?"
 REWRITE = "Rewrite it."
@@ -156,40 +157,61 @@ def answer_room(ask: str, context_length: int) -> int:
 
 
 def comparison(
-    tok: Tokenizer, principle: str, question: str, a: str, b: str, context_length: int, ask: str = JUDGE
+    tok: Tokenizer,
+    principle: str,
+    question: str,
+    a: str,
+    b: str,
+    context_length: int,
+    ask: str = JUDGE,
+    own: str | None = None,
 ) -> str:
     """The user turn that shows two replies under `principle` and asks `ask` (which is better: `JUDGE`;
-    what each does: `CRITIQUE`). Replies are shortened (`_fit`) so that the rendered prompt leaves
-    `answer_room` tokens of the context for the answer; the question too when the principle and the
-    question alone would not leave each reply a token (a tiny model's context); the principle never."""
+    what each does: `CRITIQUE`), after the model's `own` answer to the question when given (`OWN`).
+    Replies are shortened (`_fit`) so that the rendered prompt leaves `answer_room` tokens of the context
+    for the answer, and the own answer to at most a third of what the replies and it share; the question
+    too when the principle and the question alone would not leave each reply a token (a tiny model's
+    context); the principle never."""
 
-    def text(q: str, x: str, y: str) -> str:
-        return f"{principle}\n{q}\nA: {x}\nB: {y}\n{ask}"
+    def text(q: str, x: str, y: str, o: str | None) -> str:
+        mine = "" if o is None else f"{OWN} {o}\n"
+        return f"{principle}\n{q}\n{mine}A: {x}\nB: {y}\n{ask}"
 
     def length(t: str) -> int:
         return len(render(tok, [{"role": "user", "content": t}], add_generation_prompt=True).ids)
 
     budget = context_length - answer_room(ask, context_length)
-    if length(text(question, a, b)) <= budget:
-        return text(question, a, b)
+    if length(text(question, a, b, own)) <= budget:
+        return text(question, a, b, own)
     ellipsis = len(encode_text(tok, ELLIPSIS.strip()))
-    if length(text(question, "", "")) + 2 * ellipsis > budget:
-        room = budget - length(text("", "", "")) - 2 * ellipsis
+    if own is not None:
+        own = _fit(tok, own, max(ellipsis, (budget - length(text(question, "", "", ""))) // 3))
+    if length(text(question, "", "", own)) + 2 * ellipsis > budget:
+        room = budget - length(text("", "", "", own)) - 2 * ellipsis
         if room < 1:
             raise LlmlabError(
                 f"the principle {principle!r} leaves no room for a question and two replies in the "
                 f"model's {context_length} tokens: shorten it in the constitution file"
             )
         question = _fit(tok, question, room)
-    room = max(2 * ellipsis, budget - length(text(question, "", "")))  # for both replies
+    room = max(2 * ellipsis, budget - length(text(question, "", "", own)))  # for both replies
     each = room // 2
     a_len, b_len = len(encode_text(tok, a)), len(encode_text(tok, b))
     # the shorter reply keeps all of itself when it fits in its half; the longer gets what is left
     if a_len <= each:
-        return text(question, a, _fit(tok, b, room - a_len))
+        return text(question, a, _fit(tok, b, room - a_len), own)
     if b_len <= each:
-        return text(question, _fit(tok, a, room - b_len), b)
-    return text(question, _fit(tok, a, each), _fit(tok, b, each))
+        return text(question, _fit(tok, a, room - b_len), b, own)
+    return text(question, _fit(tok, a, each), _fit(tok, b, each), own)
+
+
+def own_answers(model: GPT, tok: Tokenizer, questions: Sequence[str], max_new_tokens: int) -> dict[str, str]:
+    """The model's own greedy answer to each distinct question: what it shows itself beside the two replies
+    it compares (`comparison`'s `own`), as an LLM judge answers a question before grading answers to it
+    (reference-guided judging, Zheng et al. 2023)."""
+    distinct = sorted(set(questions), key=len)  # similar lengths together: less padding per batch
+    replies = reply(model, tok, [[{"role": "user", "content": q}] for q in distinct], max_new_tokens)
+    return {q: r.text for q, r in zip(distinct, replies, strict=True)}
 
 
 def critique(parts_a: dict[str, float], parts_b: dict[str, float]) -> str:
@@ -299,10 +321,12 @@ def demonstrations(
     tok: Tokenizer,
     context_length: int,
     rng: random.Random,
+    own: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """`n` comparison demonstrations (at most the number of pairs the samples hold), each one rater
     judgment: two different replies to one prompt (`samples` holds each prompt's replies), one principle
-    drawn at random, the verdict drawn from Bradley–Terry on the principle's points, the sides shuffled.
+    drawn at random, the verdict drawn from Bradley–Terry on the principle's points, the sides shuffled;
+    with `own` (question -> the model's own answer, `own_answers`) the comparisons show that answer too.
     Returns rows with the conversations (`judge`, `critique`, and `revise` when the rubric scores the two
     replies differently and a rewrite fits the context, else None) and what they were made of."""
     pairs = [
@@ -314,7 +338,10 @@ def demonstrations(
         a, b = (x, y) if rng.random() < 0.5 else (y, x)
         principle = rng.choice(constitution)
         verdict = "A" if rng.random() < bradley_terry_p(a.total, b.total, label_temperature) else "B"
-        shown = functools.partial(comparison, tok, principle, a.task.prompt, a.text, b.text, context_length)
+        mine = None if own is None else own[a.task.prompt]
+        shown = functools.partial(
+            comparison, tok, principle, a.task.prompt, a.text, b.text, context_length, own=mine
+        )
         chosen, passed = (a, b) if verdict == "A" else (b, a)
         asked = revision_prompt(tok, principle, a.task.prompt, passed.text, context_length)
         revise = None
@@ -337,6 +364,7 @@ def demonstrations(
                 "question": a.task.prompt,
                 "a": a.text,
                 "b": b.text,
+                "own": mine,
                 "kind": a.task.kind,
                 "verdict": verdict,
                 "gold_a": a.total,
@@ -422,15 +450,17 @@ def label_pairs(
     principles_per_pair: int,
     rng: random.Random,
     batch_size: int = 128,
+    own: Mapping[str, str] | None = None,
 ) -> tuple[torch.Tensor, list[list[str]]]:
     """How much the model prefers the first reply of each (question, reply, reply) (N,): its verdict
     log-odds with the first reply shown as A minus those with it shown as B (so that a taste for one
-    position cancels out), averaged over `principles_per_pair` principles drawn for the pair. Returns
-    the preferences and the principles each pair was judged by."""
+    position cancels out), averaged over `principles_per_pair` principles drawn for the pair, each
+    comparison showing the model's own answer to the question when `own` holds it. Returns the
+    preferences and the principles each pair was judged by."""
     C = model.config.context_length
     drawn = [rng.sample(list(constitution), min(principles_per_pair, len(constitution))) for _ in rows]
     prompts = [
-        comparison(tok, p, q, x, y, C)
+        comparison(tok, p, q, x, y, C, own=None if own is None else own[q])
         for (q, a, b), ps in zip(rows, drawn, strict=True)
         for p in ps
         for x, y in ((a, b), (b, a))
@@ -459,11 +489,25 @@ def agreement(logodds: Sequence[float], gold_a: Sequence[float], gold_b: Sequenc
     return hits, total
 
 
-def judge(model: GPT, tok: Tokenizer, constitution: Sequence[str], principles_per_pair: int, seed: int):
-    """The model as the preferences stage's labeller (`llmlab.data.preferences.Judge`)."""
+def judge(
+    model: GPT,
+    tok: Tokenizer,
+    constitution: Sequence[str],
+    principles_per_pair: int,
+    seed: int,
+    answerer: GPT | None = None,
+    max_new_tokens: int = 96,
+):
+    """The model as the preferences stage's labeller (`llmlab.data.preferences.Judge`); with an `answerer`
+    (the SFT model the critic was taught from), each comparison shows its own answer to the question."""
 
     def prefer(rows: list[tuple[str, str, str]]) -> list[float]:
-        logodds, _ = label_pairs(model, tok, constitution, rows, principles_per_pair, random.Random(seed))
+        own = (
+            None if answerer is None else own_answers(answerer, tok, [q for q, _, _ in rows], max_new_tokens)
+        )
+        logodds, _ = label_pairs(
+            model, tok, constitution, rows, principles_per_pair, random.Random(seed), own=own
+        )
         return logodds.tolist()
 
     return prefer
@@ -480,9 +524,17 @@ def held_out_report(
     equal left out), how often the critique it writes is the rater's sentence word for word (on the first
     `CRITIQUES_MEASURED`), and a readable report of the first `shown`. Returns (metrics, markdown, rows)."""
     constitution = sorted({d["principle"] for d in held_out})
-    prefer = judge(model, tok, constitution, principles_per_pair, seed)(
-        [(d["question"], d["a"], d["b"]) for d in held_out]
+    own = {d["question"]: d["own"] for d in held_out if d.get("own") is not None} or None
+    logodds, _ = label_pairs(
+        model,
+        tok,
+        constitution,
+        [(d["question"], d["a"], d["b"]) for d in held_out],
+        principles_per_pair,
+        random.Random(seed),
+        own=own,
     )
+    prefer = logodds.tolist()
     hits, n = agreement(prefer, [d["gold_a"] for d in held_out], [d["gold_b"] for d in held_out])
     written = reply(
         model,
@@ -528,6 +580,7 @@ def held_out_report(
             f"**{row['principle']}** {row['question']}",
             f"- A (gold {row['gold_a']:+.2f}): {row['a']}",
             f"- B (gold {row['gold_b']:+.2f}): {row['b']}",
+            *([f"- its own answer, shown beside them: {d['own']}"] if d.get("own") is not None else []),
             f"- the model prefers {'A' if x > 0 else 'B'} ({x:+.2f}) and writes: {w.text}",
             f"- the rater's critique: {row['rater_critique']}",
             "",
