@@ -35,6 +35,8 @@ def test_section_14_says_who_labelled_and_judges_the_model_path_by_ppo_gold_gain
         "label_gold_agreement": 0.65,
         "label_gold_agreement_ci_low": 0.64,
         "label_gold_agreement_ci_high": 0.66,
+        "label_gold_agreement/fact": 0.5,
+        "label_gold_agreement/harmful": 0.875,
     }
     critique = {"verdict_pairs": 200, "verdict_agreement": 0.6, "critique_exact": 0.2}
     reward = {"accuracy_gold": 0.7}
@@ -46,6 +48,7 @@ def test_section_14_says_who_labelled_and_judges_the_model_path_by_ppo_gold_gain
     }
     text = _constitution({"preferences": model, "critique": critique, "reward_model": reward, "ppo": up})
     assert "**2,000 rater judgments**" in text and "65.0 % [64.0–66.0] (14,000 pairs" in text
+    assert "orders); by kind of prompt: fact 50.0 %, harmful 87.5 %\n" in text
     assert "70.0 %" in text and "+0.25 ± 0.10" in text and "60.0 % → 40.0 %" in text
     assert "**Shown:**" in text
     flat = _constitution(

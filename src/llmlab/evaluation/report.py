@@ -1043,6 +1043,12 @@ def _constitution(m: Mapping) -> str:
     gain = p.get("gold_gain", math.nan)
     ci = p.get("gold_gain_ci95", math.nan)
     shown = gain - ci > 0 and pref["rater_judgments"] < pref["pairs"]
+    kinds = {k.split("/", 1)[1]: v for k, v in pref.items() if k.startswith("label_gold_agreement/")}
+    by_kind = (
+        "; by kind of prompt: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in sorted(kinds.items()))
+        if kinds
+        else ""
+    )
     return head + (
         f"The model labelled this run's {pref['pairs']:,.0f} preference pairs itself. The critique stage taught "
         f"a copy of the SFT model to compare two replies under a principle of `data/constitution.txt` from "
@@ -1052,7 +1058,7 @@ def _constitution(m: Mapping) -> str:
         f"the time, and {100 * crit.get('critique_exact', math.nan):.1f} % of the critiques it writes name what "
         f"differs exactly as the rater would (`reports/critique/critiques.md`).{_revisions(crit)}\n\n"
         f"- its labels on the rl pool agree with the rubric's order: {agree} "
-        f"({pref['pairs'] - pref['gold_ties']:,.0f} pairs the rubric orders)\n"
+        f"({pref['pairs'] - pref['gold_ties']:,.0f} pairs the rubric orders){by_kind}\n"
         f"- the reward model trained on them agrees with the rubric on held-out pairs: "
         f"{100 * r.get('accuracy_gold', math.nan):.1f} %\n"
         f"- PPO against that reward model: gold score gain over SFT {gain:+.2f} ± {ci:.2f}; invented answers "
