@@ -26,6 +26,12 @@ of the second, so a taste for one position cancels out (untreated, it put the fi
 most pairs). Only the verdict token is read (one forward pass per reading); the critiques are written
 for the readable report.
 
+With `critique.own_answer` (off by default) the SFT model first answers the question itself, greedily, and
+that answer stands between the question and the two replies ("My answer: ..."), in the demonstrations and
+when labelling: reference-guided judging. At this size it made the labels worse (docs/results.md): the
+feedback model judges how a reply is written far better than whether its value is true, with or without
+the right value in front of it.
+
 Each judgment whose two replies the rubric scores differently also teaches a revision (the supervised
 phase of Constitutional AI): shown one reply, the model says what it does wrong, then rewrites it.
 
