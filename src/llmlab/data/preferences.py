@@ -56,9 +56,8 @@ class Pair:
     gold_chosen: float
     gold_rejected: float
     strength: int = 0  # how much better the rater says the chosen reply is (`rated_strength`); 0 from a judge
-    preference: float = (
-        math.nan
-    )  # a judge's log-odds for the chosen reply over the rejected one; NaN: the rater
+    # a judge's log-odds for the chosen reply over the rejected one (NaN: the rater labelled the pair)
+    preference: float = math.nan
 
     @property
     def flipped(self) -> bool:
@@ -337,10 +336,7 @@ PAIR_SCHEMA = pa.schema(
         ("flipped", pa.bool_()),
         ("task", pa.string()),
         ("strength", pa.int8()),  # the rater's `rated_strength` (0 for a judge's labels and for real data)
-        (
-            "preference",
-            pa.float64(),
-        ),  # a judge's log-odds for chosen over rejected (NaN: the rater, real data)
+        ("preference", pa.float64()),  # a judge's log-odds for chosen over rejected (NaN: rater, real data)
     ]
 )
 
