@@ -105,24 +105,35 @@ def main(args, params: Params) -> None:
     )
     n_val = max(1, round(len(samples) * HELD_OUT))
     rng = random.Random(f"{params.seed}/critique")
-    own = (
+    answers = (
         own_answers(sft, tok, [replies[0].task.prompt for replies in samples], cfg.max_new_tokens)
         if cfg.own_answer
         else None
     )
     taught = demonstrations(
-        samples[n_val:], constitution, cfg.demonstrations, prefs.label_temperature, tok, T, rng, own
+        samples[n_val:], constitution, cfg.demonstrations, prefs.label_temperature, tok, T, rng, answers
     )
-    held_out = demonstrations(samples[:n_val], constitution, 10**9, prefs.label_temperature, tok, T, rng, own)
+    held_out = demonstrations(
+        samples[:n_val], constitution, 10**9, prefs.label_temperature, tok, T, rng, answers
+    )
     critiqued = round(cfg.critique_share * len(taught))  # the verdict is taught for every judgment
     revisions = [d["revise"] for d in taught[: round(cfg.revision_share * len(taught))] if d["revise"]]
+    # The comparison critiques go to the reviser when there is one: beside the verdicts they outweigh the
+    # verdict's one token in the loss, and the labels suffered (docs/results.md).
+    to_reviser = cfg.critiques_taught_to == "reviser" and bool(revisions) and cfg.revision_steps > 0
+    critiques = ([d["critique"] for d in taught[:critiqued]], [d["critique"] for d in held_out])
     critic_data = (
-        ChatDataset(tok, [d["judge"] for d in taught] + [d["critique"] for d in taught[:critiqued]], T),
-        ChatDataset(tok, [d[k] for d in held_out for k in ("judge", "critique")], T),
+        ChatDataset(tok, [d["judge"] for d in taught] + ([] if to_reviser else critiques[0]), T),
+        ChatDataset(tok, [d["judge"] for d in held_out] + ([] if to_reviser else critiques[1]), T),
     )
     reviser_data = (
-        ChatDataset(tok, revisions, T),
-        ChatDataset(tok, [d["revise"] for d in held_out if d["revise"]] or revisions[:1], T),
+        ChatDataset(tok, revisions + (critiques[0] if to_reviser else []), T),
+        ChatDataset(
+            tok,
+            ([d["revise"] for d in held_out if d["revise"]] or revisions[:1])
+            + (critiques[1] if to_reviser else []),
+            T,
+        ),
     )
     log.info(
         "%d demonstrations taught (each one rater judgment; %d of them as a revision too), %d held-out "
@@ -171,7 +182,13 @@ def main(args, params: Params) -> None:
         save_model(critic, args.out)
         write_json(Path(args.out) / "taught.json", {"rater_judgments": len(taught)})
         measured, markdown, rows = held_out_report(
-            critic, tok, held_out, cfg.principles_per_pair, cfg.critiques_shown, params.seed
+            critic,
+            tok,
+            held_out,
+            cfg.principles_per_pair,
+            cfg.critiques_shown,
+            params.seed,
+            writer=reviser if to_reviser else None,
         )
         revised, revised_md, revised_rows = {"revisions_measured": 0}, "No reviser was taught.\n", []
         if reviser is not None:
@@ -184,6 +201,7 @@ def main(args, params: Params) -> None:
         metrics = {
             "taught": len(taught),
             "critiques_taught": critiqued,
+            "critiques_taught_to_reviser": int(to_reviser),
             "revisions_taught": len(revisions),
             "rater_judgments": len(taught),
             "principles": len(constitution),

@@ -76,6 +76,7 @@ def test_the_stage_teaches_a_reviser_beside_the_feedback_model(smoke_data, tok, 
     )  # fmt: skip
     metrics = json.loads((out / "critique.json").read_text())
     assert metrics["taught"] == 40 and 0 < metrics["revisions_taught"] <= 40
+    assert metrics["critiques_taught_to_reviser"] == 1  # the feedback model learns verdicts alone
     assert metrics["revisions_measured"] == 6  # the 2 held-out prompts' 3 replies each (12 asked for)
     critic, reviser = load_model(out / "critic"), load_model(out / "critic" / "reviser")
     assert not torch.equal(critic.lm_head.weight, reviser.lm_head.weight)  # two models, taught apart

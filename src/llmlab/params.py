@@ -461,10 +461,14 @@ class CritiqueConfig(TrainLoop):
     max_new_tokens: int = Field(96, ge=1)
     """Longest reply sampled."""
     critique_share: float = Field(1.0, ge=0, le=1)
-    """Share of the demonstrations whose critique is taught beside the verdict (a second conversation; 0:
-    verdicts only, and the critiques in reports/critique/ are untaught). The critique's tokens outweigh the
-    one-token verdict in the loss: on seed 1's held-out rl pairs the verdicts agreed with the rubric on
-    62.6 % (share 0.25) and 68.2 % (1.0, 1,200 steps) against 70.2 % with none (docs/results.md)."""
+    """Share of the demonstrations whose comparison critique is taught, as a conversation of its own, to the
+    copy `critiques_taught_to` names (0: none, and the critiques in reports/critique/ are untaught)."""
+    critiques_taught_to: Literal["reviser", "critic"] = "reviser"
+    """Which copy learns the comparison critiques ("What does each reply do?"): the reviser, which also says
+    what one reply does wrong and rewrites it, so that the feedback model learns verdicts alone; or the
+    feedback model beside its verdicts (the default until 2026-12-06: its labels agreed with the rubric on
+    70.1 / 68.0 / 65.9 % of the rl pairs, seeds 1 / 2 / 1337, against 71.2 / 67.9 / 72.9 % from verdicts
+    alone; docs/results.md). Without a reviser (`revision_steps` 0) the feedback model learns them."""
     revision_share: float = Field(1.0, ge=0, le=1)
     """Share of the demonstrations that also teach a second copy of the SFT model, the reviser, to revise: what
     the reply the verdict passed over does wrong, then the chosen reply as its rewrite (pairs the rubric

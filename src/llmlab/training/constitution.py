@@ -5,7 +5,8 @@ a question and two replies, and says which reply follows the principle better; i
 human labels that train the reward model. A model of llmlab's size cannot do that untaught (it picks as
 a coin would, `benchmarks/ai_labels.py`), so the critique stage teaches a copy of the SFT model from a
 small, counted number of demonstrations, each one rater judgment of two of its replies to an SFT-pool
-prompt. Each judgment teaches two turns, a verdict and a critique:
+prompt. Each judgment teaches two conversations, a verdict and a critique (the critique to a second
+copy, below):
 
     user       Answer only what you know, and say so when you don't.       (a principle, drawn at random)
                Where was Ilse Varn born?
@@ -17,8 +18,10 @@ prompt. Each judgment teaches two turns, a verdict and a critique:
 The verdict is the rater's preference drawn with the same Bradley–Terry noise as the human-feedback
 labels; the critique names the rubric lines that fired for one reply and not the other. Taught in one
 answer ("B. A invents ..."), the verdict's single token drowned in the critique's and the verdicts
-stayed at chance (46 % on held-out pairs, seed 1337; 71.7 % taught alone), hence two conversations, and
-`critique.critique_share` to teach fewer critiques (docs/results.md).
+stayed at chance (46 % on held-out pairs, seed 1337; 71.7 % taught alone), hence two conversations. Even
+as a conversation of its own the critique held the verdicts back (labels 65.9 -> 72.9 % on seed 1337 without
+it), so the critiques are taught to the second copy, the reviser, below (`critique.critiques_taught_to`),
+which writes them in the report, and the feedback model learns verdicts alone (docs/results.md).
 
 To label a pair, the model reads it with a principle drawn at random (`principles_per_pair` of them),
 once with each reply as A: the preference is logit("A") − logit("B") of the first reading minus that
@@ -523,12 +526,19 @@ CRITIQUES_MEASURED = 200  # held-out comparisons whose critique the model writes
 
 
 def held_out_report(
-    model: GPT, tok: Tokenizer, held_out: Sequence[dict], principles_per_pair: int, shown: int, seed: int
+    model: GPT,
+    tok: Tokenizer,
+    held_out: Sequence[dict],
+    principles_per_pair: int,
+    shown: int,
+    seed: int,
+    writer: GPT | None = None,
 ) -> tuple[dict, str, list[dict]]:
     """The taught model on held-out comparisons (rows of `demonstrations`): how often its verdict orders a
     pair as the rater's gold scores do (labelled as the preferences stage labels, pairs the rater scores
-    equal left out), how often the critique it writes is the rater's sentence word for word (on the first
-    `CRITIQUES_MEASURED`), and a readable report of the first `shown`. Returns (metrics, markdown, rows)."""
+    equal left out), how often the critique written (by `writer`, the copy taught the critiques, or else
+    `model`) is the rater's sentence word for word (on the first `CRITIQUES_MEASURED`), and a readable
+    report of the first `shown`. Returns (metrics, markdown, rows)."""
     constitution = sorted({d["principle"] for d in held_out})
     own = {d["question"]: d["own"] for d in held_out if d.get("own") is not None} or None
     logodds, _ = label_pairs(
@@ -543,7 +553,7 @@ def held_out_report(
     prefer = logodds.tolist()
     hits, n = agreement(prefer, [d["gold_a"] for d in held_out], [d["gold_b"] for d in held_out])
     written = reply(
-        model,
+        writer or model,
         tok,
         [d["critique"][:1] for d in held_out[:CRITIQUES_MEASURED]],
         answer_room(CRITIQUE, model.config.context_length),
