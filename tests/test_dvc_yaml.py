@@ -100,6 +100,23 @@ def test_every_params_section_is_declared_by_some_stage():
     assert declared == set(Params.model_fields)
 
 
+@pytest.mark.parametrize(
+    "params_file", ["params.yaml", "tests/params.smoke.yaml", "recipes/gpu-tinystories.yaml"]
+)
+def test_every_param_a_stage_lists_is_in_each_params_file(params_file):
+    """DVC refuses to run a stage whose listed param is missing from the params file (`dvc repro -P`,
+    `--params`): each key dvc.yaml names must be spelled out in every params file users run with."""
+    raw = yaml.safe_load((ROOT / params_file).read_text())
+    for stage, spec in DVC["stages"].items():
+        for key in spec.get("params", []):
+            node = raw
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, (
+                    f"{params_file}: {key} (stage {stage}) missing"
+                )
+                node = node[part]
+
+
 def test_no_stage_script_imports_another():
     for stage in STAGES:
         source = (ROOT / "pipeline" / f"{stage}.py").read_text(encoding="utf-8")
