@@ -121,18 +121,18 @@ def main(args, params: Params) -> None:
     # The comparison critiques go to the reviser when there is one: beside the verdicts they outweigh the
     # verdict's one token in the loss, and the labels suffered (docs/results.md).
     to_reviser = cfg.critiques_taught_to == "reviser" and bool(revisions) and cfg.revision_steps > 0
-    critiques = ([d["critique"] for d in taught[:critiqued]], [d["critique"] for d in held_out])
+    critiques = [d["critique"] for d in taught[:critiqued]]
+    held_out_critiques = [d["critique"] for d in held_out]
+    critic_gets, reviser_gets = ([], critiques) if to_reviser else (critiques, [])
+    critic_checks, reviser_checks = ([], held_out_critiques) if to_reviser else (held_out_critiques, [])
     critic_data = (
-        ChatDataset(tok, [d["judge"] for d in taught] + ([] if to_reviser else critiques[0]), T),
-        ChatDataset(tok, [d["judge"] for d in held_out] + ([] if to_reviser else critiques[1]), T),
+        ChatDataset(tok, [d["judge"] for d in taught] + critic_gets, T),
+        ChatDataset(tok, [d["judge"] for d in held_out] + critic_checks, T),
     )
     reviser_data = (
-        ChatDataset(tok, revisions + (critiques[0] if to_reviser else []), T),
+        ChatDataset(tok, revisions + reviser_gets, T),
         ChatDataset(
-            tok,
-            ([d["revise"] for d in held_out if d["revise"]] or revisions[:1])
-            + (critiques[1] if to_reviser else []),
-            T,
+            tok, ([d["revise"] for d in held_out if d["revise"]] or revisions[:1]) + reviser_checks, T
         ),
     )
     log.info(
