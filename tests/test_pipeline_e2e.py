@@ -462,6 +462,8 @@ READ_IN_OTHER_CONFIGS = {
     ("critique", "critique"),
     ("critique", "preferences.label_temperature"),
     ("preferences", "critique.principles_per_pair"),
+    ("preferences", "critique.own_answer"),
+    ("preferences", "critique.max_new_tokens"),
 }
 
 
