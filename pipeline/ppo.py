@@ -74,7 +74,7 @@ def main(args, params: Params) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     m = setup_models(fabric, sft, reward_model, cfg)
-    kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon, cfg.kl_target_mode == "ceiling")
 
     fp = checkpoints.fingerprint(
         {"seed": params.seed, "ppo": cfg.model_dump()},

@@ -132,6 +132,18 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target():
     assert fixed.value == 0.1
 
 
+def test_a_kl_ceiling_raises_beta_above_the_budget_and_never_lowers_it_below_its_start():
+    c = KLController(0.1, target=1.0, horizon=100, ceiling=True)
+    c.update(0.2, n=10)  # within the budget: β stays where it started (a fixed β would train the same)
+    assert c.value == 0.1
+    for _ in range(3):  # over it: β grows by the capped 20 % · 10/100 each batch
+        c.update(3.0, n=10)
+    assert c.value == pytest.approx(0.1 * 1.02**3)
+    for _ in range(10):  # back under it: β falls back, but not below 0.1
+        c.update(0.5, n=10)
+    assert c.value == 0.1
+
+
 def test_sequence_layout_matches_unpadded_forward_passes():
     torch.manual_seed(0)
     model = GPT(TINY).eval()

@@ -1,5 +1,6 @@
 """The ppo stage as a process: it stops at a NaN loss keeping the last good checkpoint, rejects a
-rollout batch that does not split into minibatches, and trains with RLOO's advantages. (Its run and its resumption after a kill are tested
+rollout batch that does not split into minibatches, trains with RLOO's advantages, and reads its KL
+controller's mode. (Its run and its resumption after a kill are tested
 under `dvc repro` in tests/test_pipeline_e2e.py.)"""
 
 from __future__ import annotations
@@ -123,3 +124,21 @@ def test_rloo_trains_the_policy_on_groups_of_replies_and_leaves_the_value_model_
     )
     assert policy_moved
     assert all(torch.equal(w, reward[name]) for name, w in state["value"].items() if name in reward)
+
+
+def test_the_kl_budget_never_lowers_beta_below_kl_coef_where_tracking_the_target_does(
+    smoke_data, inputs, tmp_path
+):
+    """A target far above any KL the policy reaches: tracking it lowers β every iteration (by the capped
+    20 % with a horizon of one rollout); as a ceiling, β stays at kl_coef, the fixed-β run's."""
+    finals = {}
+    for mode in ("track", "ceiling"):
+        params = params_file(
+            tmp_path, mode, kl_coef=0.3, kl_target=1e6, kl_target_mode=mode, kl_horizon=8, iterations=2
+        )
+        out = tmp_path / mode
+        r = run_stage("ppo", stage_args(smoke_data, inputs, out), tmp_path, stage_env(tmp_path), params)
+        assert r.returncode == 0, r.stderr[-3000:]
+        finals[mode] = json.loads((out / "metrics.json").read_text())["kl_coef_final"]
+    assert finals["track"] == pytest.approx(0.3 * 0.8**2)
+    assert finals["ceiling"] == 0.3

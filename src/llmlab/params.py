@@ -606,12 +606,17 @@ class PPOConfig(Hardware):
     max_new_tokens: int = Field(96, ge=1)
     """Longest reply in a rollout; one without <|end|> by then gets missing_eos_penalty."""
     kl_coef: float = Field(0.3, ge=0)
-    """β: per-token reward −β·(log π − log π_ref). The initial value when kl_target is set. Measured on the
-    default chain of models (docs/benchmarks.md): β = 0.2 reached KL 2.9 nats and declined 73 % of
-    answerable fact questions, gold gain +0.26; β = 0.3 KL 1.2, 42 %, gold gain +0.34."""
-    kl_target: float | None = Field(None, gt=0)
-    """Adaptive KL controller (Ziegler et al. 2019): steer β so the KL per reply approaches this; null = fixed β."""
-    kl_horizon: int = Field(10000, ge=1)
+    """β: per-token reward −β·(log π − log π_ref); with kl_target, its initial value (and, with a ceiling,
+    its floor). Measured on the default chain of models (docs/benchmarks.md): β = 0.2 reached KL 2.9 nats and
+    declined 73 % of answerable fact questions, gold gain +0.26; β = 0.3 KL 1.2, 42 %, gold gain +0.34."""
+    kl_target: float | None = Field(1.0, gt=0)
+    """KL per reply (nats) the adaptive controller (Ziegler et al. 2019) steers by; null = a fixed β."""
+    kl_target_mode: Literal["track", "ceiling"] = "ceiling"
+    """ceiling: kl_target is a budget, β rises while the KL is above it and falls back, never below kl_coef,
+    while it is below (a policy within the budget trains as with a fixed β); track: β moves both ways
+    towards kl_target. The budget keeps PPO from running away from a weak reward model (docs/results.md,
+    "A KL budget for PPO")."""
+    kl_horizon: int = Field(256, ge=1)
     """Replies over which the adaptive controller moves β by at most ±20 %."""
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount of GAE."""

@@ -6,9 +6,11 @@ gold rater it imitates. The proxy keeps rising; the gold score rises, peaks and 
 exploits the reward model's mistakes. llmlab's rater is that gold standard, so every point is measured.
 
 A smaller β lets PPO move further from SFT. One point per DVC experiment, read from `metrics/ppo.json`
-(the ppo stage compares PPO and SFT on 500 held-out prompts: `kl_to_sft`, `reward_gain`, `gold_gain`):
+(the ppo stage compares PPO and SFT on 500 held-out prompts: `kl_to_sft`, `reward_gain`, `gold_gain`). The
+experiments hold β fixed (`ppo.kl_target` null): the default's KL budget would stop the very drift the
+sweep is there to show. The workspace's run is the 0.3 point, within its budget:
 
-    dvc exp run ppo --queue -S 'ppo.kl_coef=0.01,0.03,0.1,1.0'   # the workspace's run is the 0.3 point
+    dvc exp run ppo --queue -S 'ppo.kl_coef=0.01,0.03,0.1,1.0' -S ppo.kl_target=null
     dvc exp run --run-all
     python -m llmlab.evaluation.sweep                            # reports/overoptimisation.{md,png}
 

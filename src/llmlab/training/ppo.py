@@ -21,7 +21,9 @@ Each iteration (numbered as in the code below):
            max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)),  ρ = π_new(y_t) / π_old(y_t)
        plus vf_coef × the clipped value loss
            ½·max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²);
-    7. optionally, the adaptive KL controller moves β towards a target KL.
+    7. the KL controller updates β: by default a budget (β rises while the KL per reply is over
+       `kl_target`, never falls below `kl_coef`); `track` steers it towards the target both ways, and
+       `kl_target: null` keeps it fixed.
 
 Choices:
 
@@ -45,6 +47,9 @@ Deviations from InstructGPT and from "The N+ Implementation Details of RLHF with
   (both papers use 4) to fit the laptop's time budget.
 - The reward is not normalised during PPO; the reward stage already shifted it so the SFT model's own
   replies score 0 on average (InstructGPT normalises the same way, once, before RL).
+- β as a ceiling on the KL by default: InstructGPT fixes β, Ziegler et al. (2019) steer it to a target both
+  ways. Steering down lets an early, quiet policy overshoot; a fixed β lets a policy facing a weak reward
+  model (the model's own labels, docs/results.md "A KL budget for PPO") run to 2-4 nats and lose gold.
 - `objective/entropy` is TRL's estimate: the mean over replies of the summed −log π of the sampled
   tokens. No entropy bonus is added to the loss (neither paper uses one).
 """
@@ -202,21 +207,27 @@ class KLController:
 
         β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n / horizon)
 
-    where KL is the batch's mean KL per reply and n the replies in the batch.
+    where KL is the batch's mean KL per reply and n the replies in the batch. With `ceiling` the target is a
+    budget rather than a set point: β rises while the KL is above it and falls back while below, but never
+    under its initial value, so a policy that stays within the budget trains exactly as with a fixed β.
 
     >>> c = KLController(0.1, target=6.0, horizon=100)
     >>> c.update(12.0, n=10); round(c.value, 4)  # KL twice the target: β grows, by at most 20 % · 10/100
     0.102
+    >>> c = KLController(0.1, target=6.0, horizon=100, ceiling=True)
+    >>> c.update(1.0, n=10); c.value  # within the budget: β stays at its initial value
+    0.1
     """
 
-    def __init__(self, init: float, target: float | None = None, horizon: int = 10000):
+    def __init__(self, init: float, target: float | None = None, horizon: int = 10000, ceiling: bool = False):
         self.value, self.target, self.horizon = init, target, horizon
+        self.floor = init if ceiling else 0.0
 
     def update(self, kl: float, n: int) -> None:
         if self.target is None:
             return
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n / self.horizon
+        self.value = max(self.floor, self.value * (1.0 + error * n / self.horizon))
 
 
 # ------------------------------------------------------------------------------------ rollouts
