@@ -75,3 +75,16 @@ def test_section_14_says_who_labelled_and_judges_the_model_path_by_ppo_gold_gain
     revised |= {"revision_gold_gain_over_greedy": -0.1, "revision_gold_gain_over_greedy_ci95": 0.15}
     text = _constitution({"preferences": model, "critique": revised, "reward_model": reward, "ppo": up})
     assert "against the SFT model's greedy reply to the same question -0.10 ± 0.15." in text
+
+
+def test_section_6_says_whether_the_kl_budget_raised_beta():
+    from llmlab.evaluation.report import _ppo
+
+    m = {"ppo": {"reward_gain": 0.3, "reward_gain_ci95": 0.1, "kl_to_sft": 0.9, "kl_to_sft_ci95": 0.1}}
+    rows = [{"iteration": i, "objective/scores": 0.1 * i, "objective/kl": 0.3 * i} for i in range(1, 9)]
+    raised = [r | {"kl_coef": b} for r, b in zip(rows, [0.3] * 4 + [0.315, 0.33, 0.3465, 0.33], strict=True)]
+    text = _ppo(m, {"ppo": "figures/ppo.png"}, raised)
+    assert "raised β from 0.3 to at most 0.35 while the KL was over its budget" in text
+    assert "(`ppo.kl_target`; last iteration: 0.33)" in text
+    steady = _ppo(m, {"ppo": "figures/ppo.png"}, [r | {"kl_coef": 0.3} for r in rows])
+    assert "β stayed at 0.3 throughout" in steady and "raised" not in steady

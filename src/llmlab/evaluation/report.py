@@ -657,6 +657,14 @@ def _ppo(m: Mapping, fig: Mapping, iterations: list[dict]) -> str:
             f"; the gold score went from {window(first, 'gold/score'):+.2f} to {window(last, 'gold/score'):+.2f}, "
             f"its best window being iterations {best + 1}–{best + w} ({means[best]:+.2f})"
         )
+    betas = [r["kl_coef"] for r in iterations if r.get("kl_coef") is not None]
+    if betas and max(betas) > betas[0]:
+        trend += (
+            f". The KL controller raised β from {betas[0]:g} to at most {max(betas):.2f} while the KL was over "
+            f"its budget (`ppo.kl_target`; last iteration: {betas[-1]:.2f})"
+        )
+    elif betas:
+        trend += f". β stayed at {betas[0]:g} throughout"
     return (
         f"""## 6. PPO maximises the reward model, not the truth
 
