@@ -1,6 +1,6 @@
-"""The dpo stage as a process: it stops at a NaN loss keeping the last good checkpoint, and refuses bad
-params before it writes anything. (Its run, MLflow metrics and resumption after a kill are tested under
-`dvc repro` in tests/test_pipeline_e2e.py.)"""
+"""The dpo stage as a process: it stops at a NaN loss keeping the last good checkpoint. (Its run, MLflow
+metrics and resumption after a kill are tested under `dvc repro` in tests/test_pipeline_e2e.py; its bad
+params are refused by the params check, tests/test_params.py.)"""
 
 from __future__ import annotations
 
@@ -110,13 +110,3 @@ def test_a_nan_loss_stops_dpo_naming_the_step_and_keeps_the_last_good_checkpoint
     state = torch.load(tmp_path / "out" / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
     assert state["global_step"] == 5
     assert all(torch.isfinite(w).all() for w in state["state_dict"].values())
-
-
-def test_bad_dpo_params_are_refused_before_anything_is_written(smoke_data, inputs, tmp_path):
-    params = params_file(tmp_path, beta=0, label_smoothing=0.5)
-    r = run_stage(
-        "dpo", stage_args(smoke_data, inputs, tmp_path / "out"), tmp_path, stage_env(tmp_path), params
-    )
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "dpo.beta: must be > 0" in r.stderr and "dpo.label_smoothing: must be < 0.5" in r.stderr, r.stderr
-    assert not (tmp_path / "out").exists()

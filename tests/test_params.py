@@ -127,6 +127,11 @@ def test_consistency_checks():
     assert any("max_steps" in p for p in problems({"pretrain": {"max_steps": 10, "max_tokens": 1000}}))
     assert any("max_steps" in p for p in problems({"pretrain": {"max_steps": None}}))
     assert any("even head size" in p for p in problems({"pretrain": {"model": {"d_model": 12, "n_head": 4}}}))
+    batches = problems({"ppo": {"rollout_batch_size": 10, "minibatch_size": 4}})
+    assert "ppo.minibatch_size: rollout_batch_size (10) must be a multiple of minibatch_size (4)" in batches
+    dpo = problems({"dpo": {"beta": 0, "label_smoothing": 0.5}})
+    assert any(p.startswith("dpo.beta: must be > 0") for p in dpo)
+    assert any(p.startswith("dpo.label_smoothing: must be < 0.5") for p in dpo)
 
 
 def test_yaml_errors_are_params_errors(tmp_path):

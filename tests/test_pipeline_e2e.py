@@ -63,7 +63,30 @@ def pipeline(tmp_path_factory, server):
     reference = tmp_path_factory.mktemp("reference")  # this run's outputs, before later tests change the repo
     for folder in ("metrics", "models", "plots"):
         shutil.copytree(repo / folder, reference / folder)
-    return repo, env, commit, first, reference
+    # What the kill test starts from: the outputs of every stage it does not kill, and their dvc.lock entries.
+    upstream = tmp_path_factory.mktemp("upstream")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    for name, stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].items():
+        if name in TRAINED:
+            del lock["stages"][name]
+            continue
+        for out in outputs(stage):
+            (upstream / out).parent.mkdir(parents=True, exist_ok=True)
+            if (repo / out).is_dir():
+                shutil.copytree(repo / out, upstream / out)
+            else:
+                shutil.copy2(repo / out, upstream / out)
+    (upstream / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    # The outputs' cache, not the run cache (with it, DVC would restore the training stages instead of running them).
+    cache = Path(".dvc", "cache", "files")
+    shutil.copytree(repo / cache, upstream / cache)
+    return repo, env, commit, first, upstream, reference
+
+
+def outputs(stage: dict) -> list[str]:
+    """A dvc.yaml stage's outputs: its outs, metrics and plots files (each a path or a one-key mapping)."""
+    entries = [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries]
 
 
 def test_outputs_and_metrics(pipeline):
@@ -562,10 +585,13 @@ def test_training_stages_killed_at_random_points_resume_under_dvc_repro(pipeline
     its first checkpoint; each next `dvc repro` resumes the killed stage. The result equals the
     uninterrupted run's within the stated tolerance (weights 1e-5 absolute, metrics and curve points 1e-4
     relative), with every point of every curve. In the runs so far it was byte-identical."""
-    *_, reference = pipeline
+    *_, upstream, reference = pipeline
     repo = tmp_path / "repo"
     repo.mkdir()
     repo_copy(repo)
+    # The stages that are not killed start done (the uninterrupted run's outputs and lock entries): DVC skips
+    # them, and those after a training stage too once that stage's resumed outputs equal the reference's.
+    shutil.copytree(upstream, repo, dirs_exist_ok=True)
     env = stage_env(repo) | {"COLUMNS": "300"}  # rich wraps log lines at the terminal's width
     seed = int(os.environ.get("LLMLAB_KILL_SEED") or random.randrange(10**6))  # set it to replay a failure
     rng = random.Random(seed)

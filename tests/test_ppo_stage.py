@@ -1,7 +1,7 @@
-"""The ppo stage as a process: it stops at a NaN loss keeping the last good checkpoint, rejects a
-rollout batch that does not split into minibatches, trains with RLOO's advantages, and reads its KL
-controller's mode. (Its run and its resumption after a kill are tested
-under `dvc repro` in tests/test_pipeline_e2e.py.)"""
+"""The ppo stage as a process: it stops at a NaN loss keeping the last good checkpoint, trains with RLOO's
+advantages, and reads its KL controller's mode. (Its run and its resumption after a kill are tested under
+`dvc repro` in tests/test_pipeline_e2e.py; a rollout batch that does not split into minibatches is refused by
+the params check, tests/test_params.py.)"""
 
 from __future__ import annotations
 
@@ -63,16 +63,6 @@ def stage_args(data, inputs, out):
         "--report",
         str(out / "report"),
     ]
-
-
-def test_rollout_batch_must_split_into_minibatches(smoke_data, inputs, tmp_path):
-    params = params_file(tmp_path, "bad", rollout_batch_size=10, minibatch_size=4)
-    r = run_stage(
-        "ppo", stage_args(smoke_data, inputs, tmp_path / "out"), tmp_path, stage_env(tmp_path), params
-    )
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "ppo.minibatch_size: rollout_batch_size (10) must be a multiple of minibatch_size (4)" in r.stderr
-    assert not (tmp_path / "out").exists()
 
 
 NAN_POLICY_LOSS = """
