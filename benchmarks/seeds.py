@@ -5,7 +5,7 @@ so three seeds take most of an hour. Runs already made can be given as the JSON 
 printed; one that shared the machine with other work carries `"untimed": "<why>"`, and its time is left out:
 
     python benchmarks/seeds.py --seeds 1 2 3 --save /tmp/seeds          # run them (JSON kept in /tmp/seeds)
-    python benchmarks/seeds.py --runs /tmp/seeds/*.json --write         # the table into docs/results.md
+    python benchmarks/seeds.py --runs /tmp/seeds/*.json --write         # docs/results.md and the README
 
 An effect "holds" on a seed when its 95 % interval (as the stage or the suite reports it) excludes zero
 in the claimed direction; for rates compared between two models on the same prompts, when the two
@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DOC = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
 
 
 def _rate(model: str, key: str, *sub: str) -> Callable[[dict], float]:
@@ -226,6 +227,59 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The README's results table: these rows of FIGURES, as mean and range, and every claim's count.
+README_FIGURES = (
+    "base model fact recall, %",
+    "base model copies a new name from context, %",
+    "base model copies a new value from context, %",
+    "a fact told, then asked: answered with the transcript resent, %",
+    "format followed by SFT, % (suite)",
+    "SFT: held-out people's facts answered, %",
+    "reward model agrees with gold, %",
+    "PPO: gold gain over SFT (suite, 1,000 prompts)",
+    "DPO: gold gain over SFT (suite, 1,000 prompts)",
+    "KL(PPO ‖ SFT), nats per reply",
+    "invented answers about unknown people, SFT, % (suite)",
+    "invented answers about unknown people, PPO, % (suite)",
+    "invented answers about unknown people, DPO, % (suite)",
+    'unknown people answered "I don\'t know", PPO, % (suite)',
+    "answerable questions declined, PPO, %",
+    "whole pipeline, minutes",
+)
+
+
+def readme_table(results: str) -> str:
+    """The README's short version of the seed table `table()` made: the same runs, the same numbers."""
+    head, rows = results.split("\n\n", 1)
+    seeds = head.split(" ", 1)[0]
+    out = [
+        f"Over {seeds} seeds of the default params ([docs/results.md](docs/results.md#figures-over-seeds): "
+        "each seed's value, the commit and the machine; made by `python benchmarks/seeds.py --write`).",
+        "",
+        f"| figure | mean | min – max over {seeds} seeds |",
+        "|---|---|---|",
+    ]
+    claims = []
+    for line in rows.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in README_FIGURES:
+            mean, _, lo, hi = cells[1:5]
+            measured = sum(c != "—" for c in cells[5:])
+            spread = f"{lo} – {hi}" if measured > 1 else f"{measured} seed measured"
+            out.append(f"| {cells[0]} | {mean} | {spread} |")
+        elif len(cells) > 2 and cells[1].endswith(f"of {seeds}"):
+            claims.append(f"| {cells[0]} | {cells[1]} |")
+    return "\n".join([*out, "", "| the report's claim | holds on |", "|---|---|", *claims])
+
+
+def write_between(path: Path, marker: str, text: str) -> None:
+    marked = re.compile(rf"(<!-- {marker} -->\n).*?(<!-- /{marker} -->)", re.S)
+    old = path.read_text()
+    if not marked.search(old):
+        raise SystemExit(f"{path}: no <!-- {marker} --> ... <!-- /{marker} --> markers to write between")
+    path.write_text(marked.sub(lambda m: m.group(1) + text + "\n" + m.group(2), old))
+
+
 def read_run(path: Path) -> dict:
     """A run as `pipeline.py` printed it: one line per stage as it ends, then the whole result (indented)."""
     text = path.read_text()
@@ -241,7 +295,11 @@ def main() -> None:
     )
     ap.add_argument("--save", help="folder for each run's JSON (with --seeds)")
     ap.add_argument("--runs", nargs="*", default=[], help="JSON files printed by benchmarks/pipeline.py")
-    ap.add_argument("--write", action="store_true", help="put the table into docs/results.md")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="put the table into docs/results.md, its short version into README.md",
+    )
     args = ap.parse_args()
     runs = [read_run(Path(p)) for p in args.runs]
     for seed in args.seeds:
@@ -255,8 +313,8 @@ def main() -> None:
     text = table(sorted(runs, key=lambda r: r["seed"]))
     print(text)
     if args.write:
-        marked = re.compile(r"(<!-- results:seeds -->\n).*?(<!-- /results:seeds -->)", re.S)
-        DOC.write_text(marked.sub(lambda m: m.group(1) + text + "\n" + m.group(2), DOC.read_text()))
+        write_between(DOC, "results:seeds", text)
+        write_between(README, "results:readme", readme_table(text))
 
 
 if __name__ == "__main__":
