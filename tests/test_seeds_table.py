@@ -122,7 +122,9 @@ def test_the_readme_table_is_the_seed_tables_means_ranges_and_claims(tmp_path):
     readme.write_text("# x\n<!-- results:readme -->\nSTALE\n<!-- /results:readme -->\nafter\n")
     write_between(readme, "results:readme", short)
     written = readme.read_text()
-    assert "STALE" not in written and short in written and written.endswith("<!-- /results:readme -->\nafter\n")
+    assert (
+        "STALE" not in written and short in written and written.endswith("<!-- /results:readme -->\nafter\n")
+    )
     write_between(readme, "results:readme", short)
     assert readme.read_text() == written
     with pytest.raises(SystemExit, match="no <!-- results:seeds -->"):
