@@ -1,5 +1,5 @@
-"""Pretraining: data windows, the schedule, stale checkpoints, and DDP against one process (resuming after
-a kill is tested under `dvc repro` in tests/test_pipeline_e2e.py)."""
+"""Pretraining: data windows, the schedule, stale checkpoints, the stage's Trainer at every precision, and DDP
+against one process (resuming after a kill is tested under `dvc repro` in tests/test_pipeline_e2e.py)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from llmlab.model.transformer import GPTConfig
 from llmlab.params import PretrainConfig
 from llmlab.training.checkpoints import fingerprint, resume_path
 from llmlab.training.pretraining import FixedWindows, TokenWindows
-from llmlab.training.trainer import lr_at
+from llmlab.training.trainer import CausalLMModule, build_trainer, lr_at
 from tests.conftest import SMOKE_PARAMS, free_port, run_stage, stage_env
 
 
@@ -43,6 +44,26 @@ def test_lr_schedule():
     assert lr_at(9, cfg, 110) == pytest.approx(1.0)
     assert lr_at(60, cfg, 110) == pytest.approx(0.55)  # half-way down the cosine
     assert lr_at(110, cfg, 110) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_the_stages_trainer_clips_gradients_at_every_precision(precision, tmp_path):
+    """The GPU recipe's bf16-mixed with gradient clipping: Lightning refuses to clip a fused AdamW's gradients
+    under mixed precision (Lightning-AI/pytorch-lightning#21435), so the stages take the foreach AdamW there.
+    Before that, the recipe's pretraining stopped at its first optimizer step."""
+    cfg = PretrainConfig(
+        precision=precision, grad_clip=1.0, accelerator="cpu", batch_size=2, val_every=100, ckpt_every=100
+    )
+    config = GPTConfig(vocab_size=64, d_model=32, n_layer=1, n_head=2, context_length=16, ffn_hidden=64)
+    module = CausalLMModule(config, cfg, total_steps=3)
+    tokens = np.random.default_rng(0).integers(0, 64, size=2000, dtype=np.uint16)
+    trainer = build_trainer(cfg, tmp_path, False, [], 3)
+    before = [p.detach().clone() for p in module.model.parameters()]
+    trainer.fit(module, torch.utils.data.DataLoader(TokenWindows(tokens, 16, 6, 0), batch_size=2))
+    assert trainer.global_step == 3
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.model.parameters(), strict=True))
+    fused = trainer.optimizers[0].defaults["fused"]
+    assert fused == (precision != "bf16-mixed")  # fp32 and bf16-true keep the fused kernel
 
 
 def test_stale_checkpoints_are_discarded(tmp_path):

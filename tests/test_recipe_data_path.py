@@ -1,7 +1,8 @@
 """The GPU recipe's data path, run as a user runs it, with `dvc repro` in a copy of the repository: its data
 sections and three Hub datasets (TinyStories, smoltalk, ultrafeedback_binarized's message lists: the second
 preference layout) read from folders in the Hub's layout with those datasets' schemas and split names, with
-a tiny model. No world, so no rater; the pipeline runs to the end, the registered model included."""
+a tiny model at the recipe's precision. No world, so no rater; the pipeline runs to the end, the registered
+model included."""
 
 from __future__ import annotations
 
@@ -52,6 +53,11 @@ def test_the_recipes_data_path_runs_to_the_end_under_dvc_repro(tmp_path):
         "hf": recipe["sft"]["data"]["hf"] | {"name": hub["sft"], "config": None}
     }
     params["preferences"].update(source="hf", hf=recipe["preferences"]["hf"] | {"name": hub["preferences"]})
+    # The recipe's precision in every training stage (bf16-mixed: autocast, on the CPU here as on a GPU); its
+    # torch.compile stays off, which would only add minutes of compiling to a test of the data path.
+    for section, value in recipe.items():
+        if isinstance(value, dict) and "precision" in value:
+            params[section]["precision"] = value["precision"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     done = repro(tmp_path, env)
     for stage in ("corpus", "sft", "preferences", "reward", "ppo", "evaluate", "register"):

@@ -82,7 +82,7 @@ from llmlab.tracking import is_global_zero
 from llmlab.training import checkpoints
 from llmlab.training.checkpoints import AtomicCheckpointIO
 from llmlab.training.reward import RewardModel, reply_span
-from llmlab.training.trainer import Epochs, adamw
+from llmlab.training.trainer import Epochs, adamw, fused_adamw_clips
 
 log = logging.getLogger("llmlab.training.ppo")
 
@@ -708,11 +708,10 @@ def setup_models(fabric: L.Fabric, sft: GPT, reward_model: RewardModel, cfg) -> 
     value = RewardModel(reward_model.backbone.config, offset=reward_model.offset)  # no frozen reference
     value.backbone.load_state_dict(reward_model.backbone.state_dict())
     value.head.load_state_dict(reward_model.head.state_dict())
-    betas = (cfg.beta1, cfg.beta2)
-    policy, policy_opt = fabric.setup(
-        policy, adamw(policy, cfg.lr, cfg.weight_decay, betas, fabric.device.type)
-    )
-    value, value_opt = fabric.setup(value, adamw(value, cfg.lr, cfg.weight_decay, betas, fabric.device.type))
+    betas, device = (cfg.beta1, cfg.beta2), fabric.device.type
+    fused = fused_adamw_clips(cfg.precision, cfg.grad_clip, trainer="fabric")
+    policy, policy_opt = fabric.setup(policy, adamw(policy, cfg.lr, cfg.weight_decay, betas, device, fused))
+    value, value_opt = fabric.setup(value, adamw(value, cfg.lr, cfg.weight_decay, betas, device, fused))
     ref, reward = frozen(fabric, sft), frozen(fabric, reward_model)
     shared = shares_reference(ref, reward, cfg.temperature)
     return Models(policy, value, policy_opt, value_opt, ref, reward, shared)

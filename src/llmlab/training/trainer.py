@@ -110,19 +110,40 @@ def lr_at(step: int, cfg: PretrainConfig, total_steps: int) -> float:
 
 
 def adamw(
-    model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    device_type: str,
+    fused: bool = True,
 ):
-    """AdamW with decay on matrices only: norms' gains (1-d) are not pulled towards zero."""
+    """AdamW with decay on matrices only: norms' gains (1-d) are not pulled towards zero. `fused`: the one-op
+    kernel, where the device has it (CUDA and, since torch 2.4, CPU); else the multi-tensor (foreach) one."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel (one op for all parameters) exists for CUDA and, since torch 2.4, for CPU.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused and device_type in ("cuda", "cpu"))
+
+
+def fused_adamw_clips(precision: str, grad_clip: float | None, trainer: str = "lightning") -> bool:
+    """Whether Lightning lets a fused AdamW have its gradients clipped at this precision. A fused optimizer
+    unscales fp16 gradients inside its step, so Lightning refuses to clip them first: the Trainer at both
+    mixed precisions, even bf16's, which has no scaler (Lightning-AI/pytorch-lightning#21435), Fabric at
+    16-mixed only. Where it refuses, the stages take the foreach AdamW (the same update, one kernel per op).
+
+    >>> fused_adamw_clips("32-true", 1.0), fused_adamw_clips("bf16-mixed", 1.0), fused_adamw_clips("bf16-mixed", 0.0)
+    (True, False, True)
+    >>> fused_adamw_clips("bf16-mixed", 1.0, trainer="fabric"), fused_adamw_clips("16-mixed", 1.0, trainer="fabric")
+    (True, False)
+    """
+    refused = ("16-mixed", "bf16-mixed") if trainer == "lightning" else ("16-mixed",)
+    return not (grad_clip and precision in refused)
 
 
 def adamw_with_schedule(model: torch.nn.Module, cfg, total_steps: int, device_type: str) -> dict:
     """What every training stage's `configure_optimizers` returns: AdamW, warm-up + cosine per step."""
-    opt = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type)
+    fused = fused_adamw_clips(cfg.precision, cfg.grad_clip)
+    opt = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device_type, fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, cfg, total_steps))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
