@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -52,3 +53,12 @@ def machine() -> str:
         f"{cpu}{simd}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"Python {platform.python_version()}"
     )
+
+
+def replace_section(text: str, name: str, body: str, where: Path) -> str:
+    """`text` with what stands between its `<!-- results:NAME -->` and `<!-- /results:NAME -->` lines replaced by
+    `body`: a generated section of a doc, the prose around it kept."""
+    pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{where}: no <!-- results:{name} --> ... <!-- /results:{name} --> markers")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from benchmarks import (  # noqa: E402
     pretrain_throughput,
     tokenizer_data,
 )
-from benchmarks.measure import machine  # noqa: E402
+from benchmarks.measure import machine, replace_section  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 
@@ -74,13 +73,6 @@ def options_section(r: dict) -> str:
             *rows,
         ]
     )
-
-
-def replace_section(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{DOC}: no <!-- results:{name} --> markers")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
 def generation_section(r: dict) -> str:
@@ -177,7 +169,7 @@ def main() -> None:
         measure, section = BENCHMARKS[name]
         result = measure()
         print(json.dumps(result, indent=2))
-        DOC.write_text(replace_section(DOC.read_text(), name, section(result)))
+        DOC.write_text(replace_section(DOC.read_text(), name, section(result), DOC))
         print(f"wrote the {name} section of {DOC}")
 
 

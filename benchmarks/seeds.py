@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 from collections.abc import Callable
@@ -166,6 +165,33 @@ CLAIMS: list[tuple[str, Callable[[dict], bool]]] = [
 ]
 
 
+def figures(runs: list[dict]) -> list[tuple[str, str, list, list]]:
+    """Each row of FIGURES: (label, format, its value per run, [mean, s.d., min, max]); a value is None where
+    the run did not measure it (a reused or untimed run's time), the summary all None where none did."""
+    rows = []
+    for label, get, fmt in FIGURES:
+        values = [
+            get(r["metrics"] | {"total_s": r["total_s"], "reused": "reused" in r, "untimed": "untimed" in r})
+            for r in runs
+        ]
+        known = [v for v in values if v is not None]
+        sd = statistics.stdev(known) if len(known) > 1 else 0.0
+        rows.append(
+            (
+                label,
+                fmt,
+                values,
+                [statistics.mean(known), sd, min(known), max(known)] if known else [None] * 4,
+            )
+        )
+    return rows
+
+
+def claims(runs: list[dict]) -> list[tuple[str, list[bool]]]:
+    """Each of CLAIMS with whether it holds on each run."""
+    return [(label, [holds(r["metrics"]) for r in runs]) for label, holds in CLAIMS]
+
+
 def table(runs: list[dict]) -> str:
     seeds = [r["seed"] for r in runs]
     commits = sorted({r["commit"] for r in runs})
@@ -194,14 +220,7 @@ def table(runs: list[dict]) -> str:
         "| figure | mean | s.d. | min | max | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "|---|---|---|---|---|---|" + "---|" * (len(seeds) - 1),
     ]
-    for label, get, fmt in FIGURES:
-        values = [
-            get(r["metrics"] | {"total_s": r["total_s"], "reused": "reused" in r, "untimed": "untimed" in r})
-            for r in runs
-        ]
-        known = [v for v in values if v is not None]  # None: not measured by this run (reused, untimed)
-        sd = statistics.stdev(known) if len(known) > 1 else 0.0
-        cells = [statistics.mean(known), sd, min(known), max(known)] if known else [None] * 4
+    for label, fmt, values, cells in figures(runs):
         lines.append(
             f"| {label} | "
             + " | ".join(
@@ -217,8 +236,7 @@ def table(runs: list[dict]) -> str:
         "| claim | holds on | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "|---|---|" + "---|" * len(seeds),
     ]
-    for label, holds in CLAIMS:
-        marks = [holds(r["metrics"]) for r in runs]
+    for label, marks in claims(runs):
         lines.append(
             f"| {label} | {sum(marks)} of {len(marks)} | "
             + " | ".join("yes" if x else "**no**" for x in marks)
@@ -248,36 +266,23 @@ README_FIGURES = (
 )
 
 
-def readme_table(results: str) -> str:
-    """The README's short version of the seed table `table()` made: the same runs, the same numbers."""
-    head, rows = results.split("\n\n", 1)
-    seeds = head.split(" ", 1)[0]
+def readme_table(runs: list[dict]) -> str:
+    """The README's short version of `table(runs)`: the same runs, the same numbers."""
     out = [
-        f"Over {seeds} seeds of the default params ([docs/results.md](docs/results.md#figures-over-seeds): "
+        f"Over {len(runs)} seeds of the default params ([docs/results.md](docs/results.md#figures-over-seeds): "
         "each seed's value, the commit and the machine; made by `python benchmarks/seeds.py --write`).",
         "",
-        f"| figure | mean | min – max over {seeds} seeds |",
+        f"| figure | mean | min – max over {len(runs)} seeds |",
         "|---|---|---|",
     ]
-    claims = []
-    for line in rows.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] in README_FIGURES:
-            mean, _, lo, hi = cells[1:5]
-            measured = sum(c != "—" for c in cells[5:])
-            spread = f"{lo} – {hi}" if measured > 1 else f"{measured} seed measured"
-            out.append(f"| {cells[0]} | {mean} | {spread} |")
-        elif len(cells) > 2 and cells[1].endswith(f"of {seeds}"):
-            claims.append(f"| {cells[0]} | {cells[1]} |")
-    return "\n".join([*out, "", "| the report's claim | holds on |", "|---|---|", *claims])
-
-
-def write_between(path: Path, marker: str, text: str) -> None:
-    marked = re.compile(rf"(<!-- {marker} -->\n).*?(<!-- /{marker} -->)", re.S)
-    old = path.read_text()
-    if not marked.search(old):
-        raise SystemExit(f"{path}: no <!-- {marker} --> ... <!-- /{marker} --> markers to write between")
-    path.write_text(marked.sub(lambda m: m.group(1) + text + "\n" + m.group(2), old))
+    for label, fmt, values, (mean, _, lo, hi) in figures(runs):
+        if label in README_FIGURES:
+            measured = sum(v is not None for v in values)
+            spread = f"{fmt.format(lo)} – {fmt.format(hi)}" if measured > 1 else f"{measured} seed measured"
+            out.append(f"| {label} | {fmt.format(mean)} | {spread} |")
+    out += ["", "| the report's claim | holds on |", "|---|---|"]
+    out += [f"| {label} | {sum(marks)} of {len(marks)} |" for label, marks in claims(runs)]
+    return "\n".join(out)
 
 
 def read_run(path: Path) -> dict:
@@ -288,6 +293,7 @@ def read_run(path: Path) -> dict:
 
 def main() -> None:
     from benchmarks import pipeline
+    from benchmarks.measure import replace_section
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -310,11 +316,12 @@ def main() -> None:
         runs.append(run)
     if not runs:
         ap.error("give --seeds to run, or --runs with earlier runs' JSON")
-    text = table(sorted(runs, key=lambda r: r["seed"]))
+    runs = sorted(runs, key=lambda r: r["seed"])
+    text = table(runs)
     print(text)
     if args.write:
-        write_between(DOC, "results:seeds", text)
-        write_between(README, "results:readme", readme_table(text))
+        DOC.write_text(replace_section(DOC.read_text(), "seeds", text, DOC))
+        README.write_text(replace_section(README.read_text(), "readme", readme_table(runs), README))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import requests
 import torch
 import yaml
 
+from llmlab.provenance import stage_paths
 from tests.conftest import mlflow_server, repo_copy, stage_env
 from tests.test_dvc_yaml import stages_importing
 
@@ -66,11 +67,11 @@ def pipeline(tmp_path_factory, server):
     # What the kill test starts from: the outputs of every stage it does not kill, and their dvc.lock entries.
     upstream = tmp_path_factory.mktemp("upstream")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    for name, stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].items():
+    for name in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]:
         if name in TRAINED:
             del lock["stages"][name]
             continue
-        for out in outputs(stage):
+        for out in stage_paths(name, repo / "dvc.yaml")[1]:
             (upstream / out).parent.mkdir(parents=True, exist_ok=True)
             if (repo / out).is_dir():
                 shutil.copytree(repo / out, upstream / out)
@@ -81,12 +82,6 @@ def pipeline(tmp_path_factory, server):
     cache = Path(".dvc", "cache", "files")
     shutil.copytree(repo / cache, upstream / cache)
     return repo, env, commit, first, upstream, reference
-
-
-def outputs(stage: dict) -> list[str]:
-    """A dvc.yaml stage's outputs: its outs, metrics and plots files (each a path or a one-key mapping)."""
-    entries = [*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])]
-    return [e if isinstance(e, str) else next(iter(e)) for e in entries]
 
 
 def test_outputs_and_metrics(pipeline):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.seeds import readme_table, table, write_between
+from benchmarks.measure import replace_section
+from benchmarks.seeds import readme_table, table
 
 
 def rate(r: float, half_width: float = 0.05, n: int = 150) -> dict:
@@ -105,27 +106,24 @@ def test_runs_left_untimed_for_the_same_reason_are_named_together():
 
 
 def test_the_readme_table_is_the_seed_tables_means_ranges_and_claims(tmp_path):
-    text = table(
-        [
-            run(1, rm_gold=0.84, ppo_gain=0.30, ppo_hallucination=0.35),
-            run(2, 0.86, ppo_gain=0.05, ppo_hallucination=0.70, untimed="shared the machine"),
-        ]
-    )
-    short = readme_table(text)
+    runs = [
+        run(1, rm_gold=0.84, ppo_gain=0.30, ppo_hallucination=0.35),
+        run(2, 0.86, ppo_gain=0.05, ppo_hallucination=0.70, untimed="shared the machine"),
+    ]
+    short = readme_table(runs)
     assert "| reward model agrees with gold, % | 85.0 | 84.0 – 86.0 |" in short
     assert "| whole pipeline, minutes | 10.0 | 1 seed measured |" in short
     assert "| PPO's invented answers ≤ half of SFT's (suite) | 1 of 2 |" in short
     assert "stage, 500 prompts" not in short  # only the rows README_FIGURES names
     assert short.startswith("Over 2 seeds of the default params")
+    assert row(table(runs), "reward model agrees with gold, %")[0] == "85.0"  # the long table's mean
 
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- results:readme -->\nSTALE\n<!-- /results:readme -->\nafter\n")
-    write_between(readme, "results:readme", short)
-    written = readme.read_text()
+    written = replace_section(readme.read_text(), "readme", short, readme)
     assert (
         "STALE" not in written and short in written and written.endswith("<!-- /results:readme -->\nafter\n")
     )
-    write_between(readme, "results:readme", short)
-    assert readme.read_text() == written
+    assert replace_section(written, "readme", short, readme) == written
     with pytest.raises(SystemExit, match="no <!-- results:seeds -->"):
-        write_between(readme, "results:seeds", short)
+        replace_section(written, "seeds", short, readme)
