@@ -6,6 +6,7 @@ forward hook, so the tests check what is sent, not what the session says it send
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from llmlab.data.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, 
 from llmlab.model.generate import generate, stream
 from llmlab.model.transformer import GPT, GPTConfig, save_model
 from llmlab.serving.cli import chat_loop, main
-from llmlab.serving.inference import ChatSession, Sampling, TextStream, complete, fit_prompt
+from llmlab.serving.inference import MODELS, ChatSession, Sampling, TextStream, complete, fit_prompt
 
 CTX = 128
 MAX_NEW = 16
@@ -352,7 +353,7 @@ def test_console_script_generate_and_a_missing_model(model_dir, tok_path, tmp_pa
     assert r.returncode == 1 and r.stdout == ""
     assert (
         r.stderr
-        == f"error: {tmp_path / 'nothing' / 'model.safetensors'} not found: --model takes base, sft, ppo or "
+        == f"error: {tmp_path / 'nothing' / 'model.safetensors'} not found: --model takes base, sft, ppo, dpo or "
         "a folder with config.json + model.safetensors\n"
     )
 
@@ -413,6 +414,24 @@ def test_missing_default_model_names_the_stage(tok_path, tmp_path, monkeypatch, 
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err == "error: models/ppo/model.safetensors not found: run `dvc repro ppo` or pass --model PATH\n"
+
+
+@pytest.mark.parametrize("name", ["base", "sft", "ppo", "dpo"])
+def test_each_model_name_loads_its_stages_folder_and_names_that_stage_when_missing(
+    name, model_dir, tok_path, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    folder, stage = MODELS[name]
+    args = ["generate", "--model", name, "--tokenizer", str(tok_path), "--temperature", "0", "--json", "Hello"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 1
+    assert capsys.readouterr().err == (
+        f"error: {folder}/model.safetensors not found: run `dvc repro {stage}` or pass --model PATH\n"
+    )
+    shutil.copytree(model_dir, tmp_path / folder)
+    main(args)
+    assert json.loads(capsys.readouterr().out)["completions"]
 
 
 def test_a_reply_streams_without_the_message_prefix(tok):

@@ -1,6 +1,6 @@
 """The `llmlab` command: small tools around the pipeline's artifacts.
 
-    llmlab chat [--model base|sft|ppo|PATH]          talk to a model in the terminal, replies streamed
+    llmlab chat [--model base|sft|ppo|dpo|PATH]      talk to a model in the terminal, replies streamed
     llmlab generate [PROMPT|-] [--n N] [--json]      one-shot completions of a prompt
     llmlab export --format hf DIR                    the model as a transformers Llama folder
     llmlab count-tokens [FILE|-]                     token count of a text with the trained tokenizer

@@ -37,7 +37,12 @@ if TYPE_CHECKING:  # torch takes seconds to import; the CLI reads `Sampling`'s d
 
     from llmlab.model.transformer import GPT
 
-MODELS = {"base": ("models/pretrain", "pretrain"), "sft": ("models/sft", "sft"), "ppo": ("models/ppo", "ppo")}
+MODELS = {
+    "base": ("models/pretrain", "pretrain"),
+    "sft": ("models/sft", "sft"),
+    "ppo": ("models/ppo", "ppo"),
+    "dpo": ("models/dpo", "dpo"),
+}
 """Model names -> (folder, the DVC stage that writes it). Any other name is taken as a folder path."""
 
 
@@ -45,7 +50,7 @@ MODELS = {"base": ("models/pretrain", "pretrain"), "sft": ("models/sft", "sft"),
 
 
 def load(model: str | Path, tokenizer: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """The model named `model` (base, sft, ppo, or a folder written by `save_model`) and its tokenizer.
+    """The model named `model` (a name of `MODELS`, or a folder written by `save_model`) and its tokenizer.
 
     Every failure is an LlmlabError that names the missing file and how to get it.
     """
