@@ -21,7 +21,7 @@ from llmlab.data.tokenizer import ASSISTANT_ID, BOS_ID, END_ID, SPECIAL_TOKENS, 
 from llmlab.model.generate import generate, stream
 from llmlab.model.transformer import GPT, GPTConfig, save_model
 from llmlab.serving.cli import chat_loop, main
-from llmlab.serving.inference import MODELS, ChatSession, Sampling, TextStream, complete, fit_prompt
+from llmlab.serving.inference import ChatSession, Sampling, TextStream, complete, fit_prompt
 
 CTX = 128
 MAX_NEW = 16
@@ -416,12 +416,19 @@ def test_missing_default_model_names_the_stage(tok_path, tmp_path, monkeypatch, 
     assert err == "error: models/ppo/model.safetensors not found: run `dvc repro ppo` or pass --model PATH\n"
 
 
-@pytest.mark.parametrize("name", ["base", "sft", "ppo", "dpo"])
+@pytest.mark.parametrize(
+    "name, folder, stage",
+    [
+        ("base", "models/pretrain", "pretrain"),
+        ("sft", "models/sft", "sft"),
+        ("ppo", "models/ppo", "ppo"),
+        ("dpo", "models/dpo", "dpo"),
+    ],
+)
 def test_each_model_name_loads_its_stages_folder_and_names_that_stage_when_missing(
-    name, model_dir, tok_path, tmp_path, monkeypatch, capsys
+    name, folder, stage, model_dir, tok_path, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    folder, stage = MODELS[name]
     args = ["generate", "--model", name, "--tokenizer", str(tok_path), "--temperature", "0", "--json", "Hello"]
     with pytest.raises(SystemExit) as e:
         main(args)
