@@ -154,6 +154,23 @@ def test_a_row_does_not_depend_on_its_batch_neighbours(config):
 
 
 @BOTH
+def test_a_long_prompt_in_the_batch_does_not_shorten_the_others_replies(config):
+    """Each row has the room its own prompt leaves in the context: a short conversation batched with one
+    that nearly fills the context gets the reply it gets alone, and the long one is cut where it must be."""
+    model = random_model(config, seed=8)
+    ctx = config.context_length
+    prompts = [[1, 5, 6], [1, *range(2, ctx - 6)], [1, 9, 4, 2, 8]]  # the middle one leaves 7 tokens free
+    for use_cache in (True, False):
+        batched = generate(model, prompts, 30, temperature=0, use_cache=use_cache)
+        alone = [generate(model, [p], 30, temperature=0, use_cache=use_cache)[0] for p in prompts]
+        assert batched == alone
+        assert [len(o) for o in batched] == [30, 7, 30]
+    stops = [alone[0][4]]  # the first row stops early, the others run to their own limits
+    batched = generate(model, prompts, 30, temperature=0, stop_ids=stops)
+    assert batched == [generate(model, [p], 30, temperature=0, stop_ids=stops)[0] for p in prompts]
+
+
+@BOTH
 def test_rows_that_stop_early_leave_the_batch_without_changing_the_others(config):
     model = random_model(config, seed=6)
     prompts = [[1, *range(2 + i, 4 + 2 * i)] for i in range(8)]  # left-padded: 2 to 16 tokens

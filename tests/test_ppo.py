@@ -144,14 +144,26 @@ def test_a_kl_ceiling_raises_beta_above_the_budget_and_never_lowers_it_below_its
     assert c.value == 0.1
 
 
-def test_sequence_layout_matches_unpadded_forward_passes():
+LONG_PROMPT = [1, *[(5 + i) % 20 + 2 for i in range(26)], 3]  # 28 of TINY's 32 positions
+
+
+@pytest.mark.parametrize(
+    "prompts,replies",
+    [
+        ([[1, 2, 5, 3], [1, 2, 6, 7, 8, 9, 3]], [[10, 11, END_ID], [12]]),
+        # each row fits the context, the layout does not (28 + 24 columns): a short prompt's reply may be
+        # longer than a long prompt leaves room for (`generate` gives each row its own room)
+        ([[1, 2, 5, 3], LONG_PROMPT], [[*range(4, 20), *range(4, 11), END_ID], [12, 13, END_ID]]),
+    ],
+    ids=["short", "wider-than-the-context"],
+)
+def test_sequence_layout_matches_unpadded_forward_passes(prompts, replies):
     torch.manual_seed(0)
     model = GPT(TINY).eval()
     value = RewardModel(TINY).eval()
-    prompts, replies = [[1, 2, 5, 3], [1, 2, 6, 7, 8, 9, 3]], [[10, 11, END_ID], [12]]
     seqs = make_sequences(prompts, replies)
-    assert seqs.mask.tolist() == [[True, True, True], [True, False, False]]
-    assert seqs.ended.tolist() == [True, False]
+    assert seqs.mask[:, : len(replies[1])].all() and seqs.mask[1, len(replies[1]) :].sum() == 0
+    assert seqs.ended.tolist() == [r[-1] == END_ID for r in replies]
     with torch.no_grad():
         lp, none = reply_logprobs(model, seqs, temperature=0.7)
         _, entropy = reply_logprobs(model, seqs, temperature=0.7, entropy=True)

@@ -69,8 +69,9 @@ def generate(
 ) -> list[list[int]]:
     """Continue each prompt; return the new tokens per prompt (a stop token, if drawn, is included last).
 
-    A prompt longer than context_length - 1 keeps only its most recent tokens, and generation stops at
-    the context length (this model has no positions beyond it).
+    A prompt longer than context_length - 1 keeps only its most recent tokens, and each row stops at the
+    context length (this model has no positions beyond it): a row has the room its own prompt leaves, not
+    the room of the batch's longest prompt.
     """
     if not prompts:
         return []
@@ -80,8 +81,9 @@ def generate(
     device = next(model.parameters()).device
     prompts = [list(p)[-(ctx - 1) :] for p in prompts]
     B, P = len(prompts), max(len(p) for p in prompts)
-    n_new = max(0, min(max_new_tokens, ctx - P))
-    S_max = P + n_new
+    room = torch.tensor([max(0, min(max_new_tokens, ctx - len(p))) for p in prompts], device=device)
+    n_new = int(room.max())
+    S_max = P + n_new  # beyond ctx when prompts differ in length: positions, not slots, stop at ctx
 
     tokens = torch.full((B, S_max), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros(B, S_max, dtype=torch.bool, device=device)  # False for left padding
@@ -90,15 +92,15 @@ def generate(
         valid[i, P - len(p) : P] = True
     valid[:, P:] = True  # every generated slot holds a real token
     padded = bool((~valid[:, :P]).any())
-    positions = (valid.long().cumsum(dim=1) - 1).clamp(
-        min=0
-    )  # (B, S_max): each row counts from its first real token
+    # (B, S_max): each row counts from its first real token; a row that reached the context length has
+    # finished, and the slots it still fills while it waits to leave the batch stay at the last position
+    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0, max=ctx - 1)
 
     # Rows still generating: a row that has drawn a stop token leaves the batch once a quarter of the
     # batch has (its cache rows are dropped with it), so a batch costs about the sum of its replies'
     # lengths rather than its size times the longest reply.
     rows = torch.arange(B, device=device)
-    live_valid, live_positions = valid, positions
+    live_valid, live_positions, live_room = valid, positions, room
 
     def forward(start: int, end: int, cache: KVCache | None) -> torch.Tensor:
         """Logits at position end - 1 for the live rows' tokens in [start, end) (all of [0, end) without a cache)."""
@@ -117,18 +119,19 @@ def generate(
     for t in range(n_new):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (live rows,)
         tokens[rows, P + t] = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-        finished |= torch.isin(nxt, stop)
+        finished |= torch.isin(nxt, stop) | (live_room <= t + 1)
         steps = t + 1
         if steps == n_new or finished.all():
             break
         if finished.sum() * 4 >= len(rows):
             keep = ~finished
-            rows, finished = rows[keep], finished[keep]
+            rows, finished, live_room = rows[keep], finished[keep], live_room[keep]
             live_valid, live_positions = live_valid[keep], live_positions[keep]
             if cache is not None:
                 cache.keep(keep)
         logits = forward(P + t, P + t + 1, cache) if use_cache else forward(0, P + t + 1, None)
-    return [_cut_at_stop(row, stop_ids) for row in tokens[:, P : P + steps].tolist()]
+    out = tokens[:, P : P + steps].tolist()
+    return [_cut_at_stop(row[:r], stop_ids) for row, r in zip(out, room.tolist(), strict=True)]
 
 
 @torch.no_grad()
