@@ -62,6 +62,16 @@ FIGURES: list[tuple[str, Callable[[dict], float], str]] = [
         "{:.1f}",
     ),
     (
+        "a name told, then asked by first name: the surname given with the transcript resent, %",
+        lambda m: _percent(_told_name(m, "surname_with_transcript")),
+        "{:.1f}",
+    ),
+    (
+        "a name told, then asked by first name: the surname given without it, %",
+        lambda m: _percent(_told_name(m, "surname_without_transcript")),
+        "{:.1f}",
+    ),
+    (
         "SFT names the held-out or unknown person asked about, %",
         lambda m: 100 * m["sft"]["name_copy_rate"],
         "{:.1f}",
@@ -118,6 +128,16 @@ FIGURES: list[tuple[str, Callable[[dict], float], str]] = [
 ]
 
 
+def _told_name(m: dict, key: str) -> dict | None:
+    """A rate of the name told in one call and asked for by first name in the next; None for a run whose
+    evaluate stage did not ask it yet (added 2026-12-06)."""
+    return m["evaluate"]["context"].get(key)
+
+
+def _percent(r: dict | None) -> float | None:
+    return None if r is None else 100 * r["rate"]
+
+
 def _gain_holds(get: Callable[[dict], dict]) -> Callable[[dict], bool]:
     return lambda m: get(m)["mean"] - get(m)["ci95"] > 0
 
@@ -151,6 +171,15 @@ CLAIMS: list[tuple[str, Callable[[dict], bool]]] = [
         lambda m: (
             m["evaluate"]["context"]["without_transcript"]["ci_high"]
             < m["evaluate"]["context"]["with_transcript"]["ci_low"]
+        ),
+    ),
+    (
+        "the model is stateless: a told name is used only with the transcript resent",
+        lambda m: (
+            None
+            if _told_name(m, "surname_with_transcript") is None
+            else _told_name(m, "surname_without_transcript")["ci_high"]
+            < _told_name(m, "surname_with_transcript")["ci_low"]
         ),
     ),
     ("PPO lowers invented answers about unknown people (suite)", _below("ppo", "sft", "hallucination")),
@@ -187,9 +216,14 @@ def figures(runs: list[dict]) -> list[tuple[str, str, list, list]]:
     return rows
 
 
-def claims(runs: list[dict]) -> list[tuple[str, list[bool]]]:
-    """Each of CLAIMS with whether it holds on each run."""
+def claims(runs: list[dict]) -> list[tuple[str, list[bool | None]]]:
+    """Each of CLAIMS with whether it holds on each run (None: the run's commit did not measure it)."""
     return [(label, [holds(r["metrics"]) for r in runs]) for label, holds in CLAIMS]
+
+
+def holds_on(marks: list[bool | None]) -> str:
+    """ "2 of 3": on how many of the runs that measured the claim it holds."""
+    return f"{sum(x is True for x in marks)} of {sum(x is not None for x in marks)}"
 
 
 def table(runs: list[dict]) -> str:
@@ -238,8 +272,8 @@ def table(runs: list[dict]) -> str:
     ]
     for label, marks in claims(runs):
         lines.append(
-            f"| {label} | {sum(marks)} of {len(marks)} | "
-            + " | ".join("yes" if x else "**no**" for x in marks)
+            f"| {label} | {holds_on(marks)} | "
+            + " | ".join("—" if x is None else "yes" if x else "**no**" for x in marks)
             + " |"
         )
     return "\n".join(lines)
@@ -281,7 +315,7 @@ def readme_table(runs: list[dict]) -> str:
             spread = f"{fmt.format(lo)} – {fmt.format(hi)}" if measured > 1 else f"{measured} seed measured"
             out.append(f"| {label} | {fmt.format(mean)} | {spread} |")
     out += ["", "| the report's claim | holds on |", "|---|---|"]
-    out += [f"| {label} | {sum(marks)} of {len(marks)} |" for label, marks in claims(runs)]
+    out += [f"| {label} | {holds_on(marks)} |" for label, marks in claims(runs)]
     return "\n".join(out)
 
 

@@ -189,10 +189,17 @@ def test_context_is_used_only_when_the_transcript_is_sent(monkeypatch):
     monkeypatch.setattr(ev, "_chat", fake_chat)
     m, examples = ev.stateless_context(None, None, WORLD, RATER, n_pairs=30, max_new_tokens=8, seed=0)
     assert m["with_transcript"] == ev.rate([True] * 30) and m["without_transcript"]["rate"] == 0.0
+    # the fake repeats the told sentence, full name included, only when it is sent
+    assert m["surname_with_transcript"] == ev.rate([True] * 30)
+    assert m["surname_without_transcript"]["rate"] == 0.0
     with_t = [c for c in seen if len(c) == 3]
-    assert len(with_t) == 30 and all(
+    assert len(with_t) == 60 and all(
         c[1]["content"] == "OK, noted." for c in with_t
-    )  # the first call's own reply
+    )  # the first call's own reply, before the question by full name and by first name
+    for e in examples:  # the same question without the surname, which only the statement holds
+        first, surname = e["person"].split(" ", 1)
+        assert e["question_by_first_name"] == e["question"].replace(e["person"], first)
+        assert surname in e["statement"] and surname not in e["question_by_first_name"]
     # never-seen people: made up, with names from the half of the name space no training data uses
     asked = [e["question"] for e in examples]
     assert all(not any(p.name in q for p in WORLD.people) for q in asked)

@@ -96,6 +96,20 @@ def test_mean_spread_per_seed_values_and_each_claim_checked_on_each_seed():
     ]
 
 
+def test_a_claim_a_run_did_not_measure_counts_only_the_runs_that_did():
+    name = {"surname_with_transcript": rate(0.3), "surname_without_transcript": rate(0.0, 0.01)}
+    older = run(2, 0.84, 0.3, 0.3)
+    newer = run(1, 0.84, 0.3, 0.3)
+    newer["metrics"]["evaluate"]["context"] |= name
+    text = table([newer, older])
+    claim = "the model is stateless: a told name is used only with the transcript resent"
+    assert row(text, claim) == ["1 of 1", "yes", "—"]
+    assert row(
+        text, "a name told, then asked by first name: the surname given with the transcript resent, %"
+    )[-3:] == ["30.0", "30.0", "—"]
+    assert f"| {claim} | 1 of 1 |" in readme_table([newer, older])
+
+
 def test_runs_left_untimed_for_the_same_reason_are_named_together():
     why = "shared the machine"
     text = table([run(s, 0.84, 0.3, 0.3, untimed=why) for s in (1, 2, 3)])

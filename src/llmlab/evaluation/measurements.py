@@ -404,60 +404,92 @@ def chain_of_thought(
 def stateless_context(
     model: GPT, tok: Tokenizer, world: World, rater: Rater, n_pairs: int, max_new_tokens: int, seed: int
 ) -> tuple[dict, list[dict]]:
-    """Does the model use a fact only while the transcript that holds it is sent again?
+    """Does the model use what it was told only while the transcript that holds it is sent again?
 
     For people with never-seen names, call 1 tells the model a fact ("Ada Brook lives in Port Avery.") and
     the model replies. Call 2 asks about it twice: once with the whole transcript of call 1 resent before
     the question, once as a fresh conversation with the question alone. The model has no memory between
     calls, so only the first can be answered; without the transcript, a right answer is a lucky guess
     (about one in the number of values of the attribute).
+
+    The same question by first name only ("Where does Ada live?") asks for what a model that reads names
+    but not values can carry over: a reply that names the person in full ("Ada Brook lives in ...") gives
+    a surname that only the transcript holds (`surname_with_transcript` / `surname_without_transcript`).
     """
     rng = random.Random(f"{seed}/context")
     people = invented_people(n_pairs, rng, {p.name for p in world.people}, probe=True)
     items = [(p, rng.choice(ATTRIBUTES)) for p in people]
     if not items:
-        return {"with_transcript": rate([]), "without_transcript": rate([])}, []
+        return {k: rate([]) for k in CONTEXT_RATES}, []
     statements = [fact_sentence(p, attr, rng.randrange(len(PHRASINGS[attr]))) for p, attr in items]
+    asked = [(p, attr, rng.choice(QUESTIONS[attr])) for p, attr in items]
     questions = [
-        Task(
-            "context",
-            rng.choice(QUESTIONS[attr]).format(name=p.name),
-            person=p.name,
-            attribute=attr,
-            value=p.facts()[attr],
-        )
-        for p, attr in items
+        Task("context", q.format(name=p.name), person=p.name, attribute=attr, value=p.facts()[attr])
+        for p, attr, q in asked
     ]
+    by_first_name = [q.format(name=p.name.split(" ", 1)[0]) for p, _, q in asked]
+    surnames = [p.name.split(" ", 1)[1] for p, _ in items]
     # Call 1: the user states the fact; the model answers whatever it answers.
     first = _chat(model, tok, [[{"role": "user", "content": s}] for s in statements], max_new_tokens)
-    with_t = _chat(
-        model,
-        tok,
-        [
+
+    def ask(prompts: Sequence[str]) -> tuple[list, list]:
+        """Replies to each question after call 1's transcript, and alone."""
+        told = [
             [
                 {"role": "user", "content": s},
                 {"role": "assistant", "content": r.text},
-                {"role": "user", "content": q.prompt},
+                {"role": "user", "content": q},
             ]
-            for s, r, q in zip(statements, first, questions, strict=True)
-        ],
-        max_new_tokens,
-    )
-    without = _chat(model, tok, [[{"role": "user", "content": q.prompt}] for q in questions], max_new_tokens)
+            for s, r, q in zip(statements, first, prompts, strict=True)
+        ]
+        alone = [[{"role": "user", "content": q}] for q in prompts]
+        return _chat(model, tok, told, max_new_tokens), _chat(model, tok, alone, max_new_tokens)
+
+    with_t, without = ask([q.prompt for q in questions])
+    named_with, named_without = ask(by_first_name)
     ok_with = [rater.score(q, r.text, r.ended).correct for q, r in zip(questions, with_t, strict=True)]
     ok_without = [rater.score(q, r.text, r.ended).correct for q, r in zip(questions, without, strict=True)]
-    metrics = {"with_transcript": rate(ok_with), "without_transcript": rate(ok_without)}
+    metrics = {
+        "with_transcript": rate(ok_with),
+        "without_transcript": rate(ok_without),
+        "surname_with_transcript": rate([s in r.text for s, r in zip(surnames, named_with, strict=True)]),
+        "surname_without_transcript": rate(
+            [s in r.text for s, r in zip(surnames, named_without, strict=True)]
+        ),
+    }
     examples = [
         {
+            "person": q.person,
             "statement": s,
             "first_reply": f.text,
             "question": q.prompt,
             "with_transcript": w.text,
             "without_transcript": o.text,
+            "question_by_first_name": n,
+            "by_first_name_with_transcript": nw.text,
+            "by_first_name_without_transcript": no.text,
         }
-        for s, f, q, w, o in zip(statements, first, questions, with_t, without, strict=True)
+        for s, f, q, w, o, n, nw, no in zip(
+            statements,
+            first,
+            questions,
+            with_t,
+            without,
+            by_first_name,
+            named_with,
+            named_without,
+            strict=True,
+        )
     ]
     return metrics, examples
+
+
+CONTEXT_RATES = (
+    "with_transcript",
+    "without_transcript",
+    "surname_with_transcript",
+    "surname_without_transcript",
+)
 
 
 @torch.no_grad()

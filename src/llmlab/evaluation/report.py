@@ -874,6 +874,25 @@ def _context(m: Mapping, details: Mapping) -> str:
             f"\nExample: call 1 `{ex['statement']}` → `{ex['first_reply']}`; then `{ex['question']}` "
             f"with the transcript → `{ex['with_transcript']}`; alone → `{ex['without_transcript']}`.\n"
         )
+    by_name = ""
+    if "surname_with_transcript" in c:
+        by_name = f"""
+The same question by first name only ("What is Ada's profession?" after "… Ada Brook …"): a reply that names
+the person in full can take the surname from nowhere but the transcript. Reading a name back is what
+pretraining taught this model best (below), reading a value much less:
+
+| the question by first name is sent | the reply gives the told surname |
+|---|---|
+| after the whole transcript of the first call | {pct(c["surname_with_transcript"])} |
+| alone, as a new conversation | {pct(c["surname_without_transcript"])} |
+
+{compare("the chat model uses a name told in an earlier call only when the transcript is resent", c["surname_with_transcript"], c["surname_without_transcript"], ("with", "without"))}
+"""
+        if ex:
+            by_name += (
+                f"\nExample: `{ex['question_by_first_name']}` with the transcript → "
+                f"`{ex['by_first_name_with_transcript']}`; alone → `{ex['by_first_name_without_transcript']}`.\n"
+            )
     return f"""## 10. The model is stateless: a conversation is the transcript sent again
 
 A fact about someone the model has never seen is told in one call; the next call asks for it
@@ -885,7 +904,7 @@ A fact about someone the model has never seen is told in one call; the next call
 | alone, as a new conversation | {pct(c["without_transcript"])} |
 
 {compare("the chat model uses the fact only when the transcript is resent", c["with_transcript"], c["without_transcript"], ("with", "without"))}
-{example}
+{example}{by_name}
 The same with the base model, as plain text: a sentence about someone it has never seen is in its context,
 or not, before it completes the fact's statement ("… has a pet lizard. … has a pet") or the person's first
 name ("… has a pet lizard. Rowan" → "Aldwick"):
