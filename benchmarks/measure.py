@@ -49,8 +49,9 @@ def machine() -> str:
     except OSError:
         pass
     simd = " with AVX-512" if " avx512f" in flags else " without AVX-512" if flags else ""
+    threads = torch.get_num_threads()
     return (
-        f"{cpu}{simd}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{cpu}{simd}, {threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__}, "
         f"Python {platform.python_version()}"
     )
 

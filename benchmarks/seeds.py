@@ -285,6 +285,7 @@ README_FIGURES = (
     "base model copies a new name from context, %",
     "base model copies a new value from context, %",
     "a fact told, then asked: answered with the transcript resent, %",
+    "a name told, then asked by first name: the surname given with the transcript resent, %",
     "format followed by SFT, % (suite)",
     "SFT: held-out people's facts answered, %",
     "reward model agrees with gold, %",
@@ -312,6 +313,9 @@ def readme_table(runs: list[dict]) -> str:
     for label, fmt, values, (mean, _, lo, hi) in figures(runs):
         if label in README_FIGURES:
             measured = sum(v is not None for v in values)
+            if not measured:
+                out.append(f"| {label} | — | not measured by these runs |")
+                continue
             spread = f"{fmt.format(lo)} – {fmt.format(hi)}" if measured > 1 else f"{measured} seed measured"
             out.append(f"| {label} | {fmt.format(mean)} | {spread} |")
     out += ["", "| the report's claim | holds on |", "|---|---|"]

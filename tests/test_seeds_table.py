@@ -117,6 +117,9 @@ def test_runs_left_untimed_for_the_same_reason_are_named_together():
         "the runs of seeds 1, 2 and 3 shared the machine, so their whole-pipeline times are not given" in text
     )
     assert row(text, "whole pipeline, minutes")[-3:] == ["—", "—", "—"]
+    assert "| whole pipeline, minutes | — | not measured by these runs |" in readme_table(
+        [run(s, 0.84, 0.3, 0.3, untimed=why) for s in (1, 2, 3)]
+    )
 
 
 def test_the_readme_table_is_the_seed_tables_means_ranges_and_claims(tmp_path):
