@@ -42,7 +42,7 @@ CONVERSATIONS = [
 ]
 
 
-def tiny_model(vocab_size: int, tie: bool) -> GPT:
+def tiny_model(vocab_size: int, tie: bool, canon_kernel: int = 0) -> GPT:
     """Random weights, large enough for varied greedy tokens; <|end|>'s head row scaled so that some greedy
     continuations end on it and some do not (both paths of eos handling get compared)."""
     torch.manual_seed(0)
@@ -54,6 +54,7 @@ def tiny_model(vocab_size: int, tie: bool) -> GPT:
         context_length=64,
         ffn_hidden=64,
         tie_embeddings=tie,
+        canon_kernel=canon_kernel,
     )
     model = GPT(config)
     with torch.no_grad():
@@ -64,25 +65,36 @@ def tiny_model(vocab_size: int, tie: bool) -> GPT:
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+@pytest.fixture(scope="module", params=[(True, 0), (False, 0), (True, 4)], ids=["tied", "untied", "canon"])
 def exported(request, tok, tok_path, tmp_path_factory):
-    model = tiny_model(tok.get_vocab_size(), tie=request.param)
+    tie, canon_kernel = request.param
+    model = tiny_model(tok.get_vocab_size(), tie=tie, canon_kernel=canon_kernel)
     out = export_hf(model, tok_path, tmp_path_factory.mktemp("export") / "hf")
     return model, out
 
 
+def load_exported(out):
+    """The exported model in transformers; a Canon model's class comes with the folder (trust_remote_code)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        out, local_files_only=True, trust_remote_code=(out / "modeling_llmlab.py").exists()
+    ).eval()
+
+
 def test_exported_files(exported):
     model, out = exported
+    canon = bool(model.config.canon_kernel)
     assert sorted(p.name for p in out.iterdir()) == [
         "chat_template.jinja",
         "config.json",
         "generation_config.json",
         "model.safetensors",
+        *(["modeling_llmlab.py"] if canon else []),
         "tokenizer.json",
         "tokenizer_config.json",
     ]
     config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
+    assert config["architectures"] == ["LlmlabCanonForCausalLM" if canon else "LlamaForCausalLM"]
+    assert config["dtype"] == "float32"
     assert config["tie_word_embeddings"] == model.config.tie_embeddings
     generation = json.loads((out / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (
@@ -98,7 +110,7 @@ def test_exported_files(exported):
 
 def test_transformers_model_gives_the_same_logits_and_greedy_tokens(exported, tok):
     model, out = exported
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    hf = load_exported(out)
     assert hf.dtype == torch.float32
     x = torch.randint(0, tok.get_vocab_size(), (4, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -117,11 +129,14 @@ def test_transformers_model_gives_the_same_logits_and_greedy_tokens(exported, to
         assert theirs == ours  # both stop after <|end|>, the generation config's eos
         ended += ours[-1] == END_ID
     assert 0 < ended < len(prompts), "the test needs continuations that end on <|end|> and some that do not"
+    if model.config.canon_kernel:  # a KV cache would drop the mixing's earlier tokens: refused, not wrong
+        with pytest.raises(ValueError, match="use_cache=False"):
+            hf.generate(torch.tensor([prompts[0]]), do_sample=False, max_new_tokens=3, use_cache=True)
 
 
 def test_transformers_tokenizer_gives_the_same_ids(exported, tok):
     _, out = exported
-    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True, trust_remote_code=True)
     assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<|bos|>", "<|end|>", "<|pad|>")
     for text in [
         "Hello world",
@@ -138,7 +153,7 @@ def test_transformers_tokenizer_gives_the_same_ids(exported, tok):
 
 def test_chat_template_gives_the_ids_of_render(exported, tok):
     _, out = exported
-    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True, trust_remote_code=True)
     for messages in CONVERSATIONS:
         for add in (True, False):
             theirs = hf_tok.apply_chat_template(

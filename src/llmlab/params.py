@@ -163,8 +163,9 @@ class ModelConfig(Section):
     """0: a plain Llama block. Otherwise each block mixes every token's attention input with the
     `canon_kernel - 1` tokens before it (a causal depthwise convolution, "Canon layers", Allen-Zhu 2025), so
     that attention can match a later mention on several earlier tokens at once: with 4 the base model reads
-    values from its context on two seeds of three (docs/knowledge.md). Not a Llama layer: such a model
-    cannot be exported to `transformers`."""
+    values from its context on two seeds of three (docs/knowledge.md). Not a Llama layer: `llmlab export`
+    writes such a model with its own `transformers` class (`llmlab.model.hf_canon`, loaded with
+    `trust_remote_code=True`, no KV cache)."""
 
     @field_validator("n_head")
     @classmethod

@@ -5,7 +5,9 @@ fused matrices by rows gives Llama's weights unchanged, and both use the same "r
 so the two models compute the same logits (tests/test_model.py and tests/test_export.py check it).
 
 `export_hf` writes a folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
-load offline, with a chat template that gives the ids of `llmlab.data.chat_template.render`.
+load offline, with a chat template that gives the ids of `llmlab.data.chat_template.render`. A model with Canon
+layers (`pretrain.model.canon_kernel`), which Llama lacks, is written with its own model class
+(`llmlab.model.hf_canon`) and loads with `trust_remote_code=True`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from llmlab.io import atomic_path
 from llmlab.model.transformer import GPT, GPTConfig
 
 FORMATS = ("hf",)
+CANON_MODULE = (
+    "modeling_llmlab"  # the file `hf_canon.py` becomes in an exported folder (config.json's auto_map)
+)
 
 CHAT_TEMPLATE = (
     """{#- llmlab's chat template (llmlab.data.chat_template.render): <|bos|> then <|role|>, a space, content, <|end|> per message.
@@ -103,6 +108,8 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
             q + "mlp.up_proj.weight": up,
             q + "mlp.down_proj.weight": sd[p + "mlp.down.weight"],
         }
+        if c.canon_kernel:  # `hf_canon.CanonRMSNorm`: the norm's weight and the mixing weights beside it
+            out[q + "input_layernorm.canon"] = sd[p + "canon.weight"]
     if not c.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
@@ -119,26 +126,36 @@ def export_hf(model: GPT, tokenizer_path: str | Path, out_dir: str | Path, *, fo
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig  # seconds to import: only `llmlab export` needs it
 
-    if model.config.canon_kernel:
-        raise LlmlabError(
-            "this model mixes neighbouring tokens before attention (pretrain.model.canon_kernel), which "
-            "Llama does not: it cannot be exported to transformers"
-        )
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LlmlabError(f"{out_dir} is a file: pass a folder to export into")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise LlmlabError(f"{out_dir} is not empty: pass --force to replace it, or export into a new folder")
     c = model.config
-    config = LlamaConfig(**llama_config_kwargs(c, bos_id=BOS_ID, eos_id=END_ID, pad_id=PAD_ID))
-    config.architectures = ["LlamaForCausalLM"]
+    kwargs = llama_config_kwargs(c, bos_id=BOS_ID, eos_id=END_ID, pad_id=PAD_ID)
+    if c.canon_kernel:  # Llama has no Canon layer: the model class travels with the folder (hf_canon.py)
+        from llmlab.model.hf_canon import LlmlabCanonConfig
+
+        config = LlmlabCanonConfig(canon_kernel=c.canon_kernel, use_cache=False, **kwargs)
+        config.architectures = ["LlmlabCanonForCausalLM"]
+        config.auto_map = {
+            "AutoConfig": f"{CANON_MODULE}.LlmlabCanonConfig",
+            "AutoModelForCausalLM": f"{CANON_MODULE}.LlmlabCanonForCausalLM",
+        }
+    else:
+        config = LlamaConfig(**kwargs)
+        config.architectures = ["LlamaForCausalLM"]
     config.dtype = torch.float32
     tok = hf_tokenizer(tokenizer_path)
     tok.chat_template = CHAT_TEMPLATE
     tok.model_max_length = c.context_length
     with atomic_path(out_dir, is_dir=True) as tmp:
         config.save_pretrained(tmp)
-        GenerationConfig(bos_token_id=BOS_ID, eos_token_id=END_ID, pad_token_id=PAD_ID).save_pretrained(tmp)
+        GenerationConfig(
+            bos_token_id=BOS_ID, eos_token_id=END_ID, pad_token_id=PAD_ID, use_cache=not c.canon_kernel
+        ).save_pretrained(tmp)
+        if c.canon_kernel:
+            shutil.copyfile(Path(__file__).with_name("hf_canon.py"), tmp / f"{CANON_MODULE}.py")
         save_file(llama_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # not 0600: see save_model
         tok.save_pretrained(tmp)

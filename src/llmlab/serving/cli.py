@@ -192,7 +192,14 @@ def export_cmd(args: argparse.Namespace) -> None:
         )
     model, _ = load(args.model, args.tokenizer)
     out = export_hf(model, args.tokenizer, args.dir, force=args.force)
-    print(f"wrote {out} (load it with transformers' AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
+    remote = (
+        ", trust_remote_code=True: its Canon layers' class is in the folder"
+        if model.config.canon_kernel
+        else ""
+    )
+    print(
+        f"wrote {out} (load it with transformers' AutoModelForCausalLM / AutoTokenizer.from_pretrained{remote})"
+    )
 
 
 # ------------------------------------------------------------------------------------------- common
@@ -298,7 +305,10 @@ def main(argv: list[str] | None = None) -> None:
         "dir", metavar="DIR", help="the folder to write (must not exist or be empty, unless --force)"
     )
     p.add_argument(
-        "--format", default="hf", help="hf: transformers LlamaForCausalLM + tokenizer (default: hf)"
+        "--format",
+        default="hf",
+        help="hf: transformers LlamaForCausalLM + tokenizer; a model with Canon layers gets its own class, loaded "
+        "with trust_remote_code=True (default: hf)",
     )
     _add_model_args(p)
     p.add_argument("--force", action="store_true", help="replace DIR if it is not empty")
