@@ -138,6 +138,19 @@ def _percent(r: dict | None) -> float | None:
     return None if r is None else 100 * r["rate"]
 
 
+def _used_only_with_transcript(prefix: str) -> Callable[[dict], bool | None]:
+    """The context study's `{prefix}with_transcript` rate above its `{prefix}without_transcript`, their
+    intervals apart; None for a run whose evaluate stage did not measure it."""
+
+    def holds(m: dict) -> bool | None:
+        c = m["evaluate"]["context"]
+        if f"{prefix}with_transcript" not in c:
+            return None
+        return c[f"{prefix}without_transcript"]["ci_high"] < c[f"{prefix}with_transcript"]["ci_low"]
+
+    return holds
+
+
 def _gain_holds(get: Callable[[dict], dict]) -> Callable[[dict], bool]:
     return lambda m: get(m)["mean"] - get(m)["ci95"] > 0
 
@@ -148,7 +161,7 @@ def _below(a: str, b: str, key: str) -> Callable[[dict], bool]:
 
 
 # The report's headline claims, each checked on each seed.
-CLAIMS: list[tuple[str, Callable[[dict], bool]]] = [
+CLAIMS: list[tuple[str, Callable[[dict], bool | None]]] = [
     ("SFT teaches the format (format followed: SFT above base)", _below("base", "sft", "format_adherence")),
     (
         "SFT raises the gold score over base",
@@ -168,19 +181,11 @@ CLAIMS: list[tuple[str, Callable[[dict], bool]]] = [
     ),
     (
         "the model is stateless: a told fact is used only with the transcript resent",
-        lambda m: (
-            m["evaluate"]["context"]["without_transcript"]["ci_high"]
-            < m["evaluate"]["context"]["with_transcript"]["ci_low"]
-        ),
+        _used_only_with_transcript(""),
     ),
     (
         "the model is stateless: a told name is used only with the transcript resent",
-        lambda m: (
-            None
-            if _told_name(m, "surname_with_transcript") is None
-            else _told_name(m, "surname_without_transcript")["ci_high"]
-            < _told_name(m, "surname_with_transcript")["ci_low"]
-        ),
+        _used_only_with_transcript("surname_"),
     ),
     ("PPO lowers invented answers about unknown people (suite)", _below("ppo", "sft", "hallucination")),
     (

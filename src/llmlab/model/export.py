@@ -23,9 +23,8 @@ from llmlab.io import atomic_path
 from llmlab.model.transformer import GPT, GPTConfig
 
 FORMATS = ("hf",)
-CANON_MODULE = (
-    "modeling_llmlab"  # the file `hf_canon.py` becomes in an exported folder (config.json's auto_map)
-)
+# what `hf_canon.py` is called in an exported folder (the module config.json's auto_map names)
+CANON_MODULE = "modeling_llmlab"
 
 CHAT_TEMPLATE = (
     """{#- llmlab's chat template (llmlab.data.chat_template.render): <|bos|> then <|role|>, a space, content, <|end|> per message.
