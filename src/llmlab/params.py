@@ -159,11 +159,11 @@ class ModelConfig(Section):
     """Epsilon of RMSNorm."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the LM head."""
-    canon_kernel: int = Field(0, ge=0, le=16)
-    """0: a plain Llama block. Otherwise each block mixes every token's attention input with the
-    `canon_kernel - 1` tokens before it (a causal depthwise convolution, "Canon layers", Allen-Zhu 2025), so
-    that attention can match a later mention on several earlier tokens at once: with 4 the base model reads
-    values from its context on two seeds of three (docs/knowledge.md). Not a Llama layer: `llmlab export`
+    canon_kernel: int = Field(4, ge=0, le=16)
+    """Each block mixes every token's attention input with the `canon_kernel - 1` tokens before it (a causal
+    depthwise convolution, "Canon layers", Allen-Zhu 2025), so that attention can match a later mention on
+    several earlier tokens at once: with it the base model learns to read values from its context within
+    the default budget (docs/knowledge.md). 0: none, a plain Llama block. Not a Llama layer: `llmlab export`
     writes such a model with its own `transformers` class (`llmlab.model.hf_canon`, loaded with
     `trust_remote_code=True`, no KV cache)."""
 

@@ -1,6 +1,6 @@
 """The whole transformer: a decoder-only, Llama-shaped language model in plain PyTorch (no Lightning here).
 
-    tokens ─► embedding ─► N × [ x + Attn(RMSNorm(x)) ; x + SwiGLU(RMSNorm(x)) ] ─► RMSNorm ─► LM head ─► logits
+    tokens ─► embedding ─► N × [ x + Attn(Canon(RMSNorm(x))) ; x + SwiGLU(RMSNorm(x)) ] ─► RMSNorm ─► LM head ─► logits
 
 How it differs from GPT-2 (and why it is Llama-shaped):
 - RMSNorm instead of LayerNorm (no mean subtraction, no bias), applied before each sub-layer (pre-norm).
@@ -10,11 +10,12 @@ How it differs from GPT-2 (and why it is Llama-shaped):
 - No biases anywhere. The LM head may share the embedding matrix (`tie_embeddings`).
 How it differs from Llama: one fused q/k/v projection and one fused gate/up projection (one matmul
 instead of three / two — faster on small widths); no grouped-query attention. Both are a reshuffle of
-the same weights, which is why `llmlab export` can write a `transformers` Llama checkpoint exactly. One
-addition, off by default (`canon_kernel` 0): with `canon_kernel` 4 each attention input is first mixed with
-the three tokens before it (`CanonMix`), which lets this small model learn to read a value stated earlier
-in its context within the default budget (docs/knowledge.md); Llama has no such layer, so such a model
-does not export.
+the same weights, which is why `llmlab export` can write a `transformers` Llama checkpoint exactly for a
+model without the one real addition: by default (`canon_kernel` 4) each attention input is first mixed
+with the three tokens before it (`CanonMix`), which lets this small model learn to read a value stated
+earlier in its context within the default budget (docs/knowledge.md). Llama has no such layer: such a
+model is exported with its own `transformers` class (`llmlab.model.hf_canon`); `canon_kernel` 0 removes
+the layer and leaves a plain Llama block.
 
 Attention goes through `F.scaled_dot_product_attention`, which picks a fused kernel (flash attention on
 GPUs) and never materialises the (T, T) score matrix when it can avoid it. Its cost still grows as T²:
@@ -53,7 +54,7 @@ class GPTConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    canon_kernel: int = 0
+    canon_kernel: int = 4
 
     @property
     def head_size(self) -> int:
@@ -75,6 +76,8 @@ class GPTConfig:
     def from_json(cls, path: str | Path, stage: str | None = None) -> GPTConfig:
 
         raw = read_json(path, stage)
+        if isinstance(raw, dict):
+            raw.setdefault("canon_kernel", 0)  # written before the field existed: a plain Llama block
         try:
             return cls(**raw)
         except TypeError as e:
