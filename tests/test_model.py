@@ -276,3 +276,16 @@ def test_flops_per_token_by_hand():
     # per block: qkv 32·96 + proj 32·32 + gate_up 32·128 + down 64·32 + 2 norms · 32 = 10304; two blocks,
     # the final norm (32) and the tied head (97·32) -> N = 23744. Attention: 12 · 2 · 32 · 48 = 36864.
     assert random_model().flops_per_token() == 6 * 23744 + 36864
+
+
+def test_a_config_written_before_canon_kernel_existed_loads_as_the_plain_block(tmp_path):
+    """Models saved before the field (then always plain Llama blocks) keep loading as what they are, although
+    the default is now the Canon block."""
+    import json
+    from dataclasses import asdict
+
+    old = {k: v for k, v in asdict(CANON).items() if k != "canon_kernel"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert GPTConfig.from_json(tmp_path / "config.json") == CFG
+    assert GPTConfig.from_json(tmp_path / "config.json").canon_kernel == 0
+    assert GPTConfig(vocab_size=97).canon_kernel == 4

@@ -73,13 +73,16 @@ class GPTConfig:
         write_json(path, asdict(self))
 
     @classmethod
+    def from_dict(cls, fields: dict) -> GPTConfig:
+        """A config as `to_json` wrote it; one written before `canon_kernel` existed is a plain Llama block."""
+        return cls(**{"canon_kernel": 0, **fields})
+
+    @classmethod
     def from_json(cls, path: str | Path, stage: str | None = None) -> GPTConfig:
 
         raw = read_json(path, stage)
-        if isinstance(raw, dict):
-            raw.setdefault("canon_kernel", 0)  # written before the field existed: a plain Llama block
         try:
-            return cls(**raw)
+            return cls.from_dict(raw)
         except TypeError as e:
             raise LlmlabError(f"{path} is not an llmlab model config: {e}") from None
 

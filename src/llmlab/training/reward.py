@@ -377,7 +377,7 @@ def load_reward_model(model_dir, stage: str = "reward") -> RewardModel:
     try:
         meta = json.loads((model_dir / "config.json").read_text())
         model = RewardModel(
-            GPTConfig(**{"canon_kernel": 0, **meta["backbone"]}),  # 0: written before the field existed
+            GPTConfig.from_dict(meta["backbone"]),
             offset=float(meta["offset"]),
             reads_likelihood=bool(meta.get("reads_likelihood", False)),
         )
