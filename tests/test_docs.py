@@ -5,6 +5,7 @@ lands on it, not at the top of a 2,000-line page)."""
 from __future__ import annotations
 
 import re
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,10 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
 
 
-def anchors(path: Path) -> set[str]:
-    """Every heading's anchor in a markdown file; a repeated heading gets -1, -2, ... as on GitHub."""
+@cache
+def anchors(path: Path) -> frozenset[str]:
+    """Every heading's anchor in a markdown file (read once per file); a repeated heading gets -1, -2, ...
+    as on GitHub."""
     seen: dict[str, int] = {}
     out = set()
     fenced = False
@@ -42,7 +45,7 @@ def anchors(path: Path) -> set[str]:
             s = slug(m.group(1))
             out.add(s if s not in seen else f"{s}-{seen[s]}")
             seen[s] = seen.get(s, 0) + 1
-    return out
+    return frozenset(out)
 
 
 def links(path: Path) -> list[str]:
