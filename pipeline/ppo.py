@@ -67,10 +67,11 @@ def main(args, params: Params) -> None:
     rater = Rater(world) if world.people else None
     if not rater:
         log.info("no synthetic world: prompts from the preference pairs, and no gold rater")
-    pool = prompts(world, args.pairs, "rl", cfg, params.seed)
+    seed = params.seed if cfg.seed is None else cfg.seed  # PPO's own randomness
+    pool = prompts(world, args.pairs, "rl", cfg, seed)
 
     fabric = launch_fabric(cfg)
-    fabric.seed_everything(params.seed, verbose=False)
+    fabric.seed_everything(seed, verbose=False)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
     m = setup_models(fabric, sft, reward_model, cfg)
@@ -90,7 +91,7 @@ def main(args, params: Params) -> None:
     state = restored_state(fabric, m, kl, args.checkpoints, fp)
     with StageRun("ppo", {"seed": params.seed, "ppo": cfg.model_dump()}) as run:
         history = train(
-            fabric, m, tok, pool, cfg, kl, state, params.seed, rater, args.checkpoints, run.log_metrics
+            fabric, m, tok, pool, cfg, kl, state, seed, rater, args.checkpoints, run.log_metrics
         )
         if not fabric.is_global_zero:
             return

@@ -1,7 +1,7 @@
 """The ppo stage as a process: it stops at a NaN loss keeping the last good checkpoint, trains with RLOO's
-advantages, and reads its KL controller's mode. (Its run and its resumption after a kill are tested under
-`dvc repro` in tests/test_pipeline_e2e.py; a rollout batch that does not split into minibatches is refused by
-the params check, tests/test_params.py.)"""
+advantages, reads its KL controller's mode, and keeps PPO's own seed apart from the run's. (Its run and its
+resumption after a kill are tested under `dvc repro` in tests/test_pipeline_e2e.py; a rollout batch that does
+not split into minibatches is refused by the params check, tests/test_params.py.)"""
 
 from __future__ import annotations
 
@@ -132,3 +132,21 @@ def test_the_kl_budget_never_lowers_beta_below_kl_coef_where_tracking_the_target
         finals[mode] = json.loads((out / "metrics.json").read_text())["kl_coef_final"]
     assert finals["track"] == pytest.approx(0.3 * 0.8**2)
     assert finals["ceiling"] == 0.3
+
+
+def test_ppo_seed_moves_only_ppos_own_randomness(smoke_data, inputs, tmp_path):
+    """`ppo.seed` gives PPO other rollouts, so other weights, while the held-out prompts that compare it with
+    SFT stay the run's (`seed`), so that runs differing only in PPO's seed are compared on the same prompts."""
+    runs = {}
+    for name, seed in (("run_seed", None), ("own_seed", 8)):
+        params = params_file(tmp_path, name, seed=seed, iterations=1)
+        out = tmp_path / name
+        r = run_stage("ppo", stage_args(smoke_data, inputs, out), tmp_path, stage_env(tmp_path), params)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = (
+            torch.load(out / "ckpt" / "last.ckpt", weights_only=True)["policy"],
+            [row["prompt"] for row in json.loads((out / "report" / "replies.json").read_text())],
+        )
+    (weights, held_out), (other_weights, other_held_out) = runs["run_seed"], runs["own_seed"]
+    assert any(not torch.equal(w, other_weights[name]) for name, w in weights.items())
+    assert held_out == other_held_out and held_out

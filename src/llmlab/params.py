@@ -633,6 +633,11 @@ class PPOConfig(Hardware):
     """Subtracted from the reward model's score of a reply that ran to max_new_tokens without <|end|>."""
     n_prompts: int = Field(4000, ge=1)
     """Distinct prompts of the rl pool to draw rollouts from (in a fresh seeded order every pass)."""
+    seed: int | None = Field(None, ge=0, lt=2**32)
+    """The seed of PPO's own randomness (its rl prompts, their order, the rollouts' samples, the value head's
+    start); null: the run's `seed`. The held-out prompts that compare PPO with SFT keep the run's seed, so
+    `dvc exp run ppo -S ppo.seed=N` on a finished run measures how far PPO alone moves the figures while the
+    SFT and reward models stay fixed (docs/results.md, "PPO's own spread")."""
     prompt_mix: PromptMix = dict(DEFAULT_MIX)
     """Share of each task kind among the rl prompts (the evaluation suite has its own, `evaluate.prompt_mix`)."""
     max_digits: int = Field(4, ge=1, le=9)
