@@ -90,9 +90,7 @@ def main(args, params: Params) -> None:
     )
     state = restored_state(fabric, m, kl, args.checkpoints, fp)
     with StageRun("ppo", {"seed": params.seed, "ppo": cfg.model_dump()}) as run:
-        history = train(
-            fabric, m, tok, pool, cfg, kl, state, seed, rater, args.checkpoints, run.log_metrics
-        )
+        history = train(fabric, m, tok, pool, cfg, kl, state, seed, rater, args.checkpoints, run.log_metrics)
         if not fabric.is_global_zero:
             return
 

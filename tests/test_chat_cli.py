@@ -429,7 +429,17 @@ def test_each_model_name_loads_its_stages_folder_and_names_that_stage_when_missi
     name, folder, stage, model_dir, tok_path, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    args = ["generate", "--model", name, "--tokenizer", str(tok_path), "--temperature", "0", "--json", "Hello"]
+    args = [
+        "generate",
+        "--model",
+        name,
+        "--tokenizer",
+        str(tok_path),
+        "--temperature",
+        "0",
+        "--json",
+        "Hello",
+    ]
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 1

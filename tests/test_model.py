@@ -17,7 +17,9 @@ from llmlab.model.transformer import (
     rope_tables,
 )
 
-CFG = GPTConfig(vocab_size=97, d_model=32, n_layer=2, n_head=4, context_length=48, ffn_hidden=64, canon_kernel=0)
+CFG = GPTConfig(
+    vocab_size=97, d_model=32, n_layer=2, n_head=4, context_length=48, ffn_hidden=64, canon_kernel=0
+)
 CANON = GPTConfig(**{**CFG.__dict__, "canon_kernel": 4})
 # every test of the cache, padding and batching runs on both: canon mixing reads the previous tokens, which
 # the cache, left padding and rows leaving the batch must hand over exactly
@@ -255,7 +257,13 @@ def test_logits_match_transformers_llama(tie):
     from llmlab.model.export import llama_config_kwargs, llama_state_dict
 
     config = GPTConfig(
-        vocab_size=97, d_model=32, n_layer=2, n_head=4, context_length=48, ffn_hidden=64, tie_embeddings=tie,
+        vocab_size=97,
+        d_model=32,
+        n_layer=2,
+        n_head=4,
+        context_length=48,
+        ffn_hidden=64,
+        tie_embeddings=tie,
         canon_kernel=0,
     )
     model = random_model(config, seed=6, std=0.1)
