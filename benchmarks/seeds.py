@@ -180,6 +180,10 @@ CLAIMS: list[tuple[str, Callable[[dict], bool | None]]] = [
         lambda m: m["dpo"]["gold_gain"] > m["dpo"]["gold_gain_ci95"],
     ),
     (
+        "DPO raises the gold score over SFT (suite)",
+        _gain_holds(lambda m: m["evaluate"]["suite"]["gold_gain_dpo_vs_sft"]),
+    ),
+    (
         "the model is stateless: a told fact is used only with the transcript resent",
         _used_only_with_transcript(""),
     ),

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from llmlab.data.chat_data import POOLS, good_answer, pool_of, prompt_pool, sft_examples
+from llmlab.data.chat_data import POOLS, good_answer, pool_of, prompt_pool, sft_examples, unknown_halves
 from llmlab.data.tasks import Task
 from llmlab.data.world import build_world, fact_sentence, is_probe_name, parse_addition_answer
 from llmlab.evaluation.rater import Rater
@@ -74,6 +74,35 @@ def test_pools_never_share_a_prompt(examples):
     assert len(rl) == 400 and len(ev) == 400
     assert not (sft & rl) and not (sft & ev) and not (rl & ev)
     assert set(POOLS) == {"sft", "rl", "eval"}
+
+
+def test_both_halves_of_the_unknown_people_hold_namesakes_alike():
+    """SFT's "I don't know" is taught on one half of the unknown people and measured on the other; both hold
+    as many namesakes (unknown people with a known person's first name). In the default world's order most
+    namesakes come last, so halving in order would teach on few of them and measure on almost only them."""
+    world = build_world(SyntheticCorpus(), seed=1)
+    firsts = {p.name.split(" ", 1)[0] for p in world.known()}
+    unknown = world.group("unknown")
+    taught, asked = unknown_halves(world)
+
+    def namesakes(people):
+        return sum(p.name.split(" ", 1)[0] in firsts for p in people)
+
+    assert sorted(p.name for p in taught + asked) == sorted(p.name for p in unknown)
+    assert len(taught) == len(asked) == len(unknown) // 2
+    assert abs(namesakes(taught) - namesakes(asked)) <= 1
+    assert namesakes(unknown[len(unknown) // 2 :]) > namesakes(asked) + 5  # the order's skew, undone
+    for people, pools in ((taught, {"sft"}), (asked, {"rl", "eval"})):
+        for p in people:
+            assert pool_of(Task("unknown", f"Where does {p.name} live?", person=p.name), world) in pools
+    sft_unknown = {
+        t.person for t in prompt_pool(world, "sft", 300, seed=0, max_digits=4) if t.kind == "unknown"
+    }
+    eval_unknown = {
+        t.person for t in prompt_pool(world, "eval", 300, seed=0, max_digits=4) if t.kind == "unknown"
+    }
+    assert sft_unknown <= {p.name for p in taught} and eval_unknown <= {p.name for p in asked}
+    assert sft_unknown and eval_unknown
 
 
 def test_eval_pool_asks_about_heldout_people_too():

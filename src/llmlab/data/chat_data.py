@@ -4,9 +4,9 @@ Every prompt is a `Task` (tasks.py). Three pools never share a prompt; `pool_of`
 prompt itself, which pool it belongs to:
 
     pool    who uses it                            SFT people's questions   held-out people   unknown people   additions
-    sft     supervised fine-tuning                 70 % of prompt strings   never             first half       (a+b) % 3 == 0
-    rl      preference pairs and PPO               15 %                     half              second half      (a+b) % 3 == 1
-    eval    the evaluation suite and SFT metrics   15 %                     half              second half      (a+b) % 3 == 2
+    sft     supervised fine-tuning                 70 % of prompt strings   never             one half         (a+b) % 3 == 0
+    rl      preference pairs and PPO               15 %                     half              other half       (a+b) % 3 == 1
+    eval    the evaluation suite and SFT metrics   15 %                     half              other half       (a+b) % 3 == 2
 
 So the eval pool asks about SFT people in (person, attribute, wording) combinations SFT never showed —
 every wording and every person was seen, never that question — and about held-out people, whom only
@@ -120,6 +120,24 @@ def _pool_of_addition(a: int, b: int) -> str:
     return POOLS[(a + b) % 3]
 
 
+def unknown_halves(world: World) -> tuple[list[Person], list[Person]]:
+    """The unknown people in two halves: SFT's "I don't know" demonstrations ask about the first (the sft
+    pool), the rl and eval pools about the second. Each half holds the same share of *namesakes*, unknown
+    people whose first name a known person also has ("Maxim Shipworth" beside a known "Maxim Holloway").
+
+    Subtle: the world gives every first name once before it repeats one, and its groups come in order (SFT,
+    held-out, unknown), so most namesakes are the last unknown people. Halved in world order, SFT taught
+    "I don't know" about 8 namesakes of 25 and the evaluation asked about 21 to 23 of 25, on three seeds;
+    the models then said "I don't know" to most unknown people with a new first name and invented about
+    namesakes, half of those times stating the namesake's fact (docs/results.md, "Namesakes")."""
+    known_firsts = {p.name.split(" ", 1)[0] for p in world.known()}
+    unknown = world.group("unknown")
+    ordered = [p for p in unknown if p.name.split(" ", 1)[0] in known_firsts]
+    ordered += [p for p in unknown if p.name.split(" ", 1)[0] not in known_firsts]
+    first = {p.name for p in ordered[0::2]}
+    return [p for p in unknown if p.name in first], [p for p in unknown if p.name not in first]
+
+
 def pool_of(task: Task, world: World) -> str:
     """The pool a prompt belongs to: a pure function of the prompt (a stable hash), so pools are disjoint."""
     if task.kind == "arithmetic":
@@ -127,8 +145,7 @@ def pool_of(task: Task, world: World) -> str:
     bucket = zlib.crc32(task.prompt.encode()) % 20
     group = next(p.group for p in world.people if p.name == task.person)
     if group == "unknown":
-        unknown = [p.name for p in world.group("unknown")]
-        if unknown.index(task.person) < len(unknown) // 2:
+        if task.person in {p.name for p in unknown_halves(world)[0]}:
             return "sft"
         return "rl" if bucket % 2 else "eval"
     if group == "heldout":
@@ -307,8 +324,7 @@ def sft_examples(world: World, cfg: SFTData, seed: int) -> list[Example]:
     """`cfg.n_examples` demonstrations, each task kind drawn by its share."""
     rng = random.Random(f"{seed}/sft")
     sft_people = world.group("sft")
-    unknown = world.group("unknown")
-    unknown = unknown[: len(unknown) // 2]
+    unknown = unknown_halves(world)[0]
     kinds = ["fact", "about", "arithmetic", "unknown", "harmful", "context"]
     weights = [
         cfg.share_fact,
@@ -352,8 +368,7 @@ def prompt_pool(
     mix = mix or GRADING_MIX
     rng = random.Random(f"{seed}/{pool}")
     known = world.group("sft") if pool == "sft" else world.known()
-    unknown = world.group("unknown")
-    unknown = unknown[: len(unknown) // 2] if pool == "sft" else unknown[len(unknown) // 2 :]
+    unknown = unknown_halves(world)[0 if pool == "sft" else 1]
     seen: set[str] = set()
     out: list[Task] = []
     kinds = [k for k in mix if mix[k] > 0 and (k != "unknown" or unknown)]
