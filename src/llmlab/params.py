@@ -298,7 +298,7 @@ class SFTData(Section):
     """Additions, answered step by step or (the control) with the bare result."""
     share_unknown: float = Field(0.06, ge=0)
     """Questions about unknown people answered "I don't know" — few on purpose: RLHF has to raise the rest
-    (SFT still invents about 49–82 % of the time on 3 seeds; docs/results.md)."""
+    (SFT still invents on 43–54 % of the suite's questions about unknown people on 3 seeds; docs/results.md)."""
     dont_know: Literal["first", "at_value"] = "at_value"
     """Where those replies say so: where the value would stand ("X lives in, sorry, I don't know who X is."),
     the point at which a small model can tell whom it knows, or at once ("I don't know who X is.", `first`,
