@@ -32,13 +32,15 @@ def namesake_table(run: Path) -> list[str]:
     lines = [f"{run}:"]
     for model, rows in details["suite"].items():
         c: Counter = Counter()
+        asked: set[str] = set()
         for r in rows:
             if r["kind"] != "unknown":
                 continue
             name = next(n for n in unknown if n in r["prompt"])
+            asked.add(name)
             namesake = by_first.get(first_name(name))
             admits = r["gold"] > 0  # the rater: an "I don't know" phrase and no value
-            c["people", namesake is not None] += 1
+            c["questions", namesake is not None] += 1
             c["admits", namesake is not None] += admits
             if namesake and not admits:
                 c["invented"] += 1
@@ -46,11 +48,10 @@ def namesake_table(run: Path) -> list[str]:
                 c["chance"] += (
                     sum(any(v in r["reply"] for v in facts(rng.choice(known))) for _ in range(50)) / 50
                 )
-        asked = {next(n for n in unknown if n in r["prompt"]) for r in rows if r["kind"] == "unknown"}
         lines.append(
             f"  {model}: unknown people asked about {len(asked)}, namesakes {sum(first_name(n) in by_first for n in asked)}"
-            f' · "I don\'t know" to namesakes {c["admits", True]}/{c["people", True]},'
-            f" to new first names {c['admits', False]}/{c['people', False]}"
+            f' · "I don\'t know" to namesakes {c["admits", True]}/{c["questions", True]},'
+            f" to new first names {c['admits', False]}/{c['questions', False]}"
             f" · invented answers about namesakes stating the namesake's fact {c['fact']}/{c['invented']}"
             f" (a random known person's: {c['chance'] / max(c['invented'], 1):.0%})"
         )
