@@ -68,7 +68,8 @@ def main(args, params: Params) -> None:
             "no held-out pairs: validating on a tenth of the training pairs (raise preferences.n_prompts)"
         )
         val_rows = train_rows[: max(1, len(train_rows) // 10)]
-    train_base, val_set = PairDataset(tok, train_rows, T), PairDataset(tok, val_rows, T)
+    train_base = PairDataset(tok, train_rows, T, cfg.soft_labels)
+    val_set = PairDataset(tok, val_rows, T, cfg.soft_labels)
     per_step = items_per_step(cfg)
 
     resume = resume_and_seed(

@@ -39,12 +39,45 @@ def test_per_pair_margins_by_hand_and_from_the_rated_strength():
     by_hand = (math.log1p(math.exp(-1.5)) + math.log1p(math.exp(3.0))) / 2  # -log σ(rc - rr - m), each pair
     assert bt_loss(rc, rr, m).item() == pytest.approx(by_hand, rel=1e-6)
     module = RewardModule(CFG, RewardConfig(margin=0.25, strength_margin=1.5), total_steps=1)
-    idx, last, strengths, likelihood = collate_pairs(
-        [([1, 2], [1, 3, 4], 3, None), ([1, 5, 6], [1, 7], 0, None), ([1], [1, 8], 1, None)]
+    idx, last, strengths, likelihood, targets = collate_pairs(
+        [([1, 2], [1, 3, 4], 3, None, 1.0), ([1, 5, 6], [1, 7], 0, None, 0.75), ([1], [1, 8], 1, None, 1.0)]
     )
     assert idx.shape == (6, 3) and last.tolist() == [1, 2, 0, 2, 1, 1] and strengths.tolist() == [3, 0, 1]
+    assert targets.tolist() == [1.0, 0.75, 1.0]
     assert likelihood is None  # not read: the reward model computes it (or does not read likelihood)
     assert module.margins(strengths).tolist() == pytest.approx([1.75, 0.25, 0.75])
+
+
+def test_soft_labels_are_the_cross_entropy_against_the_judges_probability(monkeypatch):
+    """With `soft_labels`, a judge's pair is learned with σ(preference / 2) as the target; the rater's pairs
+    (no preference) stay certain; the loss is the plain cross-entropy, by hand; and the reward gap that
+    minimises it is the judge's own log-odds of one reading, not an unbounded one."""
+    from llmlab.training import reward
+    from llmlab.training.reward import PairDataset, judged_probability
+
+    monkeypatch.setattr(reward, "reply_ids", lambda tok, context, reply, ended, T: [1, 2])  # no tokenizer
+    rows = [
+        {"context": "[]", "chosen": "Yes.", "rejected": "No.", "chosen_ended": True, "rejected_ended": True}
+        | {"strength": 0, "preference": p}
+        for p in (2.0, float("nan"), 0.0)
+    ]
+    assert PairDataset(None, rows, 64).targets == [1.0, 1.0, 1.0]  # off: every label certain
+    targets = PairDataset(None, rows, 64, soft_labels=True).targets
+    assert targets == pytest.approx([1 / (1 + math.exp(-1.0)), 1.0, 0.5])
+    assert judged_probability(None) == 1.0
+    rc, rr, t = torch.tensor([1.0, 0.5, 0.0]), torch.tensor([0.0, 1.0, 2.0]), torch.tensor(targets)
+    by_hand = [
+        -(p * math.log(1 / (1 + math.exp(-d))) + (1 - p) * math.log(1 / (1 + math.exp(d))))
+        for p, d in zip(targets, (1.0, -0.5, -2.0), strict=True)
+    ]
+    assert bt_loss(rc, rr, target=t).item() == pytest.approx(sum(by_hand) / 3, rel=1e-6)
+    gap = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([gap], lr=1.0)
+    for _ in range(500):
+        opt.zero_grad()
+        bt_loss(gap, torch.zeros(1), target=torch.tensor([targets[0]])).backward()
+        opt.step()
+    assert gap.item() == pytest.approx(1.0, abs=1e-3)  # logit(σ(2 / 2))
 
 
 def test_a_strength_margin_sets_strongly_preferred_pairs_further_apart():
@@ -252,6 +285,7 @@ def test_likelihood_read_once_per_reply_gives_the_rewards_computed_batch_by_batc
     c = [1, USER_ID, 8, ASSISTANT_ID, 12, 13, 14]
     pairs = PairDataset.__new__(PairDataset)
     pairs.items, pairs.strengths, pairs.likelihood = [(a, b), (a, c), (c, b)], [3, 1, 0], None
+    pairs.targets = [1.0, 1.0, 1.0]
     assert pairs.replies() == [a, b, c]  # each reply once, in order of appearance
     known = pairs.read_likelihood(model.reference)
     for seq in (a, b, c):
@@ -261,7 +295,7 @@ def test_likelihood_read_once_per_reply_gives_the_rewards_computed_batch_by_batc
         likelihood_features(model.reference, [c, a]), torch.stack([known[tuple(c)], known[tuple(a)]])
     )
 
-    idx, last, strengths, likelihood = collate_pairs([pairs[i] for i in range(3)])
+    idx, last, strengths, likelihood, targets = collate_pairs([pairs[i] for i in range(3)])
     assert likelihood.shape == (6, 2)
     given = model(idx, last, likelihood=likelihood)
     computed = model(idx, last)

@@ -167,14 +167,31 @@ def pad_batch(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, torch.tensor([len(s) - 1 for s in seqs])
 
 
+def judged_probability(preference: float | None) -> float:
+    """How sure a judge is that the chosen reply is the better one: σ(log-odds / 2), its probability of "the
+    chosen reply" in one reading (`preference` sums the log-odds of two, each reply shown first once; Bai et
+    al. 2022 train on the feedback model's normalised probability). 1 where there is no judge's preference
+    (the rater's labels, real data).
+
+    >>> judged_probability(0.0), round(judged_probability(2.0), 4), judged_probability(float("nan"))
+    (0.5, 0.7311, 1.0)
+    """
+    if preference is None or not math.isfinite(preference):
+        return 1.0
+    return 1 / (1 + math.exp(-preference / 2))
+
+
 class PairDataset(Dataset):
     """The pairs' token ids, (chosen, rejected) in `items`, the rater's strength of each preference (0 to 3;
-    0 where none was given) in `strengths`, and, once `read_likelihood` has run, each reply's
-    `reply_likelihood` under the frozen reference in `likelihood` ((N, 2, 2): pair, side, feature)."""
+    0 where none was given) in `strengths`, the probability that the chosen reply is the better one in
+    `targets` (1, or with `soft_labels` the judge's `judged_probability`), and, once `read_likelihood` has
+    run, each reply's `reply_likelihood` under the frozen reference in `likelihood` ((N, 2, 2): pair, side,
+    feature)."""
 
-    def __init__(self, tok: Tokenizer, rows: list[dict], context_length: int):
+    def __init__(self, tok: Tokenizer, rows: list[dict], context_length: int, soft_labels: bool = False):
         self.items = []
         self.strengths = [r.get("strength") or 0 for r in rows]
+        self.targets = [judged_probability(r.get("preference")) if soft_labels else 1.0 for r in rows]
         self.likelihood: torch.Tensor | None = None
         for r in rows:
             context = json.loads(r["context"])
@@ -189,7 +206,8 @@ class PairDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
-        return (*self.items[i], self.strengths[i], None if self.likelihood is None else self.likelihood[i])
+        likelihood = None if self.likelihood is None else self.likelihood[i]
+        return (*self.items[i], self.strengths[i], likelihood, self.targets[i])
 
     def replies(self) -> list[list[int]]:
         """Every distinct reply sequence of the pairs (a reply is in several pairs of its prompt)."""
@@ -209,13 +227,15 @@ class PairDataset(Dataset):
 
 def collate_pairs(batch):
     """Chosen and rejected of every pair in one padded batch: rows [0, B) chosen, [B, 2B) rejected; the B
-    pairs' strengths; and the 2B replies' likelihood features in the same order (None when not read)."""
+    pairs' strengths; the 2B replies' likelihood features in the same order (None when not read); the B
+    pairs' targets."""
     idx, last = pad_batch([b[0] for b in batch] + [b[1] for b in batch])
     strengths = torch.tensor([b[2] for b in batch], dtype=torch.float32)
+    targets = torch.tensor([b[4] for b in batch], dtype=torch.float32)
     if batch[0][3] is None:
-        return idx, last, strengths, None
+        return idx, last, strengths, None, targets
     likelihood = torch.stack([b[3] for b in batch])  # (B, 2, 2)
-    return idx, last, strengths, torch.cat([likelihood[:, 0], likelihood[:, 1]])
+    return idx, last, strengths, torch.cat([likelihood[:, 0], likelihood[:, 1]]), targets
 
 
 def bt_loss(
@@ -223,16 +243,21 @@ def bt_loss(
     r_rejected: torch.Tensor,
     margin: float | torch.Tensor = 0.0,
     centring: float = 0.0,
+    target: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
-    """Bradley–Terry negative log-likelihood, with optional margin (one for all pairs, or one per pair) and
-    reward centring.
+    """Bradley–Terry negative log-likelihood, with optional margin (one for all pairs, or one per pair),
+    reward centring, and soft labels: the cross-entropy against `target`, the probability that the chosen
+    reply is the better one (1: the plain loss).
 
     >>> round(bt_loss(torch.tensor([1.0]), torch.tensor([0.0])).item(), 4)  # -log σ(1)
     0.3133
     >>> round(bt_loss(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 1.0])).item(), 4)
     0.5032
+    >>> round(bt_loss(torch.tensor([1.0]), torch.tensor([0.0]), target=0.75).item(), 4)  # .75, .25 of above
+    0.5633
     """
-    loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+    x = r_chosen - r_rejected - margin
+    loss = -(target * F.logsigmoid(x) + (1 - target) * F.logsigmoid(-x)).mean()
     if centring:
         loss = loss + centring * ((r_chosen + r_rejected) ** 2).mean()
     return loss
@@ -255,7 +280,7 @@ class RewardModule(L.LightningModule):
         self.model = RewardModel(config, reads_likelihood=cfg.likelihood)
 
     def _pair_rewards(self, batch):
-        idx, last, _, likelihood = batch
+        idx, last, _, likelihood, _ = batch
         r = self.model(idx, last, likelihood=likelihood)
         B = idx.shape[0] // 2
         return r[:B], r[B:]
@@ -265,12 +290,12 @@ class RewardModule(L.LightningModule):
         return self.cfg.margin + self.cfg.strength_margin * strengths / 3
 
     def training_step(self, batch, batch_idx):
-        idx, last, strengths, likelihood = batch
+        idx, last, strengths, likelihood, targets = batch
         B = idx.shape[0] // 2
         h = self.model.backbone.hidden(idx)
         r = self.model.read(h, idx, last, likelihood=likelihood)
         rc, rr = r[:B], r[B:]
-        bt = bt_loss(rc, rr, self.margins(strengths), self.cfg.centring)
+        bt = bt_loss(rc, rr, self.margins(strengths), self.cfg.centring, targets)
         logs = {"train/bt_loss": bt, "train/accuracy": (rc > rr).float().mean()}
         loss = bt
         if self.cfg.lm_coef:
@@ -291,7 +316,7 @@ class RewardModule(L.LightningModule):
         rc, rr = self._pair_rewards(batch)
         self.log_dict(
             {
-                "val/loss": bt_loss(rc, rr, self.margins(batch[2]), self.cfg.centring),
+                "val/loss": bt_loss(rc, rr, self.margins(batch[2]), self.cfg.centring, batch[4]),
                 "val/accuracy": (rc > rr).float().mean(),
             },
             on_step=False,
