@@ -14,7 +14,9 @@ differences are learned, so the level is arbitrary; after training the reward is
 model's own replies score 0 on average (`offset`), and its spread is reported (`scale`). The optional
 centring term (Eisenstein et al. 2023) keeps the level near 0 during training; the optional LM term
 (GRM, Yang et al. 2024) trains the backbone's own LM head on the chosen replies alongside, so that the
-hidden states stay a language model's while the head learns to compare.
+hidden states stay a language model's while the head learns to compare. Pairs labelled by the model
+itself (Constitutional AI) carry how sure it was; with `soft_labels` the loss is the cross-entropy against
+that probability, as Bai et al. (2022) train on the feedback model's, instead of against certainty.
 
 With `reward.likelihood` the reward model also holds a frozen copy of the SFT model and adds, with learned
 weights, how likely that model finds the reply (`reply_likelihood`: the sum and the minimum of its tokens'
