@@ -255,7 +255,10 @@ def bt_loss(
     0.3133
     >>> round(bt_loss(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 1.0])).item(), 4)
     0.5032
-    >>> round(bt_loss(torch.tensor([1.0]), torch.tensor([0.0]), target=0.75).item(), 4)  # .75, .25 of above
+
+    A pair the judge is 75 % sure of, the same rewards: −(0.75 · log σ(1) + 0.25 · log σ(−1)).
+
+    >>> round(bt_loss(torch.tensor([1.0]), torch.tensor([0.0]), target=0.75).item(), 4)
     0.5633
     """
     x = r_chosen - r_rejected - margin
