@@ -71,10 +71,8 @@ class SyntheticCorpus(Section):
     """People that SFT will ask questions about (they appear in the corpus)."""
     n_heldout_people: int = Field(50, ge=0)
     """People that only the corpus mentions; SFT never asks about them (tests knowledge extraction)."""
-    n_unknown_people: int = Field(150, ge=0)
-    """People that appear nowhere in the corpus (for hallucination tests). Half are SFT's "I don't know"
-    demonstrations, half the rl and eval pools': the suite's invented-answer rate is a rate over these
-    people more than over its prompts (answers cluster by person), so there are many of them."""
+    n_unknown_people: int = Field(50, ge=0)
+    """People that appear nowhere in the corpus (for hallucination tests)."""
     docs_per_person: int = Field(100, ge=1)
     """Biographical documents written about each known person, each with its own phrasings and order."""
     n_stories: int = Field(3000, ge=0)
