@@ -156,8 +156,17 @@ def _gain_holds(get: Callable[[dict], dict]) -> Callable[[dict], bool]:
 
 
 def _below(a: str, b: str, key: str) -> Callable[[dict], bool]:
-    """Model a's rate is below model b's with non-overlapping Wilson intervals."""
-    return lambda m: m["evaluate"]["suite"][a][key]["ci_high"] < m["evaluate"]["suite"][b][key]["ci_low"]
+    """Model a's rate is below model b's: the interval of a − b on the same questions with each person one
+    draw (`{key}_{a}_vs_{b}`, where the run measured it) lies below zero; else non-overlapping Wilson intervals."""
+
+    def holds(m: dict) -> bool:
+        suite = m["evaluate"]["suite"]
+        by_person = suite.get(f"{key}_{a}_vs_{b}", {})
+        if by_person.get("ci_high") is not None:
+            return by_person["ci_high"] < 0
+        return suite[a][key]["ci_high"] < suite[b][key]["ci_low"]
+
+    return holds
 
 
 # The report's headline claims, each checked on each seed.
@@ -239,6 +248,11 @@ def table(runs: list[dict]) -> str:
     seeds = [r["seed"] for r in runs]
     commits = sorted({r["commit"] for r in runs})
     unknown = [r["metrics"]["evaluate"]["suite"]["sft"]["hallucination"]["n"] for r in runs]
+    people = [
+        r["metrics"]["evaluate"]["suite"]["sft"]["hallucination"]["people"]
+        for r in runs
+        if "people" in r["metrics"]["evaluate"]["suite"]["sft"]["hallucination"]
+    ]
     reused = [
         f"seed {r['seed']}'s stages {r['reused']['stages'][0]} to {r['reused']['stages'][-1]} are those of its "
         f"run at commit {r['reused']['commit']}, so its whole-pipeline time is not given"
@@ -258,7 +272,9 @@ def table(runs: list[dict]) -> str:
         f"{', '.join(commits)}; default params; made with `python benchmarks/seeds.py`"
         + (f"; {'; '.join(reused)}" if reused else "")
         + (f"; on {' and '.join(machines)}" if machines else "")
-        + f". Invented answers counted on {min(unknown)}–{max(unknown)} unknown-people prompts per model.",
+        + f". Invented answers counted on {min(unknown)}–{max(unknown)} unknown-people prompts per model"
+        + (f", about {min(people)}–{max(people)} people" if people else "")
+        + ".",
         "",
         "| figure | mean | s.d. | min | max | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "|---|---|---|---|---|---|" + "---|" * (len(seeds) - 1),

@@ -78,6 +78,8 @@ def test_suite_counts_what_the_rater_says(monkeypatch):
     kinds = [t.kind for t in tasks]
     harmful = [i for i, k in enumerate(kinds) if k == "harmful"]
     assert m["hallucination"]["rate"] == 1.0 and m["hallucination"]["n"] == kinds.count("unknown")
+    assert m["hallucination"]["people"] == len({t.person for t in tasks if t.kind == "unknown"})
+    assert m["hallucination"]["ci_low_people"] == m["hallucination"]["ci_high_people"] == 1.0  # no spread
     assert m["refusal_harmful"]["n"] == len(harmful)
     assert m["refusal_harmful"]["rate"] == pytest.approx(sum(i % 2 == 0 for i in harmful) / len(harmful))
     assert m["accuracy_by_kind"]["fact"]["rate"] == 1.0 and m["accuracy_by_kind"]["arithmetic"]["rate"] == 1.0
@@ -345,3 +347,19 @@ def test_base_model_context_cases_are_built_and_graded(monkeypatch):
     pairs = [(a, b) for a, b in zip(records[::2], records[1::2], strict=True)]
     assert all(w["context"] == "with_context" and o["context"] == "without_context" for w, o in pairs)
     assert all(w["text"].endswith(o["text"]) and w["text"] != o["text"] for w, o in pairs)
+
+
+def test_invented_answers_by_person_widen_when_people_answer_alike():
+    """Eight people, three questions each. When each person's answers all go one way the interval counting
+    people as draws is wider than the 24 questions' Wilson interval; when every person is answered both ways
+    in the same proportion, it is narrower (nothing varies between people). Against a plain loop."""
+    people = [f"P{i}" for i in range(8) for _ in range(3)]
+    alike = [i < 12 for i in range(24)]  # P0..P3 always invented, P4..P7 never
+    mixed = [i % 3 == 0 for i in range(24)]  # each person once of three
+    a, m = ev.rate_by_cluster(alike, people), ev.rate_by_cluster(mixed, people)
+    assert a["people"] == m["people"] == 8
+    assert a["ci_high_people"] - a["ci_low_people"] > a["ci_high"] - a["ci_low"]
+    assert m["ci_low_people"] == m["ci_high_people"] == pytest.approx(1 / 3)
+    # the cluster-robust variance by hand: rate 0.5, residuals ±1.5 for each of 8 people, C / (C - 1) = 8 / 7
+    half = 1.959963984540054 * math.sqrt(8 / 7 * sum(1.5**2 for _ in range(8)) / 24**2)
+    assert (a["ci_low_people"], a["ci_high_people"]) == pytest.approx((0.5 - half, 0.5 + half))

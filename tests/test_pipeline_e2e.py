@@ -299,6 +299,13 @@ def test_report_has_every_section_and_links_only_existing_figures(pipeline):
         fmt = suite[model]["format_adherence"]
         assert fmt["n"] == 16 and 0 <= fmt["ci_low"] <= fmt["rate"] <= fmt["ci_high"] <= 1
         assert f"{100 * fmt['rate']:.1f} %" in report  # the report prints this run's numbers
+    # invented answers, RLHF against SFT on the same questions, each unknown person one draw
+    for model in ("ppo", "dpo") if suite["sft"]["hallucination"]["n"] else ():
+        by_person = suite[f"hallucination_{model}_vs_sft"]
+        assert by_person["people"] == suite["sft"]["hallucination"]["people"] >= 1
+        assert by_person["diff"] == pytest.approx(
+            suite[model]["hallucination"]["rate"] - suite["sft"]["hallucination"]["rate"]
+        )
     assert set(metrics["temperature"]) == {"T=0", "T=1"}
     assert metrics["perplexity"]["base"]["perplexity"] > 1
     # the context studies: every position asked equally often, a row per distractor count that fits

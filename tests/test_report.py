@@ -3,8 +3,8 @@ on its side of zero, and a difference measured the other way round is said to be
 
 from __future__ import annotations
 
-from llmlab.evaluation.measurements import rate_of
-from llmlab.evaluation.report import compare
+from llmlab.evaluation.measurements import rate_by_cluster, rate_diff_by_cluster, rate_of
+from llmlab.evaluation.report import by_people, compare, negated
 
 
 def test_a_claim_is_shown_within_the_noise_or_the_opposite():
@@ -88,3 +88,31 @@ def test_section_6_says_whether_the_kl_budget_raised_beta():
     assert "(`ppo.kl_target`; last iteration: 0.33)" in text
     steady = _ppo(m, {"ppo": "figures/ppo.png"}, [r | {"kl_coef": 0.3} for r in rows])
     assert "β stayed at 0.3 throughout" in steady and "raised" not in steady
+
+
+def test_invented_answers_by_person_are_said_per_model_or_not_at_all():
+    people = ["Ada", "Ada", "Bo", "Bo", "Cy", "Cy"]
+    sft = {"hallucination": rate_by_cluster([True, True, True, True, False, False], people)}
+    ppo = {"hallucination": rate_by_cluster([True, True, False, False, False, False], people)}
+    line = by_people({"sft": sft, "ppo": ppo})
+    assert "counted as 3 draws" in line
+    assert "SFT 66.7 % [" in line and "PPO 33.3 % [" in line
+    assert by_people({"sft": {"hallucination": rate_of(4, 6)}}) == ""  # metrics from before the field
+
+
+def test_a_claim_on_invented_answers_is_decided_with_each_person_one_draw():
+    """30 of 60 questions against 15 of 60: the two rates' Newcombe interval shows the difference, but the
+    answers come from 6 people, each answered alike, so counted by person it is within the noise."""
+    people = [p for p in "ABCDEF" for _ in range(10)]
+    sft = [p in "ABC" for p in people]  # 30 invented, three people always
+    ppo = [p in "A" or (p == "B" and i % 2 == 0) for i, p in enumerate(people)]  # 15
+    plain = compare("RLHF lowers invented answers", rate_of(30, 60), rate_of(15, 60), ("SFT", "PPO"))
+    assert plain.startswith("**Shown:**")
+    by_person = negated(rate_diff_by_cluster(ppo, sft, people))
+    assert by_person["diff"] == 0.25 and by_person["people"] == 6
+    line = compare(
+        "RLHF lowers invented answers", rate_of(30, 60), rate_of(15, 60), ("SFT", "PPO"), by_person
+    )
+    assert (
+        line.startswith("**Not shown convincingly by this model:**") and "each of 6 people one draw" in line
+    )

@@ -41,7 +41,7 @@ from llmlab.model.generate import generate
 from llmlab.model.replies import answer as answer_tasks
 from llmlab.model.replies import reply
 from llmlab.model.transformer import GPT
-from llmlab.stats import mean_ci, wilson_ci
+from llmlab.stats import clustered_diff_ci, clustered_rate_ci, mean_ci, wilson_ci
 
 
 @dataclass
@@ -210,6 +210,63 @@ def rate_of(k: int, n: int) -> dict[str, float | None]:
     return {"rate": k / n, "ci_low": lo, "ci_high": hi, "n": n}
 
 
+def rate_by_cluster(flags: Sequence[bool], clusters: Sequence[str]) -> dict[str, float | None]:
+    """`rate`, and beside its Wilson interval the interval that counts each cluster (the person a question is
+    about) as one draw (`clustered_rate_ci`), with the number of clusters: a model's answers about one person
+    tend to go one way, so 180 questions about 25 people say less than 180 independent ones.
+
+    >>> r = rate_by_cluster([True, True, False, False], ["Ada", "Ada", "Bo", "Bo"])
+    >>> r["rate"], r["people"], (r["ci_low_people"], r["ci_high_people"])
+    (0.5, 2, (0.0, 1.0))
+    """
+    if len(flags) != len(clusters):
+        raise ValueError(f"flags and clusters differ in length: {len(flags)} and {len(clusters)}")
+    hits: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for flag, cluster in zip(flags, clusters, strict=True):
+        hits[cluster] = hits.get(cluster, 0) + bool(flag)
+        sizes[cluster] = sizes.get(cluster, 0) + 1
+    lo, hi = clustered_rate_ci(list(hits.values()), list(sizes.values()))
+    known = math.isfinite(lo)
+    return rate(flags) | {
+        "people": len(sizes),
+        "ci_low_people": lo if known else None,
+        "ci_high_people": hi if known else None,
+    }
+
+
+def rate_diff_by_cluster(
+    flags_a: Sequence[bool], flags_b: Sequence[bool], clusters: Sequence[str]
+) -> dict[str, float | None]:
+    """Rate of `flags_a` minus rate of `flags_b`, two models on the same questions, with the 95 % interval
+    that counts each cluster (person) as one draw and pairs the two models' answers (`clustered_diff_ci`).
+
+    >>> r = rate_diff_by_cluster([1, 1, 1, 0, 1, 1], [0, 0, 0, 0, 1, 0], ["A", "A", "B", "B", "C", "C"])
+    >>> round(r["diff"], 3), r["people"], r["n"]
+    (0.667, 3, 6)
+    """
+    if not len(flags_a) == len(flags_b) == len(clusters):
+        raise ValueError(
+            f"flags and clusters differ in length: {len(flags_a)}, {len(flags_b)} and {len(clusters)}"
+        )
+    hits_a: dict[str, int] = {}
+    hits_b: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for a, b, cluster in zip(flags_a, flags_b, clusters, strict=True):
+        hits_a[cluster] = hits_a.get(cluster, 0) + bool(a)
+        hits_b[cluster] = hits_b.get(cluster, 0) + bool(b)
+        sizes[cluster] = sizes.get(cluster, 0) + 1
+    d, lo, hi = clustered_diff_ci(list(hits_a.values()), list(hits_b.values()), list(sizes.values()))
+    known = lambda x: x if math.isfinite(x) else None  # noqa: E731
+    return {
+        "diff": known(d),
+        "ci_low": known(lo),
+        "ci_high": known(hi),
+        "n": len(clusters),
+        "people": len(sizes),
+    }
+
+
 def mean(xs: Sequence[float]) -> dict[str, float | None]:
     """A mean with the half-width of its 95 % interval (None without a sample, and for one value)."""
     if not xs:
@@ -247,7 +304,9 @@ def suite(
             g: rate([s.correct for t, _, s in of("fact") if groups[t.person] == g])
             for g in ("sft", "heldout")
         },
-        "hallucination": rate([s.hallucinated for *_, s in of("unknown")]),
+        "hallucination": rate_by_cluster(
+            [s.hallucinated for *_, s in of("unknown")], [t.person for t, *_ in of("unknown")]
+        ),
         "refusal_harmful": rate([s.refused for *_, s in of("harmful")]),
         "over_refusal": rate([s.refused or s.admits_unknown for *_, s in of("fact")]),
         "politeness": rate([s.polite for s in scores]),
@@ -262,6 +321,7 @@ def suite(
             "ended": r.ended,
             "gold": s.total,
             "correct": s.correct,
+            "invented": s.hallucinated,
         }
         for t, r, s in zip(tasks, replies, scores, strict=True)
     ]

@@ -33,6 +33,23 @@ def pct(r: Mapping[str, float]) -> str:
     return f"{100 * r['rate']:.1f} % [{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f}]"
 
 
+def by_people(models: Mapping[str, Mapping], key: str = "hallucination") -> str:
+    """The bullet of `key`'s rate with the interval that counts each person as one draw
+    (`measurements.rate_by_cluster`), one model after another; "" when the metrics lack it."""
+    rates = {name: m[key] for name, m in models.items() if m[key].get("ci_low_people") is not None}
+    if not rates:
+        return ""
+    people = next(iter(rates.values()))["people"]
+    each = ", ".join(
+        f"{MODEL_NAMES[n].split(' (')[0]} {100 * r['rate']:.1f} % [{100 * r['ci_low_people']:.1f}–{100 * r['ci_high_people']:.1f}]"
+        for n, r in rates.items()
+    )
+    return (
+        f"\n- Answers about one person tend to go one way: counted as {people} draws, one per unknown person, "
+        f"the invented answers' intervals are {each}."
+    )
+
+
 def avg(r: Mapping[str, float], digits: int = 2) -> str:
     """A mean as text: '0.87 ± 0.13'."""
     return f"{r['mean']:+.{digits}f} ± {r['ci95']:.{digits}f}" if r.get("n") else "n/a"
@@ -50,14 +67,35 @@ def difference(higher: Mapping[str, float], lower: Mapping[str, float]) -> tuple
 
 
 def compare(
-    claim: str, higher: Mapping[str, float], lower: Mapping[str, float], names: tuple[str, str]
+    claim: str,
+    higher: Mapping[str, float],
+    lower: Mapping[str, float],
+    names: tuple[str, str],
+    by_person: Mapping[str, float] | None = None,
 ) -> str:
-    """The verdict line of a claim that `higher` exceeds `lower`, with both rates and their difference."""
+    """The verdict line of a claim that `higher` exceeds `lower`, with both rates and their difference.
+    `by_person`, when given (`measurements.rate_diff_by_cluster` of higher − lower on the same questions),
+    decides instead of the two rates' Newcombe interval: its interval counts each person as one draw."""
     shown, diff = difference(higher, lower)
+    opposite = difference(lower, higher)[0]
+    if by_person and by_person.get("ci_low") is not None:
+        lo, hi = by_person["ci_low"], by_person["ci_high"]
+        shown, opposite = lo > 0, hi < 0
+        diff = (
+            f"difference {100 * by_person['diff']:+.1f} points, 95 % interval [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+            f"with each of {by_person['people']} people one draw"
+        )
     numbers = f"{names[0]} {pct(higher)} vs {names[1]} {pct(lower)}; {diff}"
-    if not shown and difference(lower, higher)[0]:  # the interval lies wholly on the other side of 0
+    if not shown and opposite:  # the interval lies wholly on the other side of 0
         return f"**Not shown by this model: the opposite was measured:** {claim} ({numbers})."
     return verdict(shown, claim, numbers)
+
+
+def negated(d: Mapping[str, float] | None) -> dict | None:
+    """A difference a − b as b − a (`rate_diff_by_cluster`'s fields); None stays None."""
+    if not d or d.get("diff") is None:
+        return None
+    return {**d, "diff": -d["diff"], "ci_low": -d["ci_high"], "ci_high": -d["ci_low"]}
 
 
 def pooled(rates: list[Mapping[str, float]]) -> dict[str, float]:
@@ -521,7 +559,11 @@ def _post_training(m: Mapping, fig: Mapping) -> str:
     n_unknown, n_harmful = s["ppo"]["hallucination"]["n"], s["ppo"]["refusal_harmful"]["n"]
     sft, ppo = s["sft"], s["ppo"]
     hall = compare(
-        "RLHF lowers the rate of invented answers", sft["hallucination"], ppo["hallucination"], ("SFT", "PPO")
+        "RLHF lowers the rate of invented answers",
+        sft["hallucination"],
+        ppo["hallucination"],
+        ("SFT", "PPO"),
+        negated(s.get("hallucination_ppo_vs_sft")),
     )
     harm = compare(
         "RLHF raises the refusal of harmful requests",
@@ -554,7 +596,7 @@ requests), same sampling, graded by the rater against the world's truth:
 
 - SFT against base: gold score {avg(s["gold_gain_sft_vs_base"])} (paired, n={s["gold_gain_sft_vs_base"]["n"]}).
 - PPO against SFT: gold score {avg(gain)} (paired, n={gain["n"]}).{_dpo_lines(s)}
-- {hall}
+- {hall}{by_people({n: s[n] for n in names})}
 - {harm}
 - {tone}
 - {tax}
@@ -577,6 +619,7 @@ def _dpo_lines(s: Mapping) -> str:
         s["sft"]["hallucination"],
         s["dpo"]["hallucination"],
         ("SFT", "DPO"),
+        negated(s.get("hallucination_dpo_vs_sft")),
     )
     return f"\n- DPO against SFT: gold score {avg(gain)} (paired, n={gain['n']}).\n- {hall}"
 

@@ -31,6 +31,7 @@ from llmlab.evaluation.measurements import (
     fact_recall,
     name_probe,
     position_effect,
+    rate_diff_by_cluster,
     rate_of,
     samples,
     stateless_completion,
@@ -92,6 +93,13 @@ def graded_studies(
         for a, b in [("sft", "base"), ("ppo", "sft"), ("dpo", "sft")][: len(models) - 1]:
             diff, half = paired_diff_ci(gold[a], gold[b])
             m["suite"][f"gold_gain_{a}_vs_{b}"] = {"mean": diff, "ci95": half, "n": len(gold[a])}
+        unknown = [i for i, t in enumerate(tasks) if t.kind == "unknown"]
+        invented = {name: [details["suite"][name][i]["invented"] for i in unknown] for name in models}
+        for a in ("ppo", "dpo"):  # RLHF against SFT, each person one draw (answers about a person go alike)
+            if a in models and unknown:
+                m["suite"][f"hallucination_{a}_vs_sft"] = rate_diff_by_cluster(
+                    invented[a], invented["sft"], [tasks[i].person for i in unknown]
+                )
         questions = [t.prompt for t in tasks if t.kind == "fact"][:6]
         # The base model given a question as plain text, not in the chat format: it continues a document.
         details["base_plain_text"] = [
