@@ -95,7 +95,7 @@ def test_invented_answers_by_person_are_said_per_model_or_not_at_all():
     sft = {"hallucination": rate_by_cluster([True, True, True, True, False, False], people)}
     ppo = {"hallucination": rate_by_cluster([True, True, False, False, False, False], people)}
     line = by_people({"sft": sft, "ppo": ppo})
-    assert "counted as 3 draws" in line
+    assert "each of the 3 unknown people as one draw" in line
     assert "SFT 66.7 % [" in line and "PPO 33.3 % [" in line
     assert by_people({"sft": {"hallucination": rate_of(4, 6)}}) == ""  # metrics from before the field
 

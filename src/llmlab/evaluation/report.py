@@ -45,8 +45,8 @@ def by_people(models: Mapping[str, Mapping], key: str = "hallucination") -> str:
         for n, r in rates.items()
     )
     return (
-        f"\n- Answers about one person tend to go one way: counted as {people} draws, one per unknown person, "
-        f"the invented answers' intervals are {each}."
+        f"\n- Counted with each of the {people} unknown people as one draw (a model's answers about one person "
+        f"can go alike), the invented answers' intervals are {each}."
     )
 
 
