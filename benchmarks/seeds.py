@@ -108,6 +108,14 @@ FIGURES: list[tuple[str, Callable[[dict], float], str]] = [
     ),
     *(
         (
+            f"invented answers, {m.upper()} − SFT, points, each unknown person one draw (upper end of its 95 % interval)",
+            lambda m, a=m: _by_person(m, a, "ci_high"),
+            "{:+.1f}",
+        )
+        for m in ("ppo", "dpo")
+    ),
+    *(
+        (
             f'unknown people answered "I don\'t know", {m.upper()}, % (suite)',
             _rate(m, "accuracy_by_kind", "unknown"),
             "{:.1f}",
@@ -126,6 +134,13 @@ FIGURES: list[tuple[str, Callable[[dict], float], str]] = [
         "{:.1f}",
     ),
 ]
+
+
+def _by_person(m: dict, model: str, key: str) -> float | None:
+    """`key` of the paired, person-clustered difference model − SFT of invented answers, in points; None for a
+    run whose evaluate stage did not measure it (added at cebeab8)."""
+    d = m["evaluate"]["suite"].get(f"hallucination_{model}_vs_sft", {})
+    return None if d.get(key) is None else 100 * d[key]
 
 
 def _told_name(m: dict, key: str) -> dict | None:

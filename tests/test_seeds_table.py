@@ -110,6 +110,29 @@ def test_a_claim_a_run_did_not_measure_counts_only_the_runs_that_did():
     assert f"| {claim} | 1 of 1 |" in readme_table([newer, older])
 
 
+def test_invented_answers_lowered_is_judged_by_person_where_the_run_measured_it():
+    """PPO 72 % ± 5 against SFT 80 % ± 5: the Wilson intervals overlap. Seed 1's paired, person-clustered
+    difference lies below zero and decides; seed 2 has no such figure, so the Wilson intervals do."""
+    paired = run(1, 0.84, 0.3, ppo_hallucination=0.72)
+    paired["metrics"]["evaluate"]["suite"]["hallucination_ppo_vs_sft"] = {
+        "diff": -0.08,
+        "ci_low": -0.12,
+        "ci_high": -0.04,
+        "n": 150,
+        "people": 25,
+    }
+    text = table([paired, run(2, 0.84, 0.3, ppo_hallucination=0.72)])
+    assert row(text, "PPO lowers invented answers about unknown people (suite)") == [
+        "1 of 2",
+        "yes",
+        "**no**",
+    ]
+    label = (
+        "invented answers, PPO − SFT, points, each unknown person one draw (upper end of its 95 % interval)"
+    )
+    assert row(text, label)[-2:] == ["-4.0", "—"]
+
+
 def test_runs_left_untimed_for_the_same_reason_are_named_together():
     why = "shared the machine"
     text = table([run(s, 0.84, 0.3, 0.3, untimed=why) for s in (1, 2, 3)])
