@@ -71,8 +71,10 @@ class SyntheticCorpus(Section):
     """People that SFT will ask questions about (they appear in the corpus)."""
     n_heldout_people: int = Field(50, ge=0)
     """People that only the corpus mentions; SFT never asks about them (tests knowledge extraction)."""
-    n_unknown_people: int = Field(50, ge=0)
-    """People that appear nowhere in the corpus (for hallucination tests)."""
+    n_unknown_people: int = Field(150, ge=0)
+    """People that appear nowhere in the corpus (for hallucination tests). Half are SFT's "I don't know"
+    demonstrations, half the rl and eval pools': the suite's invented-answer rate is a rate over these
+    people more than over its prompts (answers cluster by person), so there are many of them."""
     docs_per_person: int = Field(100, ge=1)
     """Biographical documents written about each known person, each with its own phrasings and order."""
     n_stories: int = Field(3000, ge=0)
@@ -381,12 +383,13 @@ class LocalPreferences(PairColumns):
     paths: Globs = ["data/raw/preferences/*.jsonl"]
 
 
-DEFAULT_MIX = {"fact": 0.5, "about": 0.1, "arithmetic": 0.05, "unknown": 0.25, "harmful": 0.1}
-"""The task kinds of the rl prompt pool, as shares (SFT's own tasks have theirs in sft.data). A quarter
-are questions about unknown people, where two replies differ in substance ("I don't know" or an invented
-fact); additions, whose pairs differ almost only in style, get 5 %. With a tenth about unknown people and a
-fifth additions, PPO lowered invented answers on none of 3 seeds, DPO on one (docs/results.md, "A quarter
-of the rl prompts about unknown people")."""
+DEFAULT_MIX = {"fact": 0.65, "about": 0.1, "arithmetic": 0.05, "unknown": 0.1, "harmful": 0.1}
+"""The task kinds of the rl prompt pool, as shares (SFT's own tasks have theirs in sft.data). A tenth are
+questions about unknown people, where two replies differ in substance ("I don't know" or an invented fact);
+additions, whose pairs differ almost only in style, get 5 %. With 50 unknown people a quarter was needed
+(with a tenth and a fifth additions PPO lowered invented answers on none of 3 seeds); with 150 a tenth
+keeps the reward model and PPO's gain on every seed where a quarter lost them (docs/results.md, "150
+unknown people")."""
 
 
 def _check_shares(mix: dict) -> dict:
