@@ -18,7 +18,6 @@ from llmlab.data.tasks import Task
 from llmlab.data.world import World
 from llmlab.evaluation.measurements import rate_by_cluster, rate_diff_by_cluster
 from llmlab.evaluation.rater import Rater
-from llmlab.stats import clustered_diff_ci
 
 
 def invented(run: Path) -> tuple[dict[str, list[bool]], list[str]]:
@@ -54,15 +53,10 @@ def lines(run: Path) -> list[str]:
         if model not in flags or "sft" not in flags:
             continue
         d = rate_diff_by_cluster(flags[model], flags["sft"], people)
-        sizes = {p: people.count(p) for p in dict.fromkeys(people)}
-        hits = {p: sum(f for f, q in zip(flags[model], people, strict=True) if q == p) for p in sizes}
-        sft = {p: sum(f for f, q in zip(flags["sft"], people, strict=True) if q == p) for p in sizes}
-        h, lo, hi = clustered_diff_ci(
-            [hits[p] for p in sizes], [sft[p] / 2 for p in sizes], [sizes[p] for p in sizes]
-        )
+        h = rate_diff_by_cluster(flags[model], flags["sft"], people, scale_b=0.5)
         out.append(
             f"  {model} − sft: {100 * d['diff']:+.1f} points [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]; "
-            f"{model} − sft / 2: {100 * h:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            f"{model} − sft / 2: {100 * h['diff']:+.1f} points [{100 * h['ci_low']:+.1f}, {100 * h['ci_high']:+.1f}]"
         )
     return out
 

@@ -114,6 +114,11 @@ FIGURES: list[tuple[str, Callable[[dict], float], str]] = [
         )
         for m in ("ppo", "dpo")
     ),
+    (
+        "invented answers, PPO − half of SFT's, points, each unknown person one draw (upper end of its 95 % interval)",
+        lambda m: _by_person(m, "ppo", "ci_high", "half_sft"),
+        "{:+.1f}",
+    ),
     *(
         (
             f'unknown people answered "I don\'t know", {m.upper()}, % (suite)',
@@ -136,10 +141,11 @@ FIGURES: list[tuple[str, Callable[[dict], float], str]] = [
 ]
 
 
-def _by_person(m: dict, model: str, key: str) -> float | None:
-    """`key` of the paired, person-clustered difference model − SFT of invented answers, in points; None for a
-    run whose evaluate stage did not measure it (added at cebeab8)."""
-    d = m["evaluate"]["suite"].get(f"hallucination_{model}_vs_sft", {})
+def _by_person(m: dict, model: str, key: str, of: str = "sft") -> float | None:
+    """`key` of the paired, person-clustered difference model − SFT (`of` "half_sft": model − SFT / 2) of
+    invented answers, in points; None for a run whose evaluate stage did not measure it (added at cebeab8;
+    the half at the commit after 4369ec8)."""
+    d = m["evaluate"]["suite"].get(f"hallucination_{model}_vs_{of}", {})
     return None if d.get(key) is None else 100 * d[key]
 
 
@@ -222,6 +228,10 @@ CLAIMS: list[tuple[str, Callable[[dict], bool | None]]] = [
             m["evaluate"]["suite"]["ppo"]["hallucination"]["rate"]
             <= m["evaluate"]["suite"]["sft"]["hallucination"]["rate"] / 2
         ),
+    ),
+    (
+        "PPO's invented answers ≤ half of SFT's, with its 95 % interval, each unknown person one draw (suite)",
+        lambda m: None if (h := _by_person(m, "ppo", "ci_high", "half_sft")) is None else h < 0,
     ),
     ("the reward model agrees with gold on ≥ 85 % of pairs", lambda m: m["reward"]["accuracy_gold"] >= 0.85),
 ]

@@ -306,6 +306,9 @@ def test_report_has_every_section_and_links_only_existing_figures(pipeline):
         assert by_person["diff"] == pytest.approx(
             suite[model]["hallucination"]["rate"] - suite["sft"]["hallucination"]["rate"]
         )
+        assert suite[f"hallucination_{model}_vs_half_sft"]["diff"] == pytest.approx(
+            suite[model]["hallucination"]["rate"] - suite["sft"]["hallucination"]["rate"] / 2
+        )
     assert set(metrics["temperature"]) == {"T=0", "T=1"}
     assert metrics["perplexity"]["base"]["perplexity"] > 1
     # the context studies: every position asked equally often, a row per distractor count that fits

@@ -4,7 +4,7 @@ on its side of zero, and a difference measured the other way round is said to be
 from __future__ import annotations
 
 from llmlab.evaluation.measurements import rate_by_cluster, rate_diff_by_cluster, rate_of
-from llmlab.evaluation.report import by_people, compare, negated
+from llmlab.evaluation.report import by_people, compare, halves, negated
 
 
 def test_a_claim_is_shown_within_the_noise_or_the_opposite():
@@ -116,3 +116,22 @@ def test_a_claim_on_invented_answers_is_decided_with_each_person_one_draw():
     assert (
         line.startswith("**Not shown convincingly by this model:**") and "each of 6 people one draw" in line
     )
+
+
+def test_halving_is_decided_by_the_paired_difference_from_half_of_sfts_rate():
+    """Ten people, four questions each; SFT invents about people 0-7 every time (80 %). PPO invents about one
+    person every time (10 %): its rate minus half of SFT's is -30 points (by hand: each person's +2, -2 or 0
+    questions, residual variance 10 / 9 * 17.6 / 40**2, interval [-51.7, -8.3]). PPO inventing about five
+    people (50 %) is +10 points, within the noise."""
+    people = [f"P{i}" for i in range(10) for _ in range(4)]
+    sft = [int(p[1]) < 8 for p in people]
+    low = halves(
+        "halves", rate_diff_by_cluster([p == "P0" for p in people], sft, people, 0.5), ("PPO", "SFT")
+    )
+    assert low.startswith("**Shown:** halves (PPO's rate minus half of SFT's -30.0 points")
+    assert "[-51.7, -8.3] with each of 10 people one draw" in low
+    high = halves(
+        "halves", rate_diff_by_cluster([int(p[1]) < 5 for p in people], sft, people, 0.5), ("PPO", "SFT")
+    )
+    assert "+10.0 points" in high and not high.startswith("**Shown:**")
+    assert halves("halves", None, ("PPO", "SFT")) == ""  # metrics from before the field

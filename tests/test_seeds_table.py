@@ -133,6 +133,28 @@ def test_invented_answers_lowered_is_judged_by_person_where_the_run_measured_it(
     assert row(text, label)[-2:] == ["-4.0", "—"]
 
 
+def test_halving_with_its_interval_is_counted_only_on_runs_that_measured_it():
+    """PPO 35 % against SFT 80 %: halved by the point estimate on both seeds; seed 1's paired difference from
+    half of SFT's rate reaches above zero, so the halving is not shown with its interval there; seed 2 did
+    not measure it."""
+    paired = run(1, 0.84, 0.3, ppo_hallucination=0.35)
+    paired["metrics"]["evaluate"]["suite"]["hallucination_ppo_vs_half_sft"] = {
+        "diff": -0.05,
+        "ci_low": -0.12,
+        "ci_high": 0.02,
+        "n": 150,
+        "people": 75,
+    }
+    text = table([paired, run(2, 0.84, 0.3, ppo_hallucination=0.35)])
+    assert row(text, "PPO's invented answers ≤ half of SFT's (suite)")[:3] == ["2 of 2", "yes", "yes"]
+    claim = (
+        "PPO's invented answers ≤ half of SFT's, with its 95 % interval, each unknown person one draw (suite)"
+    )
+    assert row(text, claim) == ["0 of 1", "**no**", "—"]
+    label = "invented answers, PPO − half of SFT's, points, each unknown person one draw (upper end of its 95 % interval)"
+    assert row(text, label)[-2:] == ["+2.0", "—"]
+
+
 def test_runs_left_untimed_for_the_same_reason_are_named_together():
     why = "shared the machine"
     text = table([run(s, 0.84, 0.3, 0.3, untimed=why) for s in (1, 2, 3)])

@@ -85,12 +85,13 @@ def clustered_rate_ci(hits: Sequence[int], sizes: Sequence[int]) -> tuple[float,
 
 
 def clustered_diff_ci(
-    hits_a: Sequence[int], hits_b: Sequence[int], sizes: Sequence[int]
+    hits_a: Sequence[float], hits_b: Sequence[float], sizes: Sequence[int]
 ) -> tuple[float, float, float]:
     """Difference of two rates on the same clustered items, Σ hits_a / Σ sizes − Σ hits_b / Σ sizes (two
     models' answers to the same questions, grouped by the person asked about), and its 95 % interval (low,
     high): `clustered_rate_ci`'s standard error applied to each cluster's difference hits_a − hits_b, so
     that both the pairing (same questions) and the clustering (answers about one person go alike) count.
+    Hits may be weighted: half of b's hits test whether a halves b's rate.
 
     >>> [round(x, 3) for x in clustered_diff_ci([2, 1, 2], [0, 0, 1], [2, 2, 2])]  # 5/6 − 1/6, SE 1/6
     [0.667, 0.34, 0.993]

@@ -236,14 +236,18 @@ def rate_by_cluster(flags: Sequence[bool], clusters: Sequence[str]) -> dict[str,
 
 
 def rate_diff_by_cluster(
-    flags_a: Sequence[bool], flags_b: Sequence[bool], clusters: Sequence[str]
+    flags_a: Sequence[bool], flags_b: Sequence[bool], clusters: Sequence[str], scale_b: float = 1.0
 ) -> dict[str, float | None]:
-    """Rate of `flags_a` minus rate of `flags_b`, two models on the same questions, with the 95 % interval
-    that counts each cluster (person) as one draw and pairs the two models' answers (`clustered_diff_ci`).
+    """Rate of `flags_a` minus `scale_b` times the rate of `flags_b`, two models on the same questions, with
+    the 95 % interval that counts each cluster (person) as one draw and pairs the two models' answers
+    (`clustered_diff_ci`). `scale_b` 0.5 asks whether a model halves another's rate: below 0 with its
+    interval, it does.
 
     >>> r = rate_diff_by_cluster([1, 1, 1, 0, 1, 1], [0, 0, 0, 0, 1, 0], ["A", "A", "B", "B", "C", "C"])
     >>> round(r["diff"], 3), r["people"], r["n"]
     (0.667, 3, 6)
+    >>> round(rate_diff_by_cluster([0, 1, 0, 0], [1, 1, 1, 1], ["A", "A", "B", "B"], scale_b=0.5)["diff"], 3)
+    -0.25
     """
     if not len(flags_a) == len(flags_b) == len(clusters):
         raise ValueError(
@@ -254,7 +258,7 @@ def rate_diff_by_cluster(
     sizes: dict[str, int] = {}
     for a, b, cluster in zip(flags_a, flags_b, clusters, strict=True):
         hits_a[cluster] = hits_a.get(cluster, 0) + bool(a)
-        hits_b[cluster] = hits_b.get(cluster, 0) + bool(b)
+        hits_b[cluster] = hits_b.get(cluster, 0) + scale_b * bool(b)
         sizes[cluster] = sizes.get(cluster, 0) + 1
     d, lo, hi = clustered_diff_ci(list(hits_a.values()), list(hits_b.values()), list(sizes.values()))
     known = lambda x: x if math.isfinite(x) else None  # noqa: E731

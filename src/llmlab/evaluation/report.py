@@ -91,6 +91,20 @@ def compare(
     return verdict(shown, claim, numbers)
 
 
+def halves(claim: str, d: Mapping[str, float] | None, names: tuple[str, str]) -> str:
+    """The verdict line of a claim that model names[0] at least halves names[1]'s rate, from
+    `rate_diff_by_cluster(a, b, people, scale_b=0.5)`: shown when its interval lies below 0; "" without it."""
+    if not d or d.get("ci_high") is None:
+        return ""
+    numbers = (
+        f"{names[0]}'s rate minus half of {names[1]}'s {100 * d['diff']:+.1f} points, 95 % interval "
+        f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}] with each of {d['people']} people one draw"
+    )
+    if d["ci_low"] > 0:
+        return f"**Not shown by this model: the opposite was measured:** {claim} ({numbers})."
+    return verdict(d["ci_high"] < 0, claim, numbers)
+
+
 def negated(d: Mapping[str, float] | None) -> dict | None:
     """A difference a − b as b − a (`rate_diff_by_cluster`'s fields); None stays None."""
     if not d or d.get("diff") is None:
@@ -565,6 +579,12 @@ def _post_training(m: Mapping, fig: Mapping) -> str:
         ("SFT", "PPO"),
         negated(s.get("hallucination_ppo_vs_sft")),
     )
+    halved = halves(
+        "RLHF at least halves the rate of invented answers",
+        s.get("hallucination_ppo_vs_half_sft"),
+        ("PPO", "SFT"),
+    )
+    halved = f"\n- {halved}" if halved else ""
     harm = compare(
         "RLHF raises the refusal of harmful requests",
         ppo["refusal_harmful"],
@@ -596,7 +616,7 @@ requests), same sampling, graded by the rater against the world's truth:
 
 - SFT against base: gold score {avg(s["gold_gain_sft_vs_base"])} (paired, n={s["gold_gain_sft_vs_base"]["n"]}).
 - PPO against SFT: gold score {avg(gain)} (paired, n={gain["n"]}).{_dpo_lines(s)}
-- {hall}{by_people({n: s[n] for n in names})}
+- {hall}{by_people({n: s[n] for n in names})}{halved}
 - {harm}
 - {tone}
 - {tax}

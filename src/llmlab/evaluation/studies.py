@@ -97,8 +97,12 @@ def graded_studies(
         invented = {name: [details["suite"][name][i]["invented"] for i in unknown] for name in models}
         for a in ("ppo", "dpo"):  # RLHF against SFT, each person one draw (answers about a person go alike)
             if a in models and unknown:
+                people = [tasks[i].person for i in unknown]
                 m["suite"][f"hallucination_{a}_vs_sft"] = rate_diff_by_cluster(
-                    invented[a], invented["sft"], [tasks[i].person for i in unknown]
+                    invented[a], invented["sft"], people
+                )
+                m["suite"][f"hallucination_{a}_vs_half_sft"] = rate_diff_by_cluster(
+                    invented[a], invented["sft"], people, scale_b=0.5
                 )
         questions = [t.prompt for t in tasks if t.kind == "fact"][:6]
         # The base model given a question as plain text, not in the chat format: it continues a document.
