@@ -95,15 +95,13 @@ def graded_studies(
             m["suite"][f"gold_gain_{a}_vs_{b}"] = {"mean": diff, "ci95": half, "n": len(gold[a])}
         unknown = [i for i, t in enumerate(tasks) if t.kind == "unknown"]
         invented = {name: [details["suite"][name][i]["invented"] for i in unknown] for name in models}
+        asked_about = [tasks[i].person for i in unknown]
         for a in ("ppo", "dpo"):  # RLHF against SFT, each person one draw (answers about a person go alike)
             if a in models and unknown:
-                people = [tasks[i].person for i in unknown]
-                m["suite"][f"hallucination_{a}_vs_sft"] = rate_diff_by_cluster(
-                    invented[a], invented["sft"], people
-                )
-                m["suite"][f"hallucination_{a}_vs_half_sft"] = rate_diff_by_cluster(
-                    invented[a], invented["sft"], people, scale_b=0.5
-                )
+                for name, scale in (("sft", 1.0), ("half_sft", 0.5)):
+                    m["suite"][f"hallucination_{a}_vs_{name}"] = rate_diff_by_cluster(
+                        invented[a], invented["sft"], asked_about, scale_b=scale
+                    )
         questions = [t.prompt for t in tasks if t.kind == "fact"][:6]
         # The base model given a question as plain text, not in the chat format: it continues a document.
         details["base_plain_text"] = [
