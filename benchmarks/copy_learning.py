@@ -46,6 +46,7 @@ def run(
     n_probes: int = 100,
     seed: int = 0,
     canon_kernel: int | None = None,
+    canon_places: str | None = None,
 ) -> dict:
     params = load_params(ROOT / "params.yaml")
     tok = load_tokenizer(ROOT / "data" / "tokenizer" / "tokenizer.json")
@@ -56,6 +57,7 @@ def run(
         n_layer=n_layer or cfg.n_layer,
         n_head=n_head or cfg.n_head,
         canon_kernel=cfg.canon_kernel if canon_kernel is None else canon_kernel,
+        canon_places=canon_places or cfg.canon_places,
     )
     torch.manual_seed(seed)
     model = GPT(cfg)
@@ -89,6 +91,7 @@ def run(
             print(json.dumps(curve[-1]), flush=True)
     return {
         "canon_kernel": cfg.canon_kernel,
+        "canon_places": cfg.canon_places,
         "seed": seed,
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
@@ -104,7 +107,7 @@ def run(
 def markdown(result: dict) -> str:
     head = (
         f"Measured {datetime.date.today()}: {result['n_layer']} layers, {result['n_head']} heads, canon kernel "
-        f"{result['canon_kernel']}, lr {result['lr']:g}, seed {result['seed']}, batch {result['batch_size']} × "
+        f"{result['canon_kernel']} at {result['canon_places']}, lr {result['lr']:g}, seed {result['seed']}, batch {result['batch_size']} × "
         f"context length, {result['probes']} probe documents, {result['seconds']} s"
     )
     rows = [
@@ -133,6 +136,7 @@ if __name__ == "__main__":
         "--canon-kernel", type=int, help="pretrain.model.canon_kernel (default: params.yaml's; 0: none)"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--canon-places", help="pretrain.model.canon_places (default: params.yaml's), e.g. AB")
     ap.add_argument("--write", action="store_true", help="put the table into docs/knowledge.md")
     args = ap.parse_args()
     table = markdown(
@@ -144,6 +148,7 @@ if __name__ == "__main__":
             args.n_head,
             seed=args.seed,
             canon_kernel=args.canon_kernel,
+            canon_places=args.canon_places,
         )
     )
     print(table)

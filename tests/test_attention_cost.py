@@ -50,7 +50,9 @@ def test_flops_crossover_matches_the_models_own_weight_count():
     config = GPTConfig(vocab_size=2048, d_model=128, n_layer=4, n_head=4, ffn_hidden=352)
     model = GPT(config)
     norms = (2 * config.n_layer + 1) * config.d_model  # RMSNorm gains: weights, but in no matmul
-    canon = config.n_layer * config.canon_kernel * config.d_model  # per-channel mixing, no matmul either
+    canon = (
+        config.n_layer * config.canon_kernel * sum(config.canon_channels().values())
+    )  # per channel: no matmul
     matmul_weights = model.num_params(non_embedding=True) - norms - canon + config.vocab_size * config.d_model
     assert flops_crossover_length(config) == 2080
     assert flops_crossover_length(config) == pytest.approx(matmul_weights / (config.n_layer * config.d_model))

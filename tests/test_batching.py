@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmlab.model.transformer import GPT, GPTConfig
+from llmlab.model.transformer import GPT, CanonMix, GPTConfig
 from llmlab.training.sft import collate, collate_packed
 from llmlab.training.trainer import Epochs
 
@@ -78,17 +78,25 @@ def test_grouped_batches_still_come_in_random_order():
 @settings(max_examples=30, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(2, 30), st.integers(0, 2**16)), min_size=1, max_size=12),
-    st.booleans(),
+    st.sampled_from(["", "A", "ABCD"]),
 )
 def test_a_packed_batch_gives_the_loss_and_gradient_of_the_padded_one(shapes, canon):
-    """With canon mixing too: a packed conversation's first tokens must not mix in the one before."""
+    """With canon mixing too, at each place: a packed conversation's first tokens must not mix in the one
+    before."""
     torch.manual_seed(0)
     model = GPT(
-        GPTConfig(vocab_size=40, d_model=16, n_layer=2, n_head=2, context_length=32, canon_kernel=4 * canon)
+        GPTConfig(
+            vocab_size=40,
+            d_model=16,
+            n_layer=2,
+            n_head=2,
+            context_length=32,
+            canon_kernel=4 if canon else 0,
+            canon_places=canon or "A",
+        )
     )
-    if canon:
-        for block in model.blocks:
-            torch.nn.init.normal_(block.canon.weight, std=0.5)
+    for mix in (m for m in model.modules() if isinstance(m, CanonMix)):
+        torch.nn.init.normal_(mix.weight, std=0.5)
     batch = []
     for length, seed in shapes:
         rng = random.Random(seed)

@@ -42,7 +42,7 @@ CONVERSATIONS = [
 ]
 
 
-def tiny_model(vocab_size: int, tie: bool, canon_kernel: int = 0) -> GPT:
+def tiny_model(vocab_size: int, tie: bool, canon_kernel: int = 0, canon_places: str = "A") -> GPT:
     """Random weights, large enough for varied greedy tokens; <|end|>'s head row scaled so that some greedy
     continuations end on it and some do not (both paths of eos handling get compared)."""
     torch.manual_seed(0)
@@ -55,6 +55,7 @@ def tiny_model(vocab_size: int, tie: bool, canon_kernel: int = 0) -> GPT:
         ffn_hidden=64,
         tie_embeddings=tie,
         canon_kernel=canon_kernel,
+        canon_places=canon_places,
     )
     model = GPT(config)
     with torch.no_grad():
@@ -65,10 +66,14 @@ def tiny_model(vocab_size: int, tie: bool, canon_kernel: int = 0) -> GPT:
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=[(True, 0), (False, 0), (True, 4)], ids=["tied", "untied", "canon"])
+@pytest.fixture(
+    scope="module",
+    params=[(True, 0, "A"), (False, 0, "A"), (True, 4, "A"), (True, 4, "ABCD")],
+    ids=["tied", "untied", "canon", "canon-everywhere"],
+)
 def exported(request, tok, tok_path, tmp_path_factory):
-    tie, canon_kernel = request.param
-    model = tiny_model(tok.get_vocab_size(), tie=tie, canon_kernel=canon_kernel)
+    tie, canon_kernel, canon_places = request.param
+    model = tiny_model(tok.get_vocab_size(), tie=tie, canon_kernel=canon_kernel, canon_places=canon_places)
     out = export_hf(model, tok_path, tmp_path_factory.mktemp("export") / "hf")
     return model, out
 

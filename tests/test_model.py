@@ -21,9 +21,12 @@ CFG = GPTConfig(
     vocab_size=97, d_model=32, n_layer=2, n_head=4, context_length=48, ffn_hidden=64, canon_kernel=0
 )
 CANON = GPTConfig(**{**CFG.__dict__, "canon_kernel": 4})
-# every test of the cache, padding and batching runs on both: canon mixing reads the previous tokens, which
-# the cache, left padding and rows leaving the batch must hand over exactly
-BOTH = pytest.mark.parametrize("config", [CFG, CANON], ids=["plain", "canon"])
+CANON_EVERYWHERE = GPTConfig(**{**CANON.__dict__, "canon_places": "ABCD"})
+# every test of the cache, padding and batching runs on each: canon mixing reads the previous tokens, which
+# the cache, left padding and rows leaving the batch must hand over exactly, at every place it sits
+BOTH = pytest.mark.parametrize(
+    "config", [CFG, CANON, CANON_EVERYWHERE], ids=["plain", "canon", "canon-everywhere"]
+)
 
 
 def random_model(config=CFG, seed=0, std=0.3, tie=True) -> GPT:
@@ -241,14 +244,41 @@ def test_canon_mixing_by_hand():
     torch.testing.assert_close(mix(x, positions), torch.stack(by_hand)[None])
 
 
-def test_canon_with_zero_weights_is_the_plain_model():
+@pytest.mark.parametrize("config", [CANON, CANON_EVERYWHERE], ids=["canon", "canon-everywhere"])
+def test_canon_with_zero_weights_is_the_plain_model(config):
     torch.manual_seed(0)
-    plain, canon = GPT(CFG), GPT(CANON)
-    canon.load_state_dict(plain.state_dict(), strict=False)
-    for block in canon.blocks:
-        torch.nn.init.zeros_(block.canon.weight)  # zero mixing weights: the plain block
+    plain, canon = GPT(CFG), GPT(config)
+    missing, unexpected = canon.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(name.endswith("canon.weight") for name in missing)
+    mixes = [m for m in canon.modules() if isinstance(m, CanonMix)]
+    assert len(mixes) == len(config.canon_places) * config.n_layer
+    for mix in mixes:
+        torch.nn.init.zeros_(mix.weight)  # zero mixing weights: the plain block
     x = torch.randint(0, CFG.vocab_size, (2, 12))
     torch.testing.assert_close(canon(x)[0], plain(x)[0], rtol=0, atol=0)
+
+
+def test_canon_places_mix_what_they_name():
+    """B mixes the projected queries, keys and values, each channel with its own weights, so that a key can
+    carry the token before its own while the query keeps its own token: the first attention layer's queries
+    and keys, computed by hand from the projection and the mixing."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**CANON.__dict__, "canon_places": "B"})).eval()
+    block = model.blocks[0]
+    assert block.canon is None and block.mlp_canon is None and block.mlp.canon is None
+    x = model.embed(torch.randint(0, CFG.vocab_size, (1, 6)))
+    h = block.attn_norm(x)
+    qkv, w = block.attn.qkv(h)[0], block.attn.canon.weight  # (T, 3C), (K, 3C)
+    by_hand = torch.stack(
+        [qkv[t] * (1 + w[0]) + sum(w[d] * qkv[t - d] for d in range(1, 4) if t >= d) for t in range(6)]
+    )
+    cos, sin = model.rope_cos[:6][None, None], model.rope_sin[:6][None, None]
+    q, k, v = block.attn.heads(h, cos, sin)
+    C, nh = CFG.d_model, CFG.n_head
+    heads = lambda m: m.view(6, nh, C // nh).transpose(0, 1)[None]  # noqa: E731
+    torch.testing.assert_close(v, heads(by_hand[:, 2 * C :]))
+    torch.testing.assert_close(k, apply_rope(heads(by_hand[:, C : 2 * C]), cos, sin))
+    torch.testing.assert_close(q, apply_rope(heads(by_hand[:, :C]), cos, sin))
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -297,3 +327,13 @@ def test_a_config_written_before_canon_kernel_existed_loads_as_the_plain_block(t
     assert GPTConfig.from_json(tmp_path / "config.json") == CFG
     assert GPTConfig.from_json(tmp_path / "config.json").canon_kernel == 0
     assert GPTConfig(vocab_size=97).canon_kernel == 4
+
+
+def test_a_config_written_before_canon_places_existed_loads_with_the_layer_before_attention(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    old = {k: v for k, v in asdict(CANON).items() if k != "canon_places"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert GPTConfig.from_json(tmp_path / "config.json") == CANON
+    assert CANON.canon_places == "A"

@@ -127,6 +127,15 @@ def test_consistency_checks():
     assert any("max_steps" in p for p in problems({"pretrain": {"max_steps": 10, "max_tokens": 1000}}))
     assert any("max_steps" in p for p in problems({"pretrain": {"max_steps": None}}))
     assert any("even head size" in p for p in problems({"pretrain": {"model": {"d_model": 12, "n_head": 4}}}))
+    places = lambda value: problems({"pretrain": {"model": {"canon_places": value}}})  # noqa: E731
+    assert any(
+        p.startswith("pretrain.model.canon_places: each of A, B, C, D at most once") for p in places("AA")
+    )
+    assert any(p.startswith("pretrain.model.canon_places: String should match") for p in places("AE"))
+    assert (
+        Params.model_validate({"pretrain": {"model": {"canon_places": "BA"}}}).pretrain.model.canon_places
+        == "AB"
+    )
     batches = problems({"ppo": {"rollout_batch_size": 10, "minibatch_size": 4}})
     assert "ppo.minibatch_size: rollout_batch_size (10) must be a multiple of minibatch_size (4)" in batches
     dpo = problems({"dpo": {"beta": 0, "label_smoothing": 0.5}})

@@ -107,8 +107,18 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
             q + "mlp.up_proj.weight": up,
             q + "mlp.down_proj.weight": sd[p + "mlp.down.weight"],
         }
-        if c.canon_kernel:  # `hf_canon.CanonRMSNorm`: the norm's weight and the mixing weights beside it
+        places = c.canon_places if c.canon_kernel else ""
+        # `hf_canon.CanonRMSNorm` and `CanonLinear`: the mixing weights beside the norm's or the projection's
+        if "A" in places:
             out[q + "input_layernorm.canon"] = sd[p + "canon.weight"]
+        if "B" in places:
+            for name, w in zip("qkv", sd[p + "attn.canon.weight"].split(c.d_model, dim=1), strict=True):
+                out[q + f"self_attn.{name}_proj.canon"] = w
+        if "C" in places:
+            out[q + "post_attention_layernorm.canon"] = sd[p + "mlp_canon.weight"]
+        if "D" in places:
+            w_gate, w_up = sd[p + "mlp.canon.weight"].split(c.ffn_hidden, dim=1)
+            out[q + "mlp.gate_proj.canon"], out[q + "mlp.up_proj.canon"] = w_gate, w_up
     if not c.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
@@ -135,7 +145,9 @@ def export_hf(model: GPT, tokenizer_path: str | Path, out_dir: str | Path, *, fo
     if c.canon_kernel:  # Llama has no Canon layer: the model class travels with the folder (hf_canon.py)
         from llmlab.model.hf_canon import LlmlabCanonConfig
 
-        config = LlmlabCanonConfig(canon_kernel=c.canon_kernel, use_cache=False, **kwargs)
+        config = LlmlabCanonConfig(
+            canon_kernel=c.canon_kernel, canon_places=c.canon_places, use_cache=False, **kwargs
+        )
         config.architectures = ["LlmlabCanonForCausalLM"]
         config.auto_map = {
             "AutoConfig": f"{CANON_MODULE}.LlmlabCanonConfig",

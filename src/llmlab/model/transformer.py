@@ -15,7 +15,10 @@ model without the one real addition: by default (`canon_kernel` 4) each attentio
 with the three tokens before it (`CanonMix`), which lets this small model learn to read a value stated
 earlier in its context within the default budget (docs/knowledge.md). Llama has no such layer: such a
 model is exported with its own `transformers` class (`llmlab.model.hf_canon`); `canon_kernel` 0 removes
-the layer and leaves a plain Llama block.
+the layer and leaves a plain Llama block. `canon_places` puts the same mixing at Allen-Zhu's other places too:
+B on the projected queries, keys and values (each channel with its own weights, so that a key can carry the
+token before its own while its query keeps its own), C before the feed-forward, D on its gate and up
+projections.
 
 Attention goes through `F.scaled_dot_product_attention`, which picks a fused kernel (flash attention on
 GPUs) and never materialises the (T, T) score matrix when it can avoid it. Its cost still grows as T²:
@@ -55,6 +58,15 @@ class GPTConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     canon_kernel: int = 4
+    canon_places: str = "A"
+
+    def canon_channels(self) -> dict[str, int]:
+        """Each Canon place of this model and the width it mixes: A the attention input, B the queries, keys
+        and values, C the feed-forward input, D the feed-forward's gate and up projections (Allen-Zhu 2025)."""
+        if not self.canon_kernel:
+            return {}
+        width = {"A": self.d_model, "B": 3 * self.d_model, "C": self.d_model, "D": 2 * self.ffn_hidden}
+        return {place: width[place] for place in self.canon_places}
 
     @property
     def head_size(self) -> int:
@@ -144,15 +156,18 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.length = 0  # positions filled so far (same for every row; padding fills the short rows)
-        # each layer's last canon_kernel - 1 attention inputs, (n_layer, B, K - 1, C): the next tokens' mixing reads them
+        # each Canon place's last canon_kernel - 1 inputs per layer, (n_layer, B, K - 1, width): the next
+        # tokens' mixing reads them
         back = max(0, config.canon_kernel - 1)
-        self.recent = torch.zeros(
-            config.n_layer, batch_size, back, config.d_model, device=device, dtype=dtype
-        )
+        self.recent = {
+            place: torch.zeros(config.n_layer, batch_size, back, width, device=device, dtype=dtype)
+            for place, width in config.canon_channels().items()
+        }
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only these rows of the batch (a bool mask or indices): rows that finished leave."""
-        self.k, self.v, self.recent = self.k[:, rows], self.v[:, rows], self.recent[:, rows]
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.recent = {place: recent[:, rows] for place, recent in self.recent.items()}
         self.valid = self.valid[rows]
 
     @property
@@ -166,19 +181,25 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_size = config.n_head, config.head_size
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.canon = canon_at("B", config)
 
-    def heads(self, x, cos, sin):
+    def heads(self, x, cos, sin, positions=None, cache=None, layer=0):
         """Queries and keys (rotated) and values of x (B, T, C), 3 × (B, nh, T, hs): all before SDPA."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 × (B, T, C)
+        qkv = self.qkv(x)  # (B, T, 3C)
+        if self.canon is not None:
+            qkv = self.canon(qkv, positions, cache, layer)
+        q, k, v = qkv.split(C, dim=2)  # 3 × (B, T, C)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
+    def forward(
+        self, x, cos, sin, attn_mask=None, cache: KVCache | None = None, layer: int = 0, positions=None
+    ):
         B, T, C = x.shape
-        q, k, v = self.heads(x, cos, sin)
+        q, k, v = self.heads(x, cos, sin, positions, cache, layer)
         if cache is not None:
             start = cache.length
             cache.k[layer, :, :, start : start + T] = k
@@ -201,9 +222,13 @@ class SwiGLU(nn.Module):
         self.hidden = config.ffn_hidden
         self.gate_up = nn.Linear(config.d_model, 2 * config.ffn_hidden, bias=False)
         self.down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+        self.canon = canon_at("D", config)
 
-    def forward(self, x):
-        gate, up = self.gate_up(x).split(self.hidden, dim=-1)  # 2 × (B, T, hidden)
+    def forward(self, x, positions=None, cache=None, layer=0):
+        gate_up = self.gate_up(x)  # (B, T, 2 hidden)
+        if self.canon is not None:
+            gate_up = self.canon(gate_up, positions, cache, layer)
+        gate, up = gate_up.split(self.hidden, dim=-1)  # 2 × (B, T, hidden)
         return self.down(F.silu(gate) * up)
 
 
@@ -218,8 +243,9 @@ class CanonMix(nn.Module):
     features before attention, so that a later mention can be matched on several earlier tokens at once
     (the name and the relation a stated value follows) rather than through a chain of attention layers."""
 
-    def __init__(self, d_model: int, kernel: int):
+    def __init__(self, d_model: int, kernel: int, place: str = "A"):
         super().__init__()
+        self.place = place  # which of the cache's recent inputs it continues
         self.weight = nn.Parameter(torch.randn(kernel, d_model) * INIT_STD_CANON)
 
     def forward(self, x, positions=None, cache: KVCache | None = None, layer: int = 0):
@@ -228,9 +254,10 @@ class CanonMix(nn.Module):
         one sequence per row, continuing the cache if there is one (zeros before its first token)."""
         T, back = x.shape[1], self.weight.shape[0] - 1
         # (B, back + T, C): the cached inputs before this chunk, or zeros before a sequence's first token
-        seen = torch.cat([cache.recent[layer], x], dim=1) if cache is not None else F.pad(x, (0, 0, back, 0))
-        if cache is not None and back:
-            cache.recent[layer] = seen[:, -back:]
+        recent = cache.recent[self.place] if cache is not None else None
+        seen = torch.cat([recent[layer], x], dim=1) if recent is not None else F.pad(x, (0, 0, back, 0))
+        if recent is not None and back:
+            recent[layer] = seen[:, -back:]
         out = x * (1 + self.weight[0])
         for d in range(1, back + 1):
             shifted = seen[:, back - d : back - d + T]  # x_(t−d), (B, T, C)
@@ -240,13 +267,20 @@ class CanonMix(nn.Module):
         return out
 
 
+def canon_at(place: str, config: GPTConfig) -> CanonMix | None:
+    """The Canon layer of this place (A, B, C or D: `GPTConfig.canon_channels`), or None where it has none."""
+    width = config.canon_channels().get(place)
+    return CanonMix(width, config.canon_kernel, place) if width else None
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.canon = CanonMix(config.d_model, config.canon_kernel) if config.canon_kernel else None
+        self.canon = canon_at("A", config)
         self.attn = CausalSelfAttention(config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp_canon = canon_at("C", config)
         self.mlp = SwiGLU(config)
 
     def attention_input(self, x, positions, cache=None, layer=0):
@@ -255,8 +289,13 @@ class Block(nn.Module):
         return h if self.canon is None else self.canon(h, positions, cache, layer)
 
     def forward(self, x, cos, sin, attn_mask=None, cache=None, layer=0, positions=None):
-        x = x + self.attn(self.attention_input(x, positions, cache, layer), cos, sin, attn_mask, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attn(
+            self.attention_input(x, positions, cache, layer), cos, sin, attn_mask, cache, layer, positions
+        )
+        h = self.mlp_norm(x)
+        if self.mlp_canon is not None:
+            h = self.mlp_canon(h, positions, cache, layer)
+        return x + self.mlp(h, positions, cache, layer)
 
 
 class GPT(nn.Module):
