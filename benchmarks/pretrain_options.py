@@ -1,5 +1,5 @@
 """Pretraining speed options on this machine: which of SDPA, fused AdamW, a fused RMSNorm, torch.compile and
-bf16 autocast pay.
+bf16 autocast pay, and what the Canon places of the model cost.
 
 Each variant trains the default model (`params.yaml` → pretrain) with a plain PyTorch loop on the same
 token windows from the same initial weights, and changes one thing against the stage's own set-up
@@ -12,7 +12,9 @@ token windows from the same initial weights, and changes one thing against the s
   float32 (square, mean, rsqrt, two products); the same function in fp32;
 - `torch.compile`: the model wrapped in `torch.compile` (its compile time reported separately);
 - `bf16 autocast`: forward and loss under `torch.autocast(dtype=bfloat16)`, master weights in fp32 —
-  what Lightning's `bf16-mixed` does.
+  what Lightning's `bf16-mixed` does;
+- `Canon at …`: the model with its Canon layers at other places (`pretrain.model.canon_places`): at A alone
+  when the default has more, at A and B when it has A alone. Not a speed option but the price of one.
 
 Tokens/s are timed after a warm-up (which includes compilation). Variants are interleaved round by round
 and the best round of each is kept. The loss of the last 50 steps is reported next to the speed, so that
@@ -22,6 +24,7 @@ a faster variant that learns differently (bf16) shows it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -96,8 +99,15 @@ def _tokens(vocab_size: int):
     return np.random.default_rng(0).integers(0, vocab_size, 400_000).astype(np.uint16)
 
 
+def other_canon_places(config: GPTConfig) -> str:
+    """The variant's Canon places: A alone if the default mixes more, else A and B."""
+    return "A" if config.canon_places != "A" else "AB"
+
+
 def train(variant: str, config: GPTConfig, cfg, tokens, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
+    if variant.startswith("Canon at "):
+        config = dataclasses.replace(config, canon_places=other_canon_places(config))
     model = GPT(config)
     opt = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), "cpu")
     if variant == "unfused AdamW":
@@ -140,9 +150,10 @@ def run(steps: int = 300, warmup: int = 20, rounds: int = 3) -> dict:
     cfg, vocab_size = params.pretrain, params.tokenizer.vocab_size
     tokens = _tokens(vocab_size)
     config = GPTConfig.from_params(cfg.model, vocab_size)
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    variants = [*VARIANTS, f"Canon at {other_canon_places(config)}"]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(rounds):
-        for variant in VARIANTS:
+        for variant in variants:
             runs[variant].append(train(variant, config, cfg, tokens, steps, warmup))
             torch._dynamo.reset()
     base = max(r["tokens_per_s"] for r in runs["stage set-up"])
@@ -158,7 +169,8 @@ def run(steps: int = 300, warmup: int = 20, rounds: int = 3) -> dict:
             }
         )
     return {
-        "model": f"{config.n_layer} layers × {config.d_model} wide, context {config.context_length}, vocab {config.vocab_size}",
+        "model": f"{config.n_layer} layers × {config.d_model} wide, context {config.context_length}, vocab "
+        f"{config.vocab_size}, Canon layers at {config.canon_places}",
         "batch": f"{cfg.batch_size} × {config.context_length} tokens",
         "steps": steps,
         "warmup": warmup,

@@ -45,6 +45,23 @@ def block_inputs_and_outputs(model: GPT, ids: list[int]) -> list[tuple[torch.Ten
 IDS = [3, 17, 42, 5, 5, 88, 1, 60, 23, 9, 71, 5, 42, 30, 2, 11]
 
 
+def canon_mixed(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """x (T, width) mixed by hand as a Canon layer does: x_t (1 + w_0) + Σ_d w_d x_(t−d); x itself without one."""
+    if weight is None:
+        return x
+    w = weight.to(x.dtype)
+    return torch.stack(
+        [x[t] * (1 + w[0]) + sum(w[d] * x[t - d] for d in range(1, len(w)) if t >= d) for t in range(len(x))]
+    )
+
+
+def qkv_by_hand(block, x_in: torch.Tensor) -> torch.Tensor:
+    """(T, 3C): the block's queries, keys and values before RoPE, its Canon layer on them (B) applied by hand."""
+    h = block.attention_input(x_in, None)[0].double()  # (T, C): normalised, then canon-mixed (A)
+    b = block.attn.canon.weight.double() if block.attn.canon is not None else None
+    return canon_mixed(h @ block.attn.qkv.weight.double().T, b)
+
+
 def test_weights_times_values_reproduce_every_blocks_output():
     model = random_model()
     weights = attention_weights(model, IDS)
@@ -52,13 +69,12 @@ def test_weights_times_values_reproduce_every_blocks_output():
     for layer, (x_in, x_out) in enumerate(block_inputs_and_outputs(model, IDS)):
         block = model.blocks[layer]
         with torch.no_grad():
-            w_v = block.attn.qkv.weight[2 * C :]  # the value rows of the fused projection, (C, C)
-            v = (
-                (block.attention_input(x_in, None) @ w_v.T).view(1, T, nh, hs).transpose(1, 2)
-            )  # (1, nh, T, hs)
+            v = qkv_by_hand(block, x_in)[:, 2 * C :].float()  # the values, (T, C)
+            v = v.view(1, T, nh, hs).transpose(1, 2)  # (1, nh, T, hs)
             y = (weights[layer][None] @ v).transpose(1, 2).reshape(1, T, C)  # heads side by side
             x = x_in + block.attn.proj(y)
-            x = x + block.mlp(block.mlp_norm(x))
+            h = block.mlp_norm(x)
+            x = x + block.mlp(h if block.mlp_canon is None else block.mlp_canon(h))
         torch.testing.assert_close(x, x_out, rtol=0, atol=1e-5)
 
 
@@ -69,10 +85,9 @@ def test_one_head_matches_a_plain_loop_softmax_with_rope_written_out():
     x_in, _ = block_inputs_and_outputs(model, IDS)[layer]
     block, C, hs = model.blocks[layer], CFG.d_model, CFG.head_size
     with torch.no_grad():
-        h = block.attention_input(x_in, None)[0].double()  # (T, C): normalised, then canon-mixed
-        w = block.attn.qkv.weight.double()
-        q = h @ w[head * hs : (head + 1) * hs].T  # (T, hs)
-        k = h @ w[C + head * hs : C + (head + 1) * hs].T
+        qkv = qkv_by_hand(block, x_in)  # (T, 3C)
+        q = qkv[:, head * hs : (head + 1) * hs]  # (T, hs)
+        k = qkv[:, C + head * hs : C + (head + 1) * hs]
 
     def rope(vec, pos):
         """Rotate each pair (i, i + hs/2) by pos · theta^(-2i/hs)."""

@@ -18,7 +18,14 @@ from llmlab.model.transformer import (
 )
 
 CFG = GPTConfig(
-    vocab_size=97, d_model=32, n_layer=2, n_head=4, context_length=48, ffn_hidden=64, canon_kernel=0
+    vocab_size=97,
+    d_model=32,
+    n_layer=2,
+    n_head=4,
+    context_length=48,
+    ffn_hidden=64,
+    canon_kernel=0,
+    canon_places="A",
 )
 CANON = GPTConfig(**{**CFG.__dict__, "canon_kernel": 4})
 CANON_EVERYWHERE = GPTConfig(**{**CANON.__dict__, "canon_places": "ABCD"})
@@ -336,4 +343,4 @@ def test_a_config_written_before_canon_places_existed_loads_with_the_layer_befor
     old = {k: v for k, v in asdict(CANON).items() if k != "canon_places"}
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert GPTConfig.from_json(tmp_path / "config.json") == CANON
-    assert CANON.canon_places == "A"
+    assert CANON.canon_places == "A" and GPTConfig(vocab_size=97).canon_places == "AB"

@@ -168,11 +168,12 @@ class ModelConfig(Section):
     the default budget (docs/knowledge.md). 0: none, a plain Llama block. Not a Llama layer: `llmlab export`
     writes such a model with its own `transformers` class (`llmlab.model.hf_canon`, loaded with
     `trust_remote_code=True`, no KV cache)."""
-    canon_places: str = Field("A", pattern=r"^[ABCD]{1,4}$")
-    """Where the Canon layers sit, any of the letters ABCD once each (Allen-Zhu 2025's names): A before attention
-    (the default), B on the queries, keys and values after their projection (each with weights of its own, so a
-    key can carry the token before it while its query carries its own), C before the feed-forward, D on its gate
-    and up projections; `llmlab export` writes each place into its `transformers` class (`llmlab.model.hf_canon`)."""
+    canon_places: str = Field("AB", pattern=r"^[ABCD]{1,4}$")
+    """Where the Canon layers sit, any of the letters ABCD once each (Allen-Zhu 2025's names): A before attention,
+    B on the queries, keys and values after their projection (each with weights of its own, so a key can carry
+    the token before it while its query carries its own; with A the default, under which the base model reads
+    values back on every seed measured: docs/knowledge.md), C before the feed-forward, D on its gate and up
+    projections; `llmlab export` writes each place into its `transformers` class (`llmlab.model.hf_canon`)."""
 
     @field_validator("canon_places")
     @classmethod

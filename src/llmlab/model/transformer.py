@@ -58,7 +58,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     canon_kernel: int = 4
-    canon_places: str = "A"
+    canon_places: str = "AB"
 
     def canon_channels(self) -> dict[str, int]:
         """Each Canon place of this model and the width it mixes: A the attention input, B the queries, keys
@@ -86,8 +86,9 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, fields: dict) -> GPTConfig:
-        """A config as `to_json` wrote it; one written before `canon_kernel` existed is a plain Llama block."""
-        return cls(**{"canon_kernel": 0, **fields})
+        """A config as `to_json` wrote it; one written before `canon_kernel` existed is a plain Llama block, one
+        written before `canon_places` existed has its Canon layers before attention only."""
+        return cls(**{"canon_kernel": 0, "canon_places": "A", **fields})
 
     @classmethod
     def from_json(cls, path: str | Path, stage: str | None = None) -> GPTConfig:
