@@ -293,16 +293,7 @@ def test_logits_match_transformers_llama(tie):
     transformers = pytest.importorskip("transformers")
     from llmlab.model.export import llama_config_kwargs, llama_state_dict
 
-    config = GPTConfig(
-        vocab_size=97,
-        d_model=32,
-        n_layer=2,
-        n_head=4,
-        context_length=48,
-        ffn_hidden=64,
-        tie_embeddings=tie,
-        canon_kernel=0,
-    )
+    config = GPTConfig(**{**CFG.__dict__, "tie_embeddings": tie})  # a plain Llama block
     model = random_model(config, seed=6, std=0.1)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config_kwargs(config)))
     missing, unexpected = hf.load_state_dict(llama_state_dict(model), strict=False)
