@@ -350,11 +350,13 @@ class GPT(nn.Module):
         else:
             cos = self.rope_cos[positions][:, None]  # (B, 1, T, hs)
             sin = self.rope_sin[positions][:, None]
-            if int(positions.min()) >= self.config.canon_kernel - 1:
+            back = self.config.canon_kernel - 1
+            if back > 0 and cache is not None and int(positions.min()) >= back:
                 # Past here positions only mask the Canon layers' mixing at a sequence's first tokens; every
                 # token has canon_kernel - 1 of its own before it (decoding after a prompt's first tokens),
                 # so the masks would all be ones: skipping them saves two operations per mixed token back,
-                # per place and layer, in each step of generation, and changes no number.
+                # per place and layer, in each step of generation, and changes no number. (Only with a
+                # cache: training and scoring would pay the check's device sync and rarely skip anything.)
                 positions = None
         if attn_mask is None and start > 0 and T > 1:
             # Subtle: SDPA's is_causal aligns the mask top-left, wrong for a chunk after cached keys.
